@@ -1,0 +1,1 @@
+"""Authentication: the ordered chain of authenticators a CONNECT passes through."""

@@ -1,0 +1,41 @@
+"""The authentication chain.
+
+Authenticators are asked in order; each answers allow, deny or ignore. When
+every one ignores (or there are none) ``allow_anonymous`` decides, so access
+without credentials is always an explicit setting, never a default.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Mapping
+
+from bastionmq.broker.ports import ALLOW, AuthRequest, AuthResult
+from bastionmq.broker.properties import Reason
+
+log = logging.getLogger("bastionmq.auth")
+
+DENY_ANONYMOUS = AuthResult(Reason.NOT_AUTHORIZED)
+
+
+class AuthenticationChain:
+    def __init__(self, allow_anonymous: bool) -> None:
+        self.allow_anonymous = allow_anonymous
+
+    def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]:
+        if self.allow_anonymous:
+            return ALLOW
+        log.info("refusing client %r from %s on %s: no authenticator accepted it and "
+                 "anonymous access is off", request.client_id, request.peer.host,
+                 request.peer.listener)
+        return DENY_ANONYMOUS
+
+
+class ListenerAuthenticators:
+    """Routes each CONNECT to the chain of the listener it arrived on."""
+
+    def __init__(self, chains: Mapping[str, AuthenticationChain]) -> None:
+        self._chains = dict(chains)
+
+    def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]:
+        return self._chains[request.peer.listener].authenticate(request)

@@ -1,0 +1,767 @@
+"""The configuration file: HOCON (pyhocon) structured onto attrs classes.
+
+Key names mirror EMQX 5 so that an operator's knowledge carries over. The
+``mqtt { ... }`` block is structured straight onto
+:class:`bastionmq.broker.settings.MqttSettings`, so each protocol setting is
+declared once, next to the code that uses it.
+
+Every problem in a file is reported in one pass, each with its key path, what
+was given and what is allowed: an operator fixes the whole file at once
+instead of restarting once per typo. Structuring goes through cattrs with
+unknown keys forbidden and detailed validation, which collects the errors of
+all attributes instead of stopping at the first; each field's attrs validator
+is run inside its own structuring hook so that range errors are collected the
+same way and carry their path.
+
+Environment variables override keys: ``BASTIONMQ_MQTT__MAX_INFLIGHT=64`` sets
+``mqtt.max_inflight``. Segments are joined by double underscores because key
+names themselves contain single ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import ipaddress
+import os
+import re
+import typing
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import cache
+from typing import Any
+
+import attrs
+import cattrs
+from attrs import validators as v
+from cattrs.errors import (
+    AttributeValidationNote,
+    BaseValidationError,
+    ForbiddenExtraKeysError,
+    IterableValidationError,
+    IterableValidationNote,
+)
+from cattrs.gen import make_dict_structure_fn, override
+from pyhocon import ConfigFactory
+from pyhocon.config_tree import ConfigTree, NoneValue
+from pyhocon.exceptions import ConfigException
+from pyparsing import ParseBaseException
+
+from bastionmq.broker.settings import SIZE, MqttSettings
+
+try:
+    # pyhocon turns unquoted durations such as ``15s`` into relativedelta
+    # objects when python-dateutil is installed, and into timedelta otherwise.
+    from dateutil.relativedelta import relativedelta as _RelativeDelta
+except ImportError:  # pragma: no cover - depends on an optional package
+    _RelativeDelta = None
+
+__all__ = [
+    "Bind",
+    "Config",
+    "ConfigError",
+    "ENV_PREFIX",
+    "ListenersConfig",
+    "LogConfig",
+    "TcpListenerConfig",
+    "TcpOptions",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
+
+#: Environment variables with this prefix override configuration keys.
+ENV_PREFIX = "BASTIONMQ_"
+_ENV_SEPARATOR = "__"
+
+#: A field with this metadata also accepts the string ``infinity``, read as None.
+_INFINITY = {"infinity": True}
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class ConfigError(Exception):
+    """The configuration could not be read; ``errors`` lists every problem.
+
+    Each error is ``(where, message)``: ``where`` is a key path such as
+    ``listeners.tcp.default.bind`` or, for a problem with the file itself,
+    the file name. ``str()`` gives one line per error.
+    """
+
+    def __init__(self, errors: Iterable[tuple[str, str]], *, source: str | None = None) -> None:
+        self.errors: list[tuple[str, str]] = list(errors)
+        #: The file (or ``<text>``) the configuration came from.
+        self.source = source
+        super().__init__("\n".join(f"{where}: {message}" for where, message in self.errors))
+
+    def __str__(self) -> str:
+        return "\n".join(f"{where}: {message}" for where, message in self.errors)
+
+
+# --------------------------------------------------------------------------
+# Values in EMQX notation
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+_SIZE_RE = re.compile(r"(\d+)\s*(b|kb|mb|gb)?", re.IGNORECASE)
+_SIZE_HINT = "is not a size (e.g. 1MB, 64KB, 512B; a bare integer is bytes)"
+
+_DURATION_MS = {"w": 604_800_000, "d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
+# "ms" comes before "m" and "s" so that 100ms is not read as 100 minutes.
+_DURATION_PART = r"(\d+)\s*(ms|w|d|h|m|s)"
+_DURATION_RE = re.compile(rf"(?:{_DURATION_PART}\s*)+", re.IGNORECASE)
+_DURATION_HINT = "is not a duration (e.g. 15s, 100ms, 2h, 1h30m; a bare integer is milliseconds)"
+
+
+def parse_size(value: int | str) -> int:
+    """Read a size in EMQX notation as bytes: ``1MB`` = 1048576, ``64KB``, ``512B``.
+
+    Units are case-insensitive and binary (1KB = 1024 bytes); a bare integer
+    is a number of bytes. Raises ValueError with a message for an operator.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{_show(value)} {_SIZE_HINT}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{_show(value)} {_SIZE_HINT}")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value.strip())
+        if match:
+            return int(match[1]) * _SIZE_UNITS[(match[2] or "").lower()]
+    raise ValueError(f"{_show(value)} {_SIZE_HINT}")
+
+
+def parse_duration(value: int | str | datetime.timedelta | Any) -> float:
+    """Read a duration in EMQX notation as seconds: ``15s``, ``100ms``, ``2h``, ``1h30m``.
+
+    Units are ms, s, m, h, d, w (case-insensitive) and may be combined; a bare
+    integer is milliseconds, as in EMQX. Also takes the timedelta and
+    relativedelta objects pyhocon makes of unquoted durations. Raises
+    ValueError with a message for an operator.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{_show(value)} {_DURATION_HINT}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{_show(value)} {_DURATION_HINT}")
+        return value / 1000
+    if isinstance(value, datetime.timedelta):
+        if value < datetime.timedelta(0):
+            raise ValueError(f"{_show(value)} {_DURATION_HINT}")
+        return value.total_seconds()
+    if _RelativeDelta is not None and isinstance(value, _RelativeDelta):
+        if value.years or value.months:
+            raise ValueError(
+                f"{_show(value)} is not a fixed duration: months and years vary in "
+                "length (use w, d, h, m, s or ms)")
+        seconds = _relativedelta_seconds(value)
+        if seconds < 0:
+            raise ValueError(f"{_show(value)} {_DURATION_HINT}")
+        return seconds
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return int(text) / 1000
+        if _DURATION_RE.fullmatch(text):
+            # Summed in whole milliseconds so that 100ms is exactly 0.1.
+            total_ms = sum(int(number) * _DURATION_MS[unit.lower()]
+                           for number, unit in re.findall(_DURATION_PART, text, re.IGNORECASE))
+            return total_ms / 1000
+    raise ValueError(f"{_show(value)} {_DURATION_HINT}")
+
+
+def _relativedelta_seconds(delta: Any) -> float:
+    return (delta.days * 86_400 + delta.hours * 3_600 + delta.minutes * 60
+            + delta.seconds + delta.microseconds / 1_000_000)
+
+
+def _format_size(size: int) -> str:
+    for unit in ("GB", "MB", "KB"):
+        factor = _SIZE_UNITS[unit.lower()]
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+def _format_duration(seconds: float) -> str:
+    total_ms = round(seconds * 1000)
+    if total_ms == 0:
+        return "0s" if seconds == 0 else f"{seconds}s"
+    parts = []
+    for unit in ("d", "h", "m", "s", "ms"):
+        count, total_ms = divmod(total_ms, _DURATION_MS[unit])
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)
+
+
+def _show(value: Any) -> str:
+    """A value as the operator wrote it, for error messages."""
+    if value is None or isinstance(value, NoneValue):
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime.timedelta):
+        return _format_duration(value.total_seconds())
+    if _RelativeDelta is not None and isinstance(value, _RelativeDelta):
+        if value.years or value.months:
+            return "".join(f"{count}{unit}" for count, unit in
+                           ((value.years, "y"), (value.months, "mo")) if count)
+        return _format_duration(_relativedelta_seconds(value))
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# --------------------------------------------------------------------------
+# The configuration classes
+
+
+_ALL_INTERFACES = "0.0.0.0"
+_BIND_HINT = 'is not HOST:PORT (e.g. "0.0.0.0:1883")'
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+@attrs.define(slots=True, frozen=True)
+class Bind:
+    """An address to listen on. The host is kept without IPv6 brackets."""
+
+    host: str
+    #: 0 asks the system for a free port (used by tests and embedding).
+    port: int = attrs.field(validator=[v.ge(0), v.le(65535)])
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, value: str | int) -> Bind:
+        """Read ``HOST:PORT``, ``[IPv6]:PORT``, ``:PORT`` or a bare port.
+
+        A bare port (integer or digits) and ``:PORT`` listen on all IPv4
+        interfaces, as in EMQX. Raises ValueError with a message for an
+        operator.
+        """
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{_show(value)} {_BIND_HINT}")
+        if isinstance(value, int):
+            return cls(_ALL_INTERFACES, _checked_port(value, value))
+        text = value.strip()
+        if text.isdigit():
+            return cls(_ALL_INTERFACES, _checked_port(int(text), value))
+        if text.startswith("["):
+            match = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text)
+            if not match:
+                raise ValueError(f"{_show(value)} {_BIND_HINT}")
+            host = match[1]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{_show(value)} has an invalid IPv6 address: {host!r}") from None
+            return cls(host, _checked_port(int(match[2]), value))
+        host, separator, port = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(
+                f"{_show(value)} {_BIND_HINT}; an IPv6 address goes in brackets, "
+                'e.g. "[::1]:1883"')
+        if not separator or not port.isdigit():
+            raise ValueError(f"{_show(value)} {_BIND_HINT}")
+        if not host:
+            host = _ALL_INTERFACES
+        elif not _valid_host(host):
+            raise ValueError(f"{_show(value)} has an invalid host: {host!r}")
+        return cls(host, _checked_port(int(port), value))
+
+
+def _checked_port(port: int, given: Any) -> int:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{_show(given)} is out of range (allowed port: 0 to 65535)")
+    return port
+
+
+def _valid_host(host: str) -> bool:
+    # All-numeric dotted names must be real IPv4 addresses: "999.1.1.1" is a
+    # typo, not a host name.
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    return bool(_HOSTNAME_RE.fullmatch(host))
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class TcpOptions:
+    """Socket options of a listener (EMQX ``tcp_options``)."""
+
+    #: Pending connections the kernel queues before accept().
+    backlog: int = attrs.field(default=1024, validator=[v.ge(1), v.le(65535)])
+    #: TCP_NODELAY: send small packets at once instead of batching them.
+    nodelay: bool = True
+    #: Write buffer level above which a client's transport counts as slow:
+    #: QoS 0 messages to it are dropped and QoS 1/2 queued.
+    high_watermark: int = attrs.field(default=1024 * 1024, metadata=SIZE, validator=v.ge(1))
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class TcpListenerConfig:
+    """One ``listeners.tcp.<name>`` block: plain MQTT over TCP."""
+
+    enable: bool = True
+    bind: Bind = Bind(_ALL_INTERFACES, 1883)
+    #: Concurrent connections accepted; None (``infinity`` in the file) is no limit.
+    max_connections: int | None = attrs.field(
+        default=None, metadata=_INFINITY, validator=v.optional(v.ge(1)))
+    #: None inherits the top-level ``allow_anonymous``.
+    allow_anonymous: bool | None = None
+    tcp_options: TcpOptions = attrs.field(factory=TcpOptions)
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class ListenersConfig:
+    """Listeners by kind, then by name; the id of a listener is ``kind:name``."""
+
+    tcp: dict[str, TcpListenerConfig] = attrs.field(factory=dict)
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class LogConfig:
+    level: str = attrs.field(default="info", validator=v.in_(_LOG_LEVELS))
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class Config:
+    """The whole configuration; ``Config()`` is the built-in defaults."""
+
+    mqtt: MqttSettings = attrs.field(factory=MqttSettings)
+    listeners: ListenersConfig = attrs.field(factory=ListenersConfig)
+    #: Off unless set: anonymous access is always an explicit decision.
+    allow_anonymous: bool = False
+    log: LogConfig = attrs.field(factory=LogConfig)
+
+    def anonymous_allowed(self, listener: TcpListenerConfig) -> bool:
+        """Whether ``listener`` lets clients connect without credentials."""
+        if listener.allow_anonymous is None:
+            return self.allow_anonymous
+        return listener.allow_anonymous
+
+
+# --------------------------------------------------------------------------
+# Structuring
+
+
+class _Invalid(ValueError):
+    """A value was rejected; the message is written for an operator."""
+
+
+_Parse = Callable[[Any], Any]
+_Format = Callable[[Any], str]
+
+
+def _parse_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError(f"{_show(raw)} is not an integer")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float) and raw.is_integer():
+        return int(raw)
+    if isinstance(raw, str) and re.fullmatch(r"[+-]?\d+", raw.strip()):
+        return int(raw)
+    raise ValueError(f"{_show(raw)} is not an integer")
+
+
+def _parse_float(raw: Any) -> float:
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    raise ValueError(f"{_show(raw)} is not a number")
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+        return raw.strip().lower() == "true"
+    raise ValueError(f"{_show(raw)} is not a boolean (true or false)")
+
+
+def _parse_optional_bool(raw: Any) -> bool | None:
+    if raw is None:
+        return None
+    return _parse_bool(raw)
+
+
+def _parse_str(raw: Any) -> str:
+    if isinstance(raw, str):
+        return raw
+    raise ValueError(f"{_show(raw)} is not a string")
+
+
+def _parse_limit(raw: Any) -> int | None:
+    if isinstance(raw, str) and raw.strip() == "infinity":
+        return None
+    try:
+        return _parse_int(raw)
+    except ValueError:
+        raise ValueError(f"{_show(raw)} is not an integer or infinity") from None
+
+
+_PARSERS: dict[Any, _Parse] = {
+    int: _parse_int,
+    float: _parse_float,
+    bool: _parse_bool,
+    bool | None: _parse_optional_bool,
+    str: _parse_str,
+    Bind: Bind.parse,
+}
+
+
+def _bounds(validator: Any) -> tuple[list[tuple[str, Any]], tuple[Any, ...] | None]:
+    """The numeric bounds and allowed choices an attrs validator enforces."""
+    bounds: list[tuple[str, Any]] = []
+    choices: tuple[Any, ...] | None = None
+    pending = [validator]
+    while pending:
+        current = pending.pop()
+        if hasattr(current, "_validators"):  # and_(...) and validator lists
+            pending.extend(current._validators)
+        elif hasattr(current, "validator"):  # optional(...)
+            pending.append(current.validator)
+        elif hasattr(current, "compare_op") and hasattr(current, "bound"):
+            bounds.append((current.compare_op, current.bound))
+        elif hasattr(current, "options"):
+            choices = tuple(current.options)
+    return bounds, choices
+
+
+def _describe_bounds(bounds: Sequence[tuple[str, Any]], fmt: _Format) -> str:
+    lower = [(op, bound) for op, bound in bounds if op in (">=", ">")]
+    upper = [(op, bound) for op, bound in bounds if op in ("<=", "<")]
+    low = max(lower, key=lambda item: item[1]) if lower else None
+    high = min(upper, key=lambda item: item[1]) if upper else None
+    if low and high and low[0] == ">=" and high[0] == "<=":
+        return f"{fmt(low[1])} to {fmt(high[1])}"
+    phrases = []
+    if low:
+        phrases.append(f"{fmt(low[1])} or more" if low[0] == ">=" else f"more than {fmt(low[1])}")
+    if high:
+        phrases.append(f"{fmt(high[1])} or less" if high[0] == "<=" else f"less than {fmt(high[1])}")
+    return " and ".join(phrases)
+
+
+def _check(field: attrs.Attribute, value: Any, raw: Any, fmt: _Format) -> None:
+    """Run the field's attrs validator, turning its failure into a message."""
+    if field.validator is None or (value is None and field.metadata.get("infinity")):
+        return
+    try:
+        field.validator(None, field, value)
+    except (ValueError, TypeError) as exc:
+        bounds, choices = _bounds(field.validator)
+        if choices is not None:
+            allowed = ", ".join(str(choice) for choice in choices)
+            raise _Invalid(f"{_show(raw)} is not one of: {allowed}") from None
+        if bounds:
+            allowed = _describe_bounds(bounds, fmt)
+            if field.metadata.get("infinity"):
+                allowed += ", or infinity"
+            raise _Invalid(f"{_show(raw)} is out of range (allowed: {allowed})") from None
+        raise _Invalid(f"{_show(raw)} is not allowed ({exc})") from None
+
+
+def _field_hook(converter: cattrs.Converter, field: attrs.Attribute,
+                field_type: Any) -> Callable[[Any, Any], Any]:
+    unit = field.metadata.get("unit")
+    fmt: _Format = str
+    parse: _Parse
+    if unit == "size":
+        parse, fmt = parse_size, _format_size
+    elif unit == "duration":
+        parse, fmt = parse_duration, _format_duration
+    elif field.metadata.get("infinity"):
+        parse = _parse_limit
+    elif field_type in _PARSERS:
+        parse = _PARSERS[field_type]
+    elif typing.get_origin(field_type) is dict:
+        parse = _mapping_parser(converter, typing.get_args(field_type)[1])
+    else:
+        def parse(raw: Any) -> Any:
+            return converter.structure(raw, field_type)
+
+    def structure(raw: Any, _type: Any = None) -> Any:
+        try:
+            value = parse(raw)
+        except _Invalid:
+            raise
+        except ValueError as exc:
+            # The parsers' ValueErrors are written for operators; keep the
+            # text and drop the traceback.
+            raise _Invalid(str(exc)) from None
+        _check(field, value, raw, fmt)
+        return value
+
+    return structure
+
+
+def _mapping_parser(converter: cattrs.Converter, value_type: Any) -> _Parse:
+    """Named blocks (``listeners.tcp.<name>``): every entry is checked."""
+
+    def parse(raw: Any) -> dict[str, Any]:
+        if not isinstance(raw, Mapping):
+            raise _Invalid(f"{_show(raw)} is not a block of named entries ({{ name {{ ... }} }})")
+        result: dict[str, Any] = {}
+        errors: list[Exception] = []
+        for name, item in raw.items():
+            try:
+                if not _NAME_RE.fullmatch(name):
+                    raise _Invalid(f"{name!r} is not a valid name (letters, digits, '_' and '-' only)")
+                result[name] = converter.structure(item, value_type)
+            except (_Invalid, BaseValidationError) as exc:
+                exc.add_note(IterableValidationNote(f"Structuring entry {name!r}", name, value_type))
+                errors.append(exc)
+        if errors:
+            raise IterableValidationError("While structuring named entries", errors, dict)
+        return result
+
+    return parse
+
+
+def _class_hook(converter: cattrs.Converter, cls: type) -> Callable[[Any, Any], Any]:
+    hints = typing.get_type_hints(cls)
+    overrides = {
+        field.name: override(struct_hook=_field_hook(converter, field, hints[field.name]))
+        for field in attrs.fields(cls)
+    }
+    inner = make_dict_structure_fn(
+        cls, converter, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True,
+        **overrides)
+
+    def structure(raw: Any, _type: Any = None) -> Any:
+        if not isinstance(raw, Mapping):
+            raise _Invalid(f"{_show(raw)} is not a block ({{ key = value ... }})")
+        return inner(raw, cls)
+
+    return structure
+
+
+def _strict(parse: _Parse) -> Callable[[Any, Any], Any]:
+    def structure(raw: Any, _type: Any = None) -> Any:
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+
+    return structure
+
+
+@cache
+def _converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    # Fields get their parsers through _field_hook; these registrations keep
+    # containers of plain values (a list of strings, say) as strict, instead
+    # of cattrs' default of calling str() or int() on whatever was given.
+    for plain_type in (int, float, bool, str, Bind):
+        converter.register_structure_hook(plain_type, _strict(_PARSERS[plain_type]))
+    converter.register_structure_hook_factory(
+        lambda cls: attrs.has(cls) and cls is not Bind,
+        lambda cls: _class_hook(converter, cls))
+    return converter
+
+
+@attrs.define(slots=True, frozen=True)
+class _Problem:
+    path: tuple[str, ...]
+    message: str
+    unknown_key: bool = False
+
+
+def _collect(exc: BaseException, path: tuple[str, ...], out: list[_Problem]) -> None:
+    """Flatten cattrs' tree of errors into problems with key paths."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        known = [field.name for field in attrs.fields(exc.cl)]
+        for key in sorted(exc.extra_fields):
+            hint = difflib.get_close_matches(key, known, n=1)
+            if hint:
+                message = f"unknown key (did you mean {hint[0]}?)"
+            else:
+                message = f"unknown key (known keys: {', '.join(known)})"
+            out.append(_Problem((*path, key), message, unknown_key=True))
+    elif isinstance(exc, BaseValidationError):
+        for sub in exc.exceptions:
+            _collect(sub, path + _segment(sub), out)
+    elif isinstance(exc, _Invalid):
+        out.append(_Problem(path, str(exc)))
+    else:
+        # A validator across fields, or anything else attrs raised on construction.
+        out.append(_Problem(path, f"invalid: {exc}"))
+
+
+def _segment(exc: BaseException) -> tuple[str, ...]:
+    for note in reversed(getattr(exc, "__notes__", ())):
+        if isinstance(note, AttributeValidationNote):
+            return (note.name,)
+        if isinstance(note, IterableValidationNote):
+            return (str(note.index),)
+    return ()
+
+
+# --------------------------------------------------------------------------
+# Reading
+
+
+def _plain(value: Any) -> Any:
+    """pyhocon's tree as plain dicts and lists, so later steps need not know it."""
+    if isinstance(value, ConfigTree):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, NoneValue):
+        return None
+    return value
+
+
+def _parse_hocon(text: str, source: str, basedir: str) -> dict[str, Any]:
+    try:
+        tree = ConfigFactory.parse_string(text, basedir=basedir)
+    except ParseBaseException as exc:
+        # pyparsing's message lists the whole grammar when many tokens were
+        # possible; only what it found is useful to an operator then.
+        message = exc.msg
+        if len(message) > 80:
+            found = getattr(exc, "found", None)
+            message = f"unexpected {found}" if found else "unexpected input"
+        raise ConfigError(
+            [(source, f"line {exc.lineno}, col {exc.col}: syntax error: {message}")],
+            source=source) from None
+    except ConfigException as exc:
+        raise ConfigError([(source, f"syntax error: {exc}")], source=source) from None
+    except OSError as exc:  # a required include is missing
+        raise ConfigError([(source, f"cannot read an included file: {exc}")],
+                          source=source) from None
+    if not isinstance(tree, ConfigTree):
+        raise ConfigError(
+            [(source, "the file must hold keys and values, not a list")], source=source)
+    return _plain(tree)
+
+
+def _read(path: str | os.PathLike[str]) -> str:
+    source = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError([(source, f"cannot read the config file: {reason}")],
+                          source=source) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([(source, f"the config file is not UTF-8 text: {exc}")],
+                          source=source) from None
+
+
+def _env_value(text: str) -> Any:
+    """An override read as a HOCON value, or as the plain string it is.
+
+    Plain strings matter: ``0.0.0.0:9883`` or ``[::1]:1883`` are not all
+    valid unquoted HOCON, and an operator should not have to quote them.
+    """
+    try:
+        tree = ConfigFactory.parse_string(f"value = {text}")
+    except Exception:  # any parse failure means "take it literally"
+        return text
+    if "value" not in tree:
+        return text
+    return _plain(tree["value"])
+
+
+def _apply_env(tree: dict[str, Any], env: Mapping[str, str],
+               problems: list[_Problem]) -> dict[tuple[str, ...], str]:
+    """Apply ``BASTIONMQ_*`` overrides to ``tree``; return which variable set which path."""
+    overrides: list[tuple[tuple[str, ...], str]] = []
+    for name in env:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        segments = tuple(part.lower() for part in name[len(ENV_PREFIX):].split(_ENV_SEPARATOR))
+        if not all(segments):
+            problems.append(_Problem(
+                (name,), "not a valid override: key names are joined by a double "
+                "underscore, e.g. BASTIONMQ_LISTENERS__TCP__DEFAULT__BIND"))
+            continue
+        overrides.append((segments, name))
+    # Shallow paths first, so BASTIONMQ_MQTT={...} does not undo BASTIONMQ_MQTT__X.
+    overrides.sort(key=lambda item: (len(item[0]), item[1]))
+    for segments, name in overrides:
+        node = tree
+        for segment in segments[:-1]:
+            child = node.get(segment)
+            if not isinstance(child, dict):
+                child = node[segment] = {}
+            node = child
+        value = _env_value(env[name])
+        if isinstance(value, dict) and isinstance(node.get(segments[-1]), dict):
+            _merge(node[segments[-1]], value)
+        else:
+            node[segments[-1]] = value
+    return {segments: name for segments, name in overrides}
+
+
+def _merge(target: dict[str, Any], source: Mapping[str, Any]) -> None:
+    # HOCON merges objects given twice; an override block does the same.
+    for key, value in source.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
+def _env_origin(problem: _Problem, overrides: Mapping[tuple[str, ...], str]) -> str:
+    names = []
+    for path, name in overrides.items():
+        within = problem.path[:len(path)] == path
+        # An unknown key is reported where it leaves the schema, above the
+        # full path the variable named.
+        above = problem.unknown_key and path[:len(problem.path)] == problem.path
+        if within or above:
+            names.append(name)
+    return f" (set by {', '.join(sorted(names))})" if names else ""
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, text: str | None = None,
+                env: Mapping[str, str] | None = None) -> Config:
+    """Read the configuration from a file, or from HOCON text, then apply
+    ``BASTIONMQ_*`` environment overrides.
+
+    With neither ``path`` nor ``text`` the built-in defaults are used.
+    ``env=None`` reads ``os.environ``. Raises ConfigError listing every
+    problem found, each with its key path.
+    """
+    if path is not None and text is not None:
+        raise TypeError("load_config() takes a path or text, not both")
+    if path is not None:
+        source = os.fspath(path)
+        tree = _parse_hocon(_read(path), source, os.path.dirname(os.path.abspath(source)))
+    elif text is not None:
+        source = "<text>"
+        tree = _parse_hocon(text, source, os.getcwd())
+    else:
+        source, tree = "<defaults>", {}
+
+    problems: list[_Problem] = []
+    overrides = _apply_env(tree, os.environ if env is None else env, problems)
+    config: Config | None = None
+    try:
+        config = _converter().structure(tree, Config)
+    except (BaseValidationError, _Invalid) as exc:
+        _collect(exc, (), problems)
+    if problems or config is None:
+        raise ConfigError(
+            [(".".join(problem.path) or source, problem.message + _env_origin(problem, overrides))
+             for problem in problems],
+            source=source)
+    return config

@@ -1,0 +1,498 @@
+"""One client's protocol state machine.
+
+A listener creates a ``Connection`` for each accepted transport and forwards
+the asyncio Protocol callbacks to it. All packets of one read are handled in
+one pass and everything they cause is written with one vectored write per
+connection at the end of the pass (``BrokerCore.flush``): a broker pays per
+read, not per packet.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import TYPE_CHECKING, Any
+
+from .codec import (
+    MQTT_5, PINGRESP_BYTES, Connack, Connect, Decoder, Disconnect, MalformedPacket, Packet,
+    Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback, Unsubscribe, encode,
+)
+from .message import Message
+from .ports import AuthRequest, AuthResult, PeerInfo
+from .properties import (
+    CONNACK_V3_CODES, CONNECT, DISCONNECT, PACKET_NAMES, PINGREQ, PUBACK, PUBCOMP, PUBLISH,
+    PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE, AUTH, Reason, reason_name,
+)
+from .sessions import NEVER_EXPIRES, Session
+from .topics import InvalidTopic, validate_filter, validate_topic_name
+
+if TYPE_CHECKING:
+    from .core import BrokerCore
+
+log = logging.getLogger("bastionmq.connection")
+
+# Connection states.
+NEW, AUTHENTICATING, CONNECTED, CLOSED = range(4)
+
+_MAX_U16 = 65535
+
+
+class Connection:
+    __slots__ = (
+        "core", "transport", "peer", "decoder", "version", "state", "client_id",
+        "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
+        "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
+        "_held", "close_reason",
+    )
+
+    def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
+        self.core = core
+        self.transport = transport
+        self.peer = peer
+        self.decoder = Decoder(max_packet_size=core.settings.max_packet_size)
+        self.version = 0
+        self.state = NEW
+        self.client_id = ""
+        self.username: str | None = None
+        self.superuser = False
+        self.session: Session | None = None
+        self.keepalive = 0
+        self.last_seen = core.loop.time()
+        self._keepalive_handle = None
+        self._idle_handle = core.loop.call_later(core.settings.idle_timeout, self._idle_expired)
+        self.will = None
+        self.out: list[bytes] = []
+        self.paused = False
+        self.send_window = core.settings.max_inflight
+        self.max_packet_size_out = 0
+        #: Packets that arrived while an asynchronous authentication was pending.
+        self._held: list[Packet] | None = None
+        self.close_reason = ""
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
+
+    # ------------------------------------------------------- transport side
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == CLOSED:
+            return
+        self.last_seen = self.core.loop.time()
+        try:
+            packets = self.decoder.feed(data)
+        except MalformedPacket as exc:
+            self._handle_packets(exc.packets)
+            self._violation(exc)
+        else:
+            self._handle_packets(packets)
+        self.core.flush()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state == CLOSED:
+            return
+        if not self.close_reason:
+            self.close_reason = "connection lost" if exc is None else f"connection lost: {exc}"
+        self._teardown()
+        self.core.flush()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.state == CONNECTED and self.session is not None:
+            self.core.drain(self.session)
+            self.core.flush()
+
+    # ------------------------------------------------------- writing
+
+    def write(self, data: bytes) -> None:
+        out = self.out
+        if not out:
+            self.core.dirty.append(self)
+        out.append(data)
+
+    def send(self, packet: Packet) -> None:
+        self.write(encode(packet, self.version))
+
+    def send_publish(self, message: Message, qos: int, retain: bool,
+                     subscription_ids: tuple[int, ...], packet_id: int = 0,
+                     dup: bool = False) -> bool:
+        """Queue a PUBLISH for writing; False when the client's limit forbids it."""
+        head, tail = message.wire_form(self.version == MQTT_5, qos, retain, subscription_ids)
+        if self.max_packet_size_out and len(head) + len(tail) + (2 if qos else 0) > self.max_packet_size_out:
+            # [MQTT-3.1.2-25]: discard what the client said it cannot take.
+            self.core.stats.dropped_too_large += 1
+            return False
+        out = self.out
+        if not out:
+            self.core.dirty.append(self)
+        if dup:
+            head = bytes((head[0] | 0x08,)) + head[1:]
+        if qos:
+            out.append(head)
+            out.append(packet_id.to_bytes(2, "big"))
+            if tail:
+                out.append(tail)
+        else:
+            out.append(head)
+        return True
+
+    def close(self, reason: int = Reason.UNSPECIFIED_ERROR, message: str = "",
+              send_disconnect: bool = True, publish_will: bool = True) -> None:
+        """Close from the server side; a 5.0 client is told why first."""
+        if self.state == CLOSED:
+            return
+        if not self.close_reason:
+            self.close_reason = message or reason_name(reason)
+        if send_disconnect and self.state == CONNECTED and self.version == MQTT_5:
+            self.send(Disconnect(reason))
+        if not publish_will:
+            self.will = None
+        self._teardown()
+        self.core.flush_connection(self)
+        self.transport.close()
+
+    # ------------------------------------------------------- packets
+
+    def _handle_packets(self, packets) -> None:
+        for packet in packets:
+            if self.state == CLOSED:
+                return
+            if self._held is not None:
+                self._held.append(packet)
+                continue
+            ptype = packet.type
+            if ptype == PUBLISH:
+                self._on_publish(packet)
+            elif self.state != CONNECTED:
+                if ptype == CONNECT and self.state == NEW:
+                    self._on_connect(packet)
+                else:
+                    # [MQTT-3.1.0-1]: the first packet must be CONNECT.
+                    self._violation(MalformedPacket(
+                        f"{PACKET_NAMES[ptype]} before CONNECT", Reason.PROTOCOL_ERROR))
+            else:
+                handler = _HANDLERS.get(ptype)
+                if handler is None:
+                    self._violation(MalformedPacket(
+                        f"unexpected {PACKET_NAMES[ptype]} from a client", Reason.PROTOCOL_ERROR))
+                else:
+                    handler(self, packet)
+
+    def _violation(self, exc: MalformedPacket) -> None:
+        """A protocol violation: log why and close this connection only."""
+        if self.state == CLOSED:
+            return
+        log.info("closing %s: %s (%s)", self._describe(), exc, reason_name(exc.reason_code))
+        self.core.stats.protocol_errors += 1
+        if self.state == NEW and exc.connack_v3 is not None:
+            # An unknown protocol level: answer in the 3.1.1 form every client reads.
+            self.write(encode(Connack(exc.connack_v3), 4))
+        self.close(exc.reason_code, str(exc))
+
+    def _describe(self) -> str:
+        host = f"{self.peer.address[0]}:{self.peer.address[1]}" if self.peer.address else "?"
+        return f"client {self.client_id!r} ({host} on {self.peer.listener})" if self.client_id \
+            else f"connection {host} on {self.peer.listener}"
+
+    # CONNECT ---------------------------------------------------------------
+
+    def _on_connect(self, packet: Connect) -> None:
+        core = self.core
+        settings = core.settings
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        self.version = packet.protocol_level
+        client_id = packet.client_id
+        assigned = False
+        if not client_id:
+            if self.version == 3 or (self.version == 4 and not packet.clean_start):
+                # [MQTT-3.1.3-8]: a 3.1.1 client must ask for a clean session to
+                # get an identifier; 3.1 requires one.
+                return self._refuse(Reason.CLIENT_IDENTIFIER_NOT_VALID, "empty client id")
+            client_id = core.assign_client_id()
+            assigned = True
+        elif len(client_id) > settings.max_clientid_len:
+            return self._refuse(Reason.CLIENT_IDENTIFIER_NOT_VALID,
+                                f"client id longer than {settings.max_clientid_len}")
+        self.client_id = client_id
+        self.username = packet.username
+        if packet.will is not None:
+            try:
+                validate_topic_name(packet.will.topic, settings.max_topic_levels)
+            except InvalidTopic as exc:
+                return self._refuse(Reason.TOPIC_NAME_INVALID, f"will topic: {exc}")
+        request = AuthRequest(client_id=client_id, username=packet.username,
+                              password=packet.password, peer=self.peer,
+                              protocol_level=self.version, properties=packet.properties)
+        result = core.authenticator.authenticate(request)
+        if inspect.isawaitable(result):
+            self.state = AUTHENTICATING
+            self._held = []
+            self.transport.pause_reading()
+            core.spawn(self._finish_connect_async(result, packet, assigned))
+            return
+        self._finish_connect(result, packet, assigned)
+
+    async def _finish_connect_async(self, pending, packet: Connect, assigned: bool) -> None:
+        try:
+            result = await pending
+        except Exception:
+            log.exception("authentication of %s failed", self._describe())
+            result = AuthResult(Reason.SERVER_UNAVAILABLE)
+        if self.state == CLOSED:
+            return
+        self.state = NEW
+        held, self._held = self._held, None
+        self._finish_connect(result, packet, assigned)
+        if self.state == CONNECTED:
+            self.transport.resume_reading()
+            self._handle_packets(held or ())
+        self.core.flush()
+
+    def _refuse(self, reason: int, why: str) -> None:
+        log.info("refusing %s: %s (%s)", self._describe(), why, reason_name(reason))
+        self.core.stats.connections_refused += 1
+        if self.version == MQTT_5:
+            self.send(Connack(reason))
+        else:
+            self.send(Connack(CONNACK_V3_CODES.get(reason, 3)))
+        self.close(reason, why, send_disconnect=False, publish_will=False)
+
+    def _finish_connect(self, result: AuthResult, packet: Connect, assigned: bool) -> None:
+        if not result.allowed:
+            return self._refuse(result.reason_code, "authentication failed")
+        core = self.core
+        settings = core.settings
+        self.superuser = result.superuser
+        props = packet.properties
+        if self.version == MQTT_5:
+            expiry = props.get("session_expiry_interval", 0)
+            if expiry != NEVER_EXPIRES or settings.session_expiry_interval < NEVER_EXPIRES:
+                expiry = min(expiry, int(settings.session_expiry_interval))
+            self.send_window = min(settings.max_inflight, props.get("receive_maximum", _MAX_U16))
+            self.max_packet_size_out = props.get("maximum_packet_size", 0)
+        else:
+            expiry = 0 if packet.clean_start else int(settings.session_expiry_interval)
+        session, present = core.open_session(self, packet.clean_start, expiry)
+        self.session = session
+        self.will = packet.will
+        self.keepalive = packet.keepalive
+        self.state = CONNECTED
+        connack_props: dict[str, Any] = {}
+        if self.version == MQTT_5:
+            if assigned:
+                connack_props["assigned_client_identifier"] = self.client_id
+            if expiry != props.get("session_expiry_interval", 0):
+                connack_props["session_expiry_interval"] = expiry
+            connack_props["receive_maximum"] = settings.max_awaiting_rel
+            connack_props["maximum_packet_size"] = settings.max_packet_size
+            connack_props["topic_alias_maximum"] = 0
+        self.send(Connack(0, present, connack_props))
+        if self.keepalive:
+            self._keepalive_handle = core.loop.call_later(
+                self.keepalive * settings.keepalive_multiplier, self._keepalive_check)
+        log.debug("%s connected (protocol %d, clean %s, session present %s)",
+                  self._describe(), self.version, packet.clean_start, present)
+        core.resume_session(session)
+
+    # PUBLISH ---------------------------------------------------------------
+
+    def _on_publish(self, packet: Publish) -> None:
+        if self.state != CONNECTED:
+            return self._violation(MalformedPacket("PUBLISH before CONNECT", Reason.PROTOCOL_ERROR))
+        core = self.core
+        props = packet.properties
+        if props:
+            if "subscription_identifier" in props:
+                # [MQTT-3.3.4-6]: only the server sends subscription identifiers.
+                return self._violation(MalformedPacket(
+                    "PUBLISH from a client with a subscription identifier", Reason.PROTOCOL_ERROR))
+            if "topic_alias" in props:
+                # The broker announces a Topic Alias Maximum of 0.
+                return self._violation(MalformedPacket(
+                    "topic alias beyond the maximum of 0", Reason.TOPIC_ALIAS_INVALID))
+            if props.get("payload_format_indicator") == 1:
+                try:
+                    packet.payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    return self._violation(MalformedPacket(
+                        "payload is not UTF-8 as its format indicator says",
+                        Reason.PAYLOAD_FORMAT_INVALID))
+        topic = packet.topic
+        if topic.count("/") >= core.settings.max_topic_levels:
+            return self._violation(MalformedPacket(
+                f"topic with more than {core.settings.max_topic_levels} levels",
+                Reason.TOPIC_NAME_INVALID))
+        qos = packet.qos
+        if qos == 2:
+            session = self.session
+            awaiting = session.awaiting_rel
+            if awaiting is None:
+                awaiting = session.awaiting_rel = set()
+            if packet.packet_id in awaiting:
+                # A resend of a message already accepted: acknowledge, don't route again.
+                self.write(b"\x50\x02" + packet.packet_id.to_bytes(2, "big"))
+                return
+            if len(awaiting) >= core.settings.max_awaiting_rel:
+                return self._violation(MalformedPacket(
+                    "too many QoS 2 messages awaiting PUBREL", Reason.RECEIVE_MAXIMUM_EXCEEDED))
+            awaiting.add(packet.packet_id)
+        message = Message(topic, packet.payload, qos, packet.retain, props)
+        delivered = core.route(message, self.session)
+        if packet.retain:
+            core.retain(message)
+        if qos == 1:
+            if self.version == MQTT_5 and not delivered:
+                self.send(Puback(packet.packet_id, Reason.NO_MATCHING_SUBSCRIBERS))
+            else:
+                self.write(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
+        elif qos == 2:
+            if self.version == MQTT_5 and not delivered:
+                self.send(Pubrec(packet.packet_id, Reason.NO_MATCHING_SUBSCRIBERS))
+            else:
+                self.write(b"\x50\x02" + packet.packet_id.to_bytes(2, "big"))
+
+    # acknowledgements ------------------------------------------------------
+
+    def _on_puback(self, packet: Puback) -> None:
+        self.core.acknowledge(self.session, packet.packet_id, PUBACK)
+
+    def _on_pubrec(self, packet: Pubrec) -> None:
+        session = self.session
+        entry = session.inflight.get(packet.packet_id) if session.inflight else None
+        if entry is None or entry.qos != 2:
+            if self.version == MQTT_5:
+                self.send(Pubrel(packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND))
+            else:
+                self.write(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))
+            return
+        if packet.reason_code >= 0x80:
+            # [MQTT-4.3.3-?] A failed PUBREC ends the exchange.
+            self.core.acknowledge(session, packet.packet_id, PUBREC)
+            return
+        entry.released = True
+        self.write(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))
+
+    def _on_pubrel(self, packet: Pubrel) -> None:
+        awaiting = self.session.awaiting_rel
+        if awaiting and packet.packet_id in awaiting:
+            awaiting.discard(packet.packet_id)
+            self.write(b"\x70\x02" + packet.packet_id.to_bytes(2, "big"))
+        elif self.version == MQTT_5:
+            self.send(Pubcomp(packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND))
+        else:
+            self.write(b"\x70\x02" + packet.packet_id.to_bytes(2, "big"))
+
+    def _on_pubcomp(self, packet: Pubcomp) -> None:
+        self.core.acknowledge(self.session, packet.packet_id, PUBCOMP)
+
+    # SUBSCRIBE / UNSUBSCRIBE -----------------------------------------------
+
+    def _on_subscribe(self, packet: Subscribe) -> None:
+        core = self.core
+        codes = []
+        identifier = packet.properties.get("subscription_identifier")
+        granted = []
+        for sub in packet.subscriptions:
+            try:
+                validate_filter(sub.filter, core.settings.max_topic_levels)
+            except InvalidTopic as exc:
+                log.info("%s: refusing filter %r: %s", self._describe(), sub.filter, exc)
+                codes.append(Reason.TOPIC_FILTER_INVALID if self.version == MQTT_5 else 0x80)
+                continue
+            existed = core.subscribe(self.session, sub, identifier)
+            codes.append(sub.qos)
+            granted.append((sub, existed))
+        self.send(Suback(packet.packet_id, codes))
+        # Retained messages follow the SUBACK ([MQTT-3.8.4-4] order of replies).
+        for sub, existed in granted:
+            core.send_retained(self.session, sub, identifier, existed)
+
+    def _on_unsubscribe(self, packet: Unsubscribe) -> None:
+        codes = []
+        for topic_filter in packet.filters:
+            removed = self.core.unsubscribe(self.session, topic_filter)
+            codes.append(Reason.SUCCESS if removed else Reason.NO_SUBSCRIPTION_EXISTED)
+        self.send(Unsuback(packet.packet_id, codes if self.version == MQTT_5 else []))
+
+    # PINGREQ / DISCONNECT --------------------------------------------------
+
+    def _on_pingreq(self, packet) -> None:
+        self.write(PINGRESP_BYTES)
+
+    def _on_disconnect(self, packet: Disconnect) -> None:
+        session = self.session
+        new_expiry = packet.properties.get("session_expiry_interval")
+        if new_expiry is not None:
+            if session.expiry_interval == 0 and new_expiry != 0:
+                # [MQTT-3.14.2-2]
+                return self._violation(MalformedPacket(
+                    "session expiry set on DISCONNECT after 0 on CONNECT", Reason.PROTOCOL_ERROR))
+            session.expiry_interval = min(new_expiry, int(self.core.settings.session_expiry_interval))
+        if packet.reason_code != Reason.DISCONNECT_WITH_WILL:
+            self.will = None  # [MQTT-3.14.4-3]
+        self.close_reason = "client disconnected"
+        self.close(send_disconnect=False)
+
+    def _on_auth(self, packet) -> None:
+        self._violation(MalformedPacket("AUTH without an authentication method",
+                                        Reason.PROTOCOL_ERROR))
+
+    # timers ----------------------------------------------------------------
+
+    def _idle_expired(self) -> None:
+        self._idle_handle = None
+        if self.state == NEW:
+            log.info("closing %s: no CONNECT within %ss", self._describe(),
+                     self.core.settings.idle_timeout)
+            self.close(message="no CONNECT in time")
+
+    def _keepalive_check(self) -> None:
+        limit = self.keepalive * self.core.settings.keepalive_multiplier
+        silent = self.core.loop.time() - self.last_seen
+        if silent >= limit:
+            self._keepalive_handle = None
+            log.info("closing %s: keep alive timeout (%ss silent)", self._describe(), round(silent, 1))
+            self.close(Reason.KEEP_ALIVE_TIMEOUT, "keep alive timeout")
+        else:
+            self._keepalive_handle = self.core.loop.call_later(limit - silent, self._keepalive_check)
+
+    # teardown --------------------------------------------------------------
+
+    def _teardown(self) -> None:
+        """Leave the broker: cancel timers, publish the will, park or end the session."""
+        if self.state == CLOSED:
+            return
+        was_connected = self.state == CONNECTED
+        self.state = CLOSED
+        for handle in (self._idle_handle, self._keepalive_handle):
+            if handle is not None:
+                handle.cancel()
+        self._idle_handle = self._keepalive_handle = None
+        core = self.core
+        core.detach(self)
+        if was_connected:
+            log.debug("%s disconnected: %s", self._describe(), self.close_reason)
+            will, self.will = self.will, None
+            core.end_connection(self, will)
+
+
+_HANDLERS = {
+    PUBACK: Connection._on_puback,
+    PUBREC: Connection._on_pubrec,
+    PUBREL: Connection._on_pubrel,
+    PUBCOMP: Connection._on_pubcomp,
+    SUBSCRIBE: Connection._on_subscribe,
+    UNSUBSCRIBE: Connection._on_unsubscribe,
+    PINGREQ: Connection._on_pingreq,
+    DISCONNECT: Connection._on_disconnect,
+    AUTH: Connection._on_auth,
+    CONNECT: lambda self, packet: self._violation(
+        MalformedPacket("second CONNECT", Reason.PROTOCOL_ERROR)),  # [MQTT-3.1.0-2]
+}

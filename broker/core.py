@@ -1,0 +1,367 @@
+"""The broker core: sessions, takeover, routing a publish to its subscribers.
+
+Routing is the hot path. A publish is matched through the trie (cached per
+topic), and each subscriber's bytes are appended to its connection's output
+list; ``flush`` then writes every touched connection once. Callers that enter
+the core from outside a read (timers, the embedding API) flush themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any, Coroutine, Iterable, Mapping
+
+import attrs
+
+from .codec import MQTT_5, Subscription, Will
+from .connection import Connection
+from .message import Message
+from .ports import Authenticator, PeerInfo
+from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, PUBREC, Reason
+from .retained import RetainedStore
+from .sessions import NEVER_EXPIRES, Inflight, Session, SubscriptionEntry
+from .settings import MqttSettings
+from .topics import SubscriptionTrie, validate_topic_name
+
+log = logging.getLogger("bastionmq.core")
+
+# A route: (session, granted QoS, no local, retain as published, subscription ids).
+Route = tuple[Session, int, bool, bool, tuple[int, ...]]
+
+
+@attrs.define(slots=True)
+class Stats:
+    """Counters an operator needs to see what the broker dropped or refused."""
+
+    connections_refused: int = 0
+    protocol_errors: int = 0
+    messages_received: int = 0
+    #: QoS 0 messages not written because the subscriber was over its high-water mark.
+    dropped_qos0_backpressure: int = 0
+    #: Messages pushed out of a full session queue (the oldest goes).
+    dropped_queue_full: int = 0
+    #: Messages larger than the subscriber's Maximum Packet Size.
+    dropped_too_large: int = 0
+
+
+def _merge_routes(found: list[tuple[Session, SubscriptionEntry]]) -> list[Route]:
+    """One route per session: overlapping subscriptions deliver once, at the
+    highest granted QoS, with every subscription identifier ([MQTT-3.3.4-3/5])."""
+    routes: dict[Session, list] = {}
+    for session, entry in found:
+        options = entry.options
+        ids = (entry.identifier,) if entry.identifier else ()
+        route = routes.get(session)
+        if route is None:
+            routes[session] = [session, options.qos, options.no_local,
+                               options.retain_as_published, ids]
+        else:
+            route[1] = max(route[1], options.qos)
+            route[2] = route[2] and options.no_local
+            route[3] = route[3] or options.retain_as_published
+            route[4] = tuple(sorted(set(route[4] + ids)))
+    return [tuple(route) for route in routes.values()]
+
+
+class BrokerCore:
+    def __init__(self, settings: MqttSettings, authenticator: Authenticator,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.authenticator = authenticator
+        self.loop = loop
+        self.stats = Stats()
+        self.sessions: dict[str, Session] = {}
+        #: Every open connection, CONNECT received or not.
+        self.connections: set[Connection] = set()
+        self.trie: SubscriptionTrie[Session] = SubscriptionTrie(merge=_merge_routes)
+        self.retained: RetainedStore[Message] = RetainedStore()
+        #: Connections with output waiting for the next flush.
+        self.dirty: list[Connection] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    # ------------------------------------------------------- connections
+
+    def attach(self, transport: Any, peer: PeerInfo) -> Connection:
+        connection = Connection(self, transport, peer)
+        self.connections.add(connection)
+        return connection
+
+    def detach(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+
+    def assign_client_id(self) -> str:
+        while True:
+            client_id = "bastionmq-" + secrets.token_hex(8)
+            if client_id not in self.sessions:
+                return client_id
+
+    def spawn(self, coroutine: Coroutine) -> asyncio.Task:
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------- sessions
+
+    def open_session(self, connection: Connection, clean_start: bool,
+                     expiry: int) -> tuple[Session, bool]:
+        """Attach ``connection`` to its session; returns (session, session present)."""
+        client_id = connection.client_id
+        session = self.sessions.get(client_id)
+        if session is not None and session.connection is not None:
+            old = session.connection
+            log.info("client %r connected again from %s: closing its previous connection",
+                     client_id, connection.peer.address)
+            # [MQTT-3.1.4-3]: the existing connection goes (5.0: DISCONNECT 0x8E).
+            old.close(Reason.SESSION_TAKEN_OVER, "session taken over")
+            session = self.sessions.get(client_id)
+        if session is not None and clean_start:
+            self._end_session(session)
+            session = None
+        present = session is not None
+        if session is None:
+            session = self.sessions[client_id] = Session(client_id)
+        else:
+            if session.expiry_handle is not None:
+                session.expiry_handle.cancel()
+                session.expiry_handle = None
+            if session.will_handle is not None:
+                # 3.1.3.2.2: a reconnect within the will delay cancels the will.
+                session.will_handle.cancel()
+                session.will_handle = session.pending_will = None
+        session.expiry_interval = expiry
+        session.connection = connection
+        return session, present
+
+    def resume_session(self, session: Session) -> None:
+        """Resend what was in flight (DUP set, [MQTT-4.4.0-1]), then the queue."""
+        connection = session.connection
+        if session.inflight:
+            for packet_id, entry in session.inflight.items():
+                if entry.released:
+                    connection.write(b"\x62\x02" + packet_id.to_bytes(2, "big"))
+                else:
+                    connection.send_publish(entry.message, entry.qos, entry.retain,
+                                            entry.subscription_ids, packet_id, dup=True)
+        self.drain(session)
+
+    def end_connection(self, connection: Connection, will: Will | None) -> None:
+        """The connection of a session has gone: publish its will, park or end the session."""
+        session = connection.session
+        if session is None or session.connection is not connection:
+            return
+        session.connection = None
+        if will is not None:
+            delay = will.properties.get("will_delay_interval", 0) if connection.version == MQTT_5 else 0
+            if delay and session.expiry_interval:
+                # Sent when the delay or the session ends, whichever is first.
+                session.pending_will = will
+                session.will_handle = self.loop.call_later(
+                    min(delay, session.expiry_interval), self._publish_delayed_will, session)
+            else:
+                self._publish_will(will)
+        if session.expiry_interval == 0:
+            self._end_session(session)
+        elif session.expiry_interval != NEVER_EXPIRES:
+            session.expiry_handle = self.loop.call_later(
+                session.expiry_interval, self._expire_session, session)
+
+    def _publish_will(self, will: Will) -> None:
+        props = will.properties
+        if props:
+            props = {k: v for k, v in props.items() if k != "will_delay_interval"}
+        message = Message(will.topic, will.payload, will.qos, will.retain,
+                          props or NO_PROPERTIES)
+        self.route(message, None)
+        if will.retain:
+            self.retain(message)
+
+    def _publish_delayed_will(self, session: Session) -> None:
+        will, session.pending_will, session.will_handle = session.pending_will, None, None
+        if will is not None:
+            self._publish_will(will)
+            self.flush()
+
+    def _expire_session(self, session: Session) -> None:
+        session.expiry_handle = None
+        if session.connection is None and self.sessions.get(session.client_id) is session:
+            log.debug("session %r expired", session.client_id)
+            self._end_session(session)
+            self.flush()
+
+    def _end_session(self, session: Session) -> None:
+        for topic_filter in session.subscriptions:
+            self.trie.remove(topic_filter, session)
+        session.subscriptions.clear()
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        if session.expiry_handle is not None:
+            session.expiry_handle.cancel()
+            session.expiry_handle = None
+        if session.will_handle is not None:
+            # The session ends before the will delay: the will goes now.
+            session.will_handle.cancel()
+            self._publish_delayed_will(session)
+
+    # ------------------------------------------------------- subscriptions
+
+    def subscribe(self, session: Session, options: Subscription, identifier: int | None) -> bool:
+        """Add or replace a subscription; returns whether it existed before."""
+        existed = options.filter in session.subscriptions
+        entry = SubscriptionEntry(options, identifier)
+        session.subscriptions[options.filter] = entry
+        self.trie.add(options.filter, session, entry)
+        return existed
+
+    def unsubscribe(self, session: Session, topic_filter: str) -> bool:
+        if session.subscriptions.pop(topic_filter, None) is None:
+            return False
+        self.trie.remove(topic_filter, session)
+        return True
+
+    def send_retained(self, session: Session, options: Subscription,
+                      identifier: int | None, existed: bool) -> None:
+        """Deliver retained messages for a new subscription (3.3.1.3, retain handling)."""
+        if options.retain_handling == 2 or (options.retain_handling == 1 and existed):
+            return
+        ids = (identifier,) if identifier else ()
+        for message in self.retained.match(options.filter):
+            qos = min(message.qos, options.qos)
+            # [MQTT-3.3.1-8]: retained messages sent on subscribe carry RETAIN 1.
+            if qos == 0:
+                if session.connection is not None:
+                    session.connection.send_publish(message, 0, True, ids)
+            else:
+                self.deliver(session, message, qos, True, ids)
+
+    def retain(self, message: Message) -> None:
+        # [MQTT-3.3.1-10/11]: an empty payload clears the topic and is not stored.
+        if message.payload:
+            self.retained.set(message.topic, message)
+        else:
+            self.retained.delete(message.topic)
+
+    # ------------------------------------------------------- routing
+
+    def route(self, message: Message, sender: Session | None) -> int:
+        """Deliver to every matching subscriber; returns how many matched."""
+        self.stats.messages_received += 1
+        routes = self.trie.match(message.topic)
+        if not routes:
+            return 0
+        msg_qos = message.qos
+        msg_retain = message.retain
+        for session, qos, no_local, as_published, ids in routes:
+            if no_local and session is sender:
+                continue  # [MQTT-3.8.3-3]
+            if msg_qos < qos:
+                qos = msg_qos
+            # [MQTT-3.3.1-9/12]: live deliveries clear RETAIN unless asked to keep it.
+            retain = msg_retain and as_published
+            connection = session.connection
+            if qos:
+                self.deliver(session, message, qos, retain, ids)
+            elif connection is None:
+                if self.settings.mqueue_store_qos0:
+                    session.enqueue((message, 0, retain, ids), self.settings.max_mqueue_len,
+                                    self._count_queue_drop)
+            elif connection.paused:
+                self.stats.dropped_qos0_backpressure += 1
+            else:
+                connection.send_publish(message, 0, retain, ids)
+        return len(routes)
+
+    def deliver(self, session: Session, message: Message, qos: int, retain: bool,
+                ids: tuple[int, ...]) -> None:
+        """Send a QoS 1/2 message now if the window allows, else queue it."""
+        connection = session.connection
+        if (connection is not None and not connection.paused
+                and session.inflight_count() < connection.send_window):
+            self._send_inflight(session, connection, (message, qos, retain, ids))
+        else:
+            session.enqueue((message, qos, retain, ids), self.settings.max_mqueue_len,
+                            self._count_queue_drop)
+
+    def _send_inflight(self, session: Session, connection: Connection, item) -> None:
+        message, qos, retain, ids = item
+        packet_id = session.allocate_packet_id()
+        if connection.send_publish(message, qos, retain, ids, packet_id):
+            session.inflight[packet_id] = Inflight(message, qos, retain, ids)
+
+    def _count_queue_drop(self) -> None:
+        self.stats.dropped_queue_full += 1
+
+    def drain(self, session: Session) -> None:
+        """Move queued messages into the window while the client can take them."""
+        queue = session.queue
+        connection = session.connection
+        while queue and connection is not None and not connection.paused:
+            if queue[0][1] == 0:
+                message, _, retain, ids = queue.popleft()
+                connection.send_publish(message, 0, retain, ids)
+            elif session.inflight_count() < connection.send_window:
+                self._send_inflight(session, connection, queue.popleft())
+            else:
+                break
+
+    def acknowledge(self, session: Session, packet_id: int, kind: int) -> None:
+        inflight = session.inflight
+        entry = inflight.get(packet_id) if inflight else None
+        if entry is None:
+            return  # an unknown id: nothing to release (4.3.2, duplicates are harmless)
+        if kind == PUBACK and entry.qos != 1:
+            return
+        if kind == PUBCOMP and not entry.released:
+            return
+        del inflight[packet_id]
+        if session.queue:
+            self.drain(session)
+
+    # ------------------------------------------------------- output
+
+    def flush(self) -> None:
+        dirty = self.dirty
+        if not dirty:
+            return
+        for connection in dirty:
+            out = connection.out
+            if out:
+                connection.transport.writelines(out)
+                out.clear()
+        dirty.clear()
+
+    def flush_connection(self, connection: Connection) -> None:
+        if connection.out:
+            connection.transport.writelines(connection.out)
+            connection.out.clear()
+
+    # ------------------------------------------------------- embedding API
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
+                properties: Mapping[str, Any] | None = None) -> int:
+        """Inject a message as if a client had published it; returns the match count."""
+        validate_topic_name(topic, self.settings.max_topic_levels)
+        if not topic or "+" in topic or "#" in topic:
+            raise ValueError(f"invalid topic name {topic!r}")
+        if qos not in (0, 1, 2):
+            raise ValueError(f"invalid QoS {qos}")
+        message = Message(topic, bytes(payload), qos, retain, properties or NO_PROPERTIES)
+        matched = self.route(message, None)
+        if retain:
+            self.retain(message)
+        self.flush()
+        return matched
+
+    def close_all(self, reason: int, message: str) -> None:
+        """Disconnect every client (5.0: with ``reason``); wills are not published."""
+        for connection in list(self.connections):
+            connection.close(reason, message, publish_will=False)
+        for session in self.sessions.values():
+            for handle in (session.expiry_handle, session.will_handle):
+                if handle is not None:
+                    handle.cancel()
+            session.expiry_handle = session.will_handle = None
+        for task in list(self._tasks):
+            task.cancel()

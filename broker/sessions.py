@@ -1,0 +1,88 @@
+"""Session state: subscriptions, messages in flight, the offline queue.
+
+A session outlives its connection when its expiry interval says so; while it
+has no connection, messages for it wait in its queue. The containers are made
+on first use because most connections never need most of them, and an idle
+connection should cost little memory.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+import attrs
+
+from .codec import Subscription
+from .message import Message
+
+#: Session Expiry Interval meaning "never" ([MQTT-3.1.2-23] 0xFFFFFFFF).
+NEVER_EXPIRES = 0xFFFFFFFF
+
+
+@attrs.define(slots=True, frozen=True)
+class SubscriptionEntry:
+    """A session's subscription as the trie stores it."""
+
+    options: Subscription
+    #: 5.0 Subscription Identifier, if the SUBSCRIBE carried one.
+    identifier: int | None = None
+
+
+@attrs.define(slots=True, eq=False)
+class Inflight:
+    """A QoS 1/2 message sent to the client and not yet fully acknowledged."""
+
+    message: Message
+    qos: int
+    retain: bool
+    subscription_ids: tuple[int, ...]
+    #: QoS 2: PUBREC arrived and PUBREL was sent; only PUBCOMP is awaited.
+    released: bool = False
+
+
+QueuedMessage = tuple[Message, int, bool, tuple[int, ...]]
+
+
+@attrs.define(slots=True, eq=False)
+class Session:
+    client_id: str
+    #: Seconds the session outlives its connection; 0 ends it with the connection.
+    expiry_interval: int = 0
+    subscriptions: dict[str, SubscriptionEntry] = attrs.field(factory=dict)
+    inflight: dict[int, Inflight] | None = None
+    queue: deque[QueuedMessage] | None = None
+    #: Packet ids of inbound QoS 2 messages waiting for PUBREL.
+    awaiting_rel: set[int] | None = None
+    next_packet_id: int = 1
+    #: The live connection, or None while the session waits offline.
+    connection: Any = None
+    expiry_handle: Any = None
+    #: A will held back by its Will Delay Interval, and the timer that sends it.
+    pending_will: Any = None
+    will_handle: Any = None
+
+    def allocate_packet_id(self) -> int:
+        inflight = self.inflight
+        if inflight is None:
+            inflight = self.inflight = {}
+        if len(inflight) >= 65535:
+            raise RuntimeError("no free packet identifier")
+        packet_id = self.next_packet_id
+        while packet_id in inflight:
+            packet_id = packet_id % 65535 + 1
+        self.next_packet_id = packet_id % 65535 + 1
+        return packet_id
+
+    def enqueue(self, item: QueuedMessage, max_len: int, on_drop: Callable[[], None]) -> None:
+        """Queue a message; when full, the oldest is dropped (EMQX's mqueue rule)."""
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
+        if max_len and len(queue) >= max_len:
+            queue.popleft()
+            on_drop()
+        queue.append(item)
+
+    def inflight_count(self) -> int:
+        return len(self.inflight) if self.inflight else 0

@@ -1,0 +1,53 @@
+"""Settings of the protocol core, named as EMQX 5 names its ``mqtt`` keys.
+
+bastionmq.config structures the ``mqtt { ... }`` block of the HOCON file
+straight onto this class, so each setting is declared once. A field's
+``metadata["unit"]`` tells the config loader how to read it: ``size`` takes
+EMQX sizes ("1MB" = 1048576 bytes), ``duration`` takes EMQX durations ("15s",
+"2h"; a bare number is milliseconds) and is stored in seconds.
+"""
+
+from __future__ import annotations
+
+import attrs
+from attrs import validators as v
+
+SIZE = {"unit": "size"}
+DURATION = {"unit": "duration"}
+
+#: The largest packet MQTT can express: a remaining length of 268,435,455
+#: plus a five-byte fixed header.
+MAX_PACKET_SIZE_LIMIT = 268_435_460
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class MqttSettings:
+    """Protocol limits and session behaviour shared by every listener."""
+
+    #: Largest packet accepted from a client; larger ones close the connection
+    #: (5.0: DISCONNECT 0x95).
+    max_packet_size: int = attrs.field(
+        default=1024 * 1024, metadata=SIZE,
+        validator=[v.ge(16), v.le(MAX_PACKET_SIZE_LIMIT)])
+    #: Longest client identifier accepted (CONNACK 0x85 / 2 beyond it).
+    max_clientid_len: int = attrs.field(default=65535, validator=[v.ge(23), v.le(65535)])
+    #: Most levels a topic name or filter may have.
+    max_topic_levels: int = attrs.field(default=128, validator=[v.ge(1), v.le(65535)])
+    #: A connection that has not completed CONNECT by then is closed.
+    idle_timeout: float = attrs.field(default=15.0, metadata=DURATION, validator=v.gt(0))
+    #: A client silent for keepalive x this is disconnected ([MQTT-3.1.2-24]: 1.5).
+    keepalive_multiplier: float = attrs.field(default=1.5, validator=[v.ge(1.0), v.le(10.0)])
+    #: QoS 1/2 messages sent to a client and not yet acknowledged, at most.
+    max_inflight: int = attrs.field(default=32, validator=[v.ge(1), v.le(65535)])
+    #: Messages queued per session while it is offline or its window is full;
+    #: beyond it the oldest is dropped and counted. 0 means no limit.
+    max_mqueue_len: int = attrs.field(default=1000, validator=v.ge(0))
+    #: Whether QoS 0 messages are queued for an offline persistent session.
+    mqueue_store_qos0: bool = True
+    #: Incoming QoS 2 messages waiting for PUBREL, at most, per client.
+    max_awaiting_rel: int = attrs.field(default=100, validator=[v.ge(1), v.le(65535)])
+    #: How long a session outlives its connection: the cap for a 5.0 client's
+    #: Session Expiry Interval, and the expiry of a 3.1.1 session made with
+    #: clean session = 0.
+    session_expiry_interval: float = attrs.field(
+        default=7200.0, metadata=DURATION, validator=v.ge(0))

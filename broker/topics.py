@@ -1,0 +1,167 @@
+"""Topic names and filters: validation, and the subscription trie.
+
+The trie holds one node per filter level, with '+' and '#' as ordinary child
+keys. A publish walks it once per topic, and the result is cached per topic
+name until a subscribe or unsubscribe changes the trie, so a busy topic costs
+one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generic, Hashable, Iterator, TypeVar
+
+S = TypeVar("S", bound=Hashable)
+
+#: Cached match results kept at most; beyond it the cache starts afresh,
+#: which bounds its memory whatever topics clients invent.
+MATCH_CACHE_SIZE = 65536
+
+
+class InvalidTopic(ValueError):
+    """A topic name or filter breaks the rules of 4.7."""
+
+
+def validate_filter(topic_filter: str, max_levels: int = 65535) -> None:
+    if not topic_filter:
+        raise InvalidTopic("empty topic filter")  # [MQTT-4.7.3-1]
+    levels = topic_filter.split("/")
+    if len(levels) > max_levels:
+        raise InvalidTopic(f"more than {max_levels} topic levels")
+    last = len(levels) - 1
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != last):
+            raise InvalidTopic("'#' must be the last level on its own")  # [MQTT-4.7.1-2]
+        if "+" in level and level != "+":
+            raise InvalidTopic("'+' must occupy a whole level")  # [MQTT-4.7.1-3]
+
+
+def validate_topic_name(topic: str, max_levels: int = 65535) -> None:
+    if topic.count("/") >= max_levels:
+        raise InvalidTopic(f"more than {max_levels} topic levels")
+
+
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """Whether one filter matches one topic name (for retained lookups and tests)."""
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False  # [MQTT-4.7.2-1]
+    flevels = topic_filter.split("/")
+    tlevels = topic.split("/")
+    for index, level in enumerate(flevels):
+        if level == "#":
+            return True
+        if index >= len(tlevels):
+            return False
+        if level != "+" and level != tlevels[index]:
+            return False
+    return len(flevels) == len(tlevels)
+
+
+class _Node:
+    __slots__ = ("children", "subscribers")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.subscribers: dict[Any, Any] = {}
+
+
+class SubscriptionTrie(Generic[S]):
+    """Maps filters to subscribers; ``match`` returns every subscriber of a topic.
+
+    A subscriber is any hashable key (the core uses its sessions) with a value
+    (the subscription's options); one key holds at most one value per filter.
+    """
+
+    __slots__ = ("_root", "_cache", "_count", "_merge")
+
+    def __init__(self, merge: Callable[[list[tuple[S, Any]]], list] | None = None) -> None:
+        self._root = _Node()
+        self._cache: dict[str, list] = {}
+        self._count = 0
+        #: Turns the raw matches into what ``match`` returns (and caches).
+        self._merge = merge
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, topic_filter: str, subscriber: S, value: Any) -> bool:
+        """Subscribe; returns False when it replaced an existing subscription."""
+        node = self._root
+        for level in topic_filter.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                child = node.children[level] = _Node()
+            node = child
+        is_new = subscriber not in node.subscribers
+        node.subscribers[subscriber] = value
+        self._count += is_new
+        self._cache.clear()
+        return is_new
+
+    def remove(self, topic_filter: str, subscriber: S) -> bool:
+        """Unsubscribe; returns False when there was no such subscription."""
+        path = []
+        node = self._root
+        for level in topic_filter.split("/"):
+            child = node.children.get(level)
+            if child is None:
+                return False
+            path.append((node, level))
+            node = child
+        if node.subscribers.pop(subscriber, None) is None:
+            return False
+        self._count -= 1
+        self._cache.clear()
+        # Prune the branch so that the trie does not keep dead filters.
+        while path and not node.subscribers and not node.children:
+            parent, level = path.pop()
+            del parent.children[level]
+            node = parent
+        return True
+
+    def match(self, topic: str) -> list:
+        """Every (subscriber, value) whose filter matches ``topic``, passed
+        through ``merge`` when one was given (a subscriber with several matching
+        filters appears once per filter before merging).
+        """
+        cached = self._cache.get(topic)
+        if cached is not None:
+            return cached
+        found: list[tuple[S, Any]] = []
+        levels = topic.split("/")
+        self._collect(self._root, levels, 0, found, topic.startswith("$"))
+        if self._merge is not None and found:
+            found = self._merge(found)
+        if len(self._cache) >= MATCH_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[topic] = found
+        return found
+
+    def _collect(self, node: _Node, levels: list[str], index: int,
+                 found: list, dollar: bool) -> None:
+        children = node.children
+        # '$' topics are not matched by a wildcard in the first level [MQTT-4.7.2-1].
+        wildcards_ok = not (dollar and index == 0)
+        if wildcards_ok:
+            multi = children.get("#")
+            if multi is not None:
+                found.extend(multi.subscribers.items())
+        if index == len(levels):
+            found.extend(node.subscribers.items())
+            return
+        child = children.get(levels[index])
+        if child is not None:
+            self._collect(child, levels, index + 1, found, dollar)
+        if wildcards_ok:
+            single = children.get("+")
+            if single is not None:
+                self._collect(single, levels, index + 1, found, dollar)
+
+    def filters(self) -> Iterator[tuple[str, S, Any]]:
+        """Every (filter, subscriber, value); for diagnostics and tests."""
+        stack = [(self._root, "")]
+        while stack:
+            node, prefix = stack.pop()
+            for subscriber, value in node.subscribers.items():
+                yield prefix, subscriber, value
+            for level, child in node.children.items():
+                stack.append((child, f"{prefix}/{level}" if prefix or node is not self._root else level))

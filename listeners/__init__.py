@@ -1,0 +1,1 @@
+"""Listeners turn network connections into connections of the broker core."""

@@ -1,0 +1,113 @@
+"""What every listener shares: opening, counting and closing connections.
+
+A listener's job ends when it hands the core a transport and a PeerInfo; the
+protocol object below only forwards the transport's callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from bastionmq.broker.core import BrokerCore
+from bastionmq.broker.ports import PeerInfo
+
+log = logging.getLogger("bastionmq.listener")
+
+
+class Listener:
+    """A server socket feeding the core. Subclasses say how a transport is made."""
+
+    kind = "tcp"
+
+    def __init__(self, name: str, host: str, port: int, core: BrokerCore, *,
+                 max_connections: int | None = None, backlog: int = 1024,
+                 nodelay: bool = True, high_watermark: int = 1024 * 1024) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.core = core
+        self.max_connections = max_connections
+        self.backlog = backlog
+        self.nodelay = nodelay
+        self.high_watermark = high_watermark
+        self.connection_count = 0
+        self.refused_over_limit = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the real port when 0 was asked for."""
+        if self._server is None or not self._server.sockets:
+            return (self.host, self.port)
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ListenerProtocol(self), self.host or None, self.port,
+            backlog=self.backlog, reuse_address=True, **self.server_options())
+        host, port = self.address
+        log.info("listener %s listening on %s", self.id,
+                 f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+
+    def server_options(self) -> dict[str, Any]:
+        return {}
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def peer_info(self, transport: asyncio.Transport) -> PeerInfo:
+        peername = transport.get_extra_info("peername")
+        return PeerInfo(listener=self.id, address=tuple(peername[:2]) if peername else None)
+
+
+class ListenerProtocol(asyncio.Protocol):
+    __slots__ = ("listener", "connection")
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.connection = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        listener = self.listener
+        if listener.max_connections is not None and \
+                listener.connection_count >= listener.max_connections:
+            listener.refused_over_limit += 1
+            if listener.refused_over_limit == 1 or listener.refused_over_limit % 1000 == 0:
+                log.warning("listener %s is at max_connections (%d): refusing connections "
+                            "(%d so far)", listener.id, listener.max_connections,
+                            listener.refused_over_limit)
+            transport.abort()
+            return
+        listener.connection_count += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None and listener.nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=listener.high_watermark)
+        self.connection = listener.core.attach(transport, listener.peer_info(transport))
+
+    def data_received(self, data: bytes) -> None:
+        self.connection.data_received(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.connection is not None:
+            self.listener.connection_count -= 1
+            self.connection.connection_lost(exc)
+            self.connection = None
+
+    def pause_writing(self) -> None:
+        self.connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.connection.resume_writing()
