@@ -153,7 +153,9 @@ class Connection:
         if not publish_will:
             self.will = None
         self._teardown()
-        self.core.flush_connection(self)
+        # Also writes what the teardown caused elsewhere (the will), since a
+        # close from a timer has no read pass that would flush afterwards.
+        self.core.flush()
         self.transport.close()
 
     # ------------------------------------------------------- packets

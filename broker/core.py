@@ -332,11 +332,6 @@ class BrokerCore:
                 out.clear()
         dirty.clear()
 
-    def flush_connection(self, connection: Connection) -> None:
-        if connection.out:
-            connection.transport.writelines(connection.out)
-            connection.out.clear()
-
     # ------------------------------------------------------- embedding API
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
