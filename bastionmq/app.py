@@ -85,6 +85,7 @@ class Broker:
                 if not core.connections:
                     break
                 await asyncio.sleep(0)
+        self.core = None
         if self._stopped is not None:
             self._stopped.set()
 

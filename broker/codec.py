@@ -290,7 +290,8 @@ def _read_properties(data, pos: int, end: int, packet_type: int) -> tuple[Proper
             raise MalformedPacket(f"unknown property identifier 0x{prop_id:02X}")
         name, kind, allowed = spec
         if packet_type not in allowed:
-            raise _protocol_error(f"property {name} is not allowed in "
+            # 2.2.2.2: an identifier not valid for its packet type is malformed.
+            raise MalformedPacket(f"property {name} is not allowed in "
                                   f"{PACKET_NAMES.get(packet_type, 'the will')}")
         if kind == PAIR:
             key, pos = _read_utf8(data, pos, stop)
@@ -337,10 +338,13 @@ class Decoder:
     before their body is buffered.
     """
 
-    __slots__ = ("_buffer", "version", "max_packet_size")
+    __slots__ = ("_buffer", "_needed", "version", "max_packet_size")
 
     def __init__(self, version: int | None = None, max_packet_size: int = 268_435_460) -> None:
         self._buffer = bytearray()
+        #: Size of the packet held in the buffer, once its fixed header is known:
+        #: until that many bytes are there, a read is only appended, never rescanned.
+        self._needed = 0
         self.version = version
         self.max_packet_size = max_packet_size
 
@@ -353,6 +357,8 @@ class Decoder:
         buffer = self._buffer
         if buffer:
             buffer += data
+            if len(buffer) < self._needed:
+                return []
             data = bytes(buffer)
             buffer.clear()
         end = len(data)
@@ -400,15 +406,20 @@ class Decoder:
                     f"packet of {stop - pos} bytes exceeds the maximum of {self.max_packet_size}",
                     Reason.PACKET_TOO_LARGE)
             if stop > end:
-                break
+                self._needed = stop - pos
+                return pos
             append(self._decode(first, data, body, stop))
             pos = stop
+        self._needed = 0
         return pos
 
     def _decode(self, first: int, data: bytes, pos: int, end: int) -> Packet:
         ptype = first >> 4
         flags = first & 0x0F
         version = self.version
+        if version is None and ptype != CONNECT:
+            # [MQTT-3.1.0-1]: a server learns the version from CONNECT, which comes first.
+            raise _protocol_error(f"{PACKET_NAMES.get(ptype, 'packet')} before CONNECT")
         if ptype == PUBLISH:
             qos = (flags >> 1) & 3
             if qos == 3:
@@ -464,8 +475,6 @@ class Decoder:
             if flags:
                 raise _fixed_flags_error(ptype, flags)
             return self._decode_connect(data, pos, end)
-        if version is None:
-            raise _protocol_error(f"{PACKET_NAMES.get(ptype, 'packet')} before CONNECT")
         decoder = _DECODERS.get(ptype)
         if decoder is None or (ptype == AUTH and version != MQTT_5):
             raise MalformedPacket(f"invalid packet type {ptype}")

@@ -36,6 +36,19 @@ def validate_filter(topic_filter: str, max_levels: int = 65535) -> None:
 
 
 def validate_topic_name(topic: str, max_levels: int = 65535) -> None:
+    """Every rule a topic name of a PUBLISH obeys (4.7, 1.5.4)."""
+    if not topic:
+        raise InvalidTopic("empty topic name")  # [MQTT-4.7.3-1]
+    if "+" in topic or "#" in topic:
+        raise InvalidTopic("wildcard in a topic name")  # [MQTT-4.7.1-1]
+    if "\x00" in topic:
+        raise InvalidTopic("U+0000 in a topic name")  # [MQTT-1.5.4-2]
+    try:
+        encoded = topic.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidTopic("a topic name must be valid Unicode (no lone surrogates)") from None
+    if len(encoded) > 65535:
+        raise InvalidTopic("topic name longer than 65535 bytes")  # 1.5.4
     if topic.count("/") >= max_levels:
         raise InvalidTopic(f"more than {max_levels} topic levels")
 
@@ -107,8 +120,9 @@ class SubscriptionTrie(Generic[S]):
                 return False
             path.append((node, level))
             node = child
-        if node.subscribers.pop(subscriber, None) is None:
+        if subscriber not in node.subscribers:
             return False
+        del node.subscribers[subscriber]
         self._count -= 1
         self._cache.clear()
         # Prune the branch so that the trie does not keep dead filters.

@@ -50,9 +50,13 @@ class Listener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: ListenerProtocol(self), self.host or None, self.port,
-            backlog=self.backlog, reuse_address=True, **self.server_options())
+        try:
+            self._server = await loop.create_server(
+                lambda: ListenerProtocol(self), self.host or None, self.port,
+                backlog=self.backlog, reuse_address=True, **self.server_options())
+        except OSError as exc:
+            raise OSError(exc.errno, f"listener {self.id} cannot bind {self.host}:{self.port}: "
+                                     f"{exc.strerror}") from None
         host, port = self.address
         log.info("listener %s listening on %s", self.id,
                  f"[{host}]:{port}" if ":" in host else f"{host}:{port}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import socket
+import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import paho.mqtt.client as paho
@@ -24,6 +26,9 @@ from bastionmq import Broker
 from bastionmq.broker.codec import (
     MQTT_3_1_1, MQTT_5, Connect, Decoder, Disconnect, MalformedPacket, Packet, encode,
 )
+
+# Shared test helpers (mqtt_strategies) import by name; there is no tests package.
+sys.path.insert(0, str(Path(__file__).parent))
 
 TIMEOUT = 10.0
 

@@ -1,0 +1,324 @@
+"""Run the load-generator scenarios against bastionmq and Mosquitto, compare.
+
+    python benchmarks/compare.py --runs 5
+
+Each (run, scenario, broker) gets a fresh broker on a free loopback port,
+pinned to one core (taskset -c 0), and a fresh generator pinned to the other
+(taskset -c 1). The brokers' order alternates from one run to the next. The
+table shows the median over the runs and the ratio bastionmq / Mosquitto; all
+figures also go to benchmarks/results/compare-<time>.json. Options that
+compare.py does not know are passed on to loadgen.py (e.g. --pairs 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import loadgen  # noqa: E402
+
+CONFIGS = {
+    "bastionmq": (
+        "listeners.tcp.default {{ bind = \"127.0.0.1:{port}\", max_connections = infinity }}\n"
+        "allow_anonymous = true\n"
+        "log.level = warning\n"
+    ),
+    "mosquitto": (
+        "listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"
+        "persistence false\n"
+        "max_connections -1\n"
+        "log_dest stderr\n"
+        "log_type error\n"
+        "log_type warning\n"
+    ),
+}
+HIGHER_IS_BETTER = {"qos0-1to1": True, "qos1": True, "fanout": True, "idle": False}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_nofile():
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class Broker:
+    """A broker subprocess on a free port, pinned to `cpu`; stopped with
+    SIGTERM when the `with` block ends."""
+
+    def __init__(self, name: str, cmd: str, cpu: int, workdir: Path):
+        self.name, self.cmd, self.cpu, self.workdir = name, cmd, cpu, workdir
+
+    def __enter__(self):
+        self.port = free_port()
+        conf = self.workdir / f"{self.name}-{self.port}.conf"
+        conf.write_text(CONFIGS[self.name].format(port=self.port))
+        argv = ["taskset", "-c", str(self.cpu), *shlex.split(self.cmd.format(conf=conf, port=self.port))]
+        self.logpath = self.workdir / f"{self.name}-{self.port}.log"
+        with open(self.logpath, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=raise_nofile
+            )
+        try:
+            self._wait_listening()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_listening(self, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not listening on {self.port} after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, n=20) -> str:
+        return "\n".join(self.logpath.read_text(errors="replace").splitlines()[-n:])
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def background_load(cpus, seconds=0.3) -> float:
+    """Busy share of the benchmark's cores while nothing of ours runs: other
+    work on the machine would take CPU from the broker or the generator."""
+    a, t = loadgen.idle_seconds(cpus), time.monotonic()
+    time.sleep(seconds)
+    return round(1 - (loadgen.idle_seconds(cpus) - a) / ((time.monotonic() - t) * len(cpus)), 3)
+
+
+def run_scenario(args, scenario, broker: Broker, extra) -> dict:
+    argv = [
+        "taskset", "-c", str(args.gen_cpu), sys.executable, str(HERE / "loadgen.py"), scenario,
+        "--port", str(broker.port), "--broker-pid", str(broker.proc.pid),
+        "--duration", str(args.duration), "--warmup", str(args.warmup), *extra,
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=args.warmup + args.duration + 180)
+    if broker.proc.poll() is not None:
+        raise RuntimeError(f"{broker.name} exited with {broker.proc.returncode}:\n{broker.log_tail()}")
+    if out.returncode:
+        raise RuntimeError(f"loadgen failed ({out.returncode}):\n{out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def version(cmd: str) -> str:
+    """`mosquitto -h` / `bastionmq version`, from the command up to its first option or `start`."""
+    argv = shlex.split(cmd)
+    head = argv[: next((i for i, a in enumerate(argv) if a == "start" or a.startswith("-")), len(argv))]
+    probe = head + (["version"] if "start" in argv else ["-h"])
+    try:
+        out = subprocess.run(probe, capture_output=True, text=True, timeout=20)
+    except OSError as e:
+        return f"unknown ({e})"
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def describe(r: dict) -> str:
+    """One line for one run."""
+    text = f"{fmt(r['figure'])} {r['unit']}"
+    if "loss_pct" in r:
+        text += f"  loss {fmt(r['loss_pct'])}%"
+    if "gen_cpu" in r:
+        text += f"  generator cpu {fmt(r['gen_cpu'])} core {fmt(r['gen_core_busy'])}"
+        text += f"  broker cpu {fmt(r.get('broker_cpu'))} core {fmt(r.get('broker_core_busy'))}"
+    if "rss_before_kib" in r:
+        text += f"  RSS {r['rss_before_kib']:,} -> {r['rss_after_kib']:,} KiB for {r['connections']:,} connections"
+    return text
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+
+
+def fmt(x) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}"
+
+
+def summarize(results, scenarios, brokers):
+    """Median figure per scenario and broker, plus the worst loss and the
+    busiest the generator's core got (a check that it was not the limit)."""
+    summary = {}
+    for sc in scenarios:
+        summary[sc] = {}
+        for b in brokers:
+            ok = [r for r in results[sc][b] if "error" not in r]
+            if not ok:
+                summary[sc][b] = None
+                continue
+            def values(key):
+                return [r[key] for r in ok if r.get(key) is not None]
+
+            figs = values("figure")
+            summary[sc][b] = {
+                "median": statistics.median(figs),
+                "min": min(figs),
+                "max": max(figs),
+                "unit": ok[0]["unit"],
+                "runs": len(ok),
+                "errors": len(results[sc][b]) - len(ok),
+                "max_loss_pct": max(values("loss_pct"), default=None),
+                "max_gen_cpu": max(values("gen_cpu"), default=None),
+                "max_gen_core_busy": max(values("gen_core_busy"), default=None),
+                "median_broker_cpu": statistics.median(values("broker_cpu") or [None]),
+                "median_broker_core_busy": statistics.median(values("broker_core_busy") or [None]),
+                "disturbed_runs": sum(r.get("background_load", 0) > 0.1 for r in ok),
+            }
+    return summary
+
+
+def print_table(summary, scenarios, brokers):
+    cols = ["scenario", "unit", *brokers]
+    if brokers == ["bastionmq", "mosquitto"]:
+        cols.append("bastionmq/mosquitto")
+    rows = []
+    for sc in scenarios:
+        s = summary[sc]
+        unit = next((v["unit"] for v in s.values() if v), "")
+        unit += " (higher is better)" if HIGHER_IS_BETTER[sc] else " (lower is better)"
+        row = [sc, unit] + [fmt(s[b]["median"]) if s[b] else "error" for b in brokers]
+        if len(cols) > len(row):
+            b, m = s["bastionmq"], s["mosquitto"]
+            row.append(f"{b['median'] / m['median']:.3f}" if b and m and m["median"] else "-")
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [cols, *rows]) for i in range(len(cols))]
+    for r in [cols, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+    print()
+    print("median [min-max]; worst loss; generator: highest CPU (1.0 = its core) and busiest its core got;")
+    print("broker: median CPU and core busy")
+    warn = False
+    for sc in scenarios:
+        for b in brokers:
+            v = summary[sc][b]
+            if not v:
+                print(f"  {sc:10} {b:10} no successful run")
+                continue
+            gen = max(v["max_gen_cpu"] or 0, v["max_gen_core_busy"] or 0)
+            warn |= gen >= 0.9
+            text = f"  {sc:10} {b:10} {fmt(v['median'])} [{fmt(v['min'])}-{fmt(v['max'])}] {v['unit']}"
+            if v["max_gen_cpu"] is not None:
+                text += f"  loss {fmt(v['max_loss_pct'])}%"
+                text += f"  generator {fmt(v['max_gen_cpu'])}/{fmt(v['max_gen_core_busy'])}"
+                text += f"  broker {fmt(v['median_broker_cpu'])}/{fmt(v['median_broker_core_busy'])}"
+            if v["disturbed_runs"]:
+                text += f"  ({v['disturbed_runs']} disturbed)"
+            print(text + (f"  ({v['errors']} failed)" if v["errors"] else ""))
+    if warn:
+        print("WARNING: the generator's core was >= 90% busy in some run: figures may be the generator's limit")
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--duration", type=float, default=5.0, help="measured window per scenario, seconds")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the window")
+    p.add_argument("--scenarios", default=",".join(loadgen.SCENARIOS), help="comma-separated subset")
+    p.add_argument("--brokers", default="bastionmq,mosquitto", help="comma-separated subset")
+    p.add_argument("--bastionmq-cmd", default="bastionmq start -c {conf}", help="{conf} and {port} are filled in")
+    p.add_argument("--mosquitto-cmd", default="mosquitto -c {conf}")
+    p.add_argument("--broker-cpu", type=int, default=0)
+    p.add_argument("--gen-cpu", type=int, default=1)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    return p
+
+
+def main():
+    args, extra = parser().parse_known_args()
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    brokers = [b for b in args.brokers.split(",") if b]
+    for s in scenarios:
+        if s not in loadgen.SCENARIOS:
+            sys.exit(f"unknown scenario {s!r}; known: {', '.join(loadgen.SCENARIOS)}")
+    for s in scenarios:  # reject bad pass-through options before starting anything
+        loadgen.parser().parse_args([s, "--port", "1", *extra])
+    cmds = {"bastionmq": args.bastionmq_cmd, "mosquitto": args.mosquitto_cmd}
+    for b in brokers:
+        if b not in cmds:
+            sys.exit(f"unknown broker {b!r}; known: bastionmq, mosquitto")
+        exe = shlex.split(cmds[b])[0]
+        if not shutil.which(exe):
+            sys.exit(f"{b}: {exe!r} not found (--{b}-cmd, or --brokers to leave it out)")
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    meta = {
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "loadgen_options": extra,
+        "host": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "kernel": platform.release(),
+            "python": platform.python_version(),
+        },
+        "versions": {b: version(cmds[b]) for b in brokers},
+    }
+    results = {sc: {b: [] for b in brokers} for sc in scenarios}
+    cores = {args.broker_cpu, args.gen_cpu}
+    with tempfile.TemporaryDirectory(prefix="bastionmq-bench-") as tmp:
+        for run in range(args.runs):
+            for sc in scenarios:
+                for b in brokers if run % 2 == 0 else brokers[::-1]:
+                    try:
+                        before = background_load(cores)
+                        with Broker(b, cmds[b], args.broker_cpu, Path(tmp)) as broker:
+                            r = run_scenario(args, sc, broker, extra)
+                        r["background_load"] = max(before, background_load(cores))
+                        line = describe(r)
+                        if r["background_load"] > 0.1:
+                            line += f"  (DISTURBED: cores {r['background_load']:.0%} busy without us)"
+                    except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+                        r = {"error": str(e)}
+                        line = f"ERROR {e}"
+                    results[sc][b].append(r)
+                    print(f"run {run + 1}/{args.runs}  {sc:10} {b:10} {line}", flush=True)
+
+    summary = summarize(results, scenarios, brokers)
+    print()
+    print(f"{meta['date']}  {meta['command']}")
+    print_table(summary, scenarios, brokers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"compare-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps({**meta, "summary": summary, "results": results}, indent=2) + "\n")
+    print(f"\nwritten to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,693 @@
+"""MQTT 3.1.1 load generator: the measuring half of benchmarks/.
+
+Runs one scenario against a broker that is already listening and prints one
+JSON object on stdout. `compare.py` drives it; it can also be run by hand:
+
+    taskset -c 1 python benchmarks/loadgen.py qos0-1to1 --port 1883 --broker-pid PID
+
+The generator has one core and must cost far less per message than the
+broker, or it measures itself. Per-message work is done in C (slicing,
+joining), Python runs once per chunk read or written, and reads are batched:
+- every packet is encoded before the measurement starts;
+- a QoS 0 publisher writes ~64 KiB of identical PUBLISH packets per write and
+  waits (pause_writing/resume_writing) while its transport is over the
+  high-water mark: TCP backpressure, i.e. the broker, sets the pace;
+- all PUBLISH packets of a scenario have the same encoded size S, so a
+  subscriber counts bytes // S; it only checks, with one extended slice per
+  chunk, that a PUBLISH first byte sits every S bytes;
+- QoS 0 subscribers set SO_RCVLOWAT, so a broker that writes each packet with
+  its own send() still wakes the generator once per many packets;
+- a QoS 1 subscriber finds the packet ids at a fixed offset in its S-byte
+  packets and builds the PUBACKs of a chunk with extended-slice assignments,
+  one write per chunk; a QoS 1 publisher keeps its packets (ids 1..RING_IDS)
+  back to back, so sending the k packets that k PUBACKs freed is one slice.
+The result holds the generator's and the broker's CPU use over the measured
+window (process time, 1.0 = one core, and how busy their cores were), so a
+generator at the end of its tether shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import socket
+import struct
+import sys
+import time
+
+import uvloop
+
+SCENARIOS = ("qos0-1to1", "qos1", "fanout", "idle")
+CONNACK_OK = b"\x20\x02\x00\x00"  # session present 0, return code 0
+DISCONNECT = b"\xe0\x00"
+RING_IDS = 4096  # packet ids 1..4096 cycled by a QoS 1 publisher
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class ProtocolError(Exception):
+    pass
+
+
+# --- MQTT 3.1.1 encoding: only the packets the generator sends ------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | 0x80 if n else digit)
+        if not n:
+            return bytes(out)
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    return bytes([first]) + _varint(len(body)) + body
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("!H", len(b)) + b
+
+
+def connect(client_id: str, keepalive: int = 0) -> bytes:
+    # protocol level 4, flags: clean session
+    body = _str("MQTT") + b"\x04\x02" + struct.pack("!H", keepalive) + _str(client_id)
+    return _packet(0x10, body)
+
+
+def subscribe(topic: str, qos: int) -> bytes:
+    return _packet(0x82, b"\x00\x01" + _str(topic) + bytes([qos]))
+
+
+def suback(qos: int) -> bytes:
+    return b"\x90\x03\x00\x01" + bytes([qos])
+
+
+def publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0) -> bytes:
+    pid = struct.pack("!H", packet_id) if qos else b""
+    return _packet(0x30 | qos << 1, _str(topic) + pid + payload)
+
+
+# --- CPU and memory of a process tree, from /proc ---------------------------
+
+
+def proc_tree(pid: int) -> list[int]:
+    pids, i = [pid], 0
+    while i < len(pids):
+        p, i = pids[i], i + 1
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    pids.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def idle_seconds(cpus) -> float:
+    """Time the given CPUs have spent idle since boot (/proc/stat; with
+    NO_HZ the kernel times idle periods exactly). A CPU that is not idle may
+    be doing interrupt work, which /proc/PID/stat charges to no process."""
+    total = 0.0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *vals = line.split()
+            if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cpus:
+                total += int(vals[3]) + int(vals[4])  # idle, iowait
+    return total / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+# --- connections -----------------------------------------------------------
+
+
+class Client(asyncio.Protocol):
+    """Sends `hello` (CONNECT, maybe SUBSCRIBE pipelined behind it), checks
+    that the broker answers exactly `reply` (CONNACK, maybe SUBACK), then hands
+    every later byte to stream()."""
+
+    def __init__(self, hello: bytes, reply: bytes):
+        self.hello = hello
+        self.reply = reply
+        self.head = b""
+        self.handshaking = True
+        self.ready = asyncio.get_running_loop().create_future()
+        self.transport = None
+        self.lost = False
+        self.bad = 0  # chunks whose packet framing did not match
+        self.lowat = 1
+        self.running = True
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.hello)
+
+    def data_received(self, data):
+        if self.handshaking:
+            self.head += data
+            n = len(self.reply)
+            if len(self.head) < n:
+                return
+            head, data = self.head[:n], self.head[n:]
+            self.handshaking = False
+            if head != self.reply:
+                self.ready.set_exception(ProtocolError(f"expected {self.reply!r}, got {head!r}"))
+                self.transport.close()
+                return
+            self.ready.set_result(None)
+            if not data:
+                return
+        self.stream(data)
+
+    def stream(self, data):
+        self.bad += 1
+
+    def connection_lost(self, exc):
+        self.lost = True
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(f"connection closed during handshake: {exc}"))
+
+    def batch_reads(self, lowat: int):
+        """Readable only once `lowat` bytes are queued (SO_RCVLOWAT), so a
+        broker that writes one packet per send() still costs the generator
+        one read per `lowat` bytes, not one per packet. 1 turns it off."""
+        sock = self.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
+        self.lowat = lowat
+
+    def close(self, hard: bool = False):
+        if self.transport.is_closing():
+            return
+        if hard:  # RST: no TIME_WAIT left behind
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            self.transport.write(DISCONNECT)
+        self.transport.close()
+
+
+class CountingSubscriber(Client):
+    """QoS 0 subscriber: every PUBLISH it gets is `size` bytes long, so the
+    count is bytes // size."""
+
+    def __init__(self, hello, reply, size: int, first: int, track_seq: bool = False):
+        super().__init__(hello, reply)
+        self.size = size
+        self.first = first  # first byte of each PUBLISH
+        self.phase = 0  # offset of the next packet start in the next chunk
+        self.nbytes = 0
+        self.track_seq = track_seq  # payloads end with an 8-byte sequence number
+        self.seq = 0  # highest sequence number seen
+
+    def stream(self, data):
+        marks = data[self.phase :: self.size]
+        if marks.count(self.first) != len(marks):
+            self.bad += 1
+        if self.track_seq and len(data) - self.phase >= self.size:
+            # the last packet that starts and ends in this chunk
+            end = self.phase + (len(data) - self.phase) // self.size * self.size
+            self.seq = int.from_bytes(data[end - 8 : end], "big")
+        self.nbytes += len(data)
+        self.phase = (self.phase - len(data)) % self.size
+
+
+class AckingSubscriber(Client):
+    """QoS 1 subscriber: answers every PUBLISH (all `size` bytes long, packet
+    id at `id_offset`) with a PUBACK, one write per received chunk."""
+
+    def __init__(self, hello, reply, size: int, id_offset: int):
+        super().__init__(hello, reply)
+        self.size = size
+        self.id_offset = id_offset
+        self.rest = b""
+        self.count = 0
+
+    def stream(self, data):
+        if self.rest:
+            data = self.rest + data
+        size = self.size
+        n = len(data) // size
+        end = n * size
+        if n:
+            if data[0:end:size].count(0x32) != n:
+                self.bad += 1
+            o = self.id_offset
+            acks = bytearray(b"\x40\x02\x00\x00" * n)
+            acks[2::4] = data[o:end:size]
+            acks[3::4] = data[o + 1 : end : size]
+            self.transport.write(acks)
+            self.count += n
+        self.rest = data[end:]
+
+
+class FloodPublisher(Client):
+    """QoS 0 publisher: writes `per_batch` copies of `packet` per write as
+    long as the transport is under its high-water mark, then waits for
+    resume_writing. With `stamp`, the last 8 payload bytes of each packet
+    carry its sequence number (1, 2, ...)."""
+
+    def __init__(self, hello, reply, packet: bytes, per_batch: int, stamp: bool = False):
+        super().__init__(hello, reply)
+        self.size = len(packet)
+        self.batch = packet * per_batch
+        self.per_batch = per_batch
+        self.stamp = stamp
+        self.sent = 0
+        self.paused = False
+        self.resumed = None
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * len(self.batch))
+        transport.set_write_buffer_limits(high=len(self.batch))
+
+    def pause_writing(self):
+        self.paused = True
+
+    def resume_writing(self):
+        self.paused = False
+        if self.resumed is not None and not self.resumed.done():
+            self.resumed.set_result(None)
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        self.resume_writing()
+
+    def stamped(self) -> bytes:
+        batch = bytearray(self.batch)
+        for i in range(1, self.per_batch + 1):
+            end = i * self.size
+            batch[end - 8 : end] = (self.sent + i).to_bytes(8, "big")
+        return bytes(batch)
+
+    async def run(self, progress=None, ahead=0):
+        """Publish until `running` is cleared. With `progress` (the highest
+        sequence number subscribers have seen), also stay at most `ahead`
+        messages in front of it (for at most 1 s at a time)."""
+        loop = asyncio.get_running_loop()
+        while self.running and not self.lost:
+            if progress is not None:
+                deadline = loop.time() + 1.0
+                while self.sent - progress() >= ahead and self.running and loop.time() < deadline:
+                    await asyncio.sleep(0.001)
+            self.transport.write(self.stamped() if self.stamp else self.batch)
+            self.sent += self.per_batch
+            if self.paused:
+                self.resumed = loop.create_future()
+                await self.resumed
+            else:
+                await asyncio.sleep(0)
+
+
+class WindowPublisher(Client):
+    """QoS 1 publisher keeping `window` PUBLISH unacknowledged. `ring` holds
+    the packets for ids 1..RING_IDS back to back (each `size` bytes); PUBACKs
+    come back in order (MQTT-4.6.0-2), so each one frees the next id."""
+
+    def __init__(self, hello, reply, ring: bytes, size: int, window: int):
+        super().__init__(hello, reply)
+        self.ring = ring
+        self.size = size
+        self.window = window
+        self.next = 0  # ring index of the next packet to send
+        self.sent = 0
+        self.acked = 0
+        self.abytes = 0
+        self.phase = 0
+
+    def begin(self, ack_batch: int):
+        # woken once `ack_batch` PUBACKs are in, not for every PUBACK; the
+        # broker acknowledges every PUBLISH it gets and `window` > ack_batch
+        # are always outstanding, so the wake-up always comes
+        self.batch_reads(4 * ack_batch)
+        self.send(self.window)
+
+    def send(self, n):
+        size, i = self.size, self.next
+        j = i + n
+        if j <= RING_IDS:
+            self.transport.write(self.ring[i * size : j * size])
+        else:
+            j -= RING_IDS
+            self.transport.write(self.ring[i * size :] + self.ring[: j * size])
+        self.next = j
+        self.sent += n
+
+    def stream(self, data):  # PUBACKs only: 4 bytes each
+        marks = data[self.phase :: 4]
+        if marks.count(0x40) != len(marks):
+            self.bad += 1
+        self.phase = (self.phase - len(data)) % 4
+        self.abytes += len(data)
+        acked = self.abytes >> 2
+        n = acked - self.acked
+        self.acked = acked
+        if n and self.running:
+            self.send(n)
+
+
+# --- scenario plumbing -----------------------------------------------------
+
+
+async def open_all(args, factories, concurrency=100):
+    """Connect every protocol factory, at most `concurrency` handshakes at a
+    time; return the protocols once all handshakes are done."""
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(factory):
+        async with sem:
+            _, proto = await loop.create_connection(factory, args.host, args.port)
+            await asyncio.wait_for(proto.ready, 30)
+            return proto
+
+    return await asyncio.gather(*(one(f) for f in factories))
+
+
+def snapshot(args, delivered):
+    t = os.times()
+    snap = {
+        "t": time.monotonic(),
+        "delivered": delivered(),
+        "gen_cpu": t.user + t.system,
+        "gen_idle": idle_seconds(os.sched_getaffinity(0)),
+    }
+    if args.broker_pid:
+        snap["broker_cpu"] = cpu_seconds(args.broker_pid)
+        snap["broker_idle"] = idle_seconds(os.sched_getaffinity(args.broker_pid))
+    return snap
+
+
+async def window(args, delivered):
+    """Warm up, then measure `delivered()` over the window."""
+    await asyncio.sleep(args.warmup)
+    a = snapshot(args, delivered)
+    await asyncio.sleep(args.duration)
+    b = snapshot(args, delivered)
+    dt = b["t"] - a["t"]
+
+    def busy(key, pid):
+        return round(1 - (b[key] - a[key]) / (dt * len(os.sched_getaffinity(pid))), 3)
+
+    res = {
+        "window_s": round(dt, 3),
+        "delivered_window": b["delivered"] - a["delivered"],
+        "figure": round((b["delivered"] - a["delivered"]) / dt),
+        # CPU time of the process (1.0 = one core) and busy share of its cores
+        "gen_cpu": round((b["gen_cpu"] - a["gen_cpu"]) / dt, 3),
+        "gen_core_busy": busy("gen_idle", 0),
+    }
+    if args.broker_pid:
+        res["broker_cpu"] = round((b["broker_cpu"] - a["broker_cpu"]) / dt, 3)
+        res["broker_core_busy"] = busy("broker_idle", args.broker_pid)
+    return res
+
+
+async def drain(args, delivered, expected, quiet=1.0, limit=30.0):
+    """After the publishers stop: wait until `expected` messages arrived, or
+    until for `quiet` seconds nothing arrived and the broker was mostly idle
+    (it may still be working through its input). False if `limit` ran out."""
+    start = last_change = time.monotonic()
+    last = delivered()
+    cpu = cpu_seconds(args.broker_pid) if args.broker_pid else 0.0
+    while last < expected:
+        await asyncio.sleep(0.05)
+        now, n = time.monotonic(), delivered()
+        if n != last:
+            last, last_change = n, now
+            cpu = cpu_seconds(args.broker_pid) if args.broker_pid else 0.0
+        elif now - last_change >= quiet:
+            used = cpu_seconds(args.broker_pid) - cpu if args.broker_pid else 0.0
+            if used < 0.2 * (now - last_change):
+                return True
+            last_change = now
+            cpu += used
+        if now - start >= limit:
+            return False
+    return True
+
+
+def totals(sent, delivered, drained, conns):
+    lost = sent - delivered
+    return {
+        "sent_total": sent,
+        "delivered_total": delivered,
+        "lost": lost if drained else None,
+        "loss_pct": round(100 * lost / sent, 3) if drained and sent else None,
+        "drained": drained,
+        "disconnects": sum(c.lost for c in conns),
+        "framing_errors": sum(c.bad for c in conns),
+    }
+
+
+def client_id(role: str, i: int = 0) -> str:
+    return f"bm{os.getpid()}-{role}{i}"
+
+
+# --- scenarios -------------------------------------------------------------
+
+
+async def qos0_1to1(args):
+    payload = b"x" * args.payload
+    subs, pubs = [], []
+    for i in range(args.pairs):
+        topic = f"bench/q0/{os.getpid()}/{i}"
+        pkt = publish(topic, payload)
+        k = max(1, args.batch // len(pkt))
+        subs.append(
+            lambda t=topic, i=i, s=len(pkt): CountingSubscriber(
+                connect(client_id("s", i)) + subscribe(t, 0), CONNACK_OK + suback(0), s, 0x30
+            )
+        )
+        pubs.append(
+            lambda i=i, p=pkt, k=k: FloodPublisher(connect(client_id("p", i)), CONNACK_OK, p, k)
+        )
+    subs = await open_all(args, subs)
+    pubs = await open_all(args, pubs)
+    size = subs[0].size
+    for s in subs:
+        s.batch_reads(args.lowat or 16384)
+
+    def delivered():
+        return sum(s.nbytes for s in subs) // size
+
+    tasks = [asyncio.create_task(p.run()) for p in pubs]
+    res = await window(args, delivered)
+    for p in pubs:
+        p.running = False
+    await asyncio.gather(*tasks)
+    sent = sum(p.sent for p in pubs)
+    for s in subs:
+        s.batch_reads(1)
+    drained = await drain(args, delivered, sent)
+    res.update(totals(sent, delivered(), drained, subs + pubs), unit="msgs/s", pairs=args.pairs)
+    for c in subs + pubs:
+        c.close()
+    return res
+
+
+async def qos1(args):
+    payload = b"x" * args.payload
+    if not 0 < args.window < RING_IDS:
+        raise SystemExit(f"--window must be in 1..{RING_IDS - 1}")
+    subs, pubs = [], []
+    for i in range(args.pairs):
+        topic = f"bench/q1/{os.getpid()}/{i}"
+        ring = b"".join(publish(topic, payload, 1, pid) for pid in range(1, RING_IDS + 1))
+        size = len(ring) // RING_IDS
+        id_offset = size - len(payload) - 2
+        subs.append(
+            lambda t=topic, i=i, s=size, o=id_offset: AckingSubscriber(
+                connect(client_id("s", i)) + subscribe(t, 1), CONNACK_OK + suback(1), s, o
+            )
+        )
+        pubs.append(
+            lambda i=i, r=ring, s=size: WindowPublisher(
+                connect(client_id("p", i)), CONNACK_OK, r, s, args.window
+            )
+        )
+    subs = await open_all(args, subs)
+    pubs = await open_all(args, pubs)
+
+    def delivered():
+        return sum(s.count for s in subs)
+
+    for s in subs:
+        s.batch_reads(s.size * args.sub_batch)
+    for p in pubs:
+        p.begin(max(1, args.window // 8))
+    watchdog = asyncio.create_task(unstall(subs))
+    res = await window(args, delivered)
+    watchdog.cancel()
+    batching_off = sum(s.lowat == 1 for s in subs)
+    for c in subs + pubs:
+        c.running = False
+        c.batch_reads(1)
+    sent = sum(p.sent for p in pubs)
+    drained = await drain(args, delivered, sent)
+    await drain(args, lambda: sum(p.acked for p in pubs), sent)
+    res.update(totals(sent, delivered(), drained, subs + pubs), unit="msgs/s", pairs=args.pairs)
+    res["unacked"] = sent - sum(p.acked for p in pubs)
+    res["read_batching_off"] = batching_off
+    for c in subs + pubs:
+        c.close()
+    return res
+
+
+async def unstall(subs, tick=0.1):
+    """A QoS 1 subscriber reads only once `sub_batch` PUBLISH are queued. A
+    broker that keeps fewer than that in flight to one subscriber would stall
+    it: a subscriber with no progress over a tick reads every byte from then
+    on (reported as read_batching_off)."""
+    last = [s.count for s in subs]
+    while True:
+        await asyncio.sleep(tick)
+        for i, s in enumerate(subs):
+            if s.count == last[i] and s.lowat > 1:
+                s.batch_reads(1)
+            last[i] = s.count
+
+
+async def fanout(args):
+    if args.payload < 8:
+        raise SystemExit("fanout needs --payload >= 8 (sequence number)")
+    payload = b"x" * args.payload
+    topic = f"bench/fan/{os.getpid()}"
+    pkt = publish(topic, payload)
+    size = len(pkt)
+    # One PUBLISH costs the broker one write per subscriber: TCP buffers alone
+    # would queue seconds of its work. So the publisher also stays at most
+    # `ahead` messages in front of the highest sequence number that a sample
+    # of subscribers (reading every byte at once) has seen.
+    every = max(1, args.subscribers // 16)
+    subs = await open_all(
+        args,
+        [
+            lambda i=i: CountingSubscriber(
+                connect(client_id("s", i)) + subscribe(topic, 0),
+                CONNACK_OK + suback(0),
+                size,
+                0x30,
+                track_seq=i % every == 0,
+            )
+            for i in range(args.subscribers)
+        ],
+    )
+    k = max(1, args.ahead // 8)
+    (pub,) = await open_all(args, [lambda: FloodPublisher(connect(client_id("p")), CONNACK_OK, pkt, k, stamp=True)])
+    sample = [s for s in subs if s.track_seq]
+    for s in subs:
+        if not s.track_seq:
+            s.batch_reads(args.lowat or 1024)
+
+    def delivered():
+        return sum(s.nbytes for s in subs) // size
+
+    task = asyncio.create_task(pub.run(lambda: max(s.seq for s in sample), args.ahead))
+    res = await window(args, delivered)
+    pub.running = False
+    await task
+    sent = pub.sent * len(subs)
+    for s in subs:
+        s.batch_reads(1)
+    drained = await drain(args, delivered, sent)
+    res.update(totals(sent, delivered(), drained, subs + [pub]), unit="deliveries/s", subscribers=len(subs))
+    res["published_per_s"] = round(res["figure"] / len(subs))
+    for c in subs + [pub]:
+        c.close(hard=True)
+    return res
+
+
+async def idle(args):
+    if not args.broker_pid:
+        raise SystemExit("idle needs --broker-pid (memory is read from /proc/PID/status)")
+    if args.connections + 100 > resource.getrlimit(resource.RLIMIT_NOFILE)[0]:
+        raise SystemExit(f"open-file limit too low for {args.connections} connections (ulimit -n)")
+    rss0 = rss_kib(args.broker_pid)
+    t0 = time.monotonic()
+    conns = await open_all(
+        args,
+        [lambda i=i: Client(connect(client_id("i", i), keepalive=0), CONNACK_OK) for i in range(args.connections)],
+    )
+    t1 = time.monotonic()
+    await asyncio.sleep(args.settle)
+    rss1 = rss_kib(args.broker_pid)
+    res = {
+        "unit": "KiB/conn",
+        "figure": round((rss1 - rss0) / len(conns), 2),
+        "connections": len(conns),
+        "rss_before_kib": rss0,
+        "rss_after_kib": rss1,
+        "connect_s": round(t1 - t0, 3),
+        "disconnects": sum(c.lost for c in conns),
+    }
+    for c in conns:
+        c.close(hard=True)
+    return res
+
+
+RUNNERS = {"qos0-1to1": qos0_1to1, "qos1": qos1, "fanout": fanout, "idle": idle}
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--broker-pid", type=int, help="broker process, for its CPU and memory")
+    p.add_argument("--duration", type=float, default=5.0, help="measured window, seconds")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the window")
+    p.add_argument("--payload", type=int, default=32, help="payload bytes")
+    p.add_argument("--pairs", type=int, default=8, help="publisher/subscriber pairs (qos0-1to1, qos1)")
+    p.add_argument("--window", type=int, default=128, help="unacknowledged PUBLISH per publisher (qos1)")
+    p.add_argument("--sub-batch", type=int, default=4, help="PUBLISH queued before a QoS 1 subscriber reads")
+    p.add_argument("--subscribers", type=int, default=1000, help="subscribers (fanout)")
+    p.add_argument("--connections", type=int, default=10000, help="connections (idle)")
+    p.add_argument("--settle", type=float, default=2.0, help="seconds before reading memory (idle)")
+    p.add_argument("--lowat", type=int, help="SO_RCVLOWAT of QoS 0 subscribers, bytes (16384; fanout 1024)")
+    p.add_argument("--ahead", type=int, default=64, help="messages published but not yet seen (fanout)")
+    p.add_argument("--batch", type=int, default=65536, help="bytes per publisher write (qos0-1to1)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    res = uvloop.run(RUNNERS[args.scenario](args))
+    res = {"scenario": args.scenario, **res}
+    json.dump(res, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The ``bastionmq`` command as an operator runs it: the installed console script."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from importlib.metadata import version as distribution_version
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+
+from bastionmq.broker.codec import MQTT_5, Disconnect
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "etc" / "bastionmq.conf"
+TIMEOUT = 20.0
+SERVER_SHUTTING_DOWN = 0x8B
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def clean_env(**overrides: str) -> dict[str, str]:
+    """The test's environment without stray BASTIONMQ_* overrides, plus ``overrides``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("BASTIONMQ_")}
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def command() -> str:
+    path = shutil.which("bastionmq")
+    assert path is not None, "the bastionmq console script is not installed (pip install -e .)"
+    return path
+
+
+@pytest.fixture
+def run(command):
+    def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
+        return subprocess.run([command, *args], capture_output=True, text=True, timeout=TIMEOUT,
+                              cwd=cwd, env=env if env is not None else clean_env())
+    return run
+
+
+class BrokerProcess:
+    """``bastionmq start`` in the background, its stderr collected in a file."""
+
+    def __init__(self, command: str, config: Path, log: Path, cwd: Path | None,
+                 env: dict[str, str]) -> None:
+        self.log = log
+        with open(log, "wb") as stderr:
+            self.process = subprocess.Popen(
+                [command, "start", "-c", str(config)], cwd=cwd, env=env,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
+
+    @property
+    def stderr(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")
+
+    def wait_listening(self, port: int) -> None:
+        """Poll until the port accepts connections and the listener is logged."""
+        line = f"listener tcp:default listening on 127.0.0.1:{port}"
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"bastionmq exited with {self.process.returncode}:\n{self.stderr}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT).close()
+            except ConnectionRefusedError:
+                pass
+            else:
+                if line in self.stderr:
+                    return
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {line!r} within {TIMEOUT}s:\n{self.stderr}")
+            time.sleep(0.05)
+
+    def stop(self, signum: int) -> int:
+        self.process.send_signal(signum)
+        return self.process.wait(TIMEOUT)
+
+
+@pytest.fixture
+def start_process(command, tmp_path):
+    started: list[BrokerProcess] = []
+
+    def start(config: Path, cwd: Path | None = None, env: dict[str, str] | None = None):
+        process = BrokerProcess(command, config, tmp_path / f"stderr-{len(started)}.log", cwd,
+                                env if env is not None else clean_env())
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.process.poll() is None:
+            process.process.kill()
+            process.process.wait(TIMEOUT)
+
+
+def write_config(tmp_path: Path, text: str, name: str = "bastionmq.conf") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def good_config(tmp_path: Path, port: int) -> Path:
+    return write_config(tmp_path, f"""
+listeners.tcp.default {{ bind = "127.0.0.1:{port}" }}
+allow_anonymous = true
+""")
+
+
+# ------------------------------------------------------------------ version
+
+
+def test_version_prints_the_distribution_version(run):
+    result = run("version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"bastionmq {distribution_version('bastionmq')}"
+
+
+# ------------------------------------------------------------------ check-config
+
+
+def test_check_config_accepts_the_shipped_config(run):
+    result = run("check-config", "-c", "etc/bastionmq.conf", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "configuration is valid" in result.stdout
+    assert "tcp:default 127.0.0.1:1883" in result.stdout
+
+
+BAD_VALUES = {
+    "unknown key": ("listeners.tcp.default.bogus_key = 42", "listeners.tcp.default.bogus_key",
+                    "unknown key"),
+    "out-of-range value": ("mqtt.max_inflight = 70000", "mqtt.max_inflight", "70000"),
+    "bad bind": ('listeners.tcp.default.bind = "nowhere"', "listeners.tcp.default.bind",
+                 "'nowhere'"),
+    "port out of range": ('listeners.tcp.default.bind = "127.0.0.1:99999"',
+                          "listeners.tcp.default.bind", "99999"),
+    "bad duration": ("mqtt.idle_timeout = soon", "mqtt.idle_timeout", "soon"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES, ids=list(BAD_VALUES))
+def test_check_config_names_the_key_path_and_the_value(run, tmp_path, case):
+    line, path, value = BAD_VALUES[case]
+    config = write_config(tmp_path, f"allow_anonymous = true\n{line}\n")
+    result = run("check-config", "-c", str(config))
+    assert result.returncode != 0
+    error_lines = [text for text in result.stderr.splitlines() if text.startswith(f"{path}:")]
+    assert error_lines, result.stderr
+    assert value in error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_reports_every_error_in_one_pass(run, tmp_path):
+    config = write_config(tmp_path, "\n".join(line for line, _, _ in BAD_VALUES.values()))
+    result = run("check-config", "-c", str(config))
+    assert result.returncode != 0
+    for case, (_, path, value) in BAD_VALUES.items():
+        if case == "bad bind":  # the later bind line of the file replaces this one
+            continue
+        assert any(text.startswith(f"{path}:") and value in text
+                   for text in result.stderr.splitlines()), (case, result.stderr)
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_names_a_missing_file(run, tmp_path):
+    missing = tmp_path / "no-such.conf"
+    result = run("check-config", "-c", str(missing))
+    assert result.returncode != 0
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------ start
+
+
+def test_start_with_a_bad_config_opens_no_port(run, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, f"""
+listeners.tcp.default {{ bind = "127.0.0.1:{port}" }}
+allow_anonymous = true
+mqtt.max_inflight = 0
+""")
+    result = run("start", "-c", str(config))
+    assert result.returncode != 0
+    assert "mqtt.max_inflight" in result.stderr
+    assert "listening on" not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert refuses_connections(port)
+
+
+def test_start_with_a_missing_config_names_it(run, tmp_path):
+    missing = tmp_path / "absent.conf"
+    result = run("start", "-c", str(missing))
+    assert result.returncode != 0
+    assert str(missing) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_start_serves_until_a_signal_then_disconnects_everyone(
+        start_process, clients, raw_clients, tmp_path, signum):
+    port = free_port()
+    broker = start_process(good_config(tmp_path, port))
+    broker.wait_listening(port)
+
+    v5 = clients(port, client_id="paho-v5", version=paho.MQTTv5)
+    v311 = clients(port, client_id="paho-v311", version=paho.MQTTv311)
+    assert v5.reason_code == 0
+    assert v311.reason_code == 0
+    raw = raw_clients(port, MQTT_5)
+    assert raw.connect("raw-v5").reason_code == 0
+    # A round trip through the broker proves it routes before it is stopped.
+    v5.subscribe("cli/check", qos=1)
+    v311.publish("cli/check", b"up", qos=1)
+    assert v5.expect()[0].payload == b"up"
+
+    assert broker.stop(signum) == 0, broker.stderr
+    assert raw.receive_until_closed() == [Disconnect(SERVER_SHUTTING_DOWN)]
+    assert v5.disconnects.get(timeout=TIMEOUT).value == SERVER_SHUTTING_DOWN
+    assert v311.disconnects.get(timeout=TIMEOUT) is not None
+    assert refuses_connections(port)
+    assert "Traceback" not in broker.stderr
+
+
+def test_environment_overrides_the_listener_of_the_shipped_config(start_process, clients, run):
+    port = free_port()
+    env = clean_env(BASTIONMQ_LISTENERS__TCP__DEFAULT__BIND=f"127.0.0.1:{port}")
+
+    checked = run("check-config", "-c", "etc/bastionmq.conf", cwd=REPO, env=env)
+    assert checked.returncode == 0, checked.stderr
+    assert f"tcp:default 127.0.0.1:{port}" in checked.stdout
+
+    broker = start_process(Path("etc/bastionmq.conf"), cwd=REPO, env=env)
+    broker.wait_listening(port)
+    # The shipped config allows anonymous clients on its loopback listener.
+    assert clients(port, client_id="env-moved").reason_code == 0
+    assert broker.stop(signal.SIGTERM) == 0, broker.stderr
+    assert "listening on 127.0.0.1:1883" not in broker.stderr
+    assert refuses_connections(port)
+
+
+def test_start_on_a_port_in_use_fails_with_a_clear_message(run, tmp_path):
+    with socket.socket() as occupier:
+        occupier.bind(("127.0.0.1", 0))
+        occupier.listen()
+        port = occupier.getsockname()[1]
+        result = run("start", "-c", str(good_config(tmp_path, port)))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert error, result.stderr
+    assert str(port) in error[0]
+    assert "in use" in error[0]
