@@ -23,7 +23,7 @@ from .properties import (
     CONNACK_V3_CODES, CONNECT, DISCONNECT, PACKET_NAMES, PINGREQ, PUBACK, PUBCOMP, PUBLISH,
     PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE, AUTH, Reason, reason_name,
 )
-from .sessions import NEVER_EXPIRES, Session
+from .sessions import Session
 from .topics import InvalidTopic, validate_filter, validate_topic_name
 
 if TYPE_CHECKING:
@@ -274,9 +274,9 @@ class Connection:
         self.superuser = result.superuser
         props = packet.properties
         if self.version == MQTT_5:
-            expiry = props.get("session_expiry_interval", 0)
-            if expiry != NEVER_EXPIRES or settings.session_expiry_interval < NEVER_EXPIRES:
-                expiry = min(expiry, int(settings.session_expiry_interval))
+            # mqtt.session_expiry_interval caps what the client asks for (even "never").
+            expiry = min(props.get("session_expiry_interval", 0),
+                         int(settings.session_expiry_interval))
             self.send_window = min(settings.max_inflight, props.get("receive_maximum", _MAX_U16))
             self.max_packet_size_out = props.get("maximum_packet_size", 0)
         else:
