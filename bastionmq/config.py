@@ -110,6 +110,8 @@ _DURATION_MS = {"w": 604_800_000, "d": 86_400_000, "h": 3_600_000, "m": 60_000, 
 # "ms" comes before "m" and "s" so that 100ms is not read as 100 minutes.
 _DURATION_PART = r"(\d+)\s*(ms|w|d|h|m|s)"
 _DURATION_RE = re.compile(rf"(?:{_DURATION_PART}\s*)+", re.IGNORECASE)
+_CALENDAR_RE = re.compile(r"\d+\s*(mo|mon|month|months|y|year|years)", re.IGNORECASE)
+_NOT_FIXED = "is not a fixed duration: months and years vary in length (use w, d, h, m, s or ms)"
 _DURATION_HINT = "is not a duration (e.g. 15s, 100ms, 2h, 1h30m; a bare integer is milliseconds)"
 
 
@@ -152,9 +154,7 @@ def parse_duration(value: int | str | datetime.timedelta | Any) -> float:
         return value.total_seconds()
     if _RelativeDelta is not None and isinstance(value, _RelativeDelta):
         if value.years or value.months:
-            raise ValueError(
-                f"{_show(value)} is not a fixed duration: months and years vary in "
-                "length (use w, d, h, m, s or ms)")
+            raise ValueError(f"{_show(value)} {_NOT_FIXED}")
         seconds = _relativedelta_seconds(value)
         if seconds < 0:
             raise ValueError(f"{_show(value)} {_DURATION_HINT}")
@@ -168,6 +168,10 @@ def parse_duration(value: int | str | datetime.timedelta | Any) -> float:
             total_ms = sum(int(number) * _DURATION_MS[unit.lower()]
                            for number, unit in re.findall(_DURATION_PART, text, re.IGNORECASE))
             return total_ms / 1000
+        if _CALENDAR_RE.fullmatch(text):
+            # pyhocon turns "1 month" into a relativedelta only when dateutil is
+            # installed; the same words must get the same answer without it.
+            raise ValueError(f"{_show(value)} {_NOT_FIXED}")
     raise ValueError(f"{_show(value)} {_DURATION_HINT}")
 
 
