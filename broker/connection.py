@@ -375,7 +375,7 @@ class Connection:
                 self.write(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))
             return
         if packet.reason_code >= 0x80:
-            # [MQTT-4.3.3-?] A failed PUBREC ends the exchange.
+            # [MQTT-4.4.0-2]: a PUBREC with a failure code acknowledges the message.
             self.core.acknowledge(session, packet.packet_id, PUBREC)
             return
         entry.released = True
