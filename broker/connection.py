@@ -118,6 +118,14 @@ class Connection:
     def send(self, packet: Packet) -> None:
         self.write(encode(packet, self.version))
 
+    def ack(self, first: int, packet_id: int, reason: int = 0) -> None:
+        """PUBACK (0x40), PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70): the
+        two-byte short form, or with its reason code for a 5.0 client (3.4.2.1)."""
+        if reason and self.version == MQTT_5:
+            self.write(bytes((first, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,)))
+        else:
+            self.write(bytes((first, 2)) + packet_id.to_bytes(2, "big"))
+
     def send_publish(self, message: Message, qos: int, retain: bool,
                      subscription_ids: tuple[int, ...], packet_id: int = 0,
                      dup: bool = False) -> bool:
@@ -339,7 +347,7 @@ class Connection:
                 awaiting = session.awaiting_rel = set()
             if packet.packet_id in awaiting:
                 # A resend of a message already accepted: acknowledge, don't route again.
-                self.write(b"\x50\x02" + packet.packet_id.to_bytes(2, "big"))
+                self.ack(0x50, packet.packet_id)
                 return
             if len(awaiting) >= core.settings.max_awaiting_rel:
                 return self._violation(MalformedPacket(
@@ -349,16 +357,9 @@ class Connection:
         delivered = core.route(message, self.session)
         if packet.retain:
             core.retain(message)
-        if qos == 1:
-            if self.version == MQTT_5 and not delivered:
-                self.send(Puback(packet.packet_id, Reason.NO_MATCHING_SUBSCRIBERS))
-            else:
-                self.write(b"\x40\x02" + packet.packet_id.to_bytes(2, "big"))
-        elif qos == 2:
-            if self.version == MQTT_5 and not delivered:
-                self.send(Pubrec(packet.packet_id, Reason.NO_MATCHING_SUBSCRIBERS))
-            else:
-                self.write(b"\x50\x02" + packet.packet_id.to_bytes(2, "big"))
+        if qos:
+            self.ack(0x40 if qos == 1 else 0x50, packet.packet_id,
+                     0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
 
     # acknowledgements ------------------------------------------------------
 
@@ -369,27 +370,22 @@ class Connection:
         session = self.session
         entry = session.inflight.get(packet.packet_id) if session.inflight else None
         if entry is None or entry.qos != 2:
-            if self.version == MQTT_5:
-                self.send(Pubrel(packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND))
-            else:
-                self.write(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))
+            self.ack(0x62, packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND)
             return
         if packet.reason_code >= 0x80:
             # [MQTT-4.4.0-2]: a PUBREC with a failure code acknowledges the message.
             self.core.acknowledge(session, packet.packet_id, PUBREC)
             return
         entry.released = True
-        self.write(b"\x62\x02" + packet.packet_id.to_bytes(2, "big"))
+        self.ack(0x62, packet.packet_id)
 
     def _on_pubrel(self, packet: Pubrel) -> None:
         awaiting = self.session.awaiting_rel
         if awaiting and packet.packet_id in awaiting:
             awaiting.discard(packet.packet_id)
-            self.write(b"\x70\x02" + packet.packet_id.to_bytes(2, "big"))
-        elif self.version == MQTT_5:
-            self.send(Pubcomp(packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND))
+            self.ack(0x70, packet.packet_id)
         else:
-            self.write(b"\x70\x02" + packet.packet_id.to_bytes(2, "big"))
+            self.ack(0x70, packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND)
 
     def _on_pubcomp(self, packet: Pubcomp) -> None:
         self.core.acknowledge(self.session, packet.packet_id, PUBCOMP)

@@ -141,7 +141,7 @@ class BrokerCore:
         if session.inflight:
             for packet_id, entry in session.inflight.items():
                 if entry.released:
-                    connection.write(b"\x62\x02" + packet_id.to_bytes(2, "big"))
+                    connection.ack(0x62, packet_id)
                 else:
                     connection.send_publish(entry.message, entry.qos, entry.retain,
                                             entry.subscription_ids, packet_id, dup=True)

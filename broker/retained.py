@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Generic, Iterator, TypeVar
 
+from .topics import find_path, prune
+
 M = TypeVar("M")
 
 
@@ -49,22 +51,13 @@ class RetainedStore(Generic[M]):
         return node.message
 
     def delete(self, topic: str) -> bool:
-        path = []
-        node = self._root
-        for level in topic.split("/"):
-            child = node.children.get(level)
-            if child is None:
-                return False
-            path.append((node, level))
-            node = child
-        if node.message is None:
+        found = find_path(self._root, topic)
+        if found is None or found[1].message is None:
             return False
+        path, node = found
         node.message = None
         self._count -= 1
-        while path and node.message is None and not node.children:
-            parent, level = path.pop()
-            del parent.children[level]
-            node = parent
+        prune(path, node, lambda n: n.message is None)
         return True
 
     def match(self, topic_filter: str) -> list[M]:

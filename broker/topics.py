@@ -69,6 +69,29 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
     return len(flevels) == len(tlevels)
 
 
+def find_path(root: Any, topic: str) -> tuple[list[tuple[Any, str]], Any] | None:
+    """The (parent, level) pairs from ``root`` down to the node of ``topic``, and
+    that node; None when the tree has no such node. Nodes keep ``children``."""
+    path = []
+    node = root
+    for level in topic.split("/"):
+        child = node.children.get(level)
+        if child is None:
+            return None
+        path.append((node, level))
+        node = child
+    return path, node
+
+
+def prune(path: list[tuple[Any, str]], node: Any, is_empty: Callable[[Any], bool]) -> None:
+    """Remove the nodes at the end of ``path`` that hold nothing any more, so
+    that a tree does not keep dead branches."""
+    while path and not node.children and is_empty(node):
+        parent, level = path.pop()
+        del parent.children[level]
+        node = parent
+
+
 class _Node:
     __slots__ = ("children", "subscribers")
 
@@ -112,24 +135,14 @@ class SubscriptionTrie(Generic[S]):
 
     def remove(self, topic_filter: str, subscriber: S) -> bool:
         """Unsubscribe; returns False when there was no such subscription."""
-        path = []
-        node = self._root
-        for level in topic_filter.split("/"):
-            child = node.children.get(level)
-            if child is None:
-                return False
-            path.append((node, level))
-            node = child
-        if subscriber not in node.subscribers:
+        found = find_path(self._root, topic_filter)
+        if found is None or subscriber not in found[1].subscribers:
             return False
+        path, node = found
         del node.subscribers[subscriber]
         self._count -= 1
         self._cache.clear()
-        # Prune the branch so that the trie does not keep dead filters.
-        while path and not node.subscribers and not node.children:
-            parent, level = path.pop()
-            del parent.children[level]
-            node = parent
+        prune(path, node, lambda n: not n.subscribers)
         return True
 
     def match(self, topic: str) -> list:
