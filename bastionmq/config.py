@@ -73,8 +73,9 @@ __all__ = [
 ENV_PREFIX = "BASTIONMQ_"
 _ENV_SEPARATOR = "__"
 
-#: A field with this metadata also accepts the string ``infinity``, read as None.
-_INFINITY = {"infinity": True}
+#: A field with this metadata also accepts the string ``infinity``, read as None
+#: (broker/settings.py marks "disabled" the same way).
+_INFINITY = {"none_word": "infinity"}
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -409,13 +410,16 @@ def _parse_str(raw: Any) -> str:
     raise ValueError(f"{_show(raw)} is not a string")
 
 
-def _parse_limit(raw: Any) -> int | None:
-    if isinstance(raw, str) and raw.strip() == "infinity":
-        return None
-    try:
-        return _parse_int(raw)
-    except ValueError:
-        raise ValueError(f"{_show(raw)} is not an integer or infinity") from None
+def _limit_parser(none_word: str) -> _Parse:
+    """An integer, or ``none_word`` (infinity, disabled) read as None."""
+    def parse(raw: Any) -> int | None:
+        if isinstance(raw, str) and raw.strip() == none_word:
+            return None
+        try:
+            return _parse_int(raw)
+        except ValueError:
+            raise ValueError(f"{_show(raw)} is not an integer or {none_word}") from None
+    return parse
 
 
 _PARSERS: dict[Any, _Parse] = {
@@ -463,7 +467,7 @@ def _describe_bounds(bounds: Sequence[tuple[str, Any]], fmt: _Format) -> str:
 
 def _check(field: attrs.Attribute, value: Any, raw: Any, fmt: _Format) -> None:
     """Run the field's attrs validator, turning its failure into a message."""
-    if field.validator is None or (value is None and field.metadata.get("infinity")):
+    if field.validator is None or (value is None and field.metadata.get("none_word")):
         return
     try:
         field.validator(None, field, value)
@@ -474,8 +478,8 @@ def _check(field: attrs.Attribute, value: Any, raw: Any, fmt: _Format) -> None:
             raise _Invalid(f"{_show(raw)} is not one of: {allowed}") from None
         if bounds:
             allowed = _describe_bounds(bounds, fmt)
-            if field.metadata.get("infinity"):
-                allowed += ", or infinity"
+            if field.metadata.get("none_word"):
+                allowed += f", or {field.metadata['none_word']}"
             raise _Invalid(f"{_show(raw)} is out of range (allowed: {allowed})") from None
         raise _Invalid(f"{_show(raw)} is not allowed ({exc})") from None
 
@@ -489,8 +493,8 @@ def _field_hook(converter: cattrs.Converter, field: attrs.Attribute,
         parse, fmt = parse_size, _format_size
     elif unit == "duration":
         parse, fmt = parse_duration, _format_duration
-    elif field.metadata.get("infinity"):
-        parse = _parse_limit
+    elif field.metadata.get("none_word"):
+        parse = _limit_parser(field.metadata["none_word"])
     elif field_type in _PARSERS:
         parse = _PARSERS[field_type]
     elif typing.get_origin(field_type) is dict:

@@ -310,6 +310,8 @@ def _read_properties(data, pos: int, end: int, packet_type: int) -> tuple[Proper
         if name in BOOLEAN_PROPERTIES and value > 1:
             raise _protocol_error(f"property {name} must be 0 or 1, not {value}")
         if name in NONZERO_PROPERTIES and value == 0:
+            if name == "topic_alias":
+                raise MalformedPacket("topic alias 0", Reason.TOPIC_ALIAS_INVALID)  # 3.3.2.3.4
             raise _protocol_error(f"property {name} must not be 0")
         props[name] = value
     return props, pos

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+
+import attrs
 from typing import TYPE_CHECKING, Any
 
 from .codec import (
@@ -42,7 +44,7 @@ class Connection:
         "core", "transport", "peer", "decoder", "version", "state", "client_id",
         "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
         "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
-        "_held", "close_reason",
+        "_held", "close_reason", "topic_aliases",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -68,6 +70,8 @@ class Connection:
         #: Packets that arrived while an asynchronous authentication was pending.
         self._held: list[Packet] | None = None
         self.close_reason = ""
+        #: Inbound topic aliases of a 5.0 client: alias -> topic name.
+        self.topic_aliases: dict[int, str] | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -232,11 +236,16 @@ class Connection:
                                 f"client id longer than {settings.max_clientid_len}")
         self.client_id = client_id
         self.username = packet.username
-        if packet.will is not None:
+        will = packet.will
+        if will is not None:
             try:
-                validate_topic_name(packet.will.topic, settings.max_topic_levels)
+                validate_topic_name(will.topic, settings.max_topic_levels)
             except InvalidTopic as exc:
                 return self._refuse(Reason.TOPIC_NAME_INVALID, f"will topic: {exc}")
+            if will.qos > settings.max_qos_allowed:  # [MQTT-3.2.2-12]
+                return self._refuse(Reason.QOS_NOT_SUPPORTED, f"will QoS {will.qos}")
+            if will.retain and not settings.retain_available:  # [MQTT-3.2.2-13]
+                return self._refuse(Reason.RETAIN_NOT_SUPPORTED, "retained will")
         request = AuthRequest(client_id=client_id, username=packet.username,
                               password=packet.password, peer=self.peer,
                               protocol_level=self.version, properties=packet.properties)
@@ -302,7 +311,21 @@ class Connection:
                 connack_props["session_expiry_interval"] = expiry
             connack_props["receive_maximum"] = settings.max_awaiting_rel
             connack_props["maximum_packet_size"] = settings.max_packet_size
-            connack_props["topic_alias_maximum"] = 0
+            # Absent means "supported" for these; say so only when they are not (3.2.2.3).
+            if settings.max_qos_allowed < 2:
+                connack_props["maximum_qos"] = settings.max_qos_allowed
+            if not settings.retain_available:
+                connack_props["retain_available"] = 0
+            if not settings.wildcard_subscription:
+                connack_props["wildcard_subscription_available"] = 0
+            # $share filters are not served yet: tell 5.0 clients not to use them.
+            connack_props["shared_subscription_available"] = 0
+            if settings.max_topic_alias:
+                connack_props["topic_alias_maximum"] = settings.max_topic_alias
+            if settings.server_keepalive is not None:
+                # [MQTT-3.2.2-21]: the client must use the server's keep alive.
+                self.keepalive = settings.server_keepalive
+                connack_props["server_keep_alive"] = settings.server_keepalive
         self.send(Connack(0, present, connack_props))
         if self.keepalive:
             self._keepalive_handle = core.loop.call_later(
@@ -323,10 +346,6 @@ class Connection:
                 # [MQTT-3.3.4-6]: only the server sends subscription identifiers.
                 return self._violation(MalformedPacket(
                     "PUBLISH from a client with a subscription identifier", Reason.PROTOCOL_ERROR))
-            if "topic_alias" in props:
-                # The broker announces a Topic Alias Maximum of 0.
-                return self._violation(MalformedPacket(
-                    "topic alias beyond the maximum of 0", Reason.TOPIC_ALIAS_INVALID))
             if props.get("payload_format_indicator") == 1:
                 try:
                     packet.payload.decode("utf-8")
@@ -335,6 +354,12 @@ class Connection:
                         "payload is not UTF-8 as its format indicator says",
                         Reason.PAYLOAD_FORMAT_INVALID))
         topic = packet.topic
+        if props and "topic_alias" in props:
+            topic, props = self._resolve_alias(topic, props)
+            if topic is None:
+                return
+        if core.publish_restricted and self._refuse_publish(packet):
+            return
         if topic.count("/") >= core.settings.max_topic_levels:
             return self._violation(MalformedPacket(
                 f"topic with more than {core.settings.max_topic_levels} levels",
@@ -360,6 +385,44 @@ class Connection:
         if qos:
             self.ack(0x40 if qos == 1 else 0x50, packet.packet_id,
                      0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
+
+    def _refuse_publish(self, packet: Publish) -> bool:
+        """Close for a PUBLISH beyond the announced Maximum QoS or Retain Available."""
+        settings = self.core.settings
+        if packet.qos > settings.max_qos_allowed:  # [MQTT-3.2.2-11]
+            self._violation(MalformedPacket(
+                f"PUBLISH with QoS {packet.qos} above the maximum of {settings.max_qos_allowed}",
+                Reason.QOS_NOT_SUPPORTED))
+            return True
+        if packet.retain and not settings.retain_available:  # [MQTT-3.2.2-14]
+            self._violation(MalformedPacket(
+                "retained PUBLISH while retain is not available", Reason.RETAIN_NOT_SUPPORTED))
+            return True
+        return False
+
+    def _resolve_alias(self, topic: str, props) -> tuple[str | None, Any]:
+        """Apply an inbound topic alias (3.3.2.3.4); the alias is not forwarded.
+
+        Returns (None, _) after closing the connection for a bad alias.
+        """
+        alias = props["topic_alias"]
+        maximum = self.core.settings.max_topic_alias
+        if alias > maximum:
+            self._violation(MalformedPacket(
+                f"topic alias {alias} above the maximum of {maximum}", Reason.TOPIC_ALIAS_INVALID))
+            return None, props
+        aliases = self.topic_aliases
+        if topic:
+            if aliases is None:
+                aliases = self.topic_aliases = {}
+            aliases[alias] = topic
+        else:
+            topic = aliases.get(alias) if aliases else None
+            if topic is None:
+                self._violation(MalformedPacket(
+                    f"topic alias {alias} was never set", Reason.PROTOCOL_ERROR))
+                return None, props
+        return topic, {k: v for k, v in props.items() if k != "topic_alias"}
 
     # acknowledgements ------------------------------------------------------
 
@@ -397,13 +460,15 @@ class Connection:
         codes = []
         identifier = packet.properties.get("subscription_identifier")
         granted = []
+        settings = core.settings
         for sub in packet.subscriptions:
-            try:
-                validate_filter(sub.filter, core.settings.max_topic_levels)
-            except InvalidTopic as exc:
-                log.info("%s: refusing filter %r: %s", self._describe(), sub.filter, exc)
-                codes.append(Reason.TOPIC_FILTER_INVALID if self.version == MQTT_5 else 0x80)
+            refusal = self._refuse_filter(sub.filter)
+            if refusal:
+                codes.append(refusal if self.version == MQTT_5 else 0x80)
                 continue
+            if sub.qos > settings.max_qos_allowed:
+                # Granted at the broker's maximum, as the SUBACK tells ([MQTT-3.9.3-2]).
+                sub = attrs.evolve(sub, qos=settings.max_qos_allowed)
             existed = core.subscribe(self.session, sub, identifier)
             codes.append(sub.qos)
             granted.append((sub, existed))
@@ -411,6 +476,23 @@ class Connection:
         # Retained messages follow the SUBACK ([MQTT-3.8.4-4] order of replies).
         for sub, existed in granted:
             core.send_retained(self.session, sub, identifier, existed)
+
+    def _refuse_filter(self, topic_filter: str) -> int:
+        """The 5.0 reason a filter is refused with, or 0 when it may subscribe."""
+        settings = self.core.settings
+        try:
+            validate_filter(topic_filter, settings.max_topic_levels)
+        except InvalidTopic as exc:
+            reason, why = Reason.TOPIC_FILTER_INVALID, str(exc)
+        else:
+            if topic_filter.startswith("$share/"):
+                reason, why = Reason.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED, "shared subscriptions are not served"
+            elif not settings.wildcard_subscription and ("+" in topic_filter or "#" in topic_filter):
+                reason, why = Reason.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED, "wildcards are turned off"
+            else:
+                return 0
+        log.info("%s: refusing filter %r: %s", self._describe(), topic_filter, why)
+        return reason
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         codes = []

@@ -69,6 +69,9 @@ class BrokerCore:
     def __init__(self, settings: MqttSettings, authenticator: Authenticator,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
+        #: Whether a PUBLISH must be checked against QoS or retain limits; with
+        #: the defaults the hot path skips both checks.
+        self.publish_restricted = settings.max_qos_allowed < 2 or not settings.retain_available
         self.authenticator = authenticator
         self.loop = loop
         self.stats = Stats()

@@ -14,6 +14,8 @@ from attrs import validators as v
 
 SIZE = {"unit": "size"}
 DURATION = {"unit": "duration"}
+#: The config file may say "disabled" for None.
+DISABLED = {"none_word": "disabled"}
 
 #: The largest packet MQTT can express: a remaining length of 268,435,455
 #: plus a five-byte fixed header.
@@ -44,6 +46,24 @@ class MqttSettings:
     max_mqueue_len: int = attrs.field(default=1000, validator=v.ge(0))
     #: Whether QoS 0 messages are queued for an offline persistent session.
     mqueue_store_qos0: bool = True
+    #: Highest QoS accepted from clients and granted to subscriptions (CONNACK
+    #: Maximum QoS); a 5.0 PUBLISH above it is refused with 0x9B.
+    max_qos_allowed: int = attrs.field(default=2, validator=v.in_((0, 1, 2)))
+    #: Whether retained messages are supported (CONNACK Retain Available); when
+    #: off, a PUBLISH or will with RETAIN 1 is refused with 0x9A.
+    retain_available: bool = True
+    #: Whether filters may hold wildcards (CONNACK Wildcard Subscription
+    #: Available); when off, such a filter is refused in the SUBACK (0xA2).
+    wildcard_subscription: bool = True
+    #: Topic aliases a 5.0 client may set up (CONNACK Topic Alias Maximum). Each
+    #: holds a topic name for the connection's life, so the bound is also a
+    #: memory bound; 0 turns aliases off.
+    max_topic_alias: int = attrs.field(default=1024, validator=[v.ge(0), v.le(65535)])
+    #: Keep alive the broker imposes on 5.0 clients (CONNACK Server Keep Alive),
+    #: in seconds; "disabled" uses what each client asks for.
+    server_keepalive: int | None = attrs.field(
+        default=None, metadata=DISABLED,
+        validator=v.optional([v.ge(1), v.le(65535)]))
     #: Incoming QoS 2 messages waiting for PUBREL, at most, per client.
     max_awaiting_rel: int = attrs.field(default=100, validator=[v.ge(1), v.le(65535)])
     #: How long a session outlives its connection: the cap for a 5.0 client's

@@ -612,3 +612,16 @@ def test_config_classes_are_frozen() -> None:
     config = Config()
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         config.allow_anonymous = True  # type: ignore[misc]
+
+
+def test_server_keepalive_is_seconds_or_disabled() -> None:
+    assert load("mqtt.server_keepalive = disabled").mqtt.server_keepalive is None
+    assert load("mqtt.server_keepalive = 30").mqtt.server_keepalive == 30
+    assert errors_of("mqtt.server_keepalive = 0") == {
+        "mqtt.server_keepalive": "0 is out of range (allowed: 1 to 65535, or disabled)"}
+
+
+def test_max_qos_allowed_choices() -> None:
+    assert load("mqtt.max_qos_allowed = 1").mqtt.max_qos_allowed == 1
+    assert errors_of("mqtt.max_qos_allowed = 3") == {
+        "mqtt.max_qos_allowed": "3 is not one of: 0, 1, 2"}

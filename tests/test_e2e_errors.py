@@ -184,13 +184,6 @@ def test_anonymous_access_is_refused_unless_allowed(start_broker, raw_clients):
     assert v5.receive_until_closed() == []
 
 
-def test_topic_alias_beyond_the_announced_maximum(broker, raw_clients):
-    raw = raw_clients(broker.port, MQTT_5)
-    assert raw.connect("alias").properties["topic_alias_maximum"] == 0
-    raw.send(Publish("t", b"x", properties={"topic_alias": 1}))
-    assert raw.receive_until_closed() == [Disconnect(0x94)]
-
-
 def test_payload_format_indicator_with_invalid_utf8(broker, raw_clients):
     raw = raw_clients(broker.port, MQTT_5)
     raw.connect("pfi")
