@@ -134,7 +134,9 @@ class Connection:
                      subscription_ids: tuple[int, ...], packet_id: int = 0,
                      dup: bool = False) -> bool:
         """Queue a PUBLISH for writing; False when the client's limit forbids it."""
-        head, tail = message.wire_form(self.version == MQTT_5, qos, retain, subscription_ids)
+        head, tail = message.wire_form(
+            self.version == MQTT_5, qos, retain, subscription_ids,
+            self.core.loop.time() if message.expires_at is not None else 0.0)
         if self.max_packet_size_out and len(head) + len(tail) + (2 if qos else 0) > self.max_packet_size_out:
             # [MQTT-3.1.2-25]: discard what the client said it cannot take.
             self.core.stats.dropped_too_large += 1
@@ -379,6 +381,8 @@ class Connection:
                     "too many QoS 2 messages awaiting PUBREL", Reason.RECEIVE_MAXIMUM_EXCEEDED))
             awaiting.add(packet.packet_id)
         message = Message(topic, packet.payload, qos, packet.retain, props)
+        if props:
+            message.stamp_expiry(core.loop.time())
         delivered = core.route(message, self.session)
         if packet.retain:
             core.retain(message)

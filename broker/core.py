@@ -44,6 +44,8 @@ class Stats:
     dropped_queue_full: int = 0
     #: Messages larger than the subscriber's Maximum Packet Size.
     dropped_too_large: int = 0
+    #: Messages whose Message Expiry Interval ran out before delivery.
+    dropped_expired: int = 0
 
 
 def _merge_routes(found: list[tuple[Session, SubscriptionEntry]]) -> list[Route]:
@@ -142,9 +144,13 @@ class BrokerCore:
         """Resend what was in flight (DUP set, [MQTT-4.4.0-1]), then the queue."""
         connection = session.connection
         if session.inflight:
-            for packet_id, entry in session.inflight.items():
+            now = self.loop.time()
+            for packet_id, entry in list(session.inflight.items()):
                 if entry.released:
                     connection.ack(0x62, packet_id)
+                elif entry.message.expired(now):
+                    del session.inflight[packet_id]
+                    self.stats.dropped_expired += 1
                 else:
                     connection.send_publish(entry.message, entry.qos, entry.retain,
                                             entry.subscription_ids, packet_id, dup=True)
@@ -177,6 +183,7 @@ class BrokerCore:
             props = {k: v for k, v in props.items() if k != "will_delay_interval"}
         message = Message(will.topic, will.payload, will.qos, will.retain,
                           props or NO_PROPERTIES)
+        message.stamp_expiry(self.loop.time())
         self.route(message, None)
         if will.retain:
             self.retain(message)
@@ -230,7 +237,11 @@ class BrokerCore:
         if options.retain_handling == 2 or (options.retain_handling == 1 and existed):
             return
         ids = (identifier,) if identifier else ()
+        now = self.loop.time()
         for message in self.retained.match(options.filter):
+            if message.expired(now):
+                self.retained.delete(message.topic)
+                continue
             qos = min(message.qos, options.qos)
             # [MQTT-3.3.1-8]: retained messages sent on subscribe carry RETAIN 1.
             if qos == 0:
@@ -300,8 +311,12 @@ class BrokerCore:
         """Move queued messages into the window while the client can take them."""
         queue = session.queue
         connection = session.connection
+        now = self.loop.time()
         while queue and connection is not None and not connection.paused:
-            if queue[0][1] == 0:
+            if queue[0][0].expired(now):
+                queue.popleft()
+                self.stats.dropped_expired += 1
+            elif queue[0][1] == 0:
                 message, _, retain, ids = queue.popleft()
                 connection.send_publish(message, 0, retain, ids)
             elif session.inflight_count() < connection.send_window:
@@ -350,6 +365,7 @@ class BrokerCore:
         if qos not in (0, 1, 2):
             raise ValueError(f"invalid QoS {qos}")
         message = Message(topic, bytes(payload), qos, retain, properties or NO_PROPERTIES)
+        message.stamp_expiry(self.loop.time())
         matched = self.route(message, None)
         if retain:
             self.retain(message)

@@ -9,6 +9,7 @@ it and the connection writes the three pieces with one vectored write.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import attrs
@@ -25,16 +26,36 @@ class Message:
     retain: bool = False
     #: 5.0 properties to forward (never a topic alias or subscription identifier).
     properties: Mapping[str, Any] = NO_PROPERTIES
+    #: Loop time at which the 5.0 Message Expiry Interval runs out, if it has one.
+    expires_at: float | None = None
     _topic_bytes: bytes | None = attrs.field(default=None, init=False)
     _forms: dict | None = attrs.field(default=None, init=False)
 
+    def stamp_expiry(self, now: float) -> None:
+        """Start the Message Expiry Interval clock, if the message has one."""
+        interval = self.properties.get("message_expiry_interval")
+        if interval is not None:
+            self.expires_at = now + interval
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
     def wire_form(self, v5: bool, qos: int, retain: bool,
-                  subscription_ids: tuple[int, ...] = ()) -> tuple[bytes, bytes]:
+                  subscription_ids: tuple[int, ...] = (), now: float = 0.0) -> tuple[bytes, bytes]:
         """(head, tail) of this message as a PUBLISH.
 
         QoS 0: head + tail is the packet. QoS 1/2: head + packet id + tail.
+        A message with an expiry is sent with the time it has left ([MQTT-3.3.2-6]),
+        so that figure is part of the form.
         """
-        key = (v5, qos, retain, subscription_ids)
+        remaining = None
+        if self.expires_at is not None and v5:
+            remaining = max(0, math.ceil(self.expires_at - now))
+        if subscription_ids or remaining is not None:
+            key: Any = (v5, qos, retain, subscription_ids, remaining)
+        else:
+            # The common form, keyed by a small int: no tuple built per delivery.
+            key = (v5 << 3) | (qos << 1) | retain
         forms = self._forms
         if forms is None:
             forms = self._forms = {}
@@ -49,9 +70,12 @@ class Message:
         props = None
         if v5:
             props = self.properties
-            if subscription_ids:
+            if subscription_ids or remaining is not None:
                 props = dict(props)
-                props["subscription_identifier"] = list(subscription_ids)
+                if subscription_ids:
+                    props["subscription_identifier"] = list(subscription_ids)
+                if remaining is not None:
+                    props["message_expiry_interval"] = remaining
             props = encode_properties(props)
         header = publish_header(topic, qos, retain, False, len(payload), props)
         if qos:
