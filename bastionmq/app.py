@@ -8,7 +8,9 @@ import os
 from typing import Any, Mapping
 
 from bastionmq.auth.chain import AuthenticationChain, ListenerAuthenticators
+import bastionmq
 from bastionmq.broker.core import BrokerCore
+from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.broker.properties import Reason
 from bastionmq.config import Config, load_config
 from bastionmq.listeners.base import Listener
@@ -45,6 +47,7 @@ class Broker:
         #: Listener id ("tcp:default") -> Listener, once started.
         self.listeners: dict[str, Listener] = {}
         self._stopped: asyncio.Event | None = None
+        self._sys_topics: SysTopics | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -61,6 +64,10 @@ class Broker:
             listeners.append((name, tcp))
         self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop)
         self._stopped = asyncio.Event()
+        if config.sys_topics.sys_interval > 0:
+            self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
+                                         f"bastionmq {bastionmq.__version__}")
+            self._sys_topics.start()
         try:
             for name, tcp in listeners:
                 listener = Listener(
@@ -77,6 +84,9 @@ class Broker:
         """Stop accepting, disconnect every client (5.0: DISCONNECT 0x8B), close sockets."""
         for listener in self.listeners.values():
             listener.stop_accepting()
+        if self._sys_topics is not None:
+            self._sys_topics.stop()
+            self._sys_topics = None
         core = self.core
         if core is not None:
             core.close_all(Reason.SERVER_SHUTTING_DOWN, "broker shutting down")

@@ -339,6 +339,13 @@ class LogConfig:
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
+class SysTopicsConfig:
+    #: How often the $SYS/broker/... figures are published; 0s turns them off.
+    sys_interval: float = attrs.field(default=10.0, metadata={"unit": "duration"},
+                                      validator=v.ge(0))
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
 class Config:
     """The whole configuration; ``Config()`` is the built-in defaults."""
 
@@ -347,6 +354,7 @@ class Config:
     #: Off unless set: anonymous access is always an explicit decision.
     allow_anonymous: bool = False
     log: LogConfig = attrs.field(factory=LogConfig)
+    sys_topics: SysTopicsConfig = attrs.field(factory=SysTopicsConfig)
 
     def anonymous_allowed(self, listener: TcpListenerConfig) -> bool:
         """Whether ``listener`` lets clients connect without credentials."""

@@ -81,7 +81,9 @@ class Connection:
     def data_received(self, data: bytes) -> None:
         if self.state == CLOSED:
             return
-        self.last_seen = self.core.loop.time()
+        core = self.core
+        self.last_seen = core.loop.time()
+        core.stats.bytes_received += len(data)
         try:
             packets = self.decoder.feed(data)
         except MalformedPacket as exc:
@@ -142,8 +144,10 @@ class Connection:
             self.core.stats.dropped_too_large += 1
             return False
         out = self.out
+        core = self.core
         if not out:
-            self.core.dirty.append(self)
+            core.dirty.append(self)
+        core.stats.messages_sent += 1
         if dup:
             head = bytes((head[0] | 0x08,)) + head[1:]
         if qos:
@@ -342,6 +346,7 @@ class Connection:
         if self.state != CONNECTED:
             return self._violation(MalformedPacket("PUBLISH before CONNECT", Reason.PROTOCOL_ERROR))
         core = self.core
+        core.stats.messages_received += 1
         props = packet.properties
         if props:
             if "subscription_identifier" in props:

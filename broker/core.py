@@ -37,7 +37,11 @@ class Stats:
 
     connections_refused: int = 0
     protocol_errors: int = 0
+    #: PUBLISH packets received from clients, and sent to them.
     messages_received: int = 0
+    messages_sent: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
     #: QoS 0 messages not written because the subscriber was over its high-water mark.
     dropped_qos0_backpressure: int = 0
     #: Messages pushed out of a full session queue (the oldest goes).
@@ -261,7 +265,6 @@ class BrokerCore:
 
     def route(self, message: Message, sender: Session | None) -> int:
         """Deliver to every matching subscriber; returns how many matched."""
-        self.stats.messages_received += 1
         routes = self.trie.match(message.topic)
         if not routes:
             return 0
@@ -343,15 +346,19 @@ class BrokerCore:
         dirty = self.dirty
         if not dirty:
             return
+        sent = 0
         for connection in dirty:
             out = connection.out
             if out:
                 # One buffer per flush: the transport then queues one object
                 # however many packets it holds, which stays cheap when a slow
                 # socket makes it hold the data (joining costs one memcpy).
-                connection.transport.write(b"".join(out) if len(out) > 1 else out[0])
+                data = b"".join(out) if len(out) > 1 else out[0]
+                sent += len(data)
+                connection.transport.write(data)
                 out.clear()
         dirty.clear()
+        self.stats.bytes_sent += sent
 
     # ------------------------------------------------------- embedding API
 

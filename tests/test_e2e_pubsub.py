@@ -54,7 +54,11 @@ def test_dollar_topics_are_not_matched_by_leading_wildcards(broker, clients):
     everything.subscribe("+/info", qos=1)
     dollar.subscribe("$SYS/#", qos=1)
     broker.call(broker.broker.publish("$SYS/info", b"internal", qos=1))
-    assert dollar.expect(1)[0].topic == "$SYS/info"
+    # The broker's own $SYS/broker/... figures (retained) may come first.
+    topics = []
+    while "$SYS/info" not in topics:
+        topics.append(dollar.expect(1)[0].topic)
+    assert all(topic.startswith("$SYS/") for topic in topics)
     everything.expect_nothing_more("marker")
 
 
