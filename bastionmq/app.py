@@ -7,11 +7,11 @@ import logging
 import os
 from typing import Any, Mapping
 
-from bastionmq.auth.chain import AuthenticationChain, ListenerAuthenticators
 import bastionmq
+from bastionmq.auth.chain import AuthenticationChain, ListenerAuthenticators
 from bastionmq.broker.core import BrokerCore
-from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.broker.properties import Reason
+from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.config import Config, load_config
 from bastionmq.listeners.base import Listener
 
