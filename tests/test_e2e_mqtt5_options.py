@@ -106,3 +106,31 @@ def test_clients_receive_maximum_limits_unacknowledged_messages(broker, raw_clie
     assert broker.run(lambda: len(broker.core.sessions["small-window"].queue)) == 2
     sub.send(Puback(first.packet_id))
     assert sub.receive().payload == b"2"
+
+
+def test_request_response_metadata_passes_through_unchanged(broker, raw_clients):
+    responder = _client(raw_clients, broker.port, "responder")
+    responder.send(Subscribe(1, [Subscription("service/request", 1)]))
+    responder.receive()
+    requester = _client(raw_clients, broker.port, "requester")
+    requester.send(Subscribe(1, [Subscription("reply/requester", 1)]))
+    requester.receive()
+    metadata = {
+        "payload_format_indicator": 1,
+        "content_type": "application/json",
+        "response_topic": "reply/requester",
+        "correlation_data": b"\x00\x01request-42",
+        "user_property": [("trace", "a"), ("trace", "b"), ("tenant", "x")],
+    }
+    requester.send(Publish("service/request", b'{"ask": 1}', qos=1, packet_id=1,
+                           properties=metadata))
+    assert requester.receive() == Puback(1)
+    request = responder.receive()
+    assert dict(request.properties) == metadata  # every value, user properties in order
+    responder.send(Puback(request.packet_id))
+    responder.send(Publish(request.properties["response_topic"], b'{"answer": 2}', qos=1,
+                           packet_id=1,
+                           properties={"correlation_data": request.properties["correlation_data"]}))
+    reply = requester.receive()
+    assert (reply.topic, reply.properties["correlation_data"]) == \
+        ("reply/requester", b"\x00\x01request-42")
