@@ -46,7 +46,6 @@ class Broker:
         self.core: BrokerCore | None = None
         #: Listener id ("tcp:default") -> Listener, once started.
         self.listeners: dict[str, Listener] = {}
-        self._stopped: asyncio.Event | None = None
         self._sys_topics: SysTopics | None = None
 
     async def start(self) -> None:
@@ -57,13 +56,9 @@ class Broker:
         for name, tcp in config.listeners.tcp.items():
             if not tcp.enable:
                 continue
-            listener_id = f"tcp:{name}"
-            allow_anonymous = config.allow_anonymous if tcp.allow_anonymous is None \
-                else tcp.allow_anonymous
-            chains[listener_id] = AuthenticationChain(allow_anonymous)
+            chains[f"tcp:{name}"] = AuthenticationChain(config.anonymous_allowed(tcp))
             listeners.append((name, tcp))
         self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop)
-        self._stopped = asyncio.Event()
         if config.sys_topics.sys_interval > 0:
             self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
                                          f"bastionmq {bastionmq.__version__}")
@@ -96,12 +91,6 @@ class Broker:
                     break
                 await asyncio.sleep(0)
         self.core = None
-        if self._stopped is not None:
-            self._stopped.set()
-
-    async def wait_stopped(self) -> None:
-        assert self._stopped is not None, "start() first"
-        await self._stopped.wait()
 
     async def __aenter__(self) -> Broker:
         await self.start()

@@ -459,15 +459,7 @@ class Decoder:
             packet_id, pos = _read_u16(data, pos, end)
             if not packet_id:
                 raise MalformedPacket("packet identifier 0")
-            reason = 0
-            props = NO_PROPERTIES
-            if version == MQTT_5:
-                if pos < end:
-                    reason = data[pos]
-                    pos += 1
-                if pos < end:
-                    props, pos = _read_properties(data, pos, end, ptype)
-            self._expect_end(pos, end, ptype)
+            reason, props = _read_reason_tail(data, pos, end, ptype, version)
             return _ACK_CLASSES[ptype](packet_id, reason, props)
         if ptype == PINGREQ or ptype == PINGRESP:
             if flags or pos != end:
@@ -619,19 +611,26 @@ def _decode_unsuback(data, pos: int, end: int, version: int) -> Unsuback:
     return Unsuback(packet_id, list(data[pos:end]), props)
 
 
-def _decode_reason_only(cls, ptype: int):
-    def decode(data, pos: int, end: int, version: int):
-        if version != MQTT_5:
-            Decoder._expect_end(pos, end, ptype)
-            return cls()
-        reason = 0
-        props = NO_PROPERTIES
+def _read_reason_tail(data, pos: int, end: int, ptype: int,
+                      version: int) -> tuple[int, Properties]:
+    """The reason code and properties that end a 5.0 PUBACK, PUBREC, PUBREL,
+    PUBCOMP, DISCONNECT or AUTH; either may be left off the end, meaning
+    success and none (3.4.2.1, 3.14.2.1, 3.15.2.1). 3.1.1 packets have neither."""
+    reason = 0
+    props = NO_PROPERTIES
+    if version == MQTT_5:
         if pos < end:
             reason = data[pos]
             pos += 1
         if pos < end:
             props, pos = _read_properties(data, pos, end, ptype)
-        Decoder._expect_end(pos, end, ptype)
+    Decoder._expect_end(pos, end, ptype)
+    return reason, props
+
+
+def _decode_reason_only(cls, ptype: int):
+    def decode(data, pos: int, end: int, version: int):
+        reason, props = _read_reason_tail(data, pos, end, ptype, version)
         return cls(reason, props)
     return decode
 
