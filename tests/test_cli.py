@@ -181,9 +181,10 @@ def test_check_config_reports_every_error_in_one_pass(run, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_check_config_names_a_missing_file(run, tmp_path):
+@pytest.mark.parametrize("subcommand", ["check-config", "start"])
+def test_a_missing_config_file_is_named(run, tmp_path, subcommand):
     missing = tmp_path / "no-such.conf"
-    result = run("check-config", "-c", str(missing))
+    result = run(subcommand, "-c", str(missing))
     assert result.returncode != 0
     assert str(missing) in result.stderr
     assert "Traceback" not in result.stderr
@@ -205,14 +206,6 @@ mqtt.max_inflight = 0
     assert "listening on" not in result.stderr
     assert "Traceback" not in result.stderr
     assert refuses_connections(port)
-
-
-def test_start_with_a_missing_config_names_it(run, tmp_path):
-    missing = tmp_path / "absent.conf"
-    result = run("start", "-c", str(missing))
-    assert result.returncode != 0
-    assert str(missing) in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -41,28 +41,21 @@ def test_invalid_topic_is_a_value_error():
         validate_filter("a#")
 
 
-def test_filter_level_limit():
-    validate_filter("a/b/c", max_levels=3)
-    validate_filter("a/+/#", max_levels=3)
-    validate_filter("//", max_levels=3)
-    with pytest.raises(InvalidTopic):
-        validate_filter("a/b/c/d", max_levels=3)
-    with pytest.raises(InvalidTopic):
-        validate_filter("///", max_levels=3)
+@pytest.mark.parametrize("validate, within", [
+    (validate_filter, ["a/b/c", "a/+/#", "//"]),
+    (validate_topic_name, ["a/b/c", "//"]),
+], ids=["filter", "topic name"])
+def test_level_limit(validate, within):
+    for topic in within:
+        validate(topic, max_levels=3)
+    for beyond in ("a/b/c/d", "///"):
+        with pytest.raises(InvalidTopic):
+            validate(beyond, max_levels=3)
 
 
 @pytest.mark.parametrize("topic", ["a", "a/b", "/", "/a", "a//b", "$SYS/x", "a b", "é"])
 def test_valid_topic_names(topic):
     validate_topic_name(topic)
-
-
-def test_topic_name_level_limit():
-    validate_topic_name("a/b/c", max_levels=3)
-    validate_topic_name("//", max_levels=3)
-    with pytest.raises(InvalidTopic):
-        validate_topic_name("a/b/c/d", max_levels=3)
-    with pytest.raises(InvalidTopic):
-        validate_topic_name("///", max_levels=3)
 
 
 # ---------------------------------------------------------------- matching one filter
