@@ -46,7 +46,7 @@ from pyhocon.config_tree import ConfigTree, NoneValue
 from pyhocon.exceptions import ConfigException
 from pyparsing import ParseBaseException
 
-from bastionmq.broker.settings import SIZE, MqttSettings
+from bastionmq.broker.settings import INFINITY, SIZE, MqttSettings
 
 try:
     # pyhocon turns unquoted durations such as ``15s`` into relativedelta
@@ -72,10 +72,6 @@ __all__ = [
 #: Environment variables with this prefix override configuration keys.
 ENV_PREFIX = "BASTIONMQ_"
 _ENV_SEPARATOR = "__"
-
-#: A field with this metadata also accepts the string ``infinity``, read as None
-#: (broker/settings.py marks "disabled" the same way).
-_INFINITY = {"none_word": "infinity"}
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -320,7 +316,7 @@ class TcpListenerConfig:
     bind: Bind = Bind(_ALL_INTERFACES, 1883)
     #: Concurrent connections accepted; None (``infinity`` in the file) is no limit.
     max_connections: int | None = attrs.field(
-        default=None, metadata=_INFINITY, validator=v.optional(v.ge(1)))
+        default=None, metadata=INFINITY, validator=v.optional(v.ge(1)))
     #: None inherits the top-level ``allow_anonymous``.
     allow_anonymous: bool | None = None
     tcp_options: TcpOptions = attrs.field(factory=TcpOptions)

@@ -26,6 +26,7 @@ from .properties import (
     PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE, AUTH, Reason, reason_name,
 )
 from .sessions import Session
+from .shared import split_shared
 from .topics import InvalidTopic, validate_filter, validate_topic_name
 
 if TYPE_CHECKING:
@@ -324,8 +325,8 @@ class Connection:
                 connack_props["retain_available"] = 0
             if not settings.wildcard_subscription:
                 connack_props["wildcard_subscription_available"] = 0
-            # $share filters are not served yet: tell 5.0 clients not to use them.
-            connack_props["shared_subscription_available"] = 0
+            if not settings.shared_subscription:
+                connack_props["shared_subscription_available"] = 0
             if settings.max_topic_alias:
                 connack_props["topic_alias_maximum"] = settings.max_topic_alias
             if settings.server_keepalive is not None:
@@ -472,6 +473,17 @@ class Connection:
         settings = core.settings
         for sub in packet.subscriptions:
             refusal = self._refuse_filter(sub.filter)
+            if not refusal and sub.no_local and sub.filter.startswith("$share/"):
+                # [MQTT-3.8.3-4]
+                return self._violation(MalformedPacket(
+                    f"No Local on the shared subscription {sub.filter!r}", Reason.PROTOCOL_ERROR))
+            if not refusal and settings.max_subscriptions is not None:
+                subscriptions = self.session.subscriptions
+                if (sub.filter not in subscriptions
+                        and len(subscriptions) >= settings.max_subscriptions):
+                    log.info("%s: refusing filter %r: already %d subscriptions",
+                             self._describe(), sub.filter, len(subscriptions))
+                    refusal = Reason.QUOTA_EXCEEDED
             if refusal:
                 codes.append(refusal if self.version == MQTT_5 else 0x80)
                 continue
@@ -490,12 +502,13 @@ class Connection:
         """The 5.0 reason a filter is refused with, or 0 when it may subscribe."""
         settings = self.core.settings
         try:
-            validate_filter(topic_filter, settings.max_topic_levels)
+            shared = split_shared(topic_filter)
+            validate_filter(shared[1] if shared else topic_filter, settings.max_topic_levels)
         except InvalidTopic as exc:
             reason, why = Reason.TOPIC_FILTER_INVALID, str(exc)
         else:
-            if topic_filter.startswith("$share/"):
-                reason, why = Reason.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED, "shared subscriptions are not served"
+            if shared and not settings.shared_subscription:
+                reason, why = Reason.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED, "shared subscriptions are turned off"
             elif not settings.wildcard_subscription and ("+" in topic_filter or "#" in topic_filter):
                 reason, why = Reason.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED, "wildcards are turned off"
             else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import deque
 from typing import Any, Coroutine, Iterable, Mapping
 
 import attrs
@@ -23,6 +24,7 @@ from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, PUBREC, Reason
 from .retained import RetainedStore
 from .sessions import NEVER_EXPIRES, Inflight, Session, SubscriptionEntry
 from .settings import MqttSettings
+from .shared import SharedGroup, split_shared
 from .topics import SubscriptionTrie, validate_topic_name
 
 log = logging.getLogger("bastionmq.core")
@@ -86,6 +88,10 @@ class BrokerCore:
         self.connections: set[Connection] = set()
         self.trie: SubscriptionTrie[Session] = SubscriptionTrie(merge=_merge_routes)
         self.retained: RetainedStore[Message] = RetainedStore()
+        #: Shared subscriptions: (share name, filter) -> group, and a trie of
+        #: the groups by filter (its subscribers are the groups themselves).
+        self.groups: dict[tuple[str, str], SharedGroup] = {}
+        self.shared_trie: SubscriptionTrie[SharedGroup] = SubscriptionTrie()
         #: Connections with output waiting for the next flush.
         self.dirty: list[Connection] = []
         self._tasks: set[asyncio.Task] = set()
@@ -166,6 +172,8 @@ class BrokerCore:
         if session is None or session.connection is not connection:
             return
         session.connection = None
+        if session.shared_count:
+            self._redispatch_shared(session, ending=session.expiry_interval == 0)
         if will is not None:
             delay = will.properties.get("will_delay_interval", 0) if connection.version == MQTT_5 else 0
             if delay and session.expiry_interval:
@@ -206,9 +214,8 @@ class BrokerCore:
             self.flush()
 
     def _end_session(self, session: Session) -> None:
-        for topic_filter in session.subscriptions:
-            self.trie.remove(topic_filter, session)
-        session.subscriptions.clear()
+        for topic_filter in list(session.subscriptions):
+            self.unsubscribe(session, topic_filter)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
         if session.expiry_handle is not None:
@@ -222,24 +229,50 @@ class BrokerCore:
     # ------------------------------------------------------- subscriptions
 
     def subscribe(self, session: Session, options: Subscription, identifier: int | None) -> bool:
-        """Add or replace a subscription; returns whether it existed before."""
+        """Add or replace a subscription; returns whether it existed before.
+
+        ``options.filter`` has been validated (``$share`` form included).
+        """
         existed = options.filter in session.subscriptions
         entry = SubscriptionEntry(options, identifier)
         session.subscriptions[options.filter] = entry
-        self.trie.add(options.filter, session, entry)
+        shared = split_shared(options.filter)
+        if shared is None:
+            self.trie.add(options.filter, session, entry)
+            return existed
+        group = self.groups.get(shared)
+        if group is None:
+            group = self.groups[shared] = SharedGroup(*shared)
+            self.shared_trie.add(shared[1], group, group)
+        group.add(session, entry)
+        session.shared_count += not existed
         return existed
 
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
-        self.trie.remove(topic_filter, session)
+        shared = split_shared(topic_filter)
+        if shared is None:
+            self.trie.remove(topic_filter, session)
+            return True
+        session.shared_count -= 1
+        group = self.groups[shared]
+        group.remove(session)
+        if not group.members:
+            del self.groups[shared]
+            self.shared_trie.remove(shared[1], group)
         return True
+
+    def subscription_count(self) -> int:
+        return len(self.trie) + sum(len(group.members) for group in self.groups.values())
 
     def send_retained(self, session: Session, options: Subscription,
                       identifier: int | None, existed: bool) -> None:
         """Deliver retained messages for a new subscription (3.3.1.3, retain handling)."""
         if options.retain_handling == 2 or (options.retain_handling == 1 and existed):
             return
+        if options.filter.startswith("$share/"):
+            return  # 4.8.2: a new shared subscription gets no retained messages
         ids = (identifier,) if identifier else ()
         now = self.loop.time()
         for message in self.retained.match(options.filter):
@@ -266,8 +299,9 @@ class BrokerCore:
     def route(self, message: Message, sender: Session | None) -> int:
         """Deliver to every matching subscriber; returns how many matched."""
         routes = self.trie.match(message.topic)
+        matched = self._route_shared(message, sender) if self.groups else 0
         if not routes:
-            return 0
+            return matched
         msg_qos = message.qos
         msg_retain = message.retain
         for session, qos, no_local, as_published, ids in routes:
@@ -282,30 +316,102 @@ class BrokerCore:
                 self.deliver(session, message, qos, retain, ids)
             elif connection is None:
                 if self.settings.mqueue_store_qos0:
-                    session.enqueue((message, 0, retain, ids), self.settings.max_mqueue_len,
+                    session.enqueue((message, 0, retain, ids, None), self.settings.max_mqueue_len,
                                     self._count_queue_drop)
             elif connection.paused:
                 self.stats.dropped_qos0_backpressure += 1
             else:
                 connection.send_publish(message, 0, retain, ids)
-        return len(routes)
+        return matched + len(routes)
+
+    def _route_shared(self, message: Message, sender: Session | None) -> int:
+        """One member of each matching shared subscription gets the message."""
+        groups = self.shared_trie.match(message.topic)
+        publisher = sender.client_id if sender is not None else ""
+        strategy = self.settings.shared_subscription_strategy
+        for group, _ in groups:
+            member = group.pick(strategy, message.topic, publisher)
+            self._deliver_shared(group, member, message, message.retain)
+        return len(groups)
+
+    def _deliver_shared(self, group: SharedGroup, member: Session, message: Message,
+                        retain: bool) -> None:
+        entry = group.members[member]
+        options = entry.options
+        qos = min(message.qos, options.qos)
+        retain = retain and options.retain_as_published
+        ids = (entry.identifier,) if entry.identifier else ()
+        if qos:
+            self.deliver(member, message, qos, retain, ids, group)
+        elif member.connection is None:
+            if self.settings.mqueue_store_qos0:
+                member.enqueue((message, 0, retain, ids, group), self.settings.max_mqueue_len,
+                               self._count_queue_drop)
+        elif member.connection.paused:
+            self.stats.dropped_qos0_backpressure += 1
+        else:
+            member.connection.send_publish(message, 0, retain, ids)
+
+    def _redispatch_shared(self, session: Session, ending: bool) -> None:
+        """Hand the shared-subscription messages a departing member has not
+        acknowledged to another member of their group (4.8.2).
+
+        A message moves when another member is connected; when this session
+        ends with its connection, it moves to any other member, queued if
+        need be. A QoS 2 message whose PUBREC arrived stays: its receiver has
+        it, and sending it again elsewhere would break exactly once.
+        """
+        strategy = self.settings.shared_subscription_strategy
+        client_id = session.client_id
+
+        def new_member(group: SharedGroup) -> Session | None:
+            member = group.pick(strategy, "", client_id, exclude=session)
+            if member is None or (member.connection is None and not ending):
+                return None
+            return member
+
+        moved = 0
+        if session.inflight:
+            for packet_id, entry in list(session.inflight.items()):
+                group = entry.group
+                if group is None or entry.released:
+                    continue
+                member = new_member(group)
+                if member is not None:
+                    del session.inflight[packet_id]
+                    self._deliver_shared(group, member, entry.message, entry.retain)
+                    moved += 1
+        if session.queue:
+            kept = deque()
+            for item in session.queue:
+                group = item[4]
+                member = new_member(group) if group is not None else None
+                if member is None:
+                    kept.append(item)
+                else:
+                    self._deliver_shared(group, member, item[0], item[2])
+                    moved += 1
+            session.queue = kept
+        if moved:
+            log.debug("moved %d shared-subscription messages of %r to other members",
+                      moved, client_id)
 
     def deliver(self, session: Session, message: Message, qos: int, retain: bool,
-                ids: tuple[int, ...]) -> None:
+                ids: tuple[int, ...], group: SharedGroup | None = None) -> None:
         """Send a QoS 1/2 message now if the window allows, else queue it."""
         connection = session.connection
         if (connection is not None and not connection.paused
                 and session.inflight_count() < connection.send_window):
-            self._send_inflight(session, connection, (message, qos, retain, ids))
+            self._send_inflight(session, connection, (message, qos, retain, ids, group))
         else:
-            session.enqueue((message, qos, retain, ids), self.settings.max_mqueue_len,
+            session.enqueue((message, qos, retain, ids, group), self.settings.max_mqueue_len,
                             self._count_queue_drop)
 
     def _send_inflight(self, session: Session, connection: Connection, item) -> None:
-        message, qos, retain, ids = item
+        message, qos, retain, ids, group = item
         packet_id = session.allocate_packet_id()
         if connection.send_publish(message, qos, retain, ids, packet_id):
-            session.inflight[packet_id] = Inflight(message, qos, retain, ids)
+            session.inflight[packet_id] = Inflight(message, qos, retain, ids, group)
 
     def _count_queue_drop(self) -> None:
         self.stats.dropped_queue_full += 1
@@ -320,7 +426,7 @@ class BrokerCore:
                 queue.popleft()
                 self.stats.dropped_expired += 1
             elif queue[0][1] == 0:
-                message, _, retain, ids = queue.popleft()
+                message, _, retain, ids, _ = queue.popleft()
                 connection.send_publish(message, 0, retain, ids)
             elif session.inflight_count() < connection.send_window:
                 self._send_inflight(session, connection, queue.popleft())

@@ -37,11 +37,15 @@ class Inflight:
     qos: int
     retain: bool
     subscription_ids: tuple[int, ...]
+    #: The shared subscription group it was sent through, if any: another
+    #: member gets it should this session go before acknowledging it.
+    group: Any = None
     #: QoS 2: PUBREC arrived and PUBREL was sent; only PUBCOMP is awaited.
     released: bool = False
 
 
-QueuedMessage = tuple[Message, int, bool, tuple[int, ...]]
+#: (message, QoS, retain flag, subscription ids, shared subscription group or None).
+QueuedMessage = tuple[Message, int, bool, tuple[int, ...], Any]
 
 
 @attrs.define(slots=True, eq=False)
@@ -55,6 +59,8 @@ class Session:
     #: Packet ids of inbound QoS 2 messages waiting for PUBREL.
     awaiting_rel: set[int] | None = None
     next_packet_id: int = 1
+    #: How many of ``subscriptions`` are shared ($share/...).
+    shared_count: int = 0
     #: The live connection, or None while the session waits offline.
     connection: Any = None
     expiry_handle: Any = None

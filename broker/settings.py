@@ -12,10 +12,14 @@ from __future__ import annotations
 import attrs
 from attrs import validators as v
 
+from .shared import STRATEGIES
+
 SIZE = {"unit": "size"}
 DURATION = {"unit": "duration"}
 #: The config file may say "disabled" for None.
 DISABLED = {"none_word": "disabled"}
+#: The config file may say "infinity" for None (no limit).
+INFINITY = {"none_word": "infinity"}
 
 #: The largest packet MQTT can express: a remaining length of 268,435,455
 #: plus a five-byte fixed header.
@@ -55,6 +59,16 @@ class MqttSettings:
     #: Whether filters may hold wildcards (CONNACK Wildcard Subscription
     #: Available); when off, such a filter is refused in the SUBACK (0xA2).
     wildcard_subscription: bool = True
+    #: Whether ``$share/{group}/{filter}`` subscriptions are served (CONNACK
+    #: Shared Subscription Available); when off, such a filter is refused (0x9E).
+    shared_subscription: bool = True
+    #: How a shared subscription's group picks the member for each message.
+    shared_subscription_strategy: str = attrs.field(
+        default="round_robin", validator=v.in_(STRATEGIES))
+    #: Subscriptions one session may hold; a SUBSCRIBE beyond it is refused
+    #: for that filter with 0x97 (quota exceeded). None: no limit.
+    max_subscriptions: int | None = attrs.field(
+        default=None, metadata=INFINITY, validator=v.optional(v.ge(1)))
     #: Topic aliases a 5.0 client may set up (CONNACK Topic Alias Maximum). Each
     #: holds a topic name for the connection's life, so the bound is also a
     #: memory bound; 0 turns aliases off.

@@ -37,7 +37,7 @@ class SysTopics:
             "messages/sent": lambda: stats.messages_sent,
             "bytes/received": lambda: stats.bytes_received,
             "bytes/sent": lambda: stats.bytes_sent,
-            "subscriptions/count": lambda: len(core.trie),
+            "subscriptions/count": core.subscription_count,
             "retained messages/count": lambda: len(core.retained),
             "messages/dropped": lambda: (stats.dropped_qos0_backpressure + stats.dropped_queue_full
                                          + stats.dropped_too_large + stats.dropped_expired),

@@ -23,10 +23,9 @@ def test_default_connack_capabilities(broker, raw_clients):
     assert props["topic_alias_maximum"] == 1024
     assert props["maximum_packet_size"] == 1024 * 1024
     assert props["receive_maximum"] == 100
-    assert props["shared_subscription_available"] == 0
-    # Absent means available (3.2.2.3): QoS 2, retain, wildcards.
+    # Absent means available (3.2.2.3): QoS 2, retain, wildcards, shared subscriptions.
     for absent in ("maximum_qos", "retain_available", "wildcard_subscription_available",
-                   "server_keep_alive"):
+                   "shared_subscription_available", "server_keep_alive"):
         assert absent not in props
 
 
@@ -100,11 +99,28 @@ def test_wildcard_subscriptions_off(start_broker, raw_clients, version, code):
 
 
 @pytest.mark.parametrize("version, code", [(MQTT_5, 0x9E), (MQTT_3_1_1, 0x80)])
-def test_shared_subscription_filters_are_refused_until_served(broker, raw_clients, version, code):
+def test_shared_subscriptions_off(start_broker, raw_clients, version, code):
+    broker = start_broker("mqtt.shared_subscription = false")
     client = raw_clients(broker.port, version)
-    client.connect("share")
-    client.send(Subscribe(1, [Subscription("$share/group/t", 1)]))
-    assert client.receive().reason_codes == [code]
+    connack = client.connect("share")
+    if version == MQTT_5:
+        assert connack.properties["shared_subscription_available"] == 0
+    client.send(Subscribe(1, [Subscription("$share/group/t", 1), Subscription("t", 1)]))
+    assert client.receive().reason_codes == [code, 1]
+
+
+@pytest.mark.parametrize("version, code", [(MQTT_5, 0x97), (MQTT_3_1_1, 0x80)])
+def test_subscriptions_beyond_max_subscriptions_are_refused(start_broker, raw_clients,
+                                                            version, code):
+    broker = start_broker("mqtt.max_subscriptions = 2")
+    client = raw_clients(broker.port, version)
+    client.connect("quota")
+    client.send(Subscribe(1, [Subscription("a", 1), Subscription("$share/g/b", 1),
+                              Subscription("c", 1)]))
+    assert client.receive().reason_codes == [1, 1, code]
+    # Replacing a subscription it holds is not a new one.
+    client.send(Subscribe(2, [Subscription("a", 0)]))
+    assert client.receive().reason_codes == [0]
 
 
 def test_server_keep_alive_overrides_the_clients(start_broker, raw_clients):
