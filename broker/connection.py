@@ -38,6 +38,8 @@ log = logging.getLogger("bastionmq.connection")
 NEW, AUTHENTICATING, CONNECTED, CLOSED = range(4)
 
 _MAX_U16 = 65535
+#: Characters of an explanation sent as a Reason String, at most.
+_MAX_REASON_STRING = 200
 
 
 class Connection:
@@ -45,7 +47,7 @@ class Connection:
         "core", "transport", "peer", "decoder", "version", "state", "client_id",
         "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
         "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
-        "_held", "close_reason", "topic_aliases",
+        "_held", "close_reason", "topic_aliases", "problem_info",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -73,6 +75,9 @@ class Connection:
         self.close_reason = ""
         #: Inbound topic aliases of a 5.0 client: alias -> topic name.
         self.topic_aliases: dict[int, str] | None = None
+        #: 5.0 Request Problem Information: whether reason strings may go on
+        #: packets other than CONNACK and DISCONNECT ([MQTT-3.1.2-29]).
+        self.problem_info = True
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -125,6 +130,18 @@ class Connection:
     def send(self, packet: Packet) -> None:
         self.write(encode(packet, self.version))
 
+    def send_explained(self, packet: Packet, why: str) -> None:
+        """Send a CONNACK, SUBACK or DISCONNECT with ``why`` as its 5.0 Reason
+        String, unless that would exceed the client's Maximum Packet Size
+        ([MQTT-3.2.2-19], [MQTT-3.14.2-3])."""
+        data = encode(packet, self.version)
+        if why and self.version == MQTT_5:
+            packet.properties = {**packet.properties, "reason_string": why[:_MAX_REASON_STRING]}
+            explained = encode(packet, self.version)
+            if not self.max_packet_size_out or len(explained) <= self.max_packet_size_out:
+                data = explained
+        self.write(data)
+
     def ack(self, first: int, packet_id: int, reason: int = 0) -> None:
         """PUBACK (0x40), PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70): the
         two-byte short form, or with its reason code for a 5.0 client (3.4.2.1)."""
@@ -168,7 +185,7 @@ class Connection:
         if not self.close_reason:
             self.close_reason = message or reason_name(reason)
         if send_disconnect and self.state == CONNECTED and self.version == MQTT_5:
-            self.send(Disconnect(reason))
+            self.send_explained(Disconnect(reason), message)
         if not publish_will:
             self.will = None
         self._teardown()
@@ -229,6 +246,10 @@ class Connection:
             self._idle_handle.cancel()
             self._idle_handle = None
         self.version = packet.protocol_level
+        if self.version == MQTT_5:
+            props = packet.properties
+            self.max_packet_size_out = props.get("maximum_packet_size", 0)
+            self.problem_info = props.get("request_problem_information", 1) == 1
         client_id = packet.client_id
         assigned = False
         if not client_id:
@@ -285,7 +306,7 @@ class Connection:
         log.info("refusing %s: %s (%s)", self._describe(), why, reason_name(reason))
         self.core.stats.connections_refused += 1
         if self.version == MQTT_5:
-            self.send(Connack(reason))
+            self.send_explained(Connack(reason), why)
         else:
             self.send(Connack(CONNACK_V3_CODES.get(reason, 3)))
         self.close(reason, why, send_disconnect=False, publish_will=False)
@@ -302,7 +323,6 @@ class Connection:
             expiry = min(props.get("session_expiry_interval", 0),
                          int(settings.session_expiry_interval))
             self.send_window = min(settings.max_inflight, props.get("receive_maximum", _MAX_U16))
-            self.max_packet_size_out = props.get("maximum_packet_size", 0)
         else:
             expiry = 0 if packet.clean_start else int(settings.session_expiry_interval)
         session, present = core.open_session(self, packet.clean_start, expiry)
@@ -373,19 +393,24 @@ class Connection:
                 f"topic with more than {core.settings.max_topic_levels} levels",
                 Reason.TOPIC_NAME_INVALID))
         qos = packet.qos
-        if qos == 2:
+        if qos:
+            # Receive Maximum (3.3.4): QoS 1 is acknowledged at once, so what
+            # counts against the quota are QoS 2 messages awaiting PUBREL.
             session = self.session
             awaiting = session.awaiting_rel
-            if awaiting is None:
-                awaiting = session.awaiting_rel = set()
-            if packet.packet_id in awaiting:
-                # A resend of a message already accepted: acknowledge, don't route again.
-                self.ack(0x50, packet.packet_id)
-                return
-            if len(awaiting) >= core.settings.max_awaiting_rel:
+            if qos == 2:
+                if awaiting is None:
+                    awaiting = session.awaiting_rel = set()
+                if packet.packet_id in awaiting:
+                    # A resend of a message already accepted: acknowledge, don't route again.
+                    self.ack(0x50, packet.packet_id)
+                    return
+            if awaiting and len(awaiting) >= core.settings.max_awaiting_rel:
                 return self._violation(MalformedPacket(
-                    "too many QoS 2 messages awaiting PUBREL", Reason.RECEIVE_MAXIMUM_EXCEEDED))
-            awaiting.add(packet.packet_id)
+                    f"more than {core.settings.max_awaiting_rel} unacknowledged QoS 1 and 2 "
+                    "messages (Receive Maximum)", Reason.RECEIVE_MAXIMUM_EXCEEDED))
+            if qos == 2:
+                awaiting.add(packet.packet_id)
         message = Message(topic, packet.payload, qos, packet.retain, props)
         if props:
             message.stamp_expiry(core.loop.time())
@@ -471,8 +496,9 @@ class Connection:
         identifier = packet.properties.get("subscription_identifier")
         granted = []
         settings = core.settings
+        refused = []
         for sub in packet.subscriptions:
-            refusal = self._refuse_filter(sub.filter)
+            refusal, why = self._refuse_filter(sub.filter)
             if not refusal and sub.no_local and sub.filter.startswith("$share/"):
                 # [MQTT-3.8.3-4]
                 return self._violation(MalformedPacket(
@@ -481,11 +507,12 @@ class Connection:
                 subscriptions = self.session.subscriptions
                 if (sub.filter not in subscriptions
                         and len(subscriptions) >= settings.max_subscriptions):
-                    log.info("%s: refusing filter %r: already %d subscriptions",
-                             self._describe(), sub.filter, len(subscriptions))
                     refusal = Reason.QUOTA_EXCEEDED
+                    why = f"already {len(subscriptions)} subscriptions (mqtt.max_subscriptions)"
             if refusal:
+                log.info("%s: refusing filter %r: %s", self._describe(), sub.filter, why)
                 codes.append(refusal if self.version == MQTT_5 else 0x80)
+                refused.append(f"{sub.filter[:100]!r}: {why}")
                 continue
             if sub.qos > settings.max_qos_allowed:
                 # Granted at the broker's maximum, as the SUBACK tells ([MQTT-3.9.3-2]).
@@ -493,13 +520,18 @@ class Connection:
             existed = core.subscribe(self.session, sub, identifier)
             codes.append(sub.qos)
             granted.append((sub, existed))
-        self.send(Suback(packet.packet_id, codes))
+        suback = Suback(packet.packet_id, codes)
+        if refused and self.problem_info:
+            self.send_explained(suback, "; ".join(refused))
+        else:
+            self.send(suback)
         # Retained messages follow the SUBACK ([MQTT-3.8.4-4] order of replies).
         for sub, existed in granted:
             core.send_retained(self.session, sub, identifier, existed)
 
-    def _refuse_filter(self, topic_filter: str) -> int:
-        """The 5.0 reason a filter is refused with, or 0 when it may subscribe."""
+    def _refuse_filter(self, topic_filter: str) -> tuple[int, str]:
+        """The 5.0 reason a filter is refused with and why, or (0, "") when it
+        may subscribe."""
         settings = self.core.settings
         try:
             shared = split_shared(topic_filter)
@@ -512,9 +544,8 @@ class Connection:
             elif not settings.wildcard_subscription and ("+" in topic_filter or "#" in topic_filter):
                 reason, why = Reason.WILDCARD_SUBSCRIPTIONS_NOT_SUPPORTED, "wildcards are turned off"
             else:
-                return 0
-        log.info("%s: refusing filter %r: %s", self._describe(), topic_filter, why)
-        return reason
+                return 0, ""
+        return reason, why
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
         codes = []

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from typing import Any, Coroutine, Iterable, Mapping
+from typing import Any, Coroutine, Mapping
 
 import attrs
 
@@ -20,7 +20,7 @@ from .codec import MQTT_5, Subscription, Will
 from .connection import Connection
 from .message import Message
 from .ports import Authenticator, PeerInfo
-from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, PUBREC, Reason
+from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, Reason
 from .retained import RetainedStore
 from .sessions import NEVER_EXPIRES, Inflight, Session, SubscriptionEntry
 from .settings import MqttSettings

@@ -263,6 +263,11 @@ class RawClient:
             except (ConnectionError, OSError):
                 return packets
 
+    def closing_reasons(self, timeout: float = TIMEOUT) -> list[int]:
+        """The reason codes of what arrives until the broker closes (reason
+        strings and other properties aside)."""
+        return [packet.reason_code for packet in self.receive_until_closed(timeout)]
+
     def close(self) -> None:
         self.sock.close()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from bastionmq.broker.codec import MQTT_5, Disconnect
+from bastionmq.broker.codec import MQTT_5
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "etc" / "bastionmq.conf"
@@ -227,7 +227,7 @@ def test_start_serves_until_a_signal_then_disconnects_everyone(
     assert v5.expect()[0].payload == b"up"
 
     assert broker.stop(signum) == 0, broker.stderr
-    assert raw.receive_until_closed() == [Disconnect(SERVER_SHUTTING_DOWN)]
+    assert raw.closing_reasons() == [SERVER_SHUTTING_DOWN]
     assert v5.disconnects.get(timeout=TIMEOUT).value == SERVER_SHUTTING_DOWN
     assert v311.disconnects.get(timeout=TIMEOUT) is not None
     assert refuses_connections(port)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from bastionmq.broker.codec import MQTT_5, Connack, Puback, Publish, Subscribe, Subscription
+from bastionmq.broker.codec import MQTT_5, Puback, Publish, Subscribe, Subscription
 
 EXPIRING = {"message_expiry_interval": 1}
 

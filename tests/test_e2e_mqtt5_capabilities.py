@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bastionmq.broker.codec import (
-    MQTT_3_1_1, MQTT_5, Connack, Disconnect, Publish, Subscribe, Subscription, Will,
+    MQTT_3_1_1, MQTT_5, Connack, Publish, Subscribe, Subscription, Will,
 )
 
 
@@ -51,7 +51,7 @@ def test_bad_topic_alias(start_broker, raw_clients, publish, reason):
     client = raw_clients(broker.port, MQTT_5)
     assert client.connect("alias").properties["topic_alias_maximum"] == 2
     client.send(publish)
-    assert client.receive_until_closed() == [Disconnect(reason)]
+    assert client.closing_reasons() == [reason]
 
 
 def test_topic_aliases_off(start_broker, raw_clients):
@@ -59,7 +59,7 @@ def test_topic_aliases_off(start_broker, raw_clients):
     client = raw_clients(broker.port, MQTT_5)
     assert "topic_alias_maximum" not in client.connect("alias").properties
     client.send(Publish("t", b"x", properties={"topic_alias": 1}))
-    assert client.receive_until_closed() == [Disconnect(0x94)]
+    assert client.closing_reasons() == [0x94]
 
 
 def test_maximum_qos(start_broker, raw_clients):
@@ -69,7 +69,7 @@ def test_maximum_qos(start_broker, raw_clients):
     client.send(Subscribe(1, [Subscription("a", 2), Subscription("b", 0)]))
     assert client.receive().reason_codes == [1, 0]   # granted at the maximum
     client.send(Publish("a", b"x", qos=2, packet_id=1))
-    assert client.receive_until_closed() == [Disconnect(0x9B)]
+    assert client.closing_reasons() == [0x9B]
     will = raw_clients(broker.port, MQTT_5)
     assert will.connect("w", will=Will("w", b"x", 2)).reason_code == 0x9B
 
@@ -79,7 +79,7 @@ def test_retain_not_available(start_broker, raw_clients):
     client = raw_clients(broker.port, MQTT_5)
     assert client.connect("r").properties["retain_available"] == 0
     client.send(Publish("a", b"x", retain=True))
-    assert client.receive_until_closed() == [Disconnect(0x9A)]
+    assert client.closing_reasons() == [0x9A]
     will = raw_clients(broker.port, MQTT_5)
     assert will.connect("w", will=Will("w", b"x", 0, retain=True)).reason_code == 0x9A
     old = raw_clients(broker.port, MQTT_3_1_1)
@@ -128,4 +128,4 @@ def test_server_keep_alive_overrides_the_clients(start_broker, raw_clients):
     client = raw_clients(broker.port, MQTT_5)
     assert client.connect("ka", keepalive=600).properties["server_keep_alive"] == 1
     # Silent past 1.5 x the server's keep alive, not the client's 600 s.
-    assert client.receive_until_closed() == [Disconnect(0x8D)]
+    assert client.closing_reasons() == [0x8D]

@@ -198,7 +198,7 @@ def test_no_local_on_a_shared_subscription_is_a_protocol_error(broker, raw_clien
     client = raw_clients(broker.port, MQTT_5)
     client.connect("nl")
     client.send(Subscribe(1, [Subscription("$share/g/t", 1, no_local=True)]))
-    assert client.receive_until_closed() == [Disconnect(0x82)]
+    assert client.closing_reasons() == [0x82]
 
 
 @pytest.mark.parametrize("version, code", [(MQTT_5, 0x8F), (MQTT_3_1_1, 0x80)])
