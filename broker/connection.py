@@ -48,6 +48,7 @@ class Connection:
         "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
         "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
         "_held", "close_reason", "topic_aliases", "problem_info",
+        "aliases_out", "alias_out_max",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -78,6 +79,10 @@ class Connection:
         #: 5.0 Request Problem Information: whether reason strings may go on
         #: packets other than CONNACK and DISCONNECT ([MQTT-3.1.2-29]).
         self.problem_info = True
+        #: Outbound topic aliases (topic -> alias) when the 5.0 client accepts
+        #: them; None otherwise, which keeps the shared wire forms in use.
+        self.aliases_out: dict[str, int] | None = None
+        self.alias_out_max = 0
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -154,13 +159,26 @@ class Connection:
                      subscription_ids: tuple[int, ...], packet_id: int = 0,
                      dup: bool = False) -> bool:
         """Queue a PUBLISH for writing; False when the client's limit forbids it."""
-        head, tail = message.wire_form(
-            self.version == MQTT_5, qos, retain, subscription_ids,
-            self.core.loop.time() if message.expires_at is not None else 0.0)
+        now = self.core.loop.time() if message.expires_at is not None else 0.0
+        aliases = self.aliases_out
+        alias = 0
+        if aliases is not None:
+            alias = aliases.get(message.topic, 0)
+            new_alias = not alias and len(aliases) < self.alias_out_max
+            if new_alias:
+                alias = len(aliases) + 1
+            head, tail = message.wire_form(True, qos, retain, subscription_ids, now,
+                                           alias, with_topic=not alias or new_alias)
+        else:
+            head, tail = message.wire_form(
+                self.version == MQTT_5, qos, retain, subscription_ids, now)
         if self.max_packet_size_out and len(head) + len(tail) + (2 if qos else 0) > self.max_packet_size_out:
             # [MQTT-3.1.2-25]: discard what the client said it cannot take.
             self.core.stats.dropped_too_large += 1
             return False
+        if alias and new_alias:
+            # Set up only by a packet the client receives (3.3.2.3.4).
+            aliases[message.topic] = alias
         out = self.out
         core = self.core
         if not out:
@@ -323,6 +341,9 @@ class Connection:
             expiry = min(props.get("session_expiry_interval", 0),
                          int(settings.session_expiry_interval))
             self.send_window = min(settings.max_inflight, props.get("receive_maximum", _MAX_U16))
+            self.alias_out_max = min(settings.max_topic_alias, props.get("topic_alias_maximum", 0))
+            if self.alias_out_max:
+                self.aliases_out = {}
         else:
             expiry = 0 if packet.clean_start else int(settings.session_expiry_interval)
         session, present = core.open_session(self, packet.clean_start, expiry)

@@ -41,16 +41,20 @@ class Message:
         return self.expires_at is not None and self.expires_at <= now
 
     def wire_form(self, v5: bool, qos: int, retain: bool,
-                  subscription_ids: tuple[int, ...] = (), now: float = 0.0) -> tuple[bytes, bytes]:
+                  subscription_ids: tuple[int, ...] = (), now: float = 0.0,
+                  alias: int = 0, with_topic: bool = True) -> tuple[bytes, bytes]:
         """(head, tail) of this message as a PUBLISH.
 
         QoS 0: head + tail is the packet. QoS 1/2: head + packet id + tail.
         A message with an expiry is sent with the time it has left ([MQTT-3.3.2-6]),
-        so that figure is part of the form.
+        so that figure is part of the form. A form with an outbound topic
+        ``alias`` belongs to one connection and is not kept.
         """
         remaining = None
         if self.expires_at is not None and v5:
             remaining = max(0, math.ceil(self.expires_at - now))
+        if alias:
+            return self._encode(v5, qos, retain, subscription_ids, remaining, alias, with_topic)
         if subscription_ids or remaining is not None:
             key: Any = (v5, qos, retain, subscription_ids, remaining)
         else:
@@ -63,26 +67,32 @@ class Message:
             form = forms.get(key)
             if form is not None:
                 return form
+        form = forms[key] = self._encode(v5, qos, retain, subscription_ids, remaining, 0, True)
+        return form
+
+    def _encode(self, v5: bool, qos: int, retain: bool, subscription_ids: tuple[int, ...],
+                remaining: int | None, alias: int, with_topic: bool) -> tuple[bytes, bytes]:
         topic = self._topic_bytes
         if topic is None:
             topic = self._topic_bytes = self.topic.encode("utf-8")
+        if not with_topic:
+            topic = b""
         payload = self.payload
         props = None
         if v5:
             props = self.properties
-            if subscription_ids or remaining is not None:
+            if subscription_ids or remaining is not None or alias:
                 props = dict(props)
                 if subscription_ids:
                     props["subscription_identifier"] = list(subscription_ids)
                 if remaining is not None:
                     props["message_expiry_interval"] = remaining
+                if alias:
+                    props["topic_alias"] = alias
             props = encode_properties(props)
         header = publish_header(topic, qos, retain, False, len(payload), props)
         if qos:
             # Split around the packet identifier placeholder.
             cut = len(header) - (len(props) if props is not None else 0) - 2
-            form = (header[:cut], header[cut + 2:] + payload)
-        else:
-            form = (header + payload, b"")
-        forms[key] = form
-        return form
+            return header[:cut], header[cut + 2:] + payload
+        return header + payload, b""

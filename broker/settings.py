@@ -69,9 +69,10 @@ class MqttSettings:
     #: for that filter with 0x97 (quota exceeded). None: no limit.
     max_subscriptions: int | None = attrs.field(
         default=None, metadata=INFINITY, validator=v.optional(v.ge(1)))
-    #: Topic aliases a 5.0 client may set up (CONNACK Topic Alias Maximum). Each
+    #: Topic aliases a 5.0 client may set up (CONNACK Topic Alias Maximum), and
+    #: the most the broker sets up toward a client that accepts them. Each
     #: holds a topic name for the connection's life, so the bound is also a
-    #: memory bound; 0 turns aliases off.
+    #: memory bound; 0 turns aliases off both ways.
     max_topic_alias: int = attrs.field(default=1024, validator=[v.ge(0), v.le(65535)])
     #: Keep alive the broker imposes on 5.0 clients (CONNACK Server Keep Alive),
     #: in seconds; "disabled" uses what each client asks for.

@@ -129,3 +129,48 @@ def test_server_keep_alive_overrides_the_clients(start_broker, raw_clients):
     assert client.connect("ka", keepalive=600).properties["server_keep_alive"] == 1
     # Silent past 1.5 x the server's keep alive, not the client's 600 s.
     assert client.closing_reasons() == [0x8D]
+
+
+def test_outbound_topic_aliases_when_the_client_accepts_them(broker, raw_clients):
+    sub = raw_clients(broker.port, MQTT_5)
+    sub.connect("aliased", properties={"topic_alias_maximum": 2})
+    sub.send(Subscribe(1, [Subscription("#", 1)]))
+    sub.receive()
+    pub = raw_clients(broker.port, MQTT_5)
+    pub.connect("pub")
+    topics = ["a/long/topic", "a/long/topic", "b/other", "c/third", "b/other", "c/third"]
+    for packet_id, topic in enumerate(topics, 1):
+        pub.send(Publish(topic, topic.encode(), qos=packet_id % 2, packet_id=packet_id))
+    received = [sub.receive() for _ in topics]
+    seen = [(p.topic, p.properties.get("topic_alias"), p.payload) for p in received]
+    assert seen == [
+        ("a/long/topic", 1, b"a/long/topic"),   # alias set up with the topic
+        ("", 1, b"a/long/topic"),               # then the alias alone
+        ("b/other", 2, b"b/other"),
+        ("c/third", None, b"c/third"),          # beyond the client's maximum of 2
+        ("", 2, b"b/other"),
+        ("c/third", None, b"c/third"),
+    ]
+
+
+def test_no_outbound_aliases_unless_the_client_asks(broker, raw_clients):
+    sub = _subscriber(raw_clients, broker.port)
+    pub = raw_clients(broker.port, MQTT_5)
+    pub.connect("pub")
+    for _ in range(2):
+        pub.send(Publish("t", b"x"))
+    assert [(p.topic, p.properties) for p in (sub.receive(), sub.receive())] == \
+        [("t", {}), ("t", {})]
+
+
+def test_an_alias_is_set_up_only_by_a_packet_the_client_receives(broker, raw_clients):
+    sub = raw_clients(broker.port, MQTT_5)
+    sub.connect("small", properties={"topic_alias_maximum": 5, "maximum_packet_size": 64})
+    sub.send(Subscribe(1, [Subscription("t", 0)]))
+    sub.receive()
+    pub = raw_clients(broker.port, MQTT_5)
+    pub.connect("pub")
+    pub.send(Publish("t", b"x" * 100))   # too large for the subscriber: dropped
+    pub.send(Publish("t", b"small"))
+    message = sub.receive()
+    assert (message.topic, message.properties["topic_alias"], message.payload) == ("t", 1, b"small")
