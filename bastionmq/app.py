@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import bastionmq
 from bastionmq.auth.chain import AuthenticationChain, ListenerAuthenticators
 from bastionmq.broker.core import BrokerCore
+from bastionmq.broker.ports import AuthMethod
 from bastionmq.broker.properties import Reason
 from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.config import Config, load_config
@@ -39,10 +40,15 @@ class Broker:
         async with Broker("listeners.tcp.default.bind = \\"127.0.0.1:0\\"") as broker:
             host, port = broker.listeners["tcp:default"].address
             await broker.publish("greeting", b"hello")
+
+    ``auth_methods`` adds MQTT 5.0 enhanced authentication methods, for
+    example ``ScramSha256`` from bastionmq.auth.scram.
     """
 
-    def __init__(self, config: ConfigSource | None = None) -> None:
+    def __init__(self, config: ConfigSource | None = None,
+                 auth_methods: Iterable[AuthMethod] = ()) -> None:
         self.config = resolve_config(config)
+        self.auth_methods = {method.name: method for method in auth_methods}
         self.core: BrokerCore | None = None
         #: Listener id ("tcp:default") -> Listener, once started.
         self.listeners: dict[str, Listener] = {}
@@ -58,7 +64,8 @@ class Broker:
                 continue
             chains[f"tcp:{name}"] = AuthenticationChain(config.anonymous_allowed(tcp))
             listeners.append((name, tcp))
-        self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop)
+        self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop,
+                                      self.auth_methods)
         if config.sys_topics.sys_interval > 0:
             self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
                                          f"bastionmq {bastionmq.__version__}")

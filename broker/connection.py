@@ -16,11 +16,11 @@ import attrs
 from typing import TYPE_CHECKING, Any
 
 from .codec import (
-    MQTT_5, PINGRESP_BYTES, Connack, Connect, Decoder, Disconnect, MalformedPacket, Packet,
+    MQTT_5, PINGRESP_BYTES, Auth, Connack, Connect, Decoder, Disconnect, MalformedPacket, Packet,
     Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback, Unsubscribe, encode,
 )
 from .message import Message
-from .ports import AuthRequest, AuthResult, PeerInfo
+from .ports import AuthConversation, AuthRequest, AuthResult, AuthStep, PeerInfo
 from .properties import (
     CONNACK_V3_CODES, CONNECT, DISCONNECT, PACKET_NAMES, PINGREQ, PUBACK, PUBCOMP, PUBLISH,
     PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE, AUTH, Reason, reason_name,
@@ -38,6 +38,19 @@ log = logging.getLogger("bastionmq.connection")
 NEW, AUTHENTICATING, CONNECTED, CLOSED = range(4)
 
 _MAX_U16 = 65535
+
+
+@attrs.define(slots=True)
+class _AuthExchange:
+    """An enhanced authentication under way (4.12)."""
+
+    conversation: AuthConversation
+    #: The CONNECT being authenticated; None while re-authenticating.
+    connect: Connect | None
+    assigned: bool = False
+    #: A step is being computed: the client must wait for its answer.
+    busy: bool = False
+
 #: Characters of an explanation sent as a Reason String, at most.
 _MAX_REASON_STRING = 200
 
@@ -48,7 +61,7 @@ class Connection:
         "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
         "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
         "_held", "close_reason", "topic_aliases", "problem_info",
-        "aliases_out", "alias_out_max",
+        "aliases_out", "alias_out_max", "auth_method", "_exchange",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -83,6 +96,9 @@ class Connection:
         #: them; None otherwise, which keeps the shared wire forms in use.
         self.aliases_out: dict[str, int] | None = None
         self.alias_out_max = 0
+        #: The enhanced authentication method the client connected with, if any.
+        self.auth_method: str | None = None
+        self._exchange: _AuthExchange | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -225,8 +241,14 @@ class Connection:
             if ptype == PUBLISH:
                 self._on_publish(packet)
             elif self.state != CONNECTED:
-                if ptype == CONNECT and self.state == NEW:
+                if ptype == CONNECT and self.state == NEW and self._exchange is None:
                     self._on_connect(packet)
+                elif ptype == AUTH and self._exchange is not None:
+                    self._on_auth(packet)
+                elif ptype == DISCONNECT and self._exchange is not None:
+                    # The client gives up its authentication (4.12).
+                    self.close_reason = "client abandoned its authentication"
+                    self.close(send_disconnect=False, publish_will=False)
                 else:
                     # [MQTT-3.1.0-1]: the first packet must be CONNECT.
                     self._violation(MalformedPacket(
@@ -295,6 +317,17 @@ class Connection:
         request = AuthRequest(client_id=client_id, username=packet.username,
                               password=packet.password, peer=self.peer,
                               protocol_level=self.version, properties=packet.properties)
+        method_name = packet.properties.get("authentication_method") if self.version == MQTT_5 else None
+        if method_name is not None:
+            method = core.auth_methods.get(method_name)
+            if method is None:
+                return self._refuse(Reason.BAD_AUTHENTICATION_METHOD,
+                                    f"unknown authentication method {method_name[:100]!r}")
+            self.auth_method = method_name
+            self._exchange = _AuthExchange(method.begin(request), packet, assigned)
+            # The exchange must finish within the time a CONNECT is given.
+            self._idle_handle = core.loop.call_later(settings.idle_timeout, self._idle_expired)
+            return self._auth_step(packet.properties.get("authentication_data"))
         result = core.authenticator.authenticate(request)
         if inspect.isawaitable(result):
             self.state = AUTHENTICATING
@@ -329,12 +362,15 @@ class Connection:
             self.send(Connack(CONNACK_V3_CODES.get(reason, 3)))
         self.close(reason, why, send_disconnect=False, publish_will=False)
 
-    def _finish_connect(self, result: AuthResult, packet: Connect, assigned: bool) -> None:
+    def _finish_connect(self, result: AuthResult, packet: Connect, assigned: bool,
+                        auth_props: dict[str, Any] | None = None) -> None:
         if not result.allowed:
             return self._refuse(result.reason_code, "authentication failed")
         core = self.core
         settings = core.settings
         self.superuser = result.superuser
+        if result.identity is not None:
+            self.username = result.identity
         props = packet.properties
         if self.version == MQTT_5:
             # mqtt.session_expiry_interval caps what the client asks for (even "never").
@@ -351,7 +387,7 @@ class Connection:
         self.will = packet.will
         self.keepalive = packet.keepalive
         self.state = CONNECTED
-        connack_props: dict[str, Any] = {}
+        connack_props: dict[str, Any] = dict(auth_props) if auth_props else {}
         if self.version == MQTT_5:
             if assigned:
                 connack_props["assigned_client_identifier"] = self.client_id
@@ -594,9 +630,80 @@ class Connection:
         self.close_reason = "client disconnected"
         self.close(send_disconnect=False)
 
-    def _on_auth(self, packet) -> None:
-        self._violation(MalformedPacket("AUTH without an authentication method",
-                                        Reason.PROTOCOL_ERROR))
+    # AUTH (enhanced authentication, 4.12) ---------------------------------
+
+    def _on_auth(self, packet: Auth) -> None:
+        method = packet.properties.get("authentication_method")
+        if self.auth_method is None:
+            return self._violation(MalformedPacket(
+                "AUTH from a client that connected without an authentication method",
+                Reason.PROTOCOL_ERROR))
+        if method != self.auth_method:  # [MQTT-4.12.1-1]
+            return self._violation(MalformedPacket(
+                f"AUTH with method {str(method)[:100]!r}, not {self.auth_method!r}",
+                Reason.PROTOCOL_ERROR))
+        exchange = self._exchange
+        reason = packet.reason_code
+        data = packet.properties.get("authentication_data")
+        if reason == Reason.CONTINUE_AUTHENTICATION and exchange is not None and not exchange.busy:
+            return self._auth_step(data)
+        if reason == Reason.RE_AUTHENTICATE and exchange is None and self.state == CONNECTED:
+            request = AuthRequest(client_id=self.client_id, username=self.username,
+                                  password=None, peer=self.peer, protocol_level=self.version,
+                                  properties=packet.properties)
+            conversation = self.core.auth_methods[method].begin(request)
+            self._exchange = _AuthExchange(conversation, None)
+            return self._auth_step(data)
+        self._violation(MalformedPacket(
+            f"AUTH {reason_name(reason)} out of turn", Reason.PROTOCOL_ERROR))
+
+    def _auth_step(self, data: bytes | None) -> None:
+        exchange = self._exchange
+        try:
+            step = exchange.conversation.step(data)
+        except Exception:
+            log.exception("authentication method %r failed for %s", self.auth_method,
+                          self._describe())
+            step = AuthStep(result=AuthResult(Reason.UNSPECIFIED_ERROR))
+        if inspect.isawaitable(step):
+            exchange.busy = True
+            self.core.spawn(self._auth_step_async(step))
+        else:
+            self._auth_answer(step)
+
+    async def _auth_step_async(self, pending) -> None:
+        try:
+            step = await pending
+        except Exception:
+            log.exception("authentication method %r failed for %s", self.auth_method,
+                          self._describe())
+            step = AuthStep(result=AuthResult(Reason.UNSPECIFIED_ERROR))
+        if self.state == CLOSED:
+            return
+        self._exchange.busy = False
+        self._auth_answer(step)
+        self.core.flush()
+
+    def _auth_answer(self, step: AuthStep) -> None:
+        props: dict[str, Any] = {"authentication_method": self.auth_method}
+        if step.data is not None:
+            props["authentication_data"] = step.data
+        if step.result is None:
+            self.send(Auth(Reason.CONTINUE_AUTHENTICATION, props))
+            return
+        exchange, self._exchange = self._exchange, None
+        if exchange.connect is not None:
+            if self._idle_handle is not None:
+                self._idle_handle.cancel()
+                self._idle_handle = None
+            self._finish_connect(step.result, exchange.connect, exchange.assigned, props)
+        elif step.result.allowed:
+            log.debug("%s re-authenticated", self._describe())
+            self.send(Auth(Reason.SUCCESS, props))
+        else:
+            log.info("closing %s: re-authentication failed (%s)", self._describe(),
+                     reason_name(step.result.reason_code))
+            self.close(step.result.reason_code, "re-authentication failed")
 
     # timers ----------------------------------------------------------------
 

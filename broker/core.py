@@ -19,7 +19,7 @@ import attrs
 from .codec import MQTT_5, Subscription, Will
 from .connection import Connection
 from .message import Message
-from .ports import Authenticator, PeerInfo
+from .ports import AuthMethod, Authenticator, PeerInfo
 from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, Reason
 from .retained import RetainedStore
 from .sessions import NEVER_EXPIRES, Inflight, Session, SubscriptionEntry
@@ -75,8 +75,11 @@ def _merge_routes(found: list[tuple[Session, SubscriptionEntry]]) -> list[Route]
 
 class BrokerCore:
     def __init__(self, settings: MqttSettings, authenticator: Authenticator,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop,
+                 auth_methods: Mapping[str, AuthMethod] | None = None) -> None:
         self.settings = settings
+        #: Enhanced authentication methods by the name clients give (4.12).
+        self.auth_methods: Mapping[str, AuthMethod] = dict(auth_methods or {})
         #: Whether a PUBLISH must be checked against QoS or retain limits; with
         #: the defaults the hot path skips both checks.
         self.publish_restricted = settings.max_qos_allowed < 2 or not settings.retain_available

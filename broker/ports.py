@@ -44,6 +44,9 @@ class AuthResult:
 
     reason_code: int = 0
     superuser: bool = False
+    #: The user the authenticator established, when it knows better than the
+    #: CONNECT's User Name (an enhanced authentication names its user itself).
+    identity: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -61,3 +64,31 @@ class Authenticator(Protocol):
     """
 
     def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]: ...
+
+
+@attrs.define(slots=True, frozen=True)
+class AuthStep:
+    """One step of an enhanced authentication (MQTT 5.0 4.12)."""
+
+    #: Authentication Data for the client: in AUTH 0x18 while continuing; in
+    #: the CONNACK (or, re-authenticating, AUTH 0x00) with a success.
+    data: bytes | None = None
+    #: None to continue the exchange; otherwise the decision.
+    result: AuthResult | None = None
+
+
+class AuthConversation(Protocol):
+    """One client's run of an authentication method, from its first data to a decision."""
+
+    def step(self, data: bytes | None) -> AuthStep | Awaitable[AuthStep]:
+        """Take the client's Authentication Data; answer the next step."""
+        ...
+
+
+class AuthMethod(Protocol):
+    """An enhanced authentication method, named as clients name it in the
+    Authentication Method property ("SCRAM-SHA-256")."""
+
+    name: str
+
+    def begin(self, request: AuthRequest) -> AuthConversation: ...

@@ -41,11 +41,11 @@ allow_anonymous = true
 class RunningBroker:
     """A Broker started in a background thread; ``call`` runs coroutines in its loop."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, **broker_options: Any) -> None:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.loop = uvloop.new_event_loop()
-        self.broker = Broker(config)
+        self.broker = Broker(config, **broker_options)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         if not self._ready.wait(TIMEOUT):
@@ -94,9 +94,11 @@ def start_broker():
     """Start brokers from a HOCON text (default: anonymous tcp on an ephemeral port)."""
     running: list[RunningBroker] = []
 
-    def start(extra: str = "", config: Any = None) -> RunningBroker:
-        """``extra`` HOCON is appended to the base config; ``config`` replaces it."""
-        broker = RunningBroker(config if config is not None else BASE_CONFIG + extra)
+    def start(extra: str = "", config: Any = None, **broker_options: Any) -> RunningBroker:
+        """``extra`` HOCON is appended to the base config; ``config`` replaces it;
+        ``broker_options`` go to Broker (auth_methods)."""
+        broker = RunningBroker(config if config is not None else BASE_CONFIG + extra,
+                               **broker_options)
         running.append(broker)
         return broker
 
