@@ -49,7 +49,7 @@ CONFIGS = {
         "log_type warning\n"
     ),
 }
-HIGHER_IS_BETTER = {"qos0-1to1": True, "qos1": True, "fanout": True, "idle": False}
+HIGHER_IS_BETTER = {"qos0-1to1": True, "qos1": True, "fanout": True, "shared": True, "idle": False}
 
 
 def free_port() -> int:

@@ -40,7 +40,7 @@ import time
 
 import uvloop
 
-SCENARIOS = ("qos0-1to1", "qos1", "fanout", "idle")
+SCENARIOS = ("qos0-1to1", "qos1", "fanout", "shared", "idle")
 CONNACK_OK = b"\x20\x02\x00\x00"  # session present 0, return code 0
 DISCONNECT = b"\xe0\x00"
 RING_IDS = 4096  # packet ids 1..4096 cycled by a QoS 1 publisher
@@ -492,6 +492,15 @@ async def qos0_1to1(args):
         )
     subs = await open_all(args, subs)
     pubs = await open_all(args, pubs)
+    res = await flood(args, subs, pubs)
+    res["pairs"] = args.pairs
+    return res
+
+
+async def flood(args, subs, pubs):
+    """Measure QoS 0 FloodPublishers against CountingSubscribers whose
+    PUBLISH packets all have subs[0]'s size, where each message sent is due
+    to arrive once among `subs`; then stop the publishers, drain, close."""
     size = subs[0].size
     for s in subs:
         s.batch_reads(args.lowat or 16384)
@@ -508,7 +517,7 @@ async def qos0_1to1(args):
     for s in subs:
         s.batch_reads(1)
     drained = await drain(args, delivered, sent)
-    res.update(totals(sent, delivered(), drained, subs + pubs), unit="msgs/s", pairs=args.pairs)
+    res.update(totals(sent, delivered(), drained, subs + pubs), unit="msgs/s")
     for c in subs + pubs:
         c.close()
     return res
@@ -626,6 +635,37 @@ async def fanout(args):
     return res
 
 
+async def shared(args):
+    if args.publishers < 1 or args.group < 1:
+        raise SystemExit("shared needs --publishers >= 1 and --group >= 1")
+    payload = b"x" * args.payload
+    base = f"bench/sh/{os.getpid()}"
+    # Every member gets every publisher's messages, and a subscriber counts
+    # bytes // size: so the topics are zero-padded to one length, which
+    # gives all PUBLISH packets the same size.
+    width = len(str(args.publishers - 1))
+    pkts = [publish(f"{base}/{i:0{width}d}", payload) for i in range(args.publishers)]
+    size = len(pkts[0])
+    k = max(1, args.batch // size)
+    join = subscribe(f"$share/bench/{base}/+", 0)
+    subs = await open_all(
+        args,
+        [
+            lambda i=i: CountingSubscriber(connect(client_id("s", i)) + join, CONNACK_OK + suback(0), size, 0x30)
+            for i in range(args.group)
+        ],
+    )
+    pubs = await open_all(
+        args,
+        [lambda i=i, p=p: FloodPublisher(connect(client_id("p", i)), CONNACK_OK, p, k) for i, p in enumerate(pkts)],
+    )
+    res = await flood(args, subs, pubs)
+    res.update(publishers=len(pubs), group=len(subs))
+    # how evenly the broker spread the messages (whole run, not the window)
+    res["delivered_per_member"] = [s.nbytes // size for s in subs]
+    return res
+
+
 async def idle(args):
     if not args.broker_pid:
         raise SystemExit("idle needs --broker-pid (memory is read from /proc/PID/status)")
@@ -654,7 +694,7 @@ async def idle(args):
     return res
 
 
-RUNNERS = {"qos0-1to1": qos0_1to1, "qos1": qos1, "fanout": fanout, "idle": idle}
+RUNNERS = {"qos0-1to1": qos0_1to1, "qos1": qos1, "fanout": fanout, "shared": shared, "idle": idle}
 
 
 def parser():
@@ -670,11 +710,13 @@ def parser():
     p.add_argument("--window", type=int, default=128, help="unacknowledged PUBLISH per publisher (qos1)")
     p.add_argument("--sub-batch", type=int, default=4, help="PUBLISH queued before a QoS 1 subscriber reads")
     p.add_argument("--subscribers", type=int, default=1000, help="subscribers (fanout)")
+    p.add_argument("--publishers", type=int, default=8, help="publishers, one topic each (shared)")
+    p.add_argument("--group", type=int, default=4, help="members of the shared subscription (shared)")
     p.add_argument("--connections", type=int, default=10000, help="connections (idle)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds before reading memory (idle)")
     p.add_argument("--lowat", type=int, help="SO_RCVLOWAT of QoS 0 subscribers, bytes (16384; fanout 1024)")
     p.add_argument("--ahead", type=int, default=64, help="messages published but not yet seen (fanout)")
-    p.add_argument("--batch", type=int, default=65536, help="bytes per publisher write (qos0-1to1)")
+    p.add_argument("--batch", type=int, default=65536, help="bytes per publisher write (qos0-1to1, shared)")
     return p
 
 
