@@ -175,8 +175,8 @@ class BrokerCore:
         if session is None or session.connection is not connection:
             return
         session.connection = None
-        if session.shared_count:
-            self._redispatch_shared(session, ending=session.expiry_interval == 0)
+        if session.shared_count and session.expiry_interval:
+            self._redispatch_shared(session, ending=False)
         if will is not None:
             delay = will.properties.get("will_delay_interval", 0) if connection.version == MQTT_5 else 0
             if delay and session.expiry_interval:
@@ -217,6 +217,8 @@ class BrokerCore:
             self.flush()
 
     def _end_session(self, session: Session) -> None:
+        if session.shared_count:
+            self._redispatch_shared(session, ending=True)
         for topic_filter in list(session.subscriptions):
             self.unsubscribe(session, topic_filter)
         if self.sessions.get(session.client_id) is session:
@@ -359,16 +361,17 @@ class BrokerCore:
         """Hand the shared-subscription messages a departing member has not
         acknowledged to another member of their group (4.8.2).
 
-        A message moves when another member is connected; when this session
-        ends with its connection, it moves to any other member, queued if
+        When the member's connection goes, a message moves if another member
+        is connected; when its session ends, to any other member, queued if
         need be. A QoS 2 message whose PUBREC arrived stays: its receiver has
         it, and sending it again elsewhere would break exactly once.
         """
         strategy = self.settings.shared_subscription_strategy
         client_id = session.client_id
 
-        def new_member(group: SharedGroup) -> Session | None:
-            member = group.pick(strategy, "", client_id, exclude=session)
+        def new_member(group: SharedGroup, message: Message) -> Session | None:
+            # The publisher is not kept with the message: hash_clientid picks as for "".
+            member = group.pick(strategy, message.topic, "", exclude=session)
             if member is None or (member.connection is None and not ending):
                 return None
             return member
@@ -379,7 +382,7 @@ class BrokerCore:
                 group = entry.group
                 if group is None or entry.released:
                     continue
-                member = new_member(group)
+                member = new_member(group, entry.message)
                 if member is not None:
                     del session.inflight[packet_id]
                     self._deliver_shared(group, member, entry.message, entry.retain)
@@ -388,7 +391,7 @@ class BrokerCore:
             kept = deque()
             for item in session.queue:
                 group = item[4]
-                member = new_member(group) if group is not None else None
+                member = new_member(group, item[0]) if group is not None else None
                 if member is None:
                     kept.append(item)
                 else:

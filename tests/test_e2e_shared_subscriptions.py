@@ -234,3 +234,22 @@ def test_sys_subscription_count_includes_shared_members(broker, raw_clients):
     _raw_member(raw_clients, broker.port, "one")
     _raw_member(raw_clients, broker.port, "two")
     assert broker.run(broker.core.subscription_count) == 2
+
+
+def test_messages_of_an_expiring_offline_member_move_to_another(broker, raw_clients, clients):
+    for client_id, expiry in (("brief", 1), ("lasting", 600)):
+        member = _raw_member(raw_clients, broker.port, client_id, clean_start=False,
+                             properties={"session_expiry_interval": expiry})
+        member.send(Disconnect())
+    publisher = clients(broker.port, client_id="pub")
+    for payload in (b"1", b"2", b"3", b"4"):
+        publisher.publish("t", payload, qos=1)   # round robin: two wait in each session
+    # "brief" expires after a second; its two messages go to "lasting".
+    deadline = time.monotonic() + 10
+    while broker.run(lambda: "brief" in broker.core.sessions):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    back = raw_clients(broker.port, MQTT_5)
+    assert back.connect("lasting", clean_start=False,
+                        properties={"session_expiry_interval": 600}).session_present
+    assert sorted(back.receive().payload for _ in range(4)) == [b"1", b"2", b"3", b"4"]
