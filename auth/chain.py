@@ -2,7 +2,8 @@
 
 Authenticators are asked in order; each answers allow, deny or ignore. When
 every one ignores (or there are none) ``allow_anonymous`` decides, so access
-without credentials is always an explicit setting, never a default.
+without credentials is always an explicit setting, never a default. A client
+certificate the listener verified authenticates its client.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class AuthenticationChain:
         self.allow_anonymous = allow_anonymous
 
     def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]:
+        if request.peer.certificate is not None:
+            # The listener verified this certificate against its CA (a peer
+            # certificate is only kept with verify_peer): that is who it is.
+            return ALLOW
         if self.allow_anonymous:
             return ALLOW
         log.info("refusing client %r from %s on %s: no authenticator accepted it and "

@@ -9,12 +9,15 @@ from typing import Any, Iterable, Mapping
 
 import bastionmq
 from bastionmq.auth.chain import AuthenticationChain, ListenerAuthenticators
+from bastionmq.auth.identity import CertificateIdentity, IdentityRule
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import AuthMethod
 from bastionmq.broker.properties import Reason
 from bastionmq.broker.sys_topics import SysTopics
-from bastionmq.config import Config, load_config
+from bastionmq.config import Config, ConfigError, SslOptions, load_config
 from bastionmq.listeners.base import Listener
+from bastionmq.listeners.tls import TlsListener, TlsSetupError, build_context
+from bastionmq.pki import DEFAULT_DIR, init_pki
 
 log = logging.getLogger("bastionmq")
 
@@ -32,6 +35,50 @@ def resolve_config(config: ConfigSource | None) -> Config:
     if "\n" in config or "{" in config or "=" in config:
         return load_config(text=config)
     return load_config(config)
+
+
+def _listener_plan(kind: str, name: str, block: Any) -> tuple[type[Listener], str, Any, dict]:
+    """What a listener needs besides its socket options; TLS material is
+    loaded here, before any port opens, so a bad file stops start-up."""
+    if kind == "tcp":
+        return Listener, name, block, {}
+    options = block.ssl_options
+    try:
+        context = build_context(options)
+    except TlsSetupError as exc:
+        raise ConfigError([(f"listeners.ssl.{name}.ssl_options.{exc.key}", str(exc))]) from None
+    return TlsListener, name, block, {"context": context,
+                                      "handshake_timeout": options.handshake_timeout}
+
+
+def _make_dev_pki_on_first_start(config: Config) -> None:
+    """When a TLS listener uses the development PKI's default paths and none
+    of its files exists yet, make that PKI, so the shipped config starts."""
+    defaults = SslOptions()
+    default_files = (defaults.cacertfile, defaults.certfile, defaults.keyfile)
+    for _kind, _name, block in config.enabled_listeners():
+        options = getattr(block, "ssl_options", None)
+        if options is not None and (options.cacertfile, options.certfile, options.keyfile) == default_files:
+            if not any(os.path.exists(path) for path in default_files):
+                init_pki(DEFAULT_DIR)
+                log.warning(
+                    "made a development PKI in %s (CA, server certificate for localhost, "
+                    "127.0.0.1 and ::1, empty CRL): fine for trying the broker, not for "
+                    "production. Issue a client certificate with: bastionmq certs client NAME",
+                    DEFAULT_DIR.resolve())
+            return
+
+
+def _identity_rule(config: Config, block: Any) -> IdentityRule:
+    """A TLS listener's certificate-identity rule: its own keys, else mqtt's."""
+    mqtt = config.mqtt
+
+    def pick(own: str | None, inherited: str) -> str:
+        return inherited if own is None else own
+
+    return IdentityRule(pick(block.peer_cert_as_username, mqtt.peer_cert_as_username),
+                        pick(block.peer_cert_as_clientid, mqtt.peer_cert_as_clientid),
+                        pick(block.peer_cert_identity, mqtt.peer_cert_identity))
 
 
 class Broker:
@@ -57,25 +104,29 @@ class Broker:
     async def start(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
+        _make_dev_pki_on_first_start(config)
         chains = {}
-        listeners = []
-        for name, tcp in config.listeners.tcp.items():
-            if not tcp.enable:
-                continue
-            chains[f"tcp:{name}"] = AuthenticationChain(config.anonymous_allowed(tcp))
-            listeners.append((name, tcp))
+        rules = {}
+        listeners: list[tuple[type[Listener], str, Any, dict[str, Any]]] = []
+        for kind, name, block in config.enabled_listeners():
+            chains[f"{kind}:{name}"] = AuthenticationChain(config.anonymous_allowed(block))
+            listeners.append(_listener_plan(kind, name, block))
+            if kind == "ssl":
+                rules[f"{kind}:{name}"] = _identity_rule(config, block)
+        identity = CertificateIdentity(rules)
         self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop,
-                                      self.auth_methods)
+                                      self.auth_methods, identity if identity else None)
         if config.sys_topics.sys_interval > 0:
             self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
                                          f"bastionmq {bastionmq.__version__}")
             self._sys_topics.start()
         try:
-            for name, tcp in listeners:
-                listener = Listener(
-                    name, tcp.bind.host, tcp.bind.port, core,
-                    max_connections=tcp.max_connections, backlog=tcp.tcp_options.backlog,
-                    nodelay=tcp.tcp_options.nodelay, high_watermark=tcp.tcp_options.high_watermark)
+            for cls, name, block, extra in listeners:
+                listener = cls(
+                    name, block.bind.host, block.bind.port, core,
+                    max_connections=block.max_connections, backlog=block.tcp_options.backlog,
+                    nodelay=block.tcp_options.nodelay,
+                    high_watermark=block.tcp_options.high_watermark, **extra)
                 await listener.start()
                 self.listeners[listener.id] = listener
         except BaseException:

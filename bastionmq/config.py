@@ -46,7 +46,7 @@ from pyhocon.config_tree import ConfigTree, NoneValue
 from pyhocon.exceptions import ConfigException
 from pyparsing import ParseBaseException
 
-from bastionmq.broker.settings import INFINITY, SIZE, MqttSettings
+from bastionmq.broker.settings import INFINITY, SIZE, MqttSettings, peer_cert_source
 
 try:
     # pyhocon turns unquoted durations such as ``15s`` into relativedelta
@@ -64,6 +64,8 @@ __all__ = [
     "LogConfig",
     "TcpListenerConfig",
     "TcpOptions",
+    "SslListenerConfig",
+    "SslOptions",
     "load_config",
     "parse_duration",
     "parse_size",
@@ -322,11 +324,82 @@ class TcpListenerConfig:
     tcp_options: TcpOptions = attrs.field(factory=TcpOptions)
 
 
+#: TLS versions by EMQX's names, newest first.
+TLS_VERSIONS = ("tlsv1.3", "tlsv1.2", "tlsv1.1", "tlsv1")
+#: The development PKI ``bastionmq certs init`` writes, and the broker makes
+#: on first start when these defaults are configured and missing.
+DEV_PKI_DIR = "data/certs"
+
+
+def _tls_versions(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    if not value:
+        raise ValueError("at least one version is needed")
+    unknown = [version for version in value if version not in TLS_VERSIONS]
+    if unknown:
+        raise ValueError(f"unknown version {unknown[0]!r}; allowed: {', '.join(TLS_VERSIONS)}")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class SslOptions:
+    """A TLS listener's ``ssl_options``, with EMQX's names and defaults.
+
+    Relative paths are relative to the directory the broker runs in.
+    """
+
+    #: CA certificates that client certificates must chain to (PEM, several allowed).
+    cacertfile: str | None = f"{DEV_PKI_DIR}/ca.pem"
+    #: The server certificate, optionally followed by its intermediate CAs (PEM).
+    certfile: str = f"{DEV_PKI_DIR}/server.pem"
+    keyfile: str = f"{DEV_PKI_DIR}/server.key"
+    #: Pass phrase of an encrypted keyfile.
+    password: str | None = attrs.field(default=None, repr=False)
+    #: verify_peer asks clients for a certificate and checks any they send;
+    #: verify_none asks for none.
+    verify: str = attrs.field(default="verify_none", validator=v.in_(("verify_peer", "verify_none")))
+    #: With verify_peer: refuse the handshake of a client without a certificate.
+    fail_if_no_peer_cert: bool = False
+    versions: tuple[str, ...] = attrs.field(default=("tlsv1.3", "tlsv1.2"), validator=_tls_versions)
+    #: Cipher suites by OpenSSL or IANA name, TLS 1.2 and 1.3 alike; empty
+    #: keeps OpenSSL's defaults.
+    ciphers: tuple[str, ...] = ()
+    #: Prefer the server's order of cipher suites to the client's.
+    honor_cipher_order: bool = True
+    #: Most intermediate certificates between a client certificate and a
+    #: trusted CA (EMQX's depth).
+    depth: int = attrs.field(default=10, validator=[v.ge(0), v.le(100)])
+    #: A client that has not completed the handshake by then is dropped.
+    handshake_timeout: float = attrs.field(default=15.0, metadata={"unit": "duration"},
+                                           validator=v.gt(0))
+    #: Whether clients may resume TLS sessions (session tickets).
+    reuse_sessions: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if self.fail_if_no_peer_cert and self.verify != "verify_peer":
+            raise ValueError("fail_if_no_peer_cert = true needs verify = verify_peer")
+        if self.verify == "verify_peer" and not self.cacertfile:
+            raise ValueError("verify = verify_peer needs a cacertfile to verify clients against")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class SslListenerConfig(TcpListenerConfig):
+    """One ``listeners.ssl.<name>`` block: MQTT over TLS."""
+
+    bind: Bind = Bind(_ALL_INTERFACES, 8883)
+    ssl_options: SslOptions = attrs.field(factory=SslOptions)
+    #: This listener's own mqtt.peer_cert_as_username / _clientid /
+    #: peer_cert_identity; None inherits the mqtt block's.
+    peer_cert_as_username: str | None = attrs.field(default=None, validator=peer_cert_source)
+    peer_cert_as_clientid: str | None = attrs.field(default=None, validator=peer_cert_source)
+    peer_cert_identity: str | None = attrs.field(
+        default=None, validator=v.optional(v.in_(("replace", "enforce"))))
+
+
 @attrs.define(slots=True, frozen=True, kw_only=True)
 class ListenersConfig:
     """Listeners by kind, then by name; the id of a listener is ``kind:name``."""
 
     tcp: dict[str, TcpListenerConfig] = attrs.field(factory=dict)
+    ssl: dict[str, SslListenerConfig] = attrs.field(factory=dict)
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -351,6 +424,12 @@ class Config:
     allow_anonymous: bool = False
     log: LogConfig = attrs.field(factory=LogConfig)
     sys_topics: SysTopicsConfig = attrs.field(factory=SysTopicsConfig)
+
+    def enabled_listeners(self) -> list[tuple[str, str, TcpListenerConfig]]:
+        """(kind, name, block) of every enabled listener, tcp first."""
+        return [(kind, name, block)
+                for kind, blocks in (("tcp", self.listeners.tcp), ("ssl", self.listeners.ssl))
+                for name, block in blocks.items() if block.enable]
 
     def anonymous_allowed(self, listener: TcpListenerConfig) -> bool:
         """Whether ``listener`` lets clients connect without credentials."""
@@ -414,6 +493,20 @@ def _parse_str(raw: Any) -> str:
     raise ValueError(f"{_show(raw)} is not a string")
 
 
+def _parse_str_list(raw: Any) -> tuple[str, ...]:
+    """A list of strings, or one string of comma-separated items (as EMQX
+    takes ``ciphers``)."""
+    if isinstance(raw, str):
+        return tuple(item.strip() for item in raw.split(",") if item.strip())
+    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        return tuple(raw)
+    raise ValueError(f"{_show(raw)} is not a list of strings")
+
+
+def _parse_optional_str(raw: Any) -> str | None:
+    return None if raw is None else _parse_str(raw)
+
+
 def _limit_parser(none_word: str) -> _Parse:
     """An integer, or ``none_word`` (infinity, disabled) read as None."""
     def parse(raw: Any) -> int | None:
@@ -432,6 +525,8 @@ _PARSERS: dict[Any, _Parse] = {
     bool: _parse_bool,
     bool | None: _parse_optional_bool,
     str: _parse_str,
+    str | None: _parse_optional_str,
+    tuple[str, ...]: _parse_str_list,
     Bind: Bind.parse,
 }
 

@@ -317,6 +317,15 @@ class Connection:
         request = AuthRequest(client_id=client_id, username=packet.username,
                               password=packet.password, peer=self.peer,
                               protocol_level=self.version, properties=packet.properties)
+        if core.identity is not None:
+            settled = core.identity.apply(request)
+            if isinstance(settled, AuthResult):
+                return self._refuse(settled.reason_code, "identity refused")
+            if settled.client_id != client_id:
+                assigned = True  # the client is told the identifier it now has
+            request = settled
+            self.client_id = client_id = request.client_id
+            self.username = request.username
         method_name = packet.properties.get("authentication_method") if self.version == MQTT_5 else None
         if method_name is not None:
             method = core.auth_methods.get(method_name)

@@ -19,7 +19,7 @@ import attrs
 from .codec import MQTT_5, Subscription, Will
 from .connection import Connection
 from .message import Message
-from .ports import AuthMethod, Authenticator, PeerInfo
+from .ports import AuthMethod, Authenticator, IdentityPolicy, PeerInfo
 from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, Reason
 from .retained import RetainedStore
 from .sessions import NEVER_EXPIRES, Inflight, Session, SubscriptionEntry
@@ -76,8 +76,11 @@ def _merge_routes(found: list[tuple[Session, SubscriptionEntry]]) -> list[Route]
 class BrokerCore:
     def __init__(self, settings: MqttSettings, authenticator: Authenticator,
                  loop: asyncio.AbstractEventLoop,
-                 auth_methods: Mapping[str, AuthMethod] | None = None) -> None:
+                 auth_methods: Mapping[str, AuthMethod] | None = None,
+                 identity: IdentityPolicy | None = None) -> None:
         self.settings = settings
+        #: Applied to every CONNECT before authentication, when given.
+        self.identity = identity
         #: Enhanced authentication methods by the name clients give (4.12).
         self.auth_methods: Mapping[str, AuthMethod] = dict(auth_methods or {})
         #: Whether a PUBLISH must be checked against QoS or retain limits; with

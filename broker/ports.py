@@ -7,9 +7,32 @@ store: it only knows these shapes.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any, Awaitable, Mapping, Protocol
 
 import attrs
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class PeerCertificate:
+    """The facts of a client certificate that the TLS handshake verified."""
+
+    der: bytes = attrs.field(repr=False)
+    #: Subject and issuer as RFC 4514 strings ("CN=sensor-7,O=Acme").
+    subject: str
+    common_name: str | None
+    issuer: str
+    serial: int
+    #: SHA-256 of the DER encoding, lowercase hex.
+    sha256: str
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+    san_dns: tuple[str, ...] = ()
+    san_uri: tuple[str, ...] = ()
+    san_email: tuple[str, ...] = ()
+    san_ip: tuple[str, ...] = ()
+    #: Extended key usages as dotted OIDs (clientAuth is 1.3.6.1.5.5.7.3.2).
+    extended_key_usage: tuple[str, ...] = ()
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -22,6 +45,11 @@ class PeerInfo:
     address: tuple[str, int] | None = None
     #: Whether the connection is protected by TLS.
     tls: bool = False
+    #: "TLSv1.3", the negotiated cipher suite, and the verified client
+    #: certificate (None when the client sent none or the listener asks for none).
+    tls_version: str | None = None
+    cipher: str | None = None
+    certificate: PeerCertificate | None = None
 
     @property
     def host(self) -> str:
@@ -92,3 +120,11 @@ class AuthMethod(Protocol):
     name: str
 
     def begin(self, request: AuthRequest) -> AuthConversation: ...
+
+
+class IdentityPolicy(Protocol):
+    """Settles who a connecting client is before it is authenticated: may
+    replace the client id and username it sent (from its certificate, say),
+    or refuse it."""
+
+    def apply(self, request: AuthRequest) -> AuthRequest | AuthResult: ...

@@ -10,6 +10,8 @@ EMQX sizes ("1MB" = 1048576 bytes), ``duration`` takes EMQX durations ("15s",
 from __future__ import annotations
 
 import attrs
+import re
+
 from attrs import validators as v
 
 from .shared import STRATEGIES
@@ -20,6 +22,19 @@ DURATION = {"unit": "duration"}
 DISABLED = {"none_word": "disabled"}
 #: The config file may say "infinity" for None (no limit).
 INFINITY = {"none_word": "infinity"}
+
+#: Where a client's identity may come from in its verified TLS certificate.
+PEER_CERT_SOURCES = ("disabled", "cn", "dn", "crt", "pem", "md5", "sha256", "spiffe_id",
+                     "san_dns", "san_uri", "san_email", "san_ip")
+_PEER_CERT_SOURCE_RE = re.compile(
+    r"disabled|cn|dn|crt|pem|md5|sha256|spiffe_id|san_(dns|uri|email|ip)(:\d{1,3})?")
+
+
+def peer_cert_source(instance: object, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and not _PEER_CERT_SOURCE_RE.fullmatch(value):
+        raise ValueError(f"must be one of {', '.join(PEER_CERT_SOURCES)} "
+                         "(a san_* may take an index: san_dns:1)")
+
 
 #: The largest packet MQTT can express: a remaining length of 268,435,455
 #: plus a five-byte fixed header.
@@ -81,6 +96,15 @@ class MqttSettings:
         validator=v.optional([v.ge(1), v.le(65535)]))
     #: Incoming QoS 2 messages waiting for PUBREL, at most, per client.
     max_awaiting_rel: int = attrs.field(default=100, validator=[v.ge(1), v.le(65535)])
+    #: Take the username / client id from the client's verified certificate
+    #: (cn, dn, crt, pem, md5, sha256, san_dns[:N], san_uri[:N], san_email[:N],
+    #: san_ip[:N], spiffe_id) instead of what it sent; disabled keeps what it sent.
+    peer_cert_as_username: str = attrs.field(default="disabled", validator=peer_cert_source)
+    peer_cert_as_clientid: str = attrs.field(default="disabled", validator=peer_cert_source)
+    #: replace: the certificate's value replaces what the client sent;
+    #: enforce: a client that sent something else is refused (CONNACK 0x85 /
+    #: 0x86), so a device's own configuration mistakes show.
+    peer_cert_identity: str = attrs.field(default="replace", validator=v.in_(("replace", "enforce")))
     #: How long a session outlives its connection: the cap for a 5.0 client's
     #: Session Expiry Interval, and the expiry of a 3.1.1 session made with
     #: clean session = 0.

@@ -52,7 +52,7 @@ class Listener:
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(
-                lambda: ListenerProtocol(self), self.host or None, self.port,
+                self.protocol_factory, self.host or None, self.port,
                 backlog=self.backlog, reuse_address=True, **self.server_options())
         except OSError as exc:
             raise OSError(exc.errno, f"listener {self.id} cannot bind {self.host}:{self.port}: "
@@ -63,6 +63,26 @@ class Listener:
 
     def server_options(self) -> dict[str, Any]:
         return {}
+
+    def protocol_factory(self) -> asyncio.Protocol:
+        return ListenerProtocol(self)
+
+    def admit(self, transport: asyncio.Transport) -> bool:
+        """Count a new connection and set up its socket; False (and the
+        connection dropped) when the listener is at max_connections."""
+        if self.max_connections is not None and self.connection_count >= self.max_connections:
+            self.refused_over_limit += 1
+            if self.refused_over_limit == 1 or self.refused_over_limit % 1000 == 0:
+                log.warning("listener %s is at max_connections (%d): refusing connections "
+                            "(%d so far)", self.id, self.max_connections, self.refused_over_limit)
+            transport.abort()
+            return False
+        self.connection_count += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None and self.nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.set_write_buffer_limits(high=self.high_watermark)
+        return True
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -82,21 +102,8 @@ class ListenerProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         listener = self.listener
-        if listener.max_connections is not None and \
-                listener.connection_count >= listener.max_connections:
-            listener.refused_over_limit += 1
-            if listener.refused_over_limit == 1 or listener.refused_over_limit % 1000 == 0:
-                log.warning("listener %s is at max_connections (%d): refusing connections "
-                            "(%d so far)", listener.id, listener.max_connections,
-                            listener.refused_over_limit)
-            transport.abort()
-            return
-        listener.connection_count += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None and listener.nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport.set_write_buffer_limits(high=listener.high_watermark)
-        self.connection = listener.core.attach(transport, listener.peer_info(transport))
+        if listener.admit(transport):
+            self.connection = listener.core.attach(transport, listener.peer_info(transport))
 
     def data_received(self, data: bytes) -> None:
         self.connection.data_received(data)

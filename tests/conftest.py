@@ -29,6 +29,7 @@ from bastionmq.broker.codec import (
 
 # Shared test helpers (mqtt_strategies) import by name; there is no tests package.
 sys.path.insert(0, str(Path(__file__).parent))
+import tls_helpers  # noqa: E402
 
 TIMEOUT = 10.0
 
@@ -69,6 +70,9 @@ class RunningBroker:
     def port(self) -> int:
         return self.broker.listeners["tcp:default"].address[1]
 
+    def port_of(self, listener_id: str) -> int:
+        return self.broker.listeners[listener_id].address[1]
+
     @property
     def core(self):
         return self.broker.core
@@ -87,6 +91,12 @@ class RunningBroker:
             self.call(self.broker.stop())
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(TIMEOUT)
+
+
+@pytest.fixture(autouse=True)
+def _close_test_sockets():
+    yield
+    tls_helpers.close_all()
 
 
 @pytest.fixture
@@ -118,7 +128,8 @@ class Client:
     def __init__(self, port: int, client_id: str = "", version: int = paho.MQTTv311,
                  clean: bool = True, keepalive: int = 60, will: tuple | None = None,
                  session_expiry: int | None = None, connect: bool = True,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None,
+                 tls: dict[str, Any] | None = None) -> None:
         self.port = port
         self.version = version
         kwargs: dict[str, Any] = {}
@@ -139,6 +150,8 @@ class Client:
         self.paho.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put((mid, rcs))
         if username is not None:
             self.paho.username_pw_set(username, password)
+        if tls is not None:
+            self.paho.tls_set(**tls)
         if will is not None:
             topic, payload, qos, retain = will
             self.paho.will_set(topic, payload, qos, retain)

@@ -234,15 +234,23 @@ def test_start_serves_until_a_signal_then_disconnects_everyone(
     assert "Traceback" not in broker.stderr
 
 
-def test_environment_overrides_the_listener_of_the_shipped_config(start_process, clients, run):
+def _shipped_config_env(port: int, tls_port: int) -> dict[str, str]:
+    """The shipped config moved to free loopback ports."""
+    return clean_env(BASTIONMQ_LISTENERS__TCP__DEFAULT__BIND=f"127.0.0.1:{port}",
+                     BASTIONMQ_LISTENERS__SSL__DEFAULT__BIND=f"127.0.0.1:{tls_port}")
+
+
+def test_environment_overrides_the_listener_of_the_shipped_config(start_process, clients, run,
+                                                                   tmp_path):
     port = free_port()
-    env = clean_env(BASTIONMQ_LISTENERS__TCP__DEFAULT__BIND=f"127.0.0.1:{port}")
+    env = _shipped_config_env(port, free_port())
 
     checked = run("check-config", "-c", "etc/bastionmq.conf", cwd=REPO, env=env)
     assert checked.returncode == 0, checked.stderr
     assert f"tcp:default 127.0.0.1:{port}" in checked.stdout
 
-    broker = start_process(Path("etc/bastionmq.conf"), cwd=REPO, env=env)
+    # Run elsewhere than the checkout: the first start writes data/certs/ where it runs.
+    broker = start_process(REPO / "etc/bastionmq.conf", cwd=tmp_path, env=env)
     broker.wait_listening(port)
     # The shipped config allows anonymous clients on its loopback listener.
     assert clients(port, client_id="env-moved").reason_code == 0
@@ -263,3 +271,51 @@ def test_start_on_a_port_in_use_fails_with_a_clear_message(run, tmp_path):
     assert error, result.stderr
     assert str(port) in error[0]
     assert "in use" in error[0]
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="needs mosquitto-clients")
+def test_first_start_makes_a_development_pki_and_a_client_certificate_is_all_a_newcomer_needs(
+        start_process, run, tmp_path):
+    port, tls_port = free_port(), free_port()
+    env = _shipped_config_env(port, tls_port)
+    broker = start_process(REPO / "etc/bastionmq.conf", cwd=tmp_path, env=env)
+    broker.wait_listening(port)
+    assert "made a development PKI" in broker.stderr
+    assert "bastionmq certs client NAME" in broker.stderr
+    certs = tmp_path / "data" / "certs"
+    assert (certs / "server.key").stat().st_mode & 0o777 == 0o600
+
+    issued = run("certs", "client", "sensor-7", cwd=tmp_path, env=env)
+    assert issued.returncode == 0, issued.stderr
+    tls = ["-h", "localhost", "-p", str(tls_port), "--cafile", str(certs / "ca.pem")]
+    publish = ["-t", "test", "-m", "hello", "-q", "1"]
+    sent = subprocess.run(["mosquitto_pub", *tls, "--cert", str(certs / "sensor-7.pem"),
+                           "--key", str(certs / "sensor-7.key"), *publish],
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert sent.returncode == 0, sent.stderr
+    # Without a certificate the TLS listener refuses (verify_peer, fail_if_no_peer_cert).
+    refused = subprocess.run(["mosquitto_pub", *tls, *publish], capture_output=True,
+                             text=True, timeout=TIMEOUT)
+    assert refused.returncode != 0
+    assert broker.stop(signal.SIGTERM) == 0, broker.stderr
+    assert "no client certificate" in broker.stderr
+
+    # The second start uses the PKI made by the first.
+    again = start_process(REPO / "etc/bastionmq.conf", cwd=tmp_path, env=env)
+    again.wait_listening(port)
+    assert "made a development PKI" not in again.stderr
+    assert again.stop(signal.SIGTERM) == 0
+
+
+def test_bad_tls_material_stops_start_with_the_key_path(run, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, f"""
+listeners.tcp.default {{ bind = "127.0.0.1:{port}" }}
+listeners.ssl.default {{ bind = "127.0.0.1:0", ssl_options {{ certfile = "missing.pem" }} }}
+""")
+    result = run("start", "-c", str(config), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "listeners.ssl.default.ssl_options.certfile: 'missing.pem': no such file" \
+        in result.stderr
+    assert "Traceback" not in result.stderr
+    assert refuses_connections(port)

@@ -17,6 +17,8 @@ from bastionmq.config import (
     ConfigError,
     ListenersConfig,
     LogConfig,
+    SslListenerConfig,
+    SslOptions,
     SysTopicsConfig,
     TcpListenerConfig,
     TcpOptions,
@@ -106,7 +108,8 @@ def test_defaults_shown_in_the_shipped_config_match_the_code() -> None:
 
 def test_shipped_config_shows_every_key() -> None:
     text = SHIPPED.read_text()
-    for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, SysTopicsConfig, Config):
+    for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, SysTopicsConfig, Config,
+                SslListenerConfig, SslOptions):
         for field in attrs.fields(cls):
             assert re.search(rf"\b{field.name}\b", text), f"{cls.__name__}.{field.name}"
 
@@ -114,7 +117,7 @@ def test_shipped_config_shows_every_key() -> None:
 def test_reference_documents_every_key() -> None:
     text = (ROOT / "docs" / "config.md").read_text()
     for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, SysTopicsConfig, Config,
-                ListenersConfig):
+                ListenersConfig, SslListenerConfig, SslOptions):
         for field in attrs.fields(cls):
             # As a key in code quotes: `max_inflight`, `tcp_options.backlog`, ...
             assert re.search(rf"`[\w.<>]*\b{field.name}\b[\w.<>]*`", text), (
@@ -303,7 +306,7 @@ def test_bad_listener_name() -> None:
 
 def test_listener_kind_not_known() -> None:
     assert errors_of("listeners.quic.default { bind = 14567 }") == {
-        "listeners.quic": "unknown key (known keys: tcp)"}
+        "listeners.quic": "unknown key (known keys: tcp, ssl)"}
 
 
 def test_block_where_a_value_is_expected_and_the_reverse() -> None:
