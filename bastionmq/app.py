@@ -16,7 +16,7 @@ from bastionmq.broker.properties import Reason
 from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.config import Config, ConfigError, SslOptions, load_config
 from bastionmq.listeners.base import Listener
-from bastionmq.listeners.tls import TlsListener, TlsSetupError, build_context
+from bastionmq.listeners.tls import TlsListener, TlsSetupError, load_material
 from bastionmq.pki import DEFAULT_DIR, init_pki
 
 log = logging.getLogger("bastionmq")
@@ -37,18 +37,19 @@ def resolve_config(config: ConfigSource | None) -> Config:
     return load_config(config)
 
 
-def _listener_plan(kind: str, name: str, block: Any) -> tuple[type[Listener], str, Any, dict]:
+def _listener_plan(config: Config, kind: str, name: str,
+                   block: Any) -> tuple[type[Listener], str, Any, dict]:
     """What a listener needs besides its socket options; TLS material is
     loaded here, before any port opens, so a bad file stops start-up."""
     if kind == "tcp":
         return Listener, name, block, {}
     options = block.ssl_options
     try:
-        context = build_context(options)
+        material = load_material(options, config.crl_cache)
     except TlsSetupError as exc:
         raise ConfigError([(f"listeners.ssl.{name}.ssl_options.{exc.key}", str(exc))]) from None
-    return TlsListener, name, block, {"context": context,
-                                      "handshake_timeout": options.handshake_timeout}
+    return TlsListener, name, block, {"options": options, "crl_cache": config.crl_cache,
+                                      "material": material}
 
 
 def _make_dev_pki_on_first_start(config: Config) -> None:
@@ -110,7 +111,7 @@ class Broker:
         listeners: list[tuple[type[Listener], str, Any, dict[str, Any]]] = []
         for kind, name, block in config.enabled_listeners():
             chains[f"{kind}:{name}"] = AuthenticationChain(config.anonymous_allowed(block))
-            listeners.append(_listener_plan(kind, name, block))
+            listeners.append(_listener_plan(config, kind, name, block))
             if kind == "ssl":
                 rules[f"{kind}:{name}"] = _identity_rule(config, block)
         identity = CertificateIdentity(rules)
@@ -156,6 +157,13 @@ class Broker:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
+
+    def reload_tls(self, why: str = "requested") -> dict[str, bool]:
+        """Load every TLS listener's files again (what SIGHUP does); returns
+        each listener's success. A listener whose new files do not check out
+        keeps serving with the old ones."""
+        return {listener.id: listener.reload(why) for listener in self.listeners.values()
+                if isinstance(listener, TlsListener)}
 
     async def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
                       properties: Mapping[str, Any] | None = None) -> int:

@@ -93,6 +93,7 @@ async def _serve(broker: Broker) -> None:
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, broker.reload_tls, "SIGHUP")
     await stopping.wait()
     log.info("stopping: closing listeners and disconnecting %d clients",
              len(broker.core.connections))

@@ -59,6 +59,7 @@ __all__ = [
     "Bind",
     "Config",
     "ConfigError",
+    "CrlCacheConfig",
     "ENV_PREFIX",
     "ListenersConfig",
     "LogConfig",
@@ -372,10 +373,24 @@ class SslOptions:
                                            validator=v.gt(0))
     #: Whether clients may resume TLS sessions (session tickets).
     reuse_sessions: bool = True
+    #: Check client certificates against CRLs: those in crlfile and those
+    #: fetched from the certificates' distribution points (see crl_cache).
+    enable_crl_check: bool = False
+    #: CRL files (PEM, several CRLs per file allowed, or DER): one or a list.
+    crlfile: tuple[str, ...] = ()
+    #: Close a client's connection when its certificate's validity ends.
+    enforce_cert_lifetime: bool = False
+    #: How often certfile, keyfile, cacertfile and crlfile are checked for
+    #: changes, which are then loaded without a restart (also on SIGHUP); 0s
+    #: checks only on SIGHUP.
+    watch_interval: float = attrs.field(default=2.0, metadata={"unit": "duration"},
+                                        validator=v.ge(0))
 
     def __attrs_post_init__(self) -> None:
         if self.fail_if_no_peer_cert and self.verify != "verify_peer":
             raise ValueError("fail_if_no_peer_cert = true needs verify = verify_peer")
+        if self.enable_crl_check and self.verify != "verify_peer":
+            raise ValueError("enable_crl_check = true needs verify = verify_peer")
         if self.verify == "verify_peer" and not self.cacertfile:
             raise ValueError("verify = verify_peer needs a cacertfile to verify clients against")
 
@@ -415,6 +430,23 @@ class SysTopicsConfig:
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
+class CrlCacheConfig:
+    """CRLs fetched from distribution points (EMQX ``crl_cache``)."""
+
+    #: How often fetched CRLs are fetched again.
+    refresh_interval: float = attrs.field(default=900.0, metadata={"unit": "duration"},
+                                          validator=v.gt(0))
+    #: Time allowed for one fetch.
+    http_timeout: float = attrs.field(default=15.0, metadata={"unit": "duration"},
+                                      validator=v.gt(0))
+    #: Issuers whose CRLs are held per listener, at most.
+    capacity: int = attrs.field(default=100, validator=v.ge(1))
+    #: When no current CRL can be had for a client certificate's issuer:
+    #: false refuses the client (hard fail), true lets it in with a warning.
+    soft_fail: bool = False
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
 class Config:
     """The whole configuration; ``Config()`` is the built-in defaults."""
 
@@ -424,6 +456,7 @@ class Config:
     allow_anonymous: bool = False
     log: LogConfig = attrs.field(factory=LogConfig)
     sys_topics: SysTopicsConfig = attrs.field(factory=SysTopicsConfig)
+    crl_cache: CrlCacheConfig = attrs.field(factory=CrlCacheConfig)
 
     def enabled_listeners(self) -> list[tuple[str, str, TcpListenerConfig]]:
         """(kind, name, block) of every enabled listener, tcp first."""

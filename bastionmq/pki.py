@@ -160,8 +160,10 @@ def issue_client(directory: Path, name: str, key_type: KeyType = "ec", days: int
                  san_dns: Sequence[str] = (), san_uri: Sequence[str] = (),
                  san_email: Sequence[str] = (), san_ip: Sequence[str] = (),
                  extra_subject: Mapping[str, str] | None = None,
-                 output: Path | None = None) -> IssuedFiles:
+                 output: Path | None = None, crl_url: str | None = None) -> IssuedFiles:
     """A client certificate with CN=``name``, signed by the CA in ``directory``.
+
+    ``crl_url`` names a CRL distribution point in the certificate.
 
     Written as ``directory/<name>.pem`` and ``.key``, or as ``<output>.pem``
     and ``<output>.key`` when ``output`` is given; only then may ``name`` hold
@@ -180,7 +182,7 @@ def issue_client(directory: Path, name: str, key_type: KeyType = "ec", days: int
         raise PkiError(f"invalid subject alternative name: {exc}") from None
     sans += [x509.IPAddress(_ip(value)) for value in san_ip]
     return _issue(ca, files, _subject(name, extra_subject), key_type, validity,
-                  extended_key_usage, sans)
+                  extended_key_usage, sans, crl_url)
 
 
 def issue_server(directory: Path, name: str, hosts: Sequence[str], key_type: KeyType = "ec",
@@ -246,7 +248,7 @@ def describe(cert_file: Path) -> str:
 
 def _issue(ca: _Authority, files: IssuedFiles, subject: x509.Name, key_type: KeyType,
            validity: tuple[datetime, datetime], extended_key_usage: Sequence[str],
-           sans: Sequence[x509.GeneralName]) -> IssuedFiles:
+           sans: Sequence[x509.GeneralName], crl_url: str | None = None) -> IssuedFiles:
     unknown = [name for name in extended_key_usage if name not in _EKU]
     if unknown:
         raise PkiError(f"unknown extended key usage {', '.join(unknown)}; "
@@ -275,6 +277,9 @@ def _issue(ca: _Authority, files: IssuedFiles, subject: x509.Name, key_type: Key
             critical=False)
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    if crl_url:
+        point = x509.DistributionPoint([x509.UniformResourceIdentifier(crl_url)], None, None, None)
+        builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
     cert = builder.sign(ca.key, hashes.SHA256())
     files.cert.parent.mkdir(parents=True, exist_ok=True)
     _write_key(files.key, key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import hashlib
 import logging
 import os
@@ -24,10 +25,17 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+import attrs
+
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import PeerCertificate, PeerInfo
+from bastionmq.broker.properties import Reason
 
 from .base import Listener
+from .crl import (
+    REVOKED, UNKNOWN, CrlError, CrlStore, distribution_points, load_ca_certificates,
+    load_crl_files,
+)
 from .openssl import OpenSSLUnavailable, set_tls13_ciphersuites, set_verify_depth
 
 log = logging.getLogger("bastionmq.listener")
@@ -69,6 +77,10 @@ _IANA_TO_OPENSSL = {
     "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
     "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
 }
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
 
 
 class TlsSetupError(ValueError):
@@ -249,20 +261,151 @@ def describe_failure(exc: BaseException) -> str:
 # The listener
 
 
+@attrs.define(slots=True)
+class TlsMaterial:
+    """What a listener loads from disk: its context and its CRLs."""
+
+    context: ssl.SSLContext
+    revocation: CrlStore | None
+    #: Every file it was built from, with its modification time.
+    files: dict[str, float]
+
+
+def load_material(options: Any, crl_cache: Any) -> TlsMaterial:
+    """Build and check everything ``ssl_options`` names; raises TlsSetupError
+    naming the option and file at fault, leaving nothing half-loaded."""
+    context = build_context(options)
+    revocation = None
+    paths = {"certfile": options.certfile, "keyfile": options.keyfile}
+    if options.cacertfile:
+        paths["cacertfile"] = options.cacertfile
+    if options.enable_crl_check:
+        try:
+            cas = load_ca_certificates(options.cacertfile)
+        except (OSError, ValueError) as exc:
+            raise TlsSetupError("cacertfile", f"{options.cacertfile!r}: {exc}") from None
+        revocation = CrlStore(cas, http_timeout=crl_cache.http_timeout,
+                              capacity=crl_cache.capacity)
+        try:
+            load_crl_files(revocation, options.crlfile)
+        except (CrlError, OSError) as exc:
+            raise TlsSetupError("crlfile", str(exc)) from None
+    watched = (*paths.values(), *(options.crlfile if options.enable_crl_check else ()))
+    return TlsMaterial(context, revocation, _mtimes(dict.fromkeys(watched, 0.0)))
+
+
 class TlsListener(Listener):
     kind = "ssl"
 
     def __init__(self, name: str, host: str, port: int, core: BrokerCore, *,
-                 context: ssl.SSLContext, handshake_timeout: float, **options: Any) -> None:
-        super().__init__(name, host, port, core, **options)
-        #: Used for each new connection; replacing it leaves old ones as they are.
-        self.context = context
-        self.handshake_timeout = handshake_timeout
+                 options: Any, crl_cache: Any, material: TlsMaterial | None = None,
+                 **socket_options: Any) -> None:
+        super().__init__(name, host, port, core, **socket_options)
+        self.options = options
+        self.crl_cache = crl_cache
+        #: Context and CRLs for new connections; a reload replaces them whole.
+        self.material = material if material is not None else load_material(options, crl_cache)
         #: Failed handshakes by reason, for operators and metrics.
         self.handshake_failures: collections.Counter[str] = collections.Counter()
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def handshake_timeout(self) -> float:
+        return self.options.handshake_timeout
+
+    async def start(self) -> None:
+        await super().start()
+        if self.options.watch_interval > 0:
+            self._tasks.append(asyncio.create_task(self._watch_files()))
+        if self.material.revocation is not None:
+            self._tasks.append(asyncio.create_task(self._refresh_crls()))
+
+    def stop_accepting(self) -> None:
+        super().stop_accepting()
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
 
     def protocol_factory(self) -> asyncio.Protocol:
         return TlsProtocol(self)
+
+    # reload ----------------------------------------------------------------
+
+    def reload(self, why: str) -> bool:
+        """Load the files again and, only if all of them check out, use them
+        for new handshakes; established connections stay. Returns success."""
+        try:
+            material = load_material(self.options, self.crl_cache)
+        except TlsSetupError as exc:
+            log.error("listener %s: not reloading TLS material (%s): ssl_options.%s: %s; "
+                      "the previous certificates keep serving", self.id, why, exc.key, exc)
+            self.material.files = _mtimes(self.material.files)  # not again until it changes
+            return False
+        old = self.material.revocation
+        if old is not None and material.revocation is not None:
+            material.revocation.adopt_fetched(old)
+        self.material = material
+        log.info("listener %s: reloaded TLS material (%s)", self.id, why)
+        self.disconnect_revoked()
+        return True
+
+    async def _watch_files(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.watch_interval)
+            changed = [path for path, mtime in _mtimes(self.material.files).items()
+                       if mtime != self.material.files[path]]
+            if changed:
+                self.reload(f"changed: {', '.join(changed)}")
+
+    async def _refresh_crls(self) -> None:
+        while True:
+            await asyncio.sleep(self.crl_cache.refresh_interval)
+            store = self.material.revocation
+            if store is not None and store.urls:
+                await asyncio.gather(*(store.fetch(url) for url in sorted(store.urls)))
+                self.disconnect_revoked()
+
+    # revocation --------------------------------------------------------------
+
+    def connections(self) -> list[Any]:
+        return [c for c in self.core.connections if c.peer.listener == self.id]
+
+    def disconnect_revoked(self) -> None:
+        """Close every connection whose certificate the CRLs now revoke."""
+        store = self.material.revocation
+        if store is None:
+            return
+        for connection in self.connections():
+            certificate = connection.peer.certificate
+            if certificate is not None and \
+                    store.check(x509.load_der_x509_certificate(certificate.der)) == REVOKED:
+                log.info("listener %s: closing %r: its certificate (serial %x) is revoked",
+                         self.id, connection.client_id, certificate.serial)
+                connection.close(Reason.ADMINISTRATIVE_ACTION, "client certificate revoked")
+
+    async def check_revocation(self, der: bytes) -> str | None:
+        """None when the certificate may connect, else why not. Fetches the
+        CRL of a distribution point when no current one is held."""
+        store = self.material.revocation
+        cert = x509.load_der_x509_certificate(der)
+        verdict = store.check(cert)
+        if verdict == UNKNOWN:
+            for url in distribution_points(cert):
+                await store.fetch(url)
+                verdict = store.check(cert)
+                if verdict != UNKNOWN:
+                    break
+        if verdict == REVOKED:
+            return "client certificate revoked"
+        if verdict == UNKNOWN:
+            if self.crl_cache.soft_fail:
+                log.warning("listener %s: no current CRL for %s; letting the client in "
+                            "(crl_cache.soft_fail)", self.id, cert.issuer.rfc4514_string())
+                return None
+            return "no current CRL for the client certificate's issuer"
+        return None
+
+    # handshakes --------------------------------------------------------------
 
     def handshake_failed(self, peer: tuple | None, reason: str) -> None:
         self.handshake_failures[reason] += 1
@@ -279,11 +422,21 @@ class TlsListener(Listener):
             certificate=certificate_facts(der) if der else None)
 
 
+def _mtimes(files: dict[str, float]) -> dict[str, float]:
+    mtimes = {}
+    for path in files:
+        try:
+            mtimes[path] = os.stat(path).st_mtime
+        except OSError:
+            mtimes[path] = 0.0
+    return mtimes
+
+
 class TlsProtocol(asyncio.Protocol):
     """TLS over the socket transport; to the core's Connection it is the transport."""
 
     __slots__ = ("listener", "transport", "connection", "_in", "_out", "_ssl", "_timer",
-                 "_closing")
+                 "_closing", "_expiry", "_verified")
 
     def __init__(self, listener: TlsListener) -> None:
         self.listener = listener
@@ -291,6 +444,10 @@ class TlsProtocol(asyncio.Protocol):
         self.connection: Any = None
         self._timer: asyncio.TimerHandle | None = None
         self._closing = False
+        #: Closes the connection when the client certificate's validity ends.
+        self._expiry: asyncio.TimerHandle | None = None
+        #: The handshake is done and the client was admitted (CRLs included).
+        self._verified = False
 
     # from the socket -------------------------------------------------------
 
@@ -301,7 +458,7 @@ class TlsProtocol(asyncio.Protocol):
         self.transport = transport
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self._ssl = listener.context.wrap_bio(self._in, self._out, server_side=True)
+        self._ssl = listener.material.context.wrap_bio(self._in, self._out, server_side=True)
         self._timer = asyncio.get_running_loop().call_later(
             listener.handshake_timeout, self._handshake_timed_out)
 
@@ -309,9 +466,10 @@ class TlsProtocol(asyncio.Protocol):
         if self._closing:
             return
         self._in.write(data)
-        if self.connection is None and not self._handshake():
+        if not self._verified and not self._handshake():
             return
-        self._read()
+        if self.connection is not None:
+            self._read()
 
     def eof_received(self) -> bool:
         return False
@@ -321,9 +479,10 @@ class TlsProtocol(asyncio.Protocol):
             return  # refused over max_connections
         self.listener.connection_count -= 1
         self.transport = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._expiry):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._expiry = None
         if self.connection is not None:
             connection, self.connection = self.connection, None
             connection.connection_lost(exc)
@@ -351,9 +510,44 @@ class TlsProtocol(asyncio.Protocol):
         self._send_records()
         self._timer.cancel()
         self._timer = None
+        self._verified = True
         listener = self.listener
-        self.connection = listener.core.attach(self, listener.tls_peer_info(self.transport, self._ssl))
+        peer = listener.tls_peer_info(self.transport, self._ssl)
+        if peer.certificate is not None and listener.material.revocation is not None:
+            # Decide on revocation before any MQTT byte is read; a CRL fetch
+            # makes this connection wait, never the loop.
+            self.transport.pause_reading()
+            listener.core.spawn(self._check_revocation(peer))
+            return False
+        self._attach(peer)
         return True
+
+    async def _check_revocation(self, peer: PeerInfo) -> None:
+        refusal = await self.listener.check_revocation(peer.certificate.der)
+        if self.transport is None or self._closing:
+            return
+        if refusal is not None:
+            self._fail(refusal)
+            return
+        self._attach(peer)
+        self.transport.resume_reading()
+        self._read()
+        self.listener.core.flush()
+
+    def _attach(self, peer: PeerInfo) -> None:
+        listener = self.listener
+        self.connection = listener.core.attach(self, peer)
+        if peer.certificate is not None and listener.options.enforce_cert_lifetime:
+            remaining = (peer.certificate.not_after - _now()).total_seconds()
+            self._expiry = asyncio.get_running_loop().call_later(
+                max(remaining, 0.0), self._certificate_expired)
+
+    def _certificate_expired(self) -> None:
+        self._expiry = None
+        if self.connection is not None:
+            log.info("listener %s: closing %r: its certificate expired", self.listener.id,
+                     self.connection.client_id)
+            self.connection.close(Reason.ADMINISTRATIVE_ACTION, "client certificate expired")
 
     def _read(self) -> None:
         chunks = []

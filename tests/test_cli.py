@@ -319,3 +319,26 @@ listeners.ssl.default {{ bind = "127.0.0.1:0", ssl_options {{ certfile = "missin
         in result.stderr
     assert "Traceback" not in result.stderr
     assert refuses_connections(port)
+
+
+def test_sighup_reloads_the_tls_material(start_process, run, tmp_path):
+    port = free_port()
+    assert run("certs", "init", str(tmp_path / "pki")).returncode == 0
+    config = write_config(tmp_path, f"""
+listeners.tcp.default {{ bind = "127.0.0.1:{port}" }}
+listeners.ssl.default {{
+  bind = "127.0.0.1:0"
+  ssl_options {{
+    cacertfile = "{tmp_path / 'pki' / 'ca.pem'}", certfile = "{tmp_path / 'pki' / 'server.pem'}"
+    keyfile = "{tmp_path / 'pki' / 'server.key'}", watch_interval = 0s
+  }}
+}}
+""")
+    broker = start_process(config)
+    broker.wait_listening(port)
+    broker.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + TIMEOUT
+    while "listener ssl:default: reloaded TLS material (SIGHUP)" not in broker.stderr:
+        assert time.monotonic() < deadline, broker.stderr
+        time.sleep(0.05)
+    assert broker.stop(signal.SIGTERM) == 0
