@@ -3,7 +3,8 @@
 Authenticators are asked in order; each answers allow, deny or ignore. When
 every one ignores (or there are none) ``allow_anonymous`` decides, so access
 without credentials is always an explicit setting, never a default. A client
-certificate the listener verified authenticates its client.
+certificate the listener verified, or a TLS-PSK identity, authenticates its
+client.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ class AuthenticationChain:
         self.allow_anonymous = allow_anonymous
 
     def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]:
-        if request.peer.certificate is not None:
+        peer = request.peer
+        if peer.certificate is not None or peer.psk_identity is not None:
             # The listener verified this certificate against its CA (a peer
-            # certificate is only kept with verify_peer): that is who it is.
+            # certificate is only kept with verify_peer), or the client proved
+            # it holds a PSK identity's key: that is who it is.
             return ALLOW
         if self.allow_anonymous:
             return ALLOW

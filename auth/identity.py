@@ -1,4 +1,5 @@
-"""A client's identity from its verified TLS certificate.
+"""A client's identity from its TLS credentials: its verified certificate,
+or the PSK identity whose key it proved.
 
 ``peer_cert_as_username`` and ``peer_cert_as_clientid`` (EMQX's names) say
 which part of the certificate becomes the username and the client id:
@@ -84,17 +85,19 @@ class IdentityRule:
         return self.username != "disabled" or self.clientid != "disabled"
 
 
-class CertificateIdentity:
-    """The broker's IdentityPolicy: each listener's rule, by listener id."""
+class PeerIdentity:
+    """The broker's IdentityPolicy for TLS listeners: a client that proved a
+    PSK identity is that user; otherwise each listener's certificate rule."""
 
     def __init__(self, rules: Mapping[str, IdentityRule]) -> None:
         self._rules = {listener: rule for listener, rule in rules.items() if rule.active}
 
-    def __bool__(self) -> bool:
-        return bool(self._rules)
-
     def apply(self, request: AuthRequest) -> AuthRequest | AuthResult:
         peer = request.peer
+        if peer.psk_identity is not None:
+            # The client holds this identity's key: it is that user (as
+            # Mosquitto's use_identity_as_username does for PSK).
+            return attrs.evolve(request, username=peer.psk_identity)
         rule = self._rules.get(peer.listener)
         certificate = peer.certificate
         if rule is None or certificate is None:

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Mapping
 
 import bastionmq
 from bastionmq.auth.chain import AuthenticationChain, ListenerAuthenticators
-from bastionmq.auth.identity import CertificateIdentity, IdentityRule
+from bastionmq.auth.identity import IdentityRule, PeerIdentity
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import AuthMethod
 from bastionmq.broker.properties import Reason
@@ -45,11 +45,11 @@ def _listener_plan(config: Config, kind: str, name: str,
         return Listener, name, block, {}
     options = block.ssl_options
     try:
-        material = load_material(options, config.crl_cache)
+        material = load_material(options, config.crl_cache, config.psk_authentication)
     except TlsSetupError as exc:
-        raise ConfigError([(f"listeners.ssl.{name}.ssl_options.{exc.key}", str(exc))]) from None
+        raise ConfigError([(exc.key_path(name), str(exc))]) from None
     return TlsListener, name, block, {"options": options, "crl_cache": config.crl_cache,
-                                      "material": material}
+                                      "psk": config.psk_authentication, "material": material}
 
 
 def _make_dev_pki_on_first_start(config: Config) -> None:
@@ -114,9 +114,9 @@ class Broker:
             listeners.append(_listener_plan(config, kind, name, block))
             if kind == "ssl":
                 rules[f"{kind}:{name}"] = _identity_rule(config, block)
-        identity = CertificateIdentity(rules)
         self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop,
-                                      self.auth_methods, identity if identity else None)
+                                      self.auth_methods,
+                                      PeerIdentity(rules) if rules else None)
         if config.sys_topics.sys_interval > 0:
             self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
                                          f"bastionmq {bastionmq.__version__}")

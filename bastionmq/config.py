@@ -60,6 +60,8 @@ __all__ = [
     "Config",
     "ConfigError",
     "CrlCacheConfig",
+    "PskConfig",
+    "SniCertificate",
     "ENV_PREFIX",
     "ListenersConfig",
     "LogConfig",
@@ -340,6 +342,26 @@ def _tls_versions(instance: Any, attribute: attrs.Attribute, value: tuple[str, .
         raise ValueError(f"unknown version {unknown[0]!r}; allowed: {', '.join(TLS_VERSIONS)}")
 
 
+_EKU_NAMES = ("clientAuth", "serverAuth", "codeSigning", "emailProtection", "timeStamping",
+              "OCSPSigning")
+
+
+def _eku(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and value not in _EKU_NAMES and \
+            not re.fullmatch(r"\d+(\.\d+)+", value):
+        raise ValueError(f"must be one of {', '.join(_EKU_NAMES)} or a dotted OID")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class SniCertificate:
+    """A server certificate for the host names a client asks for by SNI."""
+
+    names: tuple[str, ...] = attrs.field(validator=v.min_len(1))
+    certfile: str
+    keyfile: str
+    password: str | None = attrs.field(default=None, repr=False)
+
+
 @attrs.define(slots=True, frozen=True, kw_only=True)
 class SslOptions:
     """A TLS listener's ``ssl_options``, with EMQX's names and defaults.
@@ -380,6 +402,17 @@ class SslOptions:
     crlfile: tuple[str, ...] = ()
     #: Close a client's connection when its certificate's validity ends.
     enforce_cert_lifetime: bool = False
+    #: Accept a chain that ends at any certificate in cacertfile, an
+    #: intermediate CA included, not only at a self-signed root.
+    partial_chain: bool = False
+    #: An extended key usage client certificates must carry (clientAuth, or a
+    #: dotted OID); unset accepts any certificate fit for client use.
+    verify_peer_ext_key_usage: str | None = attrs.field(default=None, validator=_eku)
+    #: Further server certificates, each chosen when a client asks for one of
+    #: its names by SNI; other clients get certfile.
+    server_names: tuple[SniCertificate, ...] = ()
+    #: The PSK identity hint sent to clients (with psk_authentication).
+    psk_hint: str | None = None
     #: How often certfile, keyfile, cacertfile and crlfile are checked for
     #: changes, which are then loaded without a restart (also on SIGHUP); 0s
     #: checks only on SIGHUP.
@@ -447,6 +480,21 @@ class CrlCacheConfig:
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
+class PskConfig:
+    """TLS-PSK identities (EMQX ``psk_authentication``), served on TLS
+    listeners whose ``ciphers`` include PSK suites."""
+
+    enable: bool = False
+    #: Lines of identity, separator, key in hex; # starts a comment.
+    init_file: str | None = None
+    separator: str = attrs.field(default=":", validator=v.min_len(1))
+
+    def __attrs_post_init__(self) -> None:
+        if self.enable and not self.init_file:
+            raise ValueError("enable = true needs an init_file of identities and keys")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
 class Config:
     """The whole configuration; ``Config()`` is the built-in defaults."""
 
@@ -457,6 +505,7 @@ class Config:
     log: LogConfig = attrs.field(factory=LogConfig)
     sys_topics: SysTopicsConfig = attrs.field(factory=SysTopicsConfig)
     crl_cache: CrlCacheConfig = attrs.field(factory=CrlCacheConfig)
+    psk_authentication: PskConfig = attrs.field(factory=PskConfig)
 
     def enabled_listeners(self) -> list[tuple[str, str, TcpListenerConfig]]:
         """(kind, name, block) of every enabled listener, tcp first."""
@@ -738,6 +787,8 @@ def _collect(exc: BaseException, path: tuple[str, ...], out: list[_Problem]) -> 
             _collect(sub, path + _segment(sub), out)
     elif isinstance(exc, _Invalid):
         out.append(_Problem(path, str(exc)))
+    elif isinstance(exc, KeyError):
+        out.append(_Problem(path, "missing: this key is required"))
     else:
         # A validator across fields, or anything else attrs raised on construction.
         out.append(_Problem(path, f"invalid: {exc}"))

@@ -50,6 +50,10 @@ class PeerInfo:
     tls_version: str | None = None
     cipher: str | None = None
     certificate: PeerCertificate | None = None
+    #: The host name the client asked for by SNI, and the TLS-PSK identity
+    #: whose key it proved, when it used one.
+    sni: str | None = None
+    psk_identity: str | None = None
 
     @property
     def host(self) -> str:

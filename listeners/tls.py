@@ -24,6 +24,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
+from sslpsk3 import SSLPSKContext
 
 import attrs
 
@@ -51,6 +52,11 @@ _NO_VERSION_OPTION = {
     "tlsv1.1": ssl.OP_NO_TLSv1_1,
     "tlsv1.2": ssl.OP_NO_TLSv1_2,
     "tlsv1.3": ssl.OP_NO_TLSv1_3,
+}
+_EKU_OIDS = {
+    "serverAuth": "1.3.6.1.5.5.7.3.1", "clientAuth": "1.3.6.1.5.5.7.3.2",
+    "codeSigning": "1.3.6.1.5.5.7.3.3", "emailProtection": "1.3.6.1.5.5.7.3.4",
+    "timeStamping": "1.3.6.1.5.5.7.3.8", "OCSPSigning": "1.3.6.1.5.5.7.3.9",
 }
 _TLS13_SUITES = frozenset({
     "TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256",
@@ -84,21 +90,27 @@ def _now() -> datetime.datetime:
 
 
 class TlsSetupError(ValueError):
-    """``ssl_options`` that cannot make a context; ``key`` names the option."""
+    """``ssl_options`` that cannot make a context; ``key`` names the option
+    (or, for the PSK file, the top-level key)."""
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(message)
         self.key = key
+
+    def key_path(self, listener_name: str) -> str:
+        if self.key.startswith("psk_authentication."):
+            return self.key
+        return f"listeners.ssl.{listener_name}.ssl_options.{self.key}"
 
 
 # --------------------------------------------------------------------------
 # Contexts
 
 
-def build_context(options: Any) -> ssl.SSLContext:
+def build_context(options: Any, psk: bool = False) -> ssl.SSLContext:
     """A server SSLContext from an SslOptions; raises TlsSetupError naming
-    the option (and file) at fault."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    the option (and file) at fault. ``psk``: a context that can serve TLS-PSK."""
+    context = PskContext(ssl.PROTOCOL_TLS_SERVER) if psk else ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _set_versions(context, options.versions)
     _load_files(context, options)
     if options.verify == "verify_peer":
@@ -117,6 +129,8 @@ def build_context(options: Any) -> ssl.SSLContext:
         # OpenSSL 3 refuses TLS 1.0/1.1 at its default security level; an
         # operator who lists them wants them to work.
         context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    if options.partial_chain:
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if options.honor_cipher_order:
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     if not options.reuse_sessions:
@@ -261,24 +275,81 @@ def describe_failure(exc: BaseException) -> str:
 # The listener
 
 
+class PskContext(SSLPSKContext):
+    """A context serving TLS-PSK (through sslpsk3). Its callbacks are set up
+    once per connection by the listener: sslpsk3's own SSLObject would set
+    them again on every do_handshake call, restarting a handshake that
+    arrives in several reads."""
+
+    sslobject_class = ssl.SSLObject
+
+
+def _serves_psk(options: Any, psk: Any) -> bool:
+    return psk.enable and any("PSK" in name for name in options.ciphers)
+
+
+def load_psk_file(path: str, separator: str) -> dict[str, bytes]:
+    """identity -> key from lines ``identity<separator>hexkey``."""
+    keys = {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except OSError as exc:
+        raise TlsSetupError("psk_authentication.init_file", f"{path!r}: {exc.strerror or exc}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        identity, found, key = line.partition(separator)
+        try:
+            if not found or not identity:
+                raise ValueError(f"expected identity{separator}hexkey")
+            keys[identity] = bytes.fromhex(key.strip())
+            if not keys[identity]:
+                raise ValueError("empty key")
+        except ValueError as exc:
+            raise TlsSetupError("psk_authentication.init_file", f"{path}:{number}: {exc}") from None
+    return keys
+
+
 @attrs.define(slots=True)
 class TlsMaterial:
-    """What a listener loads from disk: its context and its CRLs."""
+    """What a listener loads from disk: its contexts, CRLs and PSK keys."""
 
     context: ssl.SSLContext
     revocation: CrlStore | None
     #: Every file it was built from, with its modification time.
     files: dict[str, float]
+    #: Host name (lowercase) -> the context with that name's certificate.
+    sni: dict[str, ssl.SSLContext] = attrs.field(factory=dict)
+    #: PSK identity -> key, when the listener serves PSK.
+    psk_keys: dict[str, bytes] | None = None
 
 
-def load_material(options: Any, crl_cache: Any) -> TlsMaterial:
+def load_material(options: Any, crl_cache: Any, psk: Any = None) -> TlsMaterial:
     """Build and check everything ``ssl_options`` names; raises TlsSetupError
     naming the option and file at fault, leaving nothing half-loaded."""
-    context = build_context(options)
+    serves_psk = psk is not None and _serves_psk(options, psk)
+    context = build_context(options, serves_psk)
     revocation = None
     paths = {"certfile": options.certfile, "keyfile": options.keyfile}
     if options.cacertfile:
         paths["cacertfile"] = options.cacertfile
+    sni = {}
+    for index, entry in enumerate(options.server_names):
+        try:
+            named = build_context(attrs.evolve(options, certfile=entry.certfile,
+                                               keyfile=entry.keyfile, password=entry.password),
+                                  serves_psk)
+        except TlsSetupError as exc:
+            raise TlsSetupError(f"server_names.{index}.{exc.key}", str(exc)) from None
+        sni.update((name.lower(), named) for name in entry.names)
+        paths[f"server_names.{index}.certfile"] = entry.certfile
+        paths[f"server_names.{index}.keyfile"] = entry.keyfile
+    psk_keys = None
+    if serves_psk:
+        psk_keys = load_psk_file(psk.init_file, psk.separator)
+        paths["psk"] = psk.init_file
     if options.enable_crl_check:
         try:
             cas = load_ca_certificates(options.cacertfile)
@@ -291,20 +362,26 @@ def load_material(options: Any, crl_cache: Any) -> TlsMaterial:
         except (CrlError, OSError) as exc:
             raise TlsSetupError("crlfile", str(exc)) from None
     watched = (*paths.values(), *(options.crlfile if options.enable_crl_check else ()))
-    return TlsMaterial(context, revocation, _mtimes(dict.fromkeys(watched, 0.0)))
+    return TlsMaterial(context, revocation, _mtimes(dict.fromkeys(watched, 0.0)), sni, psk_keys)
 
 
 class TlsListener(Listener):
     kind = "ssl"
 
     def __init__(self, name: str, host: str, port: int, core: BrokerCore, *,
-                 options: Any, crl_cache: Any, material: TlsMaterial | None = None,
-                 **socket_options: Any) -> None:
+                 options: Any, crl_cache: Any, psk: Any = None,
+                 material: TlsMaterial | None = None, **socket_options: Any) -> None:
         super().__init__(name, host, port, core, **socket_options)
         self.options = options
         self.crl_cache = crl_cache
+        self.psk = psk
+        #: The connection whose handshake step is running: the SNI and PSK
+        #: callbacks fire inside it, synchronously, and report to it.
+        self.handshaking: TlsProtocol | None = None
         #: Context and CRLs for new connections; a reload replaces them whole.
-        self.material = material if material is not None else load_material(options, crl_cache)
+        self.material: TlsMaterial
+        self._install(material if material is not None
+                      else load_material(options, crl_cache, psk))
         #: Failed handshakes by reason, for operators and metrics.
         self.handshake_failures: collections.Counter[str] = collections.Counter()
         self._tasks: list[asyncio.Task] = []
@@ -312,6 +389,35 @@ class TlsListener(Listener):
     @property
     def handshake_timeout(self) -> float:
         return self.options.handshake_timeout
+
+    def _install(self, material: TlsMaterial) -> None:
+        for context in (material.context, *material.sni.values()):
+            context.sni_callback = self._on_sni
+            if material.psk_keys is not None:
+                context.set_psk_server_callback(self._on_psk, self.options.psk_hint)
+        self.material = material
+
+    def _on_sni(self, sslobj: ssl.SSLObject, server_name: str | None,
+                context: ssl.SSLContext) -> None:
+        if server_name is not None:
+            if self.handshaking is not None:
+                self.handshaking.sni = server_name
+            named = self.material.sni.get(server_name.lower())
+            if named is not None:
+                sslobj.context = named
+
+    def _on_psk(self, identity: str | None) -> bytes:
+        key = self.material.psk_keys.get(identity or "", b"")
+        if key and self.handshaking is not None:
+            self.handshaking.psk_identity = identity
+        return key
+
+    def new_tls(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
+        material = self.material
+        sslobj = material.context.wrap_bio(incoming, outgoing, server_side=True)
+        if material.psk_keys is not None:
+            material.context.setup_psk_callbacks(sslobj)
+        return sslobj
 
     async def start(self) -> None:
         await super().start()
@@ -335,16 +441,17 @@ class TlsListener(Listener):
         """Load the files again and, only if all of them check out, use them
         for new handshakes; established connections stay. Returns success."""
         try:
-            material = load_material(self.options, self.crl_cache)
+            material = load_material(self.options, self.crl_cache, self.psk)
         except TlsSetupError as exc:
-            log.error("listener %s: not reloading TLS material (%s): ssl_options.%s: %s; "
-                      "the previous certificates keep serving", self.id, why, exc.key, exc)
+            log.error("listener %s: not reloading TLS material (%s): %s: %s; "
+                      "the previous certificates keep serving", self.id, why,
+                      exc.key_path(self.name), exc)
             self.material.files = _mtimes(self.material.files)  # not again until it changes
             return False
         old = self.material.revocation
         if old is not None and material.revocation is not None:
             material.revocation.adopt_fetched(old)
-        self.material = material
+        self._install(material)
         log.info("listener %s: reloaded TLS material (%s)", self.id, why)
         self.disconnect_revoked()
         return True
@@ -412,14 +519,26 @@ class TlsListener(Listener):
         host = f"{peer[0]}:{peer[1]}" if peer else "?"
         log.info("listener %s: TLS handshake with %s failed: %s", self.id, host, reason)
 
-    def tls_peer_info(self, transport: asyncio.Transport, sslobj: ssl.SSLObject) -> PeerInfo:
-        peername = transport.get_extra_info("peername")
+    def tls_peer_info(self, protocol: TlsProtocol) -> PeerInfo:
+        peername = protocol.transport.get_extra_info("peername")
+        sslobj = protocol._ssl
         der = sslobj.getpeercert(binary_form=True)
         cipher = sslobj.cipher()
         return PeerInfo(
             listener=self.id, address=tuple(peername[:2]) if peername else None, tls=True,
             tls_version=sslobj.version(), cipher=cipher[0] if cipher else None,
-            certificate=certificate_facts(der) if der else None)
+            certificate=certificate_facts(der) if der else None,
+            sni=protocol.sni, psk_identity=protocol.psk_identity)
+
+    def refuse_peer(self, peer: PeerInfo) -> str | None:
+        """Why a verified peer may not connect, for checks OpenSSL does not make."""
+        wanted = self.options.verify_peer_ext_key_usage
+        certificate = peer.certificate
+        if wanted and certificate is not None:
+            oid = _EKU_OIDS.get(wanted, wanted)
+            if oid not in certificate.extended_key_usage:
+                return f"client certificate lacks the extended key usage {wanted}"
+        return None
 
 
 def _mtimes(files: dict[str, float]) -> dict[str, float]:
@@ -436,7 +555,7 @@ class TlsProtocol(asyncio.Protocol):
     """TLS over the socket transport; to the core's Connection it is the transport."""
 
     __slots__ = ("listener", "transport", "connection", "_in", "_out", "_ssl", "_timer",
-                 "_closing", "_expiry", "_verified")
+                 "_closing", "_expiry", "_verified", "sni", "psk_identity")
 
     def __init__(self, listener: TlsListener) -> None:
         self.listener = listener
@@ -448,6 +567,9 @@ class TlsProtocol(asyncio.Protocol):
         self._expiry: asyncio.TimerHandle | None = None
         #: The handshake is done and the client was admitted (CRLs included).
         self._verified = False
+        #: What the client asked for by SNI and the PSK identity it proved.
+        self.sni: str | None = None
+        self.psk_identity: str | None = None
 
     # from the socket -------------------------------------------------------
 
@@ -458,7 +580,7 @@ class TlsProtocol(asyncio.Protocol):
         self.transport = transport
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self._ssl = listener.material.context.wrap_bio(self._in, self._out, server_side=True)
+        self._ssl = listener.new_tls(self._in, self._out)
         self._timer = asyncio.get_running_loop().call_later(
             listener.handshake_timeout, self._handshake_timed_out)
 
@@ -498,6 +620,8 @@ class TlsProtocol(asyncio.Protocol):
     # TLS -------------------------------------------------------------------
 
     def _handshake(self) -> bool:
+        listener = self.listener
+        listener.handshaking = self
         try:
             self._ssl.do_handshake()
         except ssl.SSLWantReadError:
@@ -507,12 +631,17 @@ class TlsProtocol(asyncio.Protocol):
             self._send_records()  # the alert tells the client why
             self._fail(describe_failure(exc))
             return False
+        finally:
+            listener.handshaking = None
         self._send_records()
         self._timer.cancel()
         self._timer = None
         self._verified = True
-        listener = self.listener
-        peer = listener.tls_peer_info(self.transport, self._ssl)
+        peer = listener.tls_peer_info(self)
+        refusal = listener.refuse_peer(peer)
+        if refusal is not None:
+            self._fail(refusal)
+            return False
         if peer.certificate is not None and listener.material.revocation is not None:
             # Decide on revocation before any MQTT byte is read; a CRL fetch
             # makes this connection wait, never the loop.

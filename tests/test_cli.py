@@ -273,7 +273,6 @@ def test_start_on_a_port_in_use_fails_with_a_clear_message(run, tmp_path):
     assert "in use" in error[0]
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="needs mosquitto-clients")
 def test_first_start_makes_a_development_pki_and_a_client_certificate_is_all_a_newcomer_needs(
         start_process, run, tmp_path):
     port, tls_port = free_port(), free_port()

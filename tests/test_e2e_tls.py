@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import shutil
 import ssl
 import subprocess
 import time
@@ -17,7 +16,7 @@ import pytest
 from bastionmq import Broker, ConfigError
 from bastionmq.broker.codec import MQTT_3_1_1, Connect, Decoder, encode
 from bastionmq.pki import init_pki, issue_client
-from tls_helpers import plain_socket, tls_socket
+from tls_helpers import plain_socket, ssl_listener, tls_socket
 
 TIMEOUT = 10.0
 NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -43,14 +42,7 @@ def pki(tmp_path_factory) -> Path:
 
 
 def _ssl_config(pki: Path, extra: str = "", **options: str) -> str:
-    opts = {"cacertfile": f'"{pki / "ca.pem"}"', "certfile": f'"{pki / "server.pem"}"',
-            "keyfile": f'"{pki / "server.key"}"', **options}
-    body = ", ".join(f"{key} = {value}" for key, value in opts.items())
-    return f"""
-listeners.ssl.default {{ bind = "127.0.0.1:0", ssl_options {{ {body} }} }}
-allow_anonymous = true
-{extra}
-"""
+    return ssl_listener(pki, "allow_anonymous = true\n" + extra, **options)
 
 
 def _client_context(pki: Path, cert: str | None = None, directory: Path | None = None,
@@ -244,7 +236,6 @@ def test_bad_tls_material_stops_start_up_with_the_key_path(pki, options, key, me
 # real command-line clients ---------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 def test_openssl_s_client_completes_mutual_tls(start_broker, pki):
     broker = start_broker(config=_ssl_config(pki, verify="verify_peer",
                                              fail_if_no_peer_cert="true"))
@@ -258,7 +249,6 @@ def test_openssl_s_client_completes_mutual_tls(start_broker, pki):
     assert b"Protocol version: TLSv1.3" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="needs mosquitto-clients")
 def test_mosquitto_clients_over_mutual_tls(start_broker, pki):
     broker = start_broker(config=_ssl_config(pki, verify="verify_peer",
                                              fail_if_no_peer_cert="true"))

@@ -20,27 +20,18 @@ import pytest
 from bastionmq import Broker, ConfigError
 from bastionmq.broker.codec import MQTT_5, Connect, Decoder, encode
 from bastionmq.pki import init_pki, issue_client, issue_server, revoke
-from tls_helpers import tls_socket
+from tls_helpers import ssl_listener, tls_socket
 
 TIMEOUT = 10.0
 
 
 def _config(pki: Path, cafile: Path | None = None, extra: str = "", **options: str) -> str:
-    opts = {"cacertfile": f'"{cafile or pki / "ca.pem"}"',
-            "certfile": f'"{pki / "server.pem"}"', "keyfile": f'"{pki / "server.key"}"',
-            "verify": "verify_peer", "fail_if_no_peer_cert": "true",
-            "enable_crl_check": "true", **options}
-    body = "\n    ".join(f"{key} = {value}" for key, value in opts.items())
-    return f"""
-listeners.ssl.default {{
-  bind = "127.0.0.1:0"
-  ssl_options {{
-    {body}
-  }}
-}}
-allow_anonymous = true
-{extra}
-"""
+    """Mutual TLS with CRL checks on, and anonymous access for the rest."""
+    options = {"verify": "verify_peer", "fail_if_no_peer_cert": "true",
+               "enable_crl_check": "true", **options}
+    if cafile is not None:
+        options["cacertfile"] = f'"{cafile}"'
+    return ssl_listener(pki, "allow_anonymous = true\n" + extra, **options)
 
 
 class MqttOverTls:
