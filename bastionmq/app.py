@@ -70,18 +70,6 @@ def _make_dev_pki_on_first_start(config: Config) -> None:
             return
 
 
-def _identity_rule(config: Config, block: Any) -> IdentityRule:
-    """A TLS listener's certificate-identity rule: its own keys, else mqtt's."""
-    mqtt = config.mqtt
-
-    def pick(own: str | None, inherited: str) -> str:
-        return inherited if own is None else own
-
-    return IdentityRule(pick(block.peer_cert_as_username, mqtt.peer_cert_as_username),
-                        pick(block.peer_cert_as_clientid, mqtt.peer_cert_as_clientid),
-                        pick(block.peer_cert_identity, mqtt.peer_cert_identity))
-
-
 class Broker:
     """A broker an application can embed::
 
@@ -113,7 +101,7 @@ class Broker:
             chains[f"{kind}:{name}"] = AuthenticationChain(config.anonymous_allowed(block))
             listeners.append(_listener_plan(config, kind, name, block))
             if kind == "ssl":
-                rules[f"{kind}:{name}"] = _identity_rule(config, block)
+                rules[f"{kind}:{name}"] = IdentityRule(*config.peer_cert_identity_of(block))
         self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop,
                                       self.auth_methods,
                                       PeerIdentity(rules) if rules else None)

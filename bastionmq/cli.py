@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 import bastionmq
-from bastionmq import pki
+from bastionmq import pki, tls_policy
 from bastionmq.app import Broker
 from bastionmq.config import Config, ConfigError, load_config
 
@@ -55,8 +55,16 @@ def version() -> None:
 def check_config(config_file: str | None) -> None:
     """Validate a configuration file and exit (non-zero when it is invalid)."""
     config, source = _load(config_file)
+    tls = tls_policy.report(config)
+    for warning in tls.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if tls.errors:
+        problems = "\n".join(f"{where}: {message}" for where, message in tls.errors)
+        raise click.ClickException(f"invalid configuration:\n{problems}")
     enabled = [f"{kind}:{name} {block.bind}" for kind, name, block in config.enabled_listeners()]
     click.echo(f"{source}: configuration is valid; listeners: {', '.join(enabled) or 'none'}")
+    for line in tls.lines:
+        click.echo(line)
 
 
 @main.command()

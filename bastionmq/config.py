@@ -513,11 +513,23 @@ class Config:
                 for kind, blocks in (("tcp", self.listeners.tcp), ("ssl", self.listeners.ssl))
                 for name, block in blocks.items() if block.enable]
 
+    def peer_cert_identity_of(self, listener: SslListenerConfig) -> tuple[str, str, str]:
+        """(username source, client id source, mode) on a TLS listener: its
+        own settings where it has them, else the mqtt block's."""
+        mqtt = self.mqtt
+        return (_inherit(listener.peer_cert_as_username, mqtt.peer_cert_as_username),
+                _inherit(listener.peer_cert_as_clientid, mqtt.peer_cert_as_clientid),
+                _inherit(listener.peer_cert_identity, mqtt.peer_cert_identity))
+
     def anonymous_allowed(self, listener: TcpListenerConfig) -> bool:
         """Whether ``listener`` lets clients connect without credentials."""
         if listener.allow_anonymous is None:
             return self.allow_anonymous
         return listener.allow_anonymous
+
+
+def _inherit(own: Any, inherited: Any) -> Any:
+    return inherited if own is None else own
 
 
 # --------------------------------------------------------------------------

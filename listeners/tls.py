@@ -421,6 +421,7 @@ class TlsListener(Listener):
 
     async def start(self) -> None:
         await super().start()
+        self._tasks.append(asyncio.create_task(self._warn_of_expiry()))
         if self.options.watch_interval > 0:
             self._tasks.append(asyncio.create_task(self._watch_files()))
         if self.material.revocation is not None:
@@ -455,6 +456,12 @@ class TlsListener(Listener):
         log.info("listener %s: reloaded TLS material (%s)", self.id, why)
         self.disconnect_revoked()
         return True
+
+    async def _warn_of_expiry(self) -> None:
+        while True:
+            for line in expiry_warnings(self.options):
+                log.warning("listener %s: %s", self.id, line)
+            await asyncio.sleep(86400)
 
     async def _watch_files(self) -> None:
         while True:
@@ -539,6 +546,37 @@ class TlsListener(Listener):
             if oid not in certificate.extended_key_usage:
                 return f"client certificate lacks the extended key usage {wanted}"
         return None
+
+
+#: A server certificate expiring within this is warned about at start and daily.
+EXPIRY_WARNING = datetime.timedelta(days=30)
+
+
+def server_certificates(options: Any) -> list[tuple[str, x509.Certificate]]:
+    """(file, certificate) of each server certificate the listener presents:
+    certfile's and each SNI entry's (the first certificate of each file)."""
+    found = []
+    for path in (options.certfile, *(entry.certfile for entry in options.server_names)):
+        try:
+            with open(path, "rb") as handle:
+                found.append((path, x509.load_pem_x509_certificates(handle.read())[0]))
+        except (OSError, ValueError):
+            continue  # reported by whatever loads the file for real
+    return found
+
+
+def expiry_warnings(options: Any, now: datetime.datetime | None = None) -> list[str]:
+    """A line for each server certificate that has expired or expires soon."""
+    now = now or _now()
+    lines = []
+    for path, cert in server_certificates(options):
+        left = cert.not_valid_after_utc - now
+        if left <= datetime.timedelta(0):
+            lines.append(f"the certificate in {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
+        elif left <= EXPIRY_WARNING:
+            lines.append(f"the certificate in {path} expires on "
+                         f"{cert.not_valid_after_utc:%Y-%m-%d} (in {left.days} days)")
+    return lines
 
 
 def _mtimes(files: dict[str, float]) -> dict[str, float]:

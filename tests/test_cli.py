@@ -341,3 +341,72 @@ listeners.ssl.default {{
         assert time.monotonic() < deadline, broker.stderr
         time.sleep(0.05)
     assert broker.stop(signal.SIGTERM) == 0
+
+
+def test_check_config_prints_the_tls_policy_of_the_shipped_config(run, tmp_path):
+    checked = run("check-config", "-c", str(REPO / "etc/bastionmq.conf"), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    lines = checked.stdout.splitlines()
+    assert "ssl:default 0.0.0.0:8883" in lines
+    assert "  versions: tlsv1.3, tlsv1.2" in lines
+    assert "  client certificates: required, verified against data/certs/ca.pem (depth 10)" \
+        in lines
+    assert "  revocation: not checked" in lines
+    assert not (tmp_path / "data").exists()  # checking makes nothing
+
+
+def test_check_config_warns_of_tls_traps(run, tmp_path):
+    from bastionmq.pki import init_pki, issue_server
+    init_pki(tmp_path)
+    soon = issue_server(tmp_path, "soon", ["localhost"], days=10)
+    config = write_config(tmp_path, f"""
+listeners.ssl.legacy {{
+  bind = "127.0.0.1:0"
+  peer_cert_as_username = cn
+  ssl_options {{
+    cacertfile = "{tmp_path / 'ca.pem'}", certfile = "{soon.cert}", keyfile = "{soon.key}"
+    versions = [tlsv1.2, tlsv1.1]
+  }}
+}}
+""")
+    checked = run("check-config", "-c", str(config))
+    assert checked.returncode == 0, checked.stderr
+    warnings = [line for line in checked.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3, checked.stderr
+    assert "certificate identity is configured but the listener does not verify" in warnings[0]
+    assert "tlsv1.1 enabled" in warnings[1]
+    assert f"the certificate in {soon.cert} expires on" in warnings[2]
+    assert "  identity (replace): username from the certificate's cn, client id from what " \
+           "the client sends" in checked.stdout.splitlines()
+
+
+def test_check_config_loads_the_tls_files(run, tmp_path):
+    config = write_config(tmp_path, """
+listeners.ssl.default { bind = "127.0.0.1:0", ssl_options { certfile = "gone.pem" } }
+""")
+    checked = run("check-config", "-c", str(config), cwd=tmp_path)
+    assert checked.returncode != 0
+    assert "listeners.ssl.default.ssl_options.certfile: 'gone.pem': no such file" \
+        in checked.stderr
+
+
+def test_a_listener_warns_when_its_certificate_expires_soon(start_process, tmp_path):
+    from bastionmq.pki import init_pki, issue_server
+    init_pki(tmp_path)
+    soon = issue_server(tmp_path, "soon", ["localhost"], days=10)
+    port = free_port()
+    config = write_config(tmp_path, f"""
+listeners.tcp.default {{ bind = "127.0.0.1:{port}" }}
+listeners.ssl.default {{
+  bind = "127.0.0.1:0"
+  ssl_options {{ cacertfile = "{tmp_path / 'ca.pem'}", certfile = "{soon.cert}", keyfile = "{soon.key}" }}
+}}
+""")
+    broker = start_process(config)
+    broker.wait_listening(port)
+    deadline = time.monotonic() + TIMEOUT
+    while f"WARNING bastionmq.listener: listener ssl:default: the certificate in {soon.cert} " \
+            "expires on" not in broker.stderr:
+        assert time.monotonic() < deadline, broker.stderr
+        time.sleep(0.05)
+    assert broker.stop(signal.SIGTERM) == 0
