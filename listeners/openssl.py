@@ -1,7 +1,7 @@
-"""Two OpenSSL settings Python's ssl module does not expose.
+"""OpenSSL settings Python's ssl module does not expose.
 
-``SSL_CTX_set_ciphersuites`` (the TLS 1.3 suites) and
-``SSL_CTX_set_verify_depth`` are called through ctypes on the SSL_CTX that
+``SSL_CTX_set_ciphersuites`` (the TLS 1.3 suites), ``SSL_CTX_set_verify_depth``
+and the server's session cache mode are set through ctypes on the SSL_CTX that
 an ``ssl.SSLContext`` wraps, using the libssl the ``_ssl`` module itself is
 linked against. The pointer is found where CPython keeps it (right after the
 object header) and checked before use: if the context's options read through
@@ -24,6 +24,10 @@ _lib.SSL_CTX_set_ciphersuites.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _lib.SSL_CTX_set_ciphersuites.restype = ctypes.c_int
 _lib.SSL_CTX_set_verify_depth.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _lib.SSL_CTX_set_verify_depth.restype = None
+_lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+_lib.SSL_CTX_ctrl.restype = ctypes.c_long
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44
+_SSL_SESS_CACHE_OFF = 0
 
 #: Bytes of PyObject_HEAD (reference count and type pointer).
 _HEADER = sys.getsizeof(object()) if sys.implementation.name == "cpython" else 0
@@ -51,3 +55,8 @@ def set_tls13_ciphersuites(context: ssl.SSLContext, suites: list[str]) -> None:
 def set_verify_depth(context: ssl.SSLContext, depth: int) -> None:
     """Most intermediate CAs allowed between a peer certificate and a trust anchor."""
     _lib.SSL_CTX_set_verify_depth(_ssl_ctx(context), depth)
+
+
+def disable_session_cache(context: ssl.SSLContext) -> None:
+    """No server-side session cache: with tickets off too, no session resumes."""
+    _lib.SSL_CTX_ctrl(_ssl_ctx(context), _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)

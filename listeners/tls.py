@@ -37,7 +37,9 @@ from .crl import (
     REVOKED, UNKNOWN, CrlError, CrlStore, distribution_points, load_ca_certificates,
     load_crl_files,
 )
-from .openssl import OpenSSLUnavailable, set_tls13_ciphersuites, set_verify_depth
+from .openssl import (
+    OpenSSLUnavailable, disable_session_cache, set_tls13_ciphersuites, set_verify_depth,
+)
 
 log = logging.getLogger("bastionmq.listener")
 
@@ -133,8 +135,17 @@ def build_context(options: Any, psk: bool = False) -> ssl.SSLContext:
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     if options.honor_cipher_order:
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE  # Python sets it by default
     if not options.reuse_sessions:
+        # Neither tickets (TLS 1.2's, and TLS 1.3's which OP_NO_TICKET alone
+        # turns into cached session ids) nor a server-side cache.
         context.options |= ssl.OP_NO_TICKET
+        context.num_tickets = 0
+        try:
+            disable_session_cache(context)
+        except OpenSSLUnavailable as exc:
+            raise TlsSetupError("reuse_sessions", str(exc)) from None
     return context
 
 
@@ -703,6 +714,14 @@ class TlsProtocol(asyncio.Protocol):
 
     def _attach(self, peer: PeerInfo) -> None:
         listener = self.listener
+        if log.isEnabledFor(logging.DEBUG):
+            cert = peer.certificate
+            log.debug("listener %s: TLS with %s: %s %s%s%s%s", listener.id, peer.host,
+                      peer.tls_version, peer.cipher,
+                      f", SNI {peer.sni}" if peer.sni else "",
+                      f", PSK identity {peer.psk_identity!r}" if peer.psk_identity else "",
+                      f", certificate {cert.subject} serial {cert.serial:x} sha256 "
+                      f"{cert.sha256} valid until {cert.not_after:%Y-%m-%d}" if cert else "")
         self.connection = listener.core.attach(self, peer)
         if peer.certificate is not None and listener.options.enforce_cert_lifetime:
             remaining = (peer.certificate.not_after - _now()).total_seconds()

@@ -287,3 +287,27 @@ def test_a_verified_certificate_authenticates_where_anonymous_access_is_off(star
     sock = tls_socket(port, _client_context(pki))
     sock.sendall(encode(Connect("anonymous", MQTT_3_1_1), MQTT_3_1_1))
     assert Decoder(MQTT_3_1_1).feed(sock.recv(1024))[0].reason_code == 5
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_reuse_sessions(start_broker, pki, reuse):
+    broker = start_broker(config=_ssl_config(pki, reuse_sessions=str(reuse).lower()))
+    port = broker.port_of("ssl:default")
+    context = _client_context(pki)
+    first = _tls_connect(port, context)  # the CONNACK read also takes TLS 1.3's tickets
+    session = first.session
+    again = context.wrap_socket(plain_socket(port), server_hostname="127.0.0.1",
+                                session=session)
+    assert again.session_reused is reuse
+    again.close()
+
+
+@pytest.mark.parametrize("honor, expected", [
+    ("true", "ECDHE-ECDSA-AES128-GCM-SHA256"), ("false", "ECDHE-ECDSA-AES256-GCM-SHA384")])
+def test_honor_cipher_order(start_broker, pki, honor, expected):
+    broker = start_broker(config=_ssl_config(
+        pki, versions="[tlsv1.2]", honor_cipher_order=honor,
+        ciphers='["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384"]'))
+    context = _client_context(pki)
+    context.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256")
+    assert _tls_connect(broker.port_of("ssl:default"), context).cipher()[0] == expected
