@@ -8,6 +8,11 @@ pinned to one core (taskset -c 0), and a fresh generator pinned to the other
 table shows the median over the runs and the ratio bastionmq / Mosquitto; all
 figures also go to benchmarks/results/compare-<time>.json. Options that
 compare.py does not know are passed on to loadgen.py (e.g. --pairs 4).
+
+For the TLS scenarios compare.py first makes a development PKI per key type
+(bastionmq.pki) in its temporary directory; both brokers serve the same
+certificate and trust the same CA, and the generator presents the same
+client certificate to both.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import datetime
 import json
 import os
 import platform
+import pwd
 import resource
 import shlex
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -35,12 +42,12 @@ import loadgen  # noqa: E402
 
 CONFIGS = {
     "bastionmq": (
-        "listeners.tcp.default {{ bind = \"127.0.0.1:{port}\", max_connections = infinity }}\n"
+        "{listener}"
         "allow_anonymous = true\n"
         "log.level = warning\n"
     ),
     "mosquitto": (
-        "listener {port} 127.0.0.1\n"
+        "{listener}"
         "allow_anonymous true\n"
         "persistence false\n"
         "max_connections -1\n"
@@ -49,13 +56,115 @@ CONFIGS = {
         "log_type warning\n"
     ),
 }
-HIGHER_IS_BETTER = {"qos0-1to1": True, "qos1": True, "fanout": True, "shared": True, "idle": False}
+LISTENERS = {
+    "bastionmq": {
+        "tcp": "listeners.tcp.default {{ bind = \"127.0.0.1:{port}\", max_connections = infinity }}\n",
+        "tls": (
+            "listeners.ssl.default {{\n"
+            "  bind = \"127.0.0.1:{port}\"\n"
+            "  max_connections = infinity\n"
+            "  ssl_options {{\n"
+            "    cacertfile = \"{cafile}\"\n"
+            "    certfile = \"{certfile}\"\n"
+            "    keyfile = \"{keyfile}\"\n"
+            "    verify = {verify}\n"
+            "    fail_if_no_peer_cert = {mutual}\n"
+            "  }}\n"
+            "}}\n"
+        ),
+    },
+    "mosquitto": {
+        "tcp": "listener {port} 127.0.0.1\n",
+        "tls": (
+            "listener {port} 127.0.0.1\n"
+            "cafile {cafile}\n"
+            "certfile {certfile}\n"
+            "keyfile {keyfile}\n"
+            "require_certificate {mutual}\n"
+        ),
+    },
+}
+# TLS scenario: (key type of the CA, server and client certificates, client certificate required)
+TLS_SCENARIOS = {
+    "tls-handshake-ec": ("ec", True),
+    "tls-handshake-rsa": ("rsa2048", True),
+    "tls-qos0": ("ec", False),
+}
+KEY_TYPES = {"ec": "ECDSA P-256", "rsa2048": "RSA 2048"}
+HIGHER_IS_BETTER = {
+    "qos0-1to1": True,
+    "qos1": True,
+    "fanout": True,
+    "shared": True,
+    "idle": False,
+    "tls-handshake-ec": True,
+    "tls-handshake-rsa": True,
+    "tls-qos0": True,
+}
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_pki(root: Path, key_types) -> dict:
+    """A development PKI per key type under `root` (bastionmq.pki): CA,
+    server certificate for localhost/127.0.0.1/::1 and one client
+    certificate, all of that key type. Returns key type -> file paths."""
+    from bastionmq import pki
+
+    files = {}
+    for key_type in key_types:
+        directory = root / f"pki-{key_type}"
+        server = pki.init_pki(directory, key_type=key_type)
+        client = pki.issue_client(directory, "bench-client", key_type=key_type)
+        files[key_type] = {
+            "cafile": str(directory / pki.CA_CERT),
+            "certfile": str(server.cert),
+            "keyfile": str(server.key),
+            "client_certfile": str(client.cert),
+            "client_keyfile": str(client.key),
+        }
+    return files
+
+
+def share_with_mosquitto(root: Path, files: dict):
+    """Mosquitto started as root switches to its `user` (mosquitto by
+    default) before it loads its certificates, and `root` and the keys are
+    root's alone: let that user through `root` and give it the server keys
+    (readable to all if there is no mosquitto user)."""
+    if os.geteuid() != 0:
+        return
+    os.chmod(root, 0o711)  # enter, not list
+    try:
+        user = pwd.getpwnam("mosquitto")
+    except KeyError:
+        user = None
+    for f in files.values():
+        if user:
+            os.chown(f["keyfile"], user.pw_uid, user.pw_gid)
+        else:
+            os.chmod(f["keyfile"], 0o644)
+
+
+def config(name: str, port: int, tls: dict | None = None) -> str:
+    """A broker's configuration: plain TCP, or with `tls` (a make_pki entry
+    plus "mutual") a TLS listener instead."""
+    if tls is None:
+        listener = LISTENERS[name]["tcp"].format(port=port)
+    else:
+        mutual = tls["mutual"]
+        listener = LISTENERS[name]["tls"].format(
+            port=port,
+            cafile=tls["cafile"],
+            certfile=tls["certfile"],
+            keyfile=tls["keyfile"],
+            verify="verify_peer" if mutual else "verify_none",
+            mutual="true" if mutual else "false",
+        )
+    return CONFIGS[name].format(listener=listener)
 
 
 def raise_nofile():
@@ -65,15 +174,16 @@ def raise_nofile():
 
 class Broker:
     """A broker subprocess on a free port, pinned to `cpu`; stopped with
-    SIGTERM when the `with` block ends."""
+    SIGTERM when the `with` block ends. With `tls` (see config()) its one
+    listener is a TLS listener."""
 
-    def __init__(self, name: str, cmd: str, cpu: int, workdir: Path):
-        self.name, self.cmd, self.cpu, self.workdir = name, cmd, cpu, workdir
+    def __init__(self, name: str, cmd: str, cpu: int, workdir: Path, tls: dict | None = None):
+        self.name, self.cmd, self.cpu, self.workdir, self.tls = name, cmd, cpu, workdir, tls
 
     def __enter__(self):
         self.port = free_port()
         conf = self.workdir / f"{self.name}-{self.port}.conf"
-        conf.write_text(CONFIGS[self.name].format(port=self.port))
+        conf.write_text(config(self.name, self.port, self.tls))
         argv = ["taskset", "-c", str(self.cpu), *shlex.split(self.cmd.format(conf=conf, port=self.port))]
         self.logpath = self.workdir / f"{self.name}-{self.port}.log"
         with open(self.logpath, "wb") as log:
@@ -126,6 +236,10 @@ def run_scenario(args, scenario, broker: Broker, extra) -> dict:
         "--port", str(broker.port), "--broker-pid", str(broker.proc.pid),
         "--duration", str(args.duration), "--warmup", str(args.warmup), *extra,
     ]  # fmt: skip
+    if broker.tls:  # the files the broker was given, so they cannot differ
+        argv += ["--cafile", broker.tls["cafile"]]
+        if broker.tls["mutual"]:
+            argv += ["--certfile", broker.tls["client_certfile"], "--keyfile", broker.tls["client_keyfile"]]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=args.warmup + args.duration + 180)
     if broker.proc.poll() is not None:
         raise RuntimeError(f"{broker.name} exited with {broker.proc.returncode}:\n{broker.log_tail()}")
@@ -152,9 +266,17 @@ def describe(r: dict) -> str:
     text = f"{fmt(r['figure'])} {r['unit']}"
     if "loss_pct" in r:
         text += f"  loss {fmt(r['loss_pct'])}%"
+    if "failures" in r:
+        text += f"  failures {r['failures']:,}"
+        if r["failures"]:
+            text += " (" + ", ".join(f"{n:,} {why}" for why, n in r["failure_reasons"].items()) + ")"
     if "gen_cpu" in r:
         text += f"  generator cpu {fmt(r['gen_cpu'])} core {fmt(r['gen_core_busy'])}"
         text += f"  broker cpu {fmt(r.get('broker_cpu'))} core {fmt(r.get('broker_core_busy'))}"
+    if "cycle_ms_median" in r:
+        text += f"  CONNACK after {fmt(r['cycle_ms_median'])} ms (median)"
+    if r.get("broker_log_lines"):
+        text += f"  broker logged {r['broker_log_lines']:,} lines"
     if "rss_before_kib" in r:
         text += f"  RSS {r['rss_before_kib']:,} -> {r['rss_after_kib']:,} KiB for {r['connections']:,} connections"
     return text
@@ -194,6 +316,7 @@ def summarize(results, scenarios, brokers):
                 "runs": len(ok),
                 "errors": len(results[sc][b]) - len(ok),
                 "max_loss_pct": max(values("loss_pct"), default=None),
+                "failures": sum(values("failures")) if values("failures") else None,
                 "max_gen_cpu": max(values("gen_cpu"), default=None),
                 "max_gen_core_busy": max(values("gen_core_busy"), default=None),
                 "median_broker_cpu": statistics.median(values("broker_cpu") or [None]),
@@ -221,20 +344,25 @@ def print_table(summary, scenarios, brokers):
     for r in [cols, ["-" * w for w in widths], *rows]:
         print("  ".join(str(v).ljust(w) if i < 2 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
     print()
-    print("median [min-max]; worst loss; generator: highest CPU (1.0 = its core) and busiest its core got;")
+    print("median [min-max]; worst loss (TLS handshakes: failures, all runs); generator: highest CPU")
+    print("(1.0 = its core) and busiest its core got;")
     print("broker: median CPU and core busy")
     warn = False
+    w = max(10, *map(len, scenarios))
     for sc in scenarios:
         for b in brokers:
             v = summary[sc][b]
             if not v:
-                print(f"  {sc:10} {b:10} no successful run")
+                print(f"  {sc:{w}} {b:10} no successful run")
                 continue
             gen = max(v["max_gen_cpu"] or 0, v["max_gen_core_busy"] or 0)
             warn |= gen >= 0.9
-            text = f"  {sc:10} {b:10} {fmt(v['median'])} [{fmt(v['min'])}-{fmt(v['max'])}] {v['unit']}"
+            text = f"  {sc:{w}} {b:10} {fmt(v['median'])} [{fmt(v['min'])}-{fmt(v['max'])}] {v['unit']}"
             if v["max_gen_cpu"] is not None:
-                text += f"  loss {fmt(v['max_loss_pct'])}%"
+                if v["failures"] is not None:
+                    text += f"  failures {v['failures']:,}"
+                else:
+                    text += f"  loss {fmt(v['max_loss_pct'])}%"
                 text += f"  generator {fmt(v['max_gen_cpu'])}/{fmt(v['max_gen_core_busy'])}"
                 text += f"  broker {fmt(v['median_broker_cpu'])}/{fmt(v['median_broker_core_busy'])}"
             if v["disturbed_runs"]:
@@ -287,20 +415,38 @@ def main():
             "cpu": cpu_model(),
             "kernel": platform.release(),
             "python": platform.python_version(),
+            "openssl": ssl.OPENSSL_VERSION,  # Python's: the generator's and bastionmq's
         },
         "versions": {b: version(cmds[b]) for b in brokers},
     }
+    key_types = sorted({TLS_SCENARIOS[sc][0] for sc in scenarios if sc in TLS_SCENARIOS})
+    if key_types:
+        meta["tls"] = {
+            sc: {"key_type": KEY_TYPES[kt], "client_certificate": mutual}
+            for sc, (kt, mutual) in TLS_SCENARIOS.items()
+            if sc in scenarios
+        }
     results = {sc: {b: [] for b in brokers} for sc in scenarios}
     cores = {args.broker_cpu, args.gen_cpu}
+    w = max(10, *map(len, scenarios))
     with tempfile.TemporaryDirectory(prefix="bastionmq-bench-") as tmp:
+        pki_files = make_pki(Path(tmp), key_types)
+        if "mosquitto" in brokers:
+            share_with_mosquitto(Path(tmp), pki_files)
         for run in range(args.runs):
             for sc in scenarios:
+                tls = None
+                if sc in TLS_SCENARIOS:
+                    key_type, mutual = TLS_SCENARIOS[sc]
+                    tls = {**pki_files[key_type], "mutual": mutual}
                 for b in brokers if run % 2 == 0 else brokers[::-1]:
                     try:
                         before = background_load(cores)
-                        with Broker(b, cmds[b], args.broker_cpu, Path(tmp)) as broker:
+                        with Broker(b, cmds[b], args.broker_cpu, Path(tmp), tls) as broker:
                             r = run_scenario(args, sc, broker, extra)
                         r["background_load"] = max(before, background_load(cores))
+                        # errors and warnings it logged (per-connection logging costs it too)
+                        r["broker_log_lines"] = len(broker.logpath.read_text(errors="replace").splitlines())
                         line = describe(r)
                         if r["background_load"] > 0.1:
                             line += f"  (DISTURBED: cores {r['background_load']:.0%} busy without us)"
@@ -308,7 +454,7 @@ def main():
                         r = {"error": str(e)}
                         line = f"ERROR {e}"
                     results[sc][b].append(r)
-                    print(f"run {run + 1}/{args.runs}  {sc:10} {b:10} {line}", flush=True)
+                    print(f"run {run + 1}/{args.runs}  {sc:{w}} {b:10} {line}", flush=True)
 
     summary = summarize(results, scenarios, brokers)
     print()

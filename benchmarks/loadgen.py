@@ -24,23 +24,31 @@ joining), Python runs once per chunk read or written, and reads are batched:
 The result holds the generator's and the broker's CPU use over the measured
 window (process time, 1.0 = one core, and how busy their cores were), so a
 generator at the end of its tether shows.
+
+The TLS scenarios use the event loop's own TLS (uvloop's, over OpenSSL): the
+generator verifies the broker's certificate against --cafile and, for the
+handshake scenarios, presents --certfile/--keyfile. It never offers a TLS
+session back, so every handshake is a full one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import itertools
 import json
 import os
 import resource
 import socket
+import ssl
 import struct
 import sys
 import time
 
 import uvloop
 
-SCENARIOS = ("qos0-1to1", "qos1", "fanout", "shared", "idle")
+SCENARIOS = ("qos0-1to1", "qos1", "fanout", "shared", "idle", "tls-handshake-ec", "tls-handshake-rsa", "tls-qos0")
 CONNACK_OK = b"\x20\x02\x00\x00"  # session present 0, return code 0
 DISCONNECT = b"\xe0\x00"
 RING_IDS = 4096  # packet ids 1..4096 cycled by a QoS 1 publisher
@@ -212,6 +220,18 @@ class Client(asyncio.Protocol):
             self.transport.write(DISCONNECT)
         self.transport.close()
 
+    def reset(self):
+        """Close at once with RST: no TIME_WAIT, and over TLS no close_notify
+        sent or waited for (close() waits for the peer's)."""
+        if self.transport is None:
+            return
+        try:
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except (OSError, AttributeError):  # already closed
+            pass
+        self.transport.abort()
+
 
 class CountingSubscriber(Client):
     """QoS 0 subscriber: every PUBLISH it gets is `size` bytes long, so the
@@ -377,15 +397,16 @@ class WindowPublisher(Client):
 # --- scenario plumbing -----------------------------------------------------
 
 
-async def open_all(args, factories, concurrency=100):
+async def open_all(args, factories, concurrency=100, tls=None):
     """Connect every protocol factory, at most `concurrency` handshakes at a
-    time; return the protocols once all handshakes are done."""
+    time; return the protocols once all handshakes are done. `tls`: an
+    SSLContext, to connect over TLS."""
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(concurrency)
 
     async def one(factory):
         async with sem:
-            _, proto = await loop.create_connection(factory, args.host, args.port)
+            _, proto = await loop.create_connection(factory, args.host, args.port, ssl=tls)
             await asyncio.wait_for(proto.ready, 30)
             return proto
 
@@ -472,10 +493,39 @@ def client_id(role: str, i: int = 0) -> str:
     return f"bm{os.getpid()}-{role}{i}"
 
 
+def tls_context(args, client_cert: bool) -> ssl.SSLContext:
+    """The generator's TLS client context: verifies the broker's certificate
+    (and host name) against --cafile; with `client_cert`, presents
+    --certfile/--keyfile. No session is ever passed back to a handshake, so
+    none is resumed."""
+    if not args.cafile:
+        raise SystemExit(f"{args.scenario} needs --cafile (the CA of the broker's certificate)")
+    context = ssl.create_default_context(cafile=args.cafile)
+    if client_cert:
+        if not (args.certfile and args.keyfile):
+            raise SystemExit(f"{args.scenario} needs --certfile and --keyfile (a client certificate)")
+        context.load_cert_chain(args.certfile, args.keyfile)
+    return context
+
+
+def tls_info(transport) -> dict:
+    sslobj = transport.get_extra_info("ssl_object")
+    cipher = sslobj.cipher()
+    return {"tls_version": sslobj.version(), "cipher": cipher[0] if cipher else None}
+
+
+def failure_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return f"{type(exc).__name__}: {exc}"[:120]
+
+
 # --- scenarios -------------------------------------------------------------
 
 
-async def qos0_1to1(args):
+async def qos0_1to1(args, tls=None):
     payload = b"x" * args.payload
     subs, pubs = [], []
     for i in range(args.pairs):
@@ -490,10 +540,80 @@ async def qos0_1to1(args):
         pubs.append(
             lambda i=i, p=pkt, k=k: FloodPublisher(connect(client_id("p", i)), CONNACK_OK, p, k)
         )
-    subs = await open_all(args, subs)
-    pubs = await open_all(args, pubs)
+    subs = await open_all(args, subs, tls=tls)
+    pubs = await open_all(args, pubs, tls=tls)
+    info = tls_info(subs[0].transport) if tls else {}
     res = await flood(args, subs, pubs)
-    res["pairs"] = args.pairs
+    res.update(pairs=args.pairs, **info)
+    return res
+
+
+async def tls_qos0(args):
+    """qos0-1to1 over TLS, without a client certificate."""
+    return await qos0_1to1(args, tls=tls_context(args, client_cert=False))
+
+
+async def tls_handshake(args):
+    """New TLS connections per second: `connectors` loops, each doing a full
+    TLS handshake with a client certificate, CONNECT, CONNACK, DISCONNECT,
+    then closing with RST, and again. The figure counts cycles that got their
+    CONNACK; any other end is a failure, counted by reason."""
+    if args.connectors < 1:
+        raise SystemExit("--connectors must be >= 1")
+    tls = tls_context(args, client_cert=True)
+    loop = asyncio.get_running_loop()
+    serial = itertools.count()
+    failures = collections.Counter()
+    done = {"completed": 0, "resumed": 0}
+    latency = []  # seconds from connect() to CONNACK, per completed cycle
+    info = {}
+    running = True
+
+    async def cycle():
+        proto = None
+        start = time.monotonic()  # loop.time() is uvloop's, in whole ms
+        try:
+            async with asyncio.timeout(args.timeout):
+                _, proto = await loop.create_connection(
+                    lambda: Client(connect(client_id("h", next(serial))), CONNACK_OK), args.host, args.port, ssl=tls
+                )
+                await proto.ready
+        except Exception as e:  # noqa: BLE001 - every way a cycle can fail is counted
+            failures[failure_reason(e)] += 1
+            if proto is not None:
+                proto.reset()
+            return
+        done["completed"] += 1
+        latency.append(time.monotonic() - start)
+        if proto.transport.get_extra_info("ssl_object").session_reused:
+            done["resumed"] += 1
+        if not info:
+            info.update(tls_info(proto.transport))
+        proto.transport.write(DISCONNECT)
+        proto.reset()
+
+    async def connector():
+        while running:
+            await cycle()
+
+    tasks = [asyncio.create_task(connector()) for _ in range(args.connectors)]
+    res = await window(args, lambda: done["completed"])
+    running = False
+    await asyncio.gather(*tasks)
+    res["completed_window"] = res.pop("delivered_window")
+    res.update(
+        unit="conns/s",
+        connectors=args.connectors,
+        completed_total=done["completed"],
+        failures=sum(failures.values()),
+        failure_reasons=dict(failures.most_common()),
+        resumed=done["resumed"],
+        **info,
+    )
+    if latency:
+        latency.sort()
+        res["cycle_ms_median"] = round(1000 * latency[len(latency) // 2], 2)
+        res["cycle_ms_p99"] = round(1000 * latency[len(latency) * 99 // 100], 2)
     return res
 
 
@@ -694,7 +814,16 @@ async def idle(args):
     return res
 
 
-RUNNERS = {"qos0-1to1": qos0_1to1, "qos1": qos1, "fanout": fanout, "shared": shared, "idle": idle}
+RUNNERS = {
+    "qos0-1to1": qos0_1to1,
+    "qos1": qos1,
+    "fanout": fanout,
+    "shared": shared,
+    "idle": idle,
+    "tls-handshake-ec": tls_handshake,
+    "tls-handshake-rsa": tls_handshake,
+    "tls-qos0": tls_qos0,
+}
 
 
 def parser():
@@ -706,7 +835,7 @@ def parser():
     p.add_argument("--duration", type=float, default=5.0, help="measured window, seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the window")
     p.add_argument("--payload", type=int, default=32, help="payload bytes")
-    p.add_argument("--pairs", type=int, default=8, help="publisher/subscriber pairs (qos0-1to1, qos1)")
+    p.add_argument("--pairs", type=int, default=8, help="publisher/subscriber pairs (qos0-1to1, qos1, tls-qos0)")
     p.add_argument("--window", type=int, default=128, help="unacknowledged PUBLISH per publisher (qos1)")
     p.add_argument("--sub-batch", type=int, default=4, help="PUBLISH queued before a QoS 1 subscriber reads")
     p.add_argument("--subscribers", type=int, default=1000, help="subscribers (fanout)")
@@ -716,7 +845,12 @@ def parser():
     p.add_argument("--settle", type=float, default=2.0, help="seconds before reading memory (idle)")
     p.add_argument("--lowat", type=int, help="SO_RCVLOWAT of QoS 0 subscribers, bytes (16384; fanout 1024)")
     p.add_argument("--ahead", type=int, default=64, help="messages published but not yet seen (fanout)")
-    p.add_argument("--batch", type=int, default=65536, help="bytes per publisher write (qos0-1to1, shared)")
+    p.add_argument("--batch", type=int, default=65536, help="bytes per publisher write (qos0-1to1, shared, tls-qos0)")
+    p.add_argument("--cafile", help="CA of the broker's certificate, PEM (tls-*)")
+    p.add_argument("--certfile", help="client certificate, PEM (tls-handshake-*)")
+    p.add_argument("--keyfile", help="key of --certfile, PEM (tls-handshake-*)")
+    p.add_argument("--connectors", type=int, default=64, help="concurrent connect loops (tls-handshake-*)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds allowed for one connection's TLS handshake and CONNACK (tls-handshake-*)")
     return p
 
 
