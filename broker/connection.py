@@ -321,8 +321,8 @@ class Connection:
             settled = core.identity.apply(request)
             if isinstance(settled, AuthResult):
                 return self._refuse(settled.reason_code, "identity refused")
-            if settled.client_id != client_id:
-                assigned = True  # the client is told the identifier it now has
+            # Assigned Client Identifier stays for clients that sent none
+            # (3.2.2.3.7): clients that sent one may take it as an error.
             request = settled
             self.client_id = client_id = request.client_id
             self.username = request.username

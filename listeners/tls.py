@@ -163,7 +163,9 @@ def _set_versions(context: ssl.SSLContext, versions: tuple[str, ...]) -> None:
 
 
 def _load_files(context: ssl.SSLContext, options: Any) -> None:
-    for key in ("certfile", "keyfile", "cacertfile"):
+    keys = ("certfile", "keyfile", "cacertfile") if options.verify == "verify_peer" \
+        else ("certfile", "keyfile")  # without verify_peer no CA file is used
+    for key in keys:
         path = getattr(options, key)
         if path and not os.path.isfile(path):
             raise TlsSetupError(key, f"{path!r}: no such file")
@@ -179,7 +181,7 @@ def _load_files(context: ssl.SSLContext, options: Any) -> None:
                                         f"{options.keyfile!r}: {exc.reason or exc}") from None
     except OSError as exc:
         raise TlsSetupError("certfile", f"cannot load {options.certfile!r}: {exc}") from None
-    if options.cacertfile:
+    if options.cacertfile and options.verify == "verify_peer":
         try:
             context.load_verify_locations(cafile=options.cacertfile)
         except (ssl.SSLError, OSError) as exc:
@@ -277,6 +279,10 @@ def describe_failure(exc: BaseException) -> str:
         return "not TLS (plain MQTT or another protocol sent to a TLS port?)"
     if reason in ("NO_SHARED_CIPHER", "NO_SUITABLE_SIGNATURE_ALGORITHM"):
         return "no cipher suite in common"
+    if reason == "PSK_IDENTITY_NOT_FOUND":
+        return "unknown PSK identity"
+    if reason in ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "BAD_RECORD_MAC", "DECRYPT_ERROR"):
+        return "wrong key (PSK) or corrupted handshake"
     if reason.startswith("SSLV3_ALERT_") or reason.startswith("TLSV1_ALERT_"):
         return "client aborted the handshake: " + reason.split("ALERT_", 1)[1].lower().replace("_", " ")
     return f"TLS error: {reason or exc}"
@@ -344,7 +350,7 @@ def load_material(options: Any, crl_cache: Any, psk: Any = None) -> TlsMaterial:
     context = build_context(options, serves_psk)
     revocation = None
     paths = {"certfile": options.certfile, "keyfile": options.keyfile}
-    if options.cacertfile:
+    if options.cacertfile and options.verify == "verify_peer":
         paths["cacertfile"] = options.cacertfile
     sni = {}
     for index, entry in enumerate(options.server_names):

@@ -215,7 +215,7 @@ def test_a_stalled_handshake_is_closed_after_handshake_timeout(start_broker, pki
 @pytest.mark.parametrize("options, key, message", [
     ({"certfile": '"/nonexistent/server.pem"'}, "certfile", "no such file"),
     ({"keyfile": "KEY_OF_OTHER_CA"}, "keyfile", "is not the key of the certificate"),
-    ({"cacertfile": "SERVER_KEY"}, "cacertfile", "cannot load"),
+    ({"cacertfile": "SERVER_KEY", "verify": "verify_peer"}, "cacertfile", "cannot load"),
     ({"ciphers": '"NOT-A-CIPHER"'}, "ciphers", "unknown cipher suite 'NOT-A-CIPHER'"),
     ({"ciphers": '"ECDHE-ECDSA-AES128-GCM-SHA256"', "versions": "[tlsv1.3]"}, "ciphers",
      "no listed cipher suite belongs to a TLS version in versions"),
@@ -311,3 +311,9 @@ def test_honor_cipher_order(start_broker, pki, honor, expected):
     context = _client_context(pki)
     context.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256")
     assert _tls_connect(broker.port_of("ssl:default"), context).cipher()[0] == expected
+
+
+def test_verify_none_reads_no_ca_file(start_broker, pki):
+    broker = start_broker(config=_ssl_config(pki, verify="verify_none",
+                                             cacertfile='"/nonexistent/ca.pem"'))
+    _tls_connect(broker.port_of("ssl:default"), _client_context(pki))

@@ -93,9 +93,15 @@ def test_every_certificate_source(start_broker, pki, source, cert, expected):
     connack = _connect(broker, pki, cert)
     value = expected(pki)
     assert connack.reason_code == 0
-    # The client learns the identifier it now has.
-    assert connack.properties["assigned_client_identifier"] == value
+    # Assigned Client Identifier is only for clients that sent no identifier.
+    assert "assigned_client_identifier" not in connack.properties
     assert _identities(broker) == [(value, value)]
+
+
+def test_a_client_that_sent_no_identifier_is_told_its_certificate_identity(start_broker, pki):
+    broker = start_broker(config=_config(pki, "peer_cert_as_clientid = cn"))
+    connack = _connect(broker, pki, "dev-1", client_id="")
+    assert connack.properties["assigned_client_identifier"] == "dev-1"
 
 
 @pytest.mark.parametrize("source, field, reason", [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,13 @@ def test_a_psk_client_connects_and_is_known_by_its_identity(psk_broker):
 def test_a_wrong_psk_fails_the_handshake(psk_broker, identity, key):
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         _connack(tls_socket(psk_broker.port_of("ssl:default"), _psk_context(identity, key)))
+    listener = psk_broker.broker.listeners["ssl:default"]
+    reason = ("unknown PSK identity" if identity == "nobody"
+              else "wrong key (PSK) or corrupted handshake")
+    deadline = time.monotonic() + TIMEOUT
+    while psk_broker.run(lambda: dict(listener.handshake_failures)) != {reason: 1}:
+        assert time.monotonic() < deadline, psk_broker.run(lambda: dict(listener.handshake_failures))
+        time.sleep(0.02)
 
 
 def test_mosquitto_pub_over_psk(psk_broker):
