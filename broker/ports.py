@@ -8,16 +8,15 @@ store: it only knows these shapes.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Awaitable, Mapping, Protocol
+from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 import attrs
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
-class PeerCertificate:
-    """The facts of a client certificate that the TLS handshake verified."""
+class CertificateFacts:
+    """What a client certificate says, as the auth and ACL chains use it."""
 
-    der: bytes = attrs.field(repr=False)
     #: Subject and issuer as RFC 4514 strings ("CN=sensor-7,O=Acme").
     subject: str
     common_name: str | None
@@ -33,6 +32,33 @@ class PeerCertificate:
     san_ip: tuple[str, ...] = ()
     #: Extended key usages as dotted OIDs (clientAuth is 1.3.6.1.5.5.7.3.2).
     extended_key_usage: tuple[str, ...] = ()
+
+
+class PeerCertificate:
+    """A client certificate the TLS handshake verified: its DER encoding,
+    and its facts (``subject``, ``common_name``, ``san_dns``... as in
+    CertificateFacts), parsed on first use. Most connections never ask, and
+    parsing is a noticeable part of a handshake's cost in Python."""
+
+    __slots__ = ("der", "_parse", "_facts")
+
+    def __init__(self, der: bytes, parse: Callable[[bytes], CertificateFacts]) -> None:
+        self.der = der
+        self._parse = parse
+        self._facts: CertificateFacts | None = None
+
+    @property
+    def facts(self) -> CertificateFacts:
+        if self._facts is None:
+            self._facts = self._parse(self.der)
+        return self._facts
+
+    def __getattr__(self, name: str) -> Any:
+        # Reached only for names that are not slots: the facts' fields.
+        return getattr(self.facts, name)
+
+    def __repr__(self) -> str:
+        return f"<PeerCertificate {self.facts.subject}>"
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)

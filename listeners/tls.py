@@ -29,7 +29,7 @@ from sslpsk3 import SSLPSKContext
 import attrs
 
 from bastionmq.broker.core import BrokerCore
-from bastionmq.broker.ports import PeerCertificate, PeerInfo
+from bastionmq.broker.ports import CertificateFacts, PeerCertificate, PeerInfo
 from bastionmq.broker.properties import Reason
 
 from .base import Listener
@@ -219,7 +219,7 @@ def _set_ciphers(context: ssl.SSLContext, ciphers: tuple[str, ...], legacy: bool
 # Certificate facts
 
 
-def certificate_facts(der: bytes) -> PeerCertificate:
+def certificate_facts(der: bytes) -> CertificateFacts:
     cert = x509.load_der_x509_certificate(der)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     try:
@@ -235,8 +235,7 @@ def certificate_facts(der: bytes) -> PeerCertificate:
     def sans(kind: Any) -> tuple[str, ...]:
         return tuple(str(value) for value in san.get_values_for_type(kind)) if san else ()
 
-    return PeerCertificate(
-        der=der,
+    return CertificateFacts(
         subject=cert.subject.rfc4514_string(),
         common_name=str(names[0].value) if names else None,
         issuer=cert.issuer.rfc4514_string(),
@@ -551,7 +550,7 @@ class TlsListener(Listener):
         return PeerInfo(
             listener=self.id, address=tuple(peername[:2]) if peername else None, tls=True,
             tls_version=sslobj.version(), cipher=cipher[0] if cipher else None,
-            certificate=certificate_facts(der) if der else None,
+            certificate=PeerCertificate(der, certificate_facts) if der else None,
             sni=protocol.sni, psk_identity=protocol.psk_identity)
 
     def refuse_peer(self, peer: PeerInfo) -> str | None:
