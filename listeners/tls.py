@@ -149,6 +149,14 @@ def build_context(options: Any, psk: bool = False) -> ssl.SSLContext:
     return context
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    raise _EncryptedKey
+
+
 def _set_versions(context: ssl.SSLContext, versions: tuple[str, ...]) -> None:
     chosen = sorted(_VERSIONS[name] for name in versions)
     with warnings.catch_warnings():
@@ -172,11 +180,21 @@ def _load_files(context: ssl.SSLContext, options: Any) -> None:
         if path and not os.access(path, os.R_OK):
             raise TlsSetupError(key, f"{path!r}: not readable")
     try:
-        context.load_cert_chain(options.certfile, options.keyfile, options.password)
+        # Without a configured password, an encrypted key must fail, not make
+        # OpenSSL ask for a pass phrase on the terminal.
+        context.load_cert_chain(options.certfile, options.keyfile,
+                                options.password if options.password is not None
+                                else _no_password)
+    except _EncryptedKey:
+        raise TlsSetupError("password", f"{options.keyfile!r} is encrypted: set "
+                                        "ssl_options.password") from None
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc):
             raise TlsSetupError("keyfile", f"{options.keyfile!r} is not the key of the "
                                            f"certificate in {options.certfile!r}") from None
+        if options.password is not None and exc.library == "SSL" and not exc.reason:
+            raise TlsSetupError("password", f"cannot decrypt {options.keyfile!r} with the "
+                                            "password given") from None
         raise TlsSetupError("certfile", f"cannot load {options.certfile!r} with "
                                         f"{options.keyfile!r}: {exc.reason or exc}") from None
     except OSError as exc:

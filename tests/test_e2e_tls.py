@@ -317,3 +317,22 @@ def test_verify_none_reads_no_ca_file(start_broker, pki):
     broker = start_broker(config=_ssl_config(pki, verify="verify_none",
                                              cacertfile='"/nonexistent/ca.pem"'))
     _tls_connect(broker.port_of("ssl:default"), _client_context(pki))
+
+
+def test_an_encrypted_key_with_its_password(start_broker, pki, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_pem_private_key((pki / "server.key").read_bytes(), None)
+    encrypted = tmp_path / "server-encrypted.key"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"open sesame")))
+    broker = start_broker(config=_ssl_config(pki, keyfile=f'"{encrypted}"',
+                                             password='"open sesame"'))
+    _tls_connect(broker.port_of("ssl:default"), _client_context(pki))
+    for password, message in (('"guess"', "cannot decrypt"), ("null", "is encrypted")):
+        wrong = Broker(_ssl_config(pki, keyfile=f'"{encrypted}"', password=password))
+        with pytest.raises(ConfigError) as info:
+            asyncio.run(wrong.start())
+        ((where, what),) = info.value.errors
+        assert where == "listeners.ssl.default.ssl_options.password"
+        assert str(encrypted) in what and message in what

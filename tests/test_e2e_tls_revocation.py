@@ -288,3 +288,17 @@ def test_a_connection_ends_with_its_certificates_validity(start_broker, pki):
     disconnect = client.receive()
     assert disconnect.reason_code == 0x98
     assert disconnect.properties["reason_string"] == "client certificate expired"
+
+
+def test_a_refreshed_distribution_point_crl_disconnects_whom_it_revokes(
+        start_broker, pki, crl_server):
+    issue_client(pki, "dp-later", crl_url=crl_server.url)
+    broker = start_broker(config=_config(pki, extra="crl_cache.refresh_interval = 200ms"))
+    client = MqttOverTls(broker.port_of("ssl:default"), pki, "dp-later", "later")
+    assert client.connack.reason_code == 0
+    revoke(pki, pki / "dp-later.pem")  # the distribution point serves the new list
+    client.sock.settimeout(TIMEOUT)
+    disconnect = client.receive()
+    assert (disconnect.reason_code, disconnect.properties["reason_string"]) == (
+        0x98, "client certificate revoked")
+    assert crl_server.requests >= 2
