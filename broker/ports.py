@@ -158,3 +158,43 @@ class IdentityPolicy(Protocol):
     or refuse it."""
 
     def apply(self, request: AuthRequest) -> AuthRequest | AuthResult: ...
+
+
+#: Actions an authorization source decides on.
+PUBLISH_ACTION = "publish"
+SUBSCRIBE_ACTION = "subscribe"
+#: A source's answer: "allow", "deny", or None when it has no rule for the case.
+ALLOW_ACCESS = "allow"
+DENY_ACCESS = "deny"
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class ClientInfo:
+    """Who is asking, as authorization sees a connected client."""
+
+    client_id: str
+    username: str | None
+    peer: PeerInfo
+    superuser: bool = False
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class AccessRequest:
+    """One publish or subscribe to decide on."""
+
+    client: ClientInfo
+    #: PUBLISH_ACTION or SUBSCRIBE_ACTION.
+    action: str
+    #: The topic name published to, or the filter subscribed to (without a
+    #: $share/{group}/ prefix).
+    topic: str
+    qos: int = 0
+    retain: bool = False
+
+
+class AclSource(Protocol):
+    """One source of authorization rules (an ACL file, a database...)."""
+
+    def check(self, request: AccessRequest) -> str | None:
+        """ALLOW_ACCESS, DENY_ACCESS, or None when no rule matches."""
+        ...

@@ -69,6 +69,31 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
     return len(flevels) == len(tlevels)
 
 
+def filter_covers(rule: str, subscription: str) -> bool:
+    """Whether every topic ``subscription`` can match is matched by ``rule``,
+    for authorizing a SUBSCRIBE: a wildcard in the subscription must meet an
+    equal or wider wildcard in the rule ('+' by '+' or '#', '#' only by '#').
+    A topic name without wildcards is covered exactly when ``rule`` matches it.
+    """
+    if subscription.startswith("$") and rule[:1] in ("+", "#"):
+        return False  # [MQTT-4.7.2-1]
+    rule_levels = rule.split("/")
+    sub_levels = subscription.split("/")
+    for index, level in enumerate(rule_levels):
+        if level == "#":
+            return True
+        if index >= len(sub_levels):
+            return False
+        wanted = sub_levels[index]
+        if wanted == "#":
+            return False  # only a '#' in the rule covers a '#'
+        if level == "+":
+            continue
+        if level != wanted:
+            return False
+    return len(rule_levels) == len(sub_levels)
+
+
 def find_path(root: Any, topic: str) -> tuple[list[tuple[Any, str]], Any] | None:
     """The (parent, level) pairs from ``root`` down to the node of ``topic``, and
     that node; None when the tree has no such node. Nodes keep ``children``."""

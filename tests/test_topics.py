@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from bastionmq.broker import topics
 from bastionmq.broker.topics import (
-    InvalidTopic, SubscriptionTrie, filter_matches, validate_filter, validate_topic_name,
+    InvalidTopic, SubscriptionTrie, filter_covers, filter_matches, validate_filter, validate_topic_name,
 )
 
 PROPERTY_TEST = settings(deadline=None, max_examples=300)
@@ -355,3 +355,13 @@ def test_one_filter_in_the_trie_matches_like_filter_matches(topic_filter, topic)
     trie = SubscriptionTrie()
     trie.add(topic_filter, "s", 0)
     assert bool(trie.match(topic)) is filter_matches(topic_filter, topic)
+
+
+@pytest.mark.parametrize("rule, subscription, covered", [
+    ("a/#", "a/b/c", True), ("a/#", "a/+", True), ("a/+", "a/+", True), ("a/+", "a/#", False),
+    ("#", "a/#", True), ("+/b", "x/b", True), ("a/b", "a/+", False), ("a/+/c", "a/b/c", True),
+    ("a", "a", True), ("#", "$SYS/x", False), ("$SYS/#", "$SYS/x", True), ("a/#", "a", True),
+    ("a/+", "a", False), ("a/+/#", "a/x/#", True), ("a/+/#", "+/x/#", False),
+])
+def test_filter_covers(rule, subscription, covered):
+    assert filter_covers(rule, subscription) is covered
