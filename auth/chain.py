@@ -1,38 +1,123 @@
-"""The authentication chain.
+"""The authentication chain (EMQX's ``authentication = [...]``).
 
-Authenticators are asked in order; each answers allow, deny or ignore. When
-every one ignores (or there are none) ``allow_anonymous`` decides, so access
-without credentials is always an explicit setting, never a default. A client
-certificate the listener verified, or a TLS-PSK identity, authenticates its
-client.
+Authenticators are asked in order; each answers allow, deny or ignore (None:
+pass to the next). When every one ignores (or there are none)
+``allow_anonymous`` decides, so access without credentials is always an
+explicit setting, never a default. An authenticator may answer later (a
+database look-up); the chain then continues asynchronously.
+
+A client that proved a TLS-PSK identity is authenticated by its key. On a
+listener without a configured chain, a client certificate the listener
+verified authenticates its client too; where a chain is configured, say so
+with a ``mechanism = cert`` entry.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Awaitable, Mapping
+from typing import Any, Awaitable, Mapping, Protocol, Sequence
+
+import attrs
 
 from bastionmq.broker.ports import ALLOW, AuthRequest, AuthResult
 from bastionmq.broker.properties import Reason
 
+from .ban import LoginBans
+from .identity import NoIdentity, certificate_value
+from .mosquitto_passwd import load_password_file
+
 log = logging.getLogger("bastionmq.auth")
 
 DENY_ANONYMOUS = AuthResult(Reason.NOT_AUTHORIZED)
+BANNED = AuthResult(Reason.BANNED)
+
+
+class ChainAuthenticator(Protocol):
+    """One entry of the chain: a decision, or None to pass to the next."""
+
+    name: str
+
+    def authenticate(self, request: AuthRequest) -> AuthResult | None | Awaitable[AuthResult | None]: ...
+
+
+@attrs.define(slots=True)
+class AuthStats:
+    """Authentication outcomes, for operators and metrics."""
+
+    allowed: int = 0
+    denied: int = 0
 
 
 class AuthenticationChain:
-    def __init__(self, allow_anonymous: bool) -> None:
+    def __init__(self, allow_anonymous: bool,
+                 authenticators: Sequence[ChainAuthenticator] | None = None,
+                 enabled: bool = True, stats: AuthStats | None = None,
+                 bans: LoginBans | None = None) -> None:
         self.allow_anonymous = allow_anonymous
+        #: Repeated failures ban a client id / username / address for a while.
+        self.bans = bans
+        #: None: no chain configured for the listener (a verified certificate
+        #: then authenticates); a list, possibly empty: exactly these.
+        self.authenticators = authenticators
+        self.enabled = enabled
+        self.stats = stats if stats is not None else AuthStats()
 
     def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]:
         peer = request.peer
-        if peer.certificate is not None or peer.psk_identity is not None:
-            # The listener verified this certificate against its CA (a peer
-            # certificate is only kept with verify_peer), or the client proved
-            # it holds a PSK identity's key: that is who it is.
-            return ALLOW
+        if not self.enabled or peer.psk_identity is not None:
+            return self._allowed(request, ALLOW)
+        if self.bans is not None:
+            banned = self.bans.banned(request)
+            if banned is not None:
+                self.stats.denied += 1
+                log.info("refusing client %r from %s on %s: %s %r is banned after failed "
+                         "logins", request.client_id, peer.host, peer.listener, *banned)
+                return BANNED
+        if self.authenticators is None:
+            if peer.certificate is not None:
+                # The listener verified this certificate against its CA (a peer
+                # certificate is only kept with verify_peer): that is who it is.
+                return self._allowed(request, ALLOW)
+            return self._fall_through(request)
+        return self._run(request, 0)
+
+    def _run(self, request: AuthRequest, start: int) -> AuthResult | Awaitable[AuthResult]:
+        authenticators = self.authenticators
+        for index in range(start, len(authenticators)):
+            answer = authenticators[index].authenticate(request)
+            if inspect.isawaitable(answer):
+                return self._continue(request, index, answer)
+            if answer is not None:
+                return self._decided(request, authenticators[index].name, answer)
+        return self._fall_through(request)
+
+    async def _continue(self, request: AuthRequest, index: int, pending) -> AuthResult:
+        answer = await pending
+        if answer is not None:
+            return self._decided(request, self.authenticators[index].name, answer)
+        result = self._run(request, index + 1)
+        return await result if inspect.isawaitable(result) else result
+
+    def _decided(self, request: AuthRequest, name: str, answer: AuthResult) -> AuthResult:
+        if answer.allowed:
+            return self._allowed(request, answer)
+        self.stats.denied += 1
+        if self.bans is not None:
+            self.bans.failed(request)
+        log.info("refusing client %r (user %r) from %s on %s: %s denied it (%s)",
+                 request.client_id, request.username, request.peer.host, request.peer.listener,
+                 name, Reason(answer.reason_code).name.lower().replace("_", " "))
+        return answer
+
+    def _allowed(self, request: AuthRequest, result: AuthResult) -> AuthResult:
+        self.stats.allowed += 1
+        return result
+
+    def _fall_through(self, request: AuthRequest) -> AuthResult:
         if self.allow_anonymous:
-            return ALLOW
+            return self._allowed(request, ALLOW)
+        self.stats.denied += 1
         log.info("refusing client %r from %s on %s: no authenticator accepted it and "
                  "anonymous access is off", request.client_id, request.peer.host,
                  request.peer.listener)
@@ -47,3 +132,117 @@ class ListenerAuthenticators:
 
     def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]:
         return self._chains[request.peer.listener].authenticate(request)
+
+
+# --------------------------------------------------------------------------
+# Mechanisms
+
+
+class CertAuthenticator:
+    """``mechanism = cert``: a verified client certificate authenticates its
+    client; optionally its identity must equal the username or client id
+    sent. No verified certificate: denied."""
+
+    name = "cert"
+
+    def __init__(self, identity: str = "cn", must_match: str = "none") -> None:
+        self.identity = identity
+        self.must_match = must_match
+
+    def authenticate(self, request: AuthRequest) -> AuthResult | None:
+        certificate = request.peer.certificate
+        if certificate is None:
+            return AuthResult(Reason.NOT_AUTHORIZED)
+        if self.must_match == "none":
+            return ALLOW
+        try:
+            value = certificate_value(certificate, self.identity)
+        except NoIdentity:
+            return AuthResult(Reason.NOT_AUTHORIZED)
+        if self.must_match == "username" and request.username != value:
+            return AuthResult(Reason.BAD_USER_NAME_OR_PASSWORD)
+        if self.must_match == "clientid" and request.client_id != value:
+            return AuthResult(Reason.CLIENT_IDENTIFIER_NOT_VALID)
+        return ALLOW
+
+
+class PasswordFileAuthenticator:
+    """``mechanism = password_based, backend = password_file``: Mosquitto's
+    password_file. An unknown user (or no username) is passed on."""
+
+    name = "password_file"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.passwords = load_password_file(path)
+
+    def reload(self) -> None:
+        self.passwords = load_password_file(self.path)
+
+    def authenticate(self, request: AuthRequest) -> AuthResult | None:
+        username = request.username
+        if username is None or username not in self.passwords:
+            return None
+        if self.passwords.verify(username, request.password):
+            return ALLOW
+        return AuthResult(Reason.BAD_USER_NAME_OR_PASSWORD)
+
+
+class AuthnLoadError(ValueError):
+    """An authenticator that cannot be set up; ``index`` is its place in the list."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class BuiltinPasswordAuthenticator:
+    """``mechanism = password_based, backend = built_in_database``: users kept
+    with ``bastionmq users``. An unknown user is passed on; the check (a
+    database read, a hash that may take milliseconds) never blocks the loop."""
+
+    name = "built_in_database"
+
+    def __init__(self, database: Any, user_id_type: str) -> None:
+        self.database = database
+        self.user_id_type = user_id_type
+
+    def authenticate(self, request: AuthRequest) -> Awaitable[AuthResult | None] | None:
+        user_id = request.username if self.user_id_type == "username" else request.client_id
+        if not user_id:
+            return None
+        return self._check(user_id, request.password)
+
+    async def _check(self, user_id: str, password: bytes | None) -> AuthResult | None:
+        from .builtin_db import CheckOutcome
+        checked = await self.database.check_password(user_id, self.user_id_type, password)
+        if checked.outcome is CheckOutcome.UNKNOWN_USER:
+            return None
+        if checked.outcome is CheckOutcome.BAD_PASSWORD:
+            return AuthResult(Reason.BAD_USER_NAME_OR_PASSWORD)
+        return AuthResult(superuser=checked.user.is_superuser)
+
+
+def build_authenticators(configs: Sequence[Any], extra: Mapping[tuple, Any] | None = None
+                         ) -> list[ChainAuthenticator]:
+    """Authenticators for the enabled entries of an ``authentication`` list.
+    ``extra`` maps a (mechanism, backend) pair to a factory, for backends
+    that need the application's resources (the built-in database)."""
+    built = []
+    for index, config in enumerate(configs):
+        if not config.enable or config.mechanism == "scram":
+            continue  # SCRAM runs as an enhanced authentication method, not here
+        key = (config.mechanism, config.backend)
+        try:
+            if extra and key in extra:
+                built.append(extra[key](config))
+            elif config.mechanism == "cert":
+                built.append(CertAuthenticator(config.identity, config.must_match))
+            elif key == ("password_based", "password_file"):
+                built.append(PasswordFileAuthenticator(config.path))
+            else:
+                raise ValueError(f"{config.mechanism} with backend {config.backend} is not "
+                                 "available here")
+        except (OSError, ValueError) as exc:
+            raise AuthnLoadError(index, str(exc)) from None
+    return built

@@ -8,7 +8,14 @@ import os
 from typing import Any, Iterable, Mapping
 
 import bastionmq
-from bastionmq.auth.chain import AuthenticationChain, ListenerAuthenticators
+from bastionmq.acl.chain import AclLoadError, AuthorizationChain, load_sources
+from bastionmq.auth.ban import LoginBans
+from bastionmq.auth.builtin_db import AuthDatabase, AuthDatabaseError, BuiltinAclSource, read_rules
+from bastionmq.auth.scram import ScramSha256
+from bastionmq.auth.chain import (
+    AuthenticationChain, AuthnLoadError, AuthStats, BuiltinPasswordAuthenticator,
+    ListenerAuthenticators, build_authenticators,
+)
 from bastionmq.auth.identity import IdentityRule, PeerIdentity
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import AuthMethod
@@ -52,6 +59,85 @@ def _listener_plan(config: Config, kind: str, name: str,
                                       "psk": config.psk_authentication, "material": material}
 
 
+def _authenticators(config: Config, kind: str, name: str, block: Any,
+                    database: Any = None) -> list | None:
+    """The listener's authenticators; None when no chain is configured.
+    Without a ``database`` (checking only), built-in database entries are
+    left out."""
+    entries = config.authentication_of(block)
+    if entries is None:
+        return None
+    if database is None:
+        entries = tuple(e for e in entries if e.backend != "built_in_database")
+    extra = {("password_based", "built_in_database"):
+             lambda entry: BuiltinPasswordAuthenticator(database, entry.user_id_type)}
+    try:
+        return build_authenticators(entries, extra)
+    except AuthnLoadError as exc:
+        where = (f"listeners.{kind}.{name}.authentication" if block.authentication is not None
+                 else "authentication")
+        raise ConfigError([(f"{where}.{exc.index}", str(exc))]) from None
+
+
+def _load_emqx_acl(source: Any) -> Any:
+    from bastionmq.acl.emqx_file import parse_acl_file
+    return parse_acl_file(source.path)
+
+
+def _load_mosquitto_acl(source: Any) -> Any:
+    from bastionmq.acl.mosquitto_file import parse_mosquitto_acl
+    return parse_mosquitto_acl(source.path)
+
+
+def _acl_loaders(config: Config) -> dict[str, Any]:
+    def load_builtin(source: Any) -> Any:
+        return BuiltinAclSource(read_rules(config.node.auth_database))
+    return {"file": _load_emqx_acl, "mosquitto_acl": _load_mosquitto_acl,
+            "built_in_database": load_builtin}
+
+
+def _uses_database(config: Config) -> bool:
+    entries = [*config.authentication, *(entry for _, _, block in config.enabled_listeners()
+                                         for entry in block.authentication or ())]
+    return any(entry.enable and (entry.backend == "built_in_database" or entry.mechanism == "scram")
+               for entry in entries)
+
+
+def _acl_sources(config: Config) -> list:
+    try:
+        return load_sources(config.authorization.sources, _acl_loaders(config))
+    except AclLoadError as exc:
+        raise ConfigError([(exc.key_path, str(exc))]) from None
+
+
+def _authorization(config: Config) -> AuthorizationChain | None:
+    """The authorization chain, or None when nothing can be denied."""
+    authz = config.authorization
+    if not authz.active:
+        return None
+    return AuthorizationChain(
+        _acl_sources(config), no_match=authz.no_match, deny_action=authz.deny_action,
+        cache_max_size=authz.cache.max_size if authz.cache.enable else 0,
+        cache_ttl=authz.cache.ttl)
+
+
+def check_rule_files(config: Config) -> list[tuple[str, str]]:
+    """Load what authentication and authorization read from disk (password
+    files, ACL files) as start-up would; the problems, with key paths."""
+    problems = []
+    try:
+        if config.authorization.active:
+            _acl_sources(config)
+    except ConfigError as exc:
+        problems.extend(exc.errors)
+    for kind, name, block in config.enabled_listeners():
+        try:
+            _authenticators(config, kind, name, block)
+        except ConfigError as exc:
+            problems.extend(error for error in exc.errors if error not in problems)
+    return problems
+
+
 def _make_dev_pki_on_first_start(config: Config) -> None:
     """When a TLS listener uses the development PKI's default paths and none
     of its files exists yet, make that PKI, so the shipped config starts."""
@@ -89,38 +175,64 @@ class Broker:
         #: Listener id ("tcp:default") -> Listener, once started.
         self.listeners: dict[str, Listener] = {}
         self._sys_topics: SysTopics | None = None
+        self.authorization: AuthorizationChain | None = None
+        self._authenticators: list = []
+        #: The built-in user and rule database, when the config uses it.
+        self.database: AuthDatabase | None = None
 
     async def start(self) -> None:
+        """Load everything the config names, then open the listeners; a
+        problem stops start-up (ConfigError with key paths) before any port
+        opens, and whatever was opened is closed again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
         _make_dev_pki_on_first_start(config)
+        if _uses_database(config):
+            try:
+                self.database = await AuthDatabase.open(config.node.auth_database)
+            except AuthDatabaseError as exc:
+                raise ConfigError([("node.data_dir", str(exc))]) from None
+            if "SCRAM-SHA-256" not in self.auth_methods:
+                self.auth_methods["SCRAM-SHA-256"] = ScramSha256(self.database.get_scram)
         chains = {}
         rules = {}
         listeners: list[tuple[type[Listener], str, Any, dict[str, Any]]] = []
+        self.authn_stats = AuthStats()
+        ban = config.authn_ban
+        bans = LoginBans(ban.max_failures, ban.window, ban.ban_time, ban.by) if ban.enable else None
         for kind, name, block in config.enabled_listeners():
-            chains[f"{kind}:{name}"] = AuthenticationChain(config.anonymous_allowed(block))
+            authenticators = _authenticators(config, kind, name, block, self.database)
+            self._authenticators.extend(authenticators or ())
+            chains[f"{kind}:{name}"] = AuthenticationChain(
+                config.anonymous_allowed(block), authenticators,
+                block.enable_authn, self.authn_stats, bans)
             listeners.append(_listener_plan(config, kind, name, block))
             if kind == "ssl":
                 rules[f"{kind}:{name}"] = IdentityRule(*config.peer_cert_identity_of(block))
+        self.authorization = _authorization(config)
         self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop,
                                       self.auth_methods,
-                                      PeerIdentity(rules) if rules else None)
+                                      PeerIdentity(rules) if rules else None,
+                                      self.authorization)
         if config.sys_topics.sys_interval > 0:
             self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
                                          f"bastionmq {bastionmq.__version__}")
             self._sys_topics.start()
-        try:
-            for cls, name, block, extra in listeners:
-                listener = cls(
-                    name, block.bind.host, block.bind.port, core,
-                    max_connections=block.max_connections, backlog=block.tcp_options.backlog,
-                    nodelay=block.tcp_options.nodelay,
-                    high_watermark=block.tcp_options.high_watermark, **extra)
-                await listener.start()
-                self.listeners[listener.id] = listener
-        except BaseException:
-            await self.stop()
-            raise
+        for cls, name, block, extra in listeners:
+            listener = cls(
+                name, block.bind.host, block.bind.port, core,
+                max_connections=block.max_connections, backlog=block.tcp_options.backlog,
+                nodelay=block.tcp_options.nodelay,
+                high_watermark=block.tcp_options.high_watermark, **extra)
+            await listener.start()
+            self.listeners[listener.id] = listener
 
     async def stop(self) -> None:
         """Stop accepting, disconnect every client (5.0: DISCONNECT 0x8B), close sockets."""
@@ -138,6 +250,9 @@ class Broker:
                     break
                 await asyncio.sleep(0)
         self.core = None
+        if self.database is not None:
+            await self.database.close()
+            self.database = None
 
     async def __aenter__(self) -> Broker:
         await self.start()
@@ -145,6 +260,38 @@ class Broker:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
+
+    def reload_authorization(self) -> bool:
+        """Load the authorization sources again (what SIGHUP does) and forget
+        every cached decision; on an error the previous rules stay."""
+        chain = self.authorization
+        if chain is None or self.core is None:
+            return False
+        try:
+            chain.sources = _acl_sources(self.config)
+        except ConfigError as exc:
+            log.error("not reloading the authorization sources: %s; the previous rules stay",
+                      exc)
+            return False
+        for connection in self.core.connections:
+            if connection.access_cache is not None:
+                connection.access_cache.clear()
+        log.info("reloaded the authorization sources")
+        return True
+
+    def reload(self, why: str = "SIGHUP") -> None:
+        """What SIGHUP does: TLS material, password files and authorization
+        rules, again from disk; what does not load keeps its previous state."""
+        self.reload_tls(why)
+        for authenticator in self._authenticators:
+            reload = getattr(authenticator, "reload", None)
+            if reload is not None:
+                try:
+                    reload()
+                except (OSError, ValueError) as exc:
+                    log.error("not reloading %s: %s; the previous contents stay",
+                              authenticator.name, exc)
+        self.reload_authorization()
 
     def reload_tls(self, why: str = "requested") -> dict[str, bool]:
         """Load every TLS listener's files again (what SIGHUP does); returns

@@ -7,15 +7,21 @@ import contextlib
 import logging
 import shlex
 import signal
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
 import bastionmq
 from bastionmq import pki, tls_policy
-from bastionmq.app import Broker
+from bastionmq.auth import builtin_db
+from bastionmq.auth.passwords import NAMES as HASH_NAMES
+from bastionmq.auth.passwords import PasswordHash
+from bastionmq.auth.scram import DEFAULT_ITERATIONS
+from bastionmq.app import Broker, check_rule_files
 from bastionmq.config import Config, ConfigError, load_config
 
 DEFAULT_CONFIG = Path("etc/bastionmq.conf")
@@ -58,8 +64,9 @@ def check_config(config_file: str | None) -> None:
     tls = tls_policy.report(config)
     for warning in tls.warnings:
         click.echo(f"warning: {warning}", err=True)
-    if tls.errors:
-        problems = "\n".join(f"{where}: {message}" for where, message in tls.errors)
+    errors = tls.errors + check_rule_files(config)
+    if errors:
+        problems = "\n".join(f"{where}: {message}" for where, message in errors)
         raise click.ClickException(f"invalid configuration:\n{problems}")
     enabled = [f"{kind}:{name} {block.bind}" for kind, name, block in config.enabled_listeners()]
     click.echo(f"{source}: configuration is valid; listeners: {', '.join(enabled) or 'none'}")
@@ -101,7 +108,7 @@ async def _serve(broker: Broker) -> None:
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, broker.reload_tls, "SIGHUP")
+    loop.add_signal_handler(signal.SIGHUP, broker.reload, "SIGHUP")
     await stopping.wait()
     log.info("stopping: closing listeners and disconnecting %d clients",
              len(broker.core.connections))
@@ -228,3 +235,311 @@ def _pki_errors() -> Iterator[None]:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:  # a directory that cannot be created or written
         raise click.ClickException(f"cannot write {exc.filename}: {exc.strerror or exc}") from None
+
+
+# ------------------------------------------------------------------ users and acl
+# The built-in database (node.data_dir/auth.sqlite3): users for
+# ``backend = built_in_database`` and ``mechanism = scram``, and rules for the
+# built_in_database authorization source. The file is SQLite in WAL mode, so
+# these commands work while the broker runs.
+
+user_type_option = click.option(
+    "--clientid/--username", "clientid", default=None,
+    help="The user is a client id / a username (default: the user_id_type of the "
+         "configured built_in_database authenticator, else username).")
+password_option = click.option(
+    "--password", metavar="P",
+    help="The password (visible to other local users and kept in shell history: "
+         "prefer the prompt, which does not echo).")
+scram_option = click.option(
+    "--scram", is_flag=True,
+    help="SCRAM-SHA-256 credentials (MQTT 5 enhanced authentication) instead.")
+
+
+def _database_action(config: Config, action: Any) -> Any:
+    """Run ``await action(db)`` on the configured database, errors as one line."""
+
+    async def run() -> Any:
+        db = await builtin_db.AuthDatabase.open(config.node.auth_database)
+        try:
+            return await action(db)
+        finally:
+            await db.close()
+
+    try:
+        return asyncio.run(run())
+    except (builtin_db.AuthDatabaseError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except sqlite3.Error as exc:  # busy past the timeout, disk full...
+        raise click.ClickException(f"{config.node.auth_database}: {exc}") from None
+
+
+def _authenticator(config: Config, mechanism: str) -> Any:
+    """The first configured authenticator of ``mechanism`` on the built-in database."""
+    entries = list(config.authentication)
+    for _, _, block in config.enabled_listeners():
+        entries += block.authentication or ()
+    for entry in entries:
+        if entry.mechanism == mechanism and entry.backend in (None, "built_in_database"):
+            return entry
+    return None
+
+
+def _user_id_type(config: Config, clientid: bool | None) -> str:
+    if clientid is not None:
+        return "clientid" if clientid else "username"
+    configured = _authenticator(config, "password_based")
+    return configured.user_id_type if configured is not None else "username"
+
+
+def _hashing(config: Config, name: str | None) -> PasswordHash:
+    """The configured password_hash_algorithm, or ``name`` (with the configured
+    parameters when the configuration names the same algorithm)."""
+    configured = _authenticator(config, "password_based")
+    algorithm = configured.password_hash_algorithm if configured is not None else PasswordHash()
+    if name is None or name == algorithm.name:
+        return algorithm
+    return PasswordHash(name)
+
+
+def _scram_iterations(config: Config) -> int:
+    configured = _authenticator(config, "scram")
+    return configured.iteration_count if configured is not None else DEFAULT_ITERATIONS
+
+
+def _new_password(given: str | None) -> str:
+    if given is None:
+        given = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not given:
+        raise click.ClickException("the password must not be empty")
+    return given
+
+
+def _no_scram_clientid(scram: bool, clientid: bool | None) -> None:
+    if scram and clientid:
+        raise click.UsageError("SCRAM credentials belong to a username, not a --clientid")
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[column]) for row in (headers, *rows)) for column in range(len(headers))]
+    for row in (headers, *rows):
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@main.group()
+def users() -> None:
+    """Users of the built-in database (authentication backend built_in_database)."""
+
+
+@users.command("add")
+@click.argument("user")
+@password_option
+@user_type_option
+@click.option("--superuser", is_flag=True, help="Skip authorization checks for this user.")
+@click.option("--algorithm", type=click.Choice(HASH_NAMES),
+              help="Hash the password with this (default: the configured "
+                   "password_hash_algorithm, else sha256 with a prefix salt).")
+@scram_option
+@config_option
+def users_add(user: str, password: str | None, clientid: bool | None, superuser: bool,
+              algorithm: str | None, scram: bool, config_file: str | None) -> None:
+    """Add USER with a password (prompted for when not given)."""
+    config, _ = _load(config_file)
+    _no_scram_clientid(scram, clientid)
+    secret = _new_password(password)
+    where = config.node.auth_database
+    role = ", superuser" if superuser else ""
+    if scram:
+        iterations = _scram_iterations(config)
+        _database_action(config, lambda db: db.add_scram_user(user, secret, iterations, superuser))
+        click.echo(f"added SCRAM user {user!r} to {where} ({iterations} iterations{role})")
+        return
+    user_id_type = _user_id_type(config, clientid)
+    hashing = _hashing(config, algorithm)
+    _database_action(config, lambda db: db.add_user(user, secret, hashing, user_id_type, superuser))
+    click.echo(f"added {user_id_type} {user!r} to {where} ({hashing.name}{role})")
+
+
+@users.command("passwd")
+@click.argument("user")
+@password_option
+@user_type_option
+@click.option("--algorithm", type=click.Choice(HASH_NAMES),
+              help="Hash the new password with this (default: as the old one was).")
+@scram_option
+@config_option
+def users_passwd(user: str, password: str | None, clientid: bool | None, algorithm: str | None,
+                 scram: bool, config_file: str | None) -> None:
+    """Give USER a new password (prompted for when not given)."""
+    config, _ = _load(config_file)
+    _no_scram_clientid(scram, clientid)
+    secret = _new_password(password)
+    if scram:
+        _database_action(config, lambda db: db.set_scram_password(user, secret))
+        click.echo(f"changed the SCRAM password of {user!r}")
+        return
+    user_id_type = _user_id_type(config, clientid)
+    hashing = None if algorithm is None else _hashing(config, algorithm)
+    record = _database_action(
+        config, lambda db: db.set_password(user, secret, user_id_type, hashing))
+    click.echo(f"changed the password of {user_id_type} {user!r} ({record.algorithm.name})")
+
+
+@users.command("del")
+@click.argument("user")
+@user_type_option
+@scram_option
+@config_option
+def users_del(user: str, clientid: bool | None, scram: bool, config_file: str | None) -> None:
+    """Delete USER."""
+    config, _ = _load(config_file)
+    _no_scram_clientid(scram, clientid)
+    if scram:
+        _database_action(config, lambda db: db.delete_scram_user(user))
+        click.echo(f"deleted SCRAM user {user!r}")
+        return
+    user_id_type = _user_id_type(config, clientid)
+    _database_action(config, lambda db: db.delete_user(user, user_id_type))
+    click.echo(f"deleted {user_id_type} {user!r}")
+
+
+@users.command("list")
+@config_option
+def users_list(config_file: str | None) -> None:
+    """List the users (password and SCRAM), without their secrets."""
+    config, _ = _load(config_file)
+
+    async def everyone(db: builtin_db.AuthDatabase) -> tuple[list, list]:
+        return await db.list_users(), await db.list_scram_users()
+
+    passwords, scram = _database_action(config, everyone)
+    rows = [(record.user_id_type, record.user_id, record.algorithm.name,
+             "yes" if record.is_superuser else "") for record in passwords]
+    rows += [("scram", username, f"scram-sha-256 ({credentials.iterations})",
+              "yes" if credentials.superuser else "") for username, credentials in scram]
+    if not rows:
+        click.echo(f"no users in {config.node.auth_database}")
+        return
+    _table(("TYPE", "USER", "ALGORITHM", "SUPERUSER"), rows)
+
+
+@users.command("import")
+@click.argument("user_file", metavar="FILE", type=click.Path(dir_okay=False, exists=True))
+@user_type_option
+@click.option("--algorithm", type=click.Choice(HASH_NAMES),
+              help="The algorithm the file's hashes were made with, or to hash its plain "
+                   "passwords with (default: the configured password_hash_algorithm).")
+@click.option("--type", "password_type", type=click.Choice(["hash", "plain"]),
+              help="EMQX's import type: password_hash and salt fields (hash) or password "
+                   "fields (plain); default: whichever each user has.")
+@config_option
+def users_import(user_file: str, clientid: bool | None, algorithm: str | None,
+                 password_type: str | None, config_file: str | None) -> None:
+    """Import users from an EMQX user file (.csv or .json); users that exist are replaced."""
+    config, _ = _load(config_file)
+    user_id_type = _user_id_type(config, clientid)
+    hashing = _hashing(config, algorithm)
+    result = _database_action(config, lambda db: db.import_users(
+        user_file, hashing, user_id_type, password_type))
+    click.echo(f"imported {result.total} {user_id_type}s from {user_file} ({hashing.name}): "
+               f"{result.added} added, {result.replaced} replaced, {result.unchanged} unchanged")
+
+
+@main.group()
+def acl() -> None:
+    """Rules of the built-in database (authorization source built_in_database).
+
+    A client's rules are tried in order: its client id's, its username's,
+    then those for all clients; the first that matches decides. A running
+    broker reads the rules when it starts and when it gets SIGHUP.
+    """
+
+
+def _who(username: str | None, clientid: str | None, everyone: bool,
+         required: bool) -> tuple[str | None, str | None]:
+    given = [(kind, value) for kind, value in
+             (("username", username), ("clientid", clientid), ("all", everyone or None))
+             if value is not None]
+    if len(given) > 1 or (required and not given):
+        raise click.UsageError("give one of --username U, --clientid C or --all")
+    if not given:
+        return None, None
+    kind, value = given[0]
+    return kind, None if kind == "all" else value
+
+
+def _qos_levels(values: tuple[str, ...]) -> list[int] | None:
+    if not values:
+        return None
+    levels = []
+    for value in values:
+        for part in value.split(","):
+            if part.strip() not in ("0", "1", "2"):
+                raise click.BadParameter(f"{part.strip()!r} is not 0, 1 or 2",
+                                         param_hint="--qos")
+            levels.append(int(part))
+    return levels
+
+
+@acl.command("add")
+@click.argument("permission", type=click.Choice(builtin_db.PERMISSIONS))
+@click.argument("action", type=click.Choice(builtin_db.ACTIONS))
+@click.argument("topic")
+@click.option("--username", metavar="U", help="The rule is for this username.")
+@click.option("--clientid", metavar="C", help="The rule is for this client id.")
+@click.option("--all", "everyone", is_flag=True, help="The rule is for every client.")
+@click.option("--qos", multiple=True, metavar="LEVELS",
+              help="Only for these QoS levels, like 0,1 (repeatable; default: any).")
+@click.option("--retain", type=click.Choice(["true", "false", "all"]), default="all",
+              show_default=True, help="Only for publishes with this retain flag.")
+@click.option("--position", type=click.IntRange(min=1), metavar="N",
+              help="Put the rule N-th in its owner's list (default: last).")
+@config_option
+def acl_add(permission: str, action: str, topic: str, username: str | None,
+            clientid: str | None, everyone: bool, qos: tuple[str, ...], retain: str,
+            position: int | None, config_file: str | None) -> None:
+    """Add a rule: PERMISSION (allow, deny) ACTION (publish, subscribe, all) on TOPIC.
+
+    TOPIC is a topic filter; it may hold ${username}, ${clientid} and
+    ${cert_common_name}; "eq t/#" matches exactly the filter t/#. Quote it
+    for the shell: 'devices/${clientid}/#'.
+    """
+    config, _ = _load(config_file)
+    who_type, who = _who(username, clientid, everyone, required=True)
+    levels = _qos_levels(qos)
+    flag = None if retain == "all" else retain == "true"
+    rule = _database_action(config, lambda db: db.add_rule(
+        who_type, who, permission, action, topic, qos=levels, retain=flag, position=position))
+    click.echo(f"added rule {rule.id} (place {rule.position}): {rule.describe()}")
+
+
+@acl.command("del")
+@click.argument("rule_id", metavar="ID", type=int)
+@config_option
+def acl_del(rule_id: int, config_file: str | None) -> None:
+    """Delete the rule with this ID (see acl list)."""
+    config, _ = _load(config_file)
+    rule = _database_action(config, lambda db: db.delete_rule(rule_id))
+    click.echo(f"deleted rule {rule.id}: {rule.describe()}")
+
+
+@acl.command("list")
+@click.option("--username", metavar="U", help="Only this username's rules.")
+@click.option("--clientid", metavar="C", help="Only this client id's rules.")
+@click.option("--all", "everyone", is_flag=True, help="Only the rules for every client.")
+@config_option
+def acl_list(username: str | None, clientid: str | None, everyone: bool,
+             config_file: str | None) -> None:
+    """List the rules in the order they are tried."""
+    config, _ = _load(config_file)
+    who_type, who = _who(username, clientid, everyone, required=False)
+    rules = _database_action(config, lambda db: db.list_rules(who_type, who))
+    if not rules:
+        click.echo(f"no rules in {config.node.auth_database}")
+        return
+    rows = [(str(rule.id), "all" if rule.who is None else f"{rule.who_type} {rule.who}",
+             str(rule.position), rule.permission, rule.action, rule.topic,
+             "any" if rule.qos is None else ",".join(map(str, rule.qos)),
+             "any" if rule.retain is None else str(rule.retain).lower())
+            for rule in rules]
+    _table(("ID", "WHO", "PLACE", "PERMISSION", "ACTION", "TOPIC", "QOS", "RETAIN"), rows)

@@ -46,6 +46,7 @@ from pyhocon.config_tree import ConfigTree, NoneValue
 from pyhocon.exceptions import ConfigException
 from pyparsing import ParseBaseException
 
+from bastionmq.auth.passwords import PasswordHash
 from bastionmq.broker.settings import INFINITY, SIZE, MqttSettings, peer_cert_source
 
 try:
@@ -59,11 +60,17 @@ __all__ = [
     "Bind",
     "Config",
     "ConfigError",
+    "AclSourceConfig",
+    "AuthenticatorConfig",
+    "AuthnBanConfig",
+    "AuthorizationConfig",
+    "AuthzCacheConfig",
     "CrlCacheConfig",
     "PskConfig",
     "SniCertificate",
     "ENV_PREFIX",
     "ListenersConfig",
+    "NodeConfig",
     "LogConfig",
     "TcpListenerConfig",
     "TcpOptions",
@@ -325,6 +332,10 @@ class TcpListenerConfig:
     #: None inherits the top-level ``allow_anonymous``.
     allow_anonymous: bool | None = None
     tcp_options: TcpOptions = attrs.field(factory=TcpOptions)
+    #: This listener's own authentication chain, replacing the top-level one.
+    authentication: tuple[AuthenticatorConfig, ...] | None = None
+    #: false: clients of this listener are not authenticated at all.
+    enable_authn: bool = True
 
 
 #: TLS versions by EMQX's names, newest first.
@@ -428,6 +439,49 @@ class SslOptions:
             raise ValueError("verify = verify_peer needs a cacertfile to verify clients against")
 
 
+AUTHN_MECHANISMS = ("password_based", "cert", "scram")
+AUTHN_BACKENDS = ("built_in_database", "password_file")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class AuthenticatorConfig:
+    """One entry of an ``authentication`` list (EMQX's names)."""
+
+    #: password_based (username and password), cert (the verified client
+    #: certificate) or scram (MQTT 5 enhanced authentication, SCRAM-SHA-256).
+    mechanism: str = attrs.field(validator=v.in_(AUTHN_MECHANISMS))
+    #: password_based: built_in_database (bastionmq users ...) or
+    #: password_file (Mosquitto's); scram: built_in_database.
+    backend: str | None = attrs.field(default=None, validator=v.optional(v.in_(AUTHN_BACKENDS)))
+    enable: bool = True
+    #: password_file: the file.
+    path: str | None = None
+    #: built_in_database: whether users are looked up by username or client id.
+    user_id_type: str = attrs.field(default="username",
+                                    validator=v.in_(("username", "clientid")))
+    #: built_in_database: how new passwords are hashed.
+    password_hash_algorithm: PasswordHash = attrs.field(factory=PasswordHash)
+    #: cert: the certificate value compared when must_match is set.
+    identity: str = attrs.field(default="cn", validator=peer_cert_source)
+    #: cert: none, or username / clientid: the client must have sent the
+    #: certificate's identity as that.
+    must_match: str = attrs.field(default="none",
+                                  validator=v.in_(("none", "username", "clientid")))
+    #: scram: the hash (sha256) and the iterations for new credentials.
+    algorithm: str = attrs.field(default="sha256", validator=v.in_(("sha256",)))
+    iteration_count: int = attrs.field(default=4096, validator=[v.ge(4096), v.le(10_000_000)])
+
+    def __attrs_post_init__(self) -> None:
+        if self.mechanism == "password_based" and self.backend is None:
+            raise ValueError("password_based needs a backend: built_in_database or password_file")
+        if self.mechanism == "scram" and self.backend not in (None, "built_in_database"):
+            raise ValueError("scram keeps its credentials in built_in_database")
+        if self.mechanism == "cert" and self.backend is not None:
+            raise ValueError("cert takes no backend")
+        if self.backend == "password_file" and not self.path:
+            raise ValueError("backend = password_file needs a path")
+
+
 @attrs.define(slots=True, frozen=True, kw_only=True)
 class SslListenerConfig(TcpListenerConfig):
     """One ``listeners.ssl.<name>`` block: MQTT over TLS."""
@@ -495,9 +549,88 @@ class PskConfig:
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
+class NodeConfig:
+    """This broker's place on disk (EMQX's ``node``)."""
+
+    #: Where the broker keeps its data: the built-in user and rule database
+    #: (auth.sqlite3). Relative to the directory the broker runs in.
+    data_dir: str = "data"
+
+    @property
+    def auth_database(self) -> str:
+        return os.path.join(self.data_dir, "auth.sqlite3")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class AuthnBanConfig:
+    """A short ban after repeated failed logins (brute-force protection)."""
+
+    enable: bool = True
+    #: Failed logins within window that trigger a ban.
+    max_failures: int = attrs.field(default=5, validator=v.ge(1))
+    window: float = attrs.field(default=60.0, metadata={"unit": "duration"}, validator=v.gt(0))
+    #: How long a ban lasts.
+    ban_time: float = attrs.field(default=300.0, metadata={"unit": "duration"},
+                                  validator=v.gt(0))
+    #: What failures are counted by: clientid, username, peerhost (an
+    #: address may be a whole network behind NAT, hence not by default).
+    by: tuple[str, ...] = attrs.field(default=("clientid", "username"),
+                                      validator=v.deep_iterable(
+                                          v.in_(("clientid", "username", "peerhost"))))
+
+
+ACL_SOURCE_TYPES = ("file", "mosquitto_acl", "built_in_database")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class AclSourceConfig:
+    """One entry of ``authorization.sources``."""
+
+    #: file (EMQX's acl.conf), mosquitto_acl (Mosquitto's acl_file) or
+    #: built_in_database (rules kept by ``bastionmq acl``).
+    type: str = attrs.field(validator=v.in_(ACL_SOURCE_TYPES))
+    enable: bool = True
+    #: The rules file, for file and mosquitto_acl.
+    path: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.type != "built_in_database" and not self.path:
+            raise ValueError(f"a {self.type} source needs a path")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class AuthzCacheConfig:
+    """Each client's recent authorization decisions, kept to spare the rules."""
+
+    enable: bool = True
+    max_size: int = attrs.field(default=32, validator=[v.ge(1), v.le(1_000_000)])
+    ttl: float = attrs.field(default=60.0, metadata={"unit": "duration"}, validator=v.gt(0))
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class AuthorizationConfig:
+    """Who may publish and subscribe to what (EMQX's ``authorization``)."""
+
+    #: What happens when no source has a rule for the case.
+    no_match: str = attrs.field(default="allow", validator=v.in_(("allow", "deny")))
+    #: ignore: a denied PUBLISH or SUBSCRIBE is refused (reason 0x87) and the
+    #: client stays; disconnect: the client is disconnected.
+    deny_action: str = attrs.field(default="ignore", validator=v.in_(("ignore", "disconnect")))
+    cache: AuthzCacheConfig = attrs.field(factory=AuthzCacheConfig)
+    #: Consulted in order until one says allow or deny.
+    sources: tuple[AclSourceConfig, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        """Whether anything can be denied at all."""
+        return bool(self.sources) or self.no_match == "deny"
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
 class Config:
     """The whole configuration; ``Config()`` is the built-in defaults."""
 
+    node: NodeConfig = attrs.field(factory=NodeConfig)
     mqtt: MqttSettings = attrs.field(factory=MqttSettings)
     listeners: ListenersConfig = attrs.field(factory=ListenersConfig)
     #: Off unless set: anonymous access is always an explicit decision.
@@ -506,6 +639,10 @@ class Config:
     sys_topics: SysTopicsConfig = attrs.field(factory=SysTopicsConfig)
     crl_cache: CrlCacheConfig = attrs.field(factory=CrlCacheConfig)
     psk_authentication: PskConfig = attrs.field(factory=PskConfig)
+    #: The authentication chain, asked in order (listeners may have their own).
+    authentication: tuple[AuthenticatorConfig, ...] = ()
+    authn_ban: AuthnBanConfig = attrs.field(factory=AuthnBanConfig)
+    authorization: AuthorizationConfig = attrs.field(factory=AuthorizationConfig)
 
     def enabled_listeners(self) -> list[tuple[str, str, TcpListenerConfig]]:
         """(kind, name, block) of every enabled listener, tcp first."""
@@ -520,6 +657,13 @@ class Config:
         return (_inherit(listener.peer_cert_as_username, mqtt.peer_cert_as_username),
                 _inherit(listener.peer_cert_as_clientid, mqtt.peer_cert_as_clientid),
                 _inherit(listener.peer_cert_identity, mqtt.peer_cert_identity))
+
+    def authentication_of(self, listener: TcpListenerConfig) -> tuple[AuthenticatorConfig, ...] | None:
+        """A listener's chain: its own, else the top-level one; None when
+        neither is configured."""
+        if listener.authentication is not None:
+            return listener.authentication
+        return self.authentication or None
 
     def anonymous_allowed(self, listener: TcpListenerConfig) -> bool:
         """Whether ``listener`` lets clients connect without credentials."""

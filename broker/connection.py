@@ -20,13 +20,16 @@ from .codec import (
     Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback, Unsubscribe, encode,
 )
 from .message import Message
-from .ports import AuthConversation, AuthRequest, AuthResult, AuthStep, PeerInfo
+from .ports import (
+    PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthConversation, AuthRequest, AuthResult, AuthStep,
+    ClientInfo, PeerInfo,
+)
 from .properties import (
     CONNACK_V3_CODES, CONNECT, DISCONNECT, PACKET_NAMES, PINGREQ, PUBACK, PUBCOMP, PUBLISH,
     PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE, AUTH, Reason, reason_name,
 )
 from .sessions import Session
-from .shared import split_shared
+from .shared import shared_inner, split_shared
 from .topics import InvalidTopic, validate_filter, validate_topic_name
 
 if TYPE_CHECKING:
@@ -61,7 +64,8 @@ class Connection:
         "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
         "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
         "_held", "close_reason", "topic_aliases", "problem_info",
-        "aliases_out", "alias_out_max", "auth_method", "_exchange",
+        "aliases_out", "alias_out_max", "auth_method", "_exchange", "client_info",
+        "access_cache",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -99,6 +103,10 @@ class Connection:
         #: The enhanced authentication method the client connected with, if any.
         self.auth_method: str | None = None
         self._exchange: _AuthExchange | None = None
+        #: Who the client is, for authorization; set when CONNECT succeeds.
+        self.client_info: ClientInfo | None = None
+        #: Recent authorization decisions for this client (see broker.access).
+        self.access_cache: dict | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -393,6 +401,11 @@ class Connection:
             expiry = 0 if packet.clean_start else int(settings.session_expiry_interval)
         session, present = core.open_session(self, packet.clean_start, expiry)
         self.session = session
+        self.client_info = session.client = ClientInfo(
+            client_id=self.client_id, username=self.username, peer=self.peer,
+            superuser=self.superuser)
+        if core.access is not None:
+            self.access_cache = core.access.new_cache()
         self.will = packet.will
         self.keepalive = packet.keepalive
         self.state = CONNECTED
@@ -475,8 +488,12 @@ class Connection:
                 return self._violation(MalformedPacket(
                     f"more than {core.settings.max_awaiting_rel} unacknowledged QoS 1 and 2 "
                     "messages (Receive Maximum)", Reason.RECEIVE_MAXIMUM_EXCEEDED))
-            if qos == 2:
-                awaiting.add(packet.packet_id)
+        access = core.access
+        if access is not None and not access.permits(
+                self.client_info, self.access_cache, PUBLISH_ACTION, topic, qos, packet.retain):
+            return self._publish_denied(packet, topic)
+        if qos == 2:
+            awaiting.add(packet.packet_id)
         message = Message(topic, packet.payload, qos, packet.retain, props)
         if props:
             message.stamp_expiry(core.loop.time())
@@ -486,6 +503,24 @@ class Connection:
         if qos:
             self.ack(0x40 if qos == 1 else 0x50, packet.packet_id,
                      0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
+
+    def _publish_denied(self, packet: Publish, topic: str) -> None:
+        """A PUBLISH the authorization chain denies: refused (5.0: reason
+        0x87) and not routed, or the client disconnected (deny_action)."""
+        core = self.core
+        core.stats.publish_denied += 1
+        log.info("%s: not authorized to publish to %r", self._describe(), topic[:200])
+        if core.access.disconnect_on_deny:
+            return self.close(Reason.NOT_AUTHORIZED, f"not authorized to publish to {topic[:200]!r}")
+        qos = packet.qos
+        if self.version == MQTT_5:
+            if qos:
+                self.ack(0x40 if qos == 1 else 0x50, packet.packet_id, Reason.NOT_AUTHORIZED)
+        elif qos == 1:
+            self.ack(0x40, packet.packet_id)  # 3.1.1 has no refusal: drop, but acknowledge
+        elif qos == 2:
+            self.session.awaiting_rel.add(packet.packet_id)  # so that PUBREL gets PUBCOMP
+            self.ack(0x50, packet.packet_id)
 
     def _refuse_publish(self, packet: Publish) -> bool:
         """Close for a PUBLISH beyond the announced Maximum QoS or Retain Available."""
@@ -569,6 +604,14 @@ class Connection:
                 # [MQTT-3.8.3-4]
                 return self._violation(MalformedPacket(
                     f"No Local on the shared subscription {sub.filter!r}", Reason.PROTOCOL_ERROR))
+            if not refusal and core.access is not None and not core.access.permits(
+                    self.client_info, self.access_cache, SUBSCRIBE_ACTION,
+                    shared_inner(sub.filter), sub.qos):
+                refusal, why = Reason.NOT_AUTHORIZED, "not authorized"
+                core.stats.subscribe_denied += 1
+                if core.access.disconnect_on_deny:
+                    return self.close(Reason.NOT_AUTHORIZED,
+                                      f"not authorized to subscribe to {sub.filter[:200]!r}")
             if not refusal and settings.max_subscriptions is not None:
                 subscriptions = self.session.subscriptions
                 if (sub.filter not in subscriptions

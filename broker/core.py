@@ -19,7 +19,11 @@ import attrs
 from .codec import MQTT_5, Subscription, Will
 from .connection import Connection
 from .message import Message
-from .ports import AuthMethod, Authenticator, IdentityPolicy, PeerInfo
+from .access import AccessControl, Authorizer
+from .ports import (
+    PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, ClientInfo, IdentityPolicy,
+    PeerInfo,
+)
 from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, Reason
 from .retained import RetainedStore
 from .sessions import NEVER_EXPIRES, Inflight, Session, SubscriptionEntry
@@ -52,6 +56,9 @@ class Stats:
     dropped_too_large: int = 0
     #: Messages whose Message Expiry Interval ran out before delivery.
     dropped_expired: int = 0
+    #: PUBLISH and SUBSCRIBE requests the authorization chain denied.
+    publish_denied: int = 0
+    subscribe_denied: int = 0
 
 
 def _merge_routes(found: list[tuple[Session, SubscriptionEntry]]) -> list[Route]:
@@ -77,8 +84,11 @@ class BrokerCore:
     def __init__(self, settings: MqttSettings, authenticator: Authenticator,
                  loop: asyncio.AbstractEventLoop,
                  auth_methods: Mapping[str, AuthMethod] | None = None,
-                 identity: IdentityPolicy | None = None) -> None:
+                 identity: IdentityPolicy | None = None,
+                 authorizer: Authorizer | None = None) -> None:
         self.settings = settings
+        #: Authorization with its per-client cache; None lets everything through.
+        self.access = AccessControl(authorizer, loop) if authorizer is not None else None
         #: Applied to every CONNECT before authentication, when given.
         self.identity = identity
         #: Enhanced authentication methods by the name clients give (4.12).
@@ -188,14 +198,21 @@ class BrokerCore:
                 session.will_handle = self.loop.call_later(
                     min(delay, session.expiry_interval), self._publish_delayed_will, session)
             else:
-                self._publish_will(will)
+                self._publish_will(will, session.client)
         if session.expiry_interval == 0:
             self._end_session(session)
         elif session.expiry_interval != NEVER_EXPIRES:
             session.expiry_handle = self.loop.call_later(
                 session.expiry_interval, self._expire_session, session)
 
-    def _publish_will(self, will: Will) -> None:
+    def _publish_will(self, will: Will, client: ClientInfo | None) -> None:
+        access = self.access
+        if access is not None and client is not None and not access.permits(
+                client, None, PUBLISH_ACTION, will.topic, will.qos, will.retain):
+            # Checked now, not at CONNECT: the rules may have changed since.
+            log.info("not publishing the will of %r to %r: not authorized",
+                     client.client_id, will.topic)
+            return
         props = will.properties
         if props:
             props = {k: v for k, v in props.items() if k != "will_delay_interval"}
@@ -209,7 +226,7 @@ class BrokerCore:
     def _publish_delayed_will(self, session: Session) -> None:
         will, session.pending_will, session.will_handle = session.pending_will, None, None
         if will is not None:
-            self._publish_will(will)
+            self._publish_will(will, session.client)
             self.flush()
 
     def _expire_session(self, session: Session) -> None:
@@ -283,10 +300,15 @@ class BrokerCore:
             return  # 4.8.2: a new shared subscription gets no retained messages
         ids = (identifier,) if identifier else ()
         now = self.loop.time()
+        access = self.access
+        cache = session.connection.access_cache if session.connection is not None else None
         for message in self.retained.match(options.filter):
             if message.expired(now):
                 self.retained.delete(message.topic)
                 continue
+            if access is not None and session.client is not None and not access.permits(
+                    session.client, cache, SUBSCRIBE_ACTION, message.topic, options.qos):
+                continue  # a topic this client may not read, under a filter it may
             qos = min(message.qos, options.qos)
             # [MQTT-3.3.1-8]: retained messages sent on subscribe carry RETAIN 1.
             if qos == 0:

@@ -64,6 +64,8 @@ class Session:
     #: The live connection, or None while the session waits offline.
     connection: Any = None
     expiry_handle: Any = None
+    #: Who the session's client is (a ClientInfo), for authorizing its will.
+    client: Any = None
     #: A will held back by its Will Delay Interval, and the timer that sends it.
     pending_will: Any = None
     will_handle: Any = None

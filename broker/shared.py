@@ -42,6 +42,13 @@ def split_shared(topic_filter: str) -> tuple[str, str] | None:
     return name, inner
 
 
+def shared_inner(topic_filter: str) -> str:
+    """The filter a (validated) subscription matches topics with: without
+    its ``$share/{group}/`` prefix."""
+    shared = split_shared(topic_filter)
+    return shared[1] if shared else topic_filter
+
+
 def _available(session: Any) -> bool:
     connection = session.connection
     return connection is not None and not connection.paused

@@ -410,3 +410,17 @@ listeners.ssl.default {{
         assert time.monotonic() < deadline, broker.stderr
         time.sleep(0.05)
     assert broker.stop(signal.SIGTERM) == 0
+
+
+def test_check_config_loads_password_and_acl_files(run, tmp_path):
+    (tmp_path / "passwd").write_text("alice:not a hash\n")
+    (tmp_path / "acl.conf").write_text('{allow, all, publsh, ["t"]}.\n')
+    config = write_config(tmp_path, f"""
+listeners.tcp.default {{ bind = "127.0.0.1:0" }}
+authentication = [ {{ mechanism = password_based, backend = password_file, path = "{tmp_path / 'passwd'}" }} ]
+authorization.sources = [ {{ type = file, path = "{tmp_path / 'acl.conf'}" }} ]
+""")
+    checked = run("check-config", "-c", str(config))
+    assert checked.returncode != 0
+    assert "authorization.sources.0.path: " in checked.stderr and "publsh" in checked.stderr
+    assert "authentication.0: " in checked.stderr and "passwd:1" in checked.stderr

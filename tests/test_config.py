@@ -11,13 +11,20 @@ import attrs
 import pytest
 
 from bastionmq.broker.settings import MqttSettings
+from bastionmq.auth.passwords import PasswordHash
 from bastionmq.config import (
+    AclSourceConfig,
+    AuthenticatorConfig,
+    AuthnBanConfig,
+    AuthorizationConfig,
+    AuthzCacheConfig,
     Bind,
     Config,
     ConfigError,
     CrlCacheConfig,
     ListenersConfig,
     LogConfig,
+    NodeConfig,
     PskConfig,
     SniCertificate,
     SslListenerConfig,
@@ -112,7 +119,9 @@ def test_defaults_shown_in_the_shipped_config_match_the_code() -> None:
 def test_shipped_config_shows_every_key() -> None:
     text = SHIPPED.read_text()
     for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, SysTopicsConfig, Config,
-                SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig, SniCertificate):
+                SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig, SniCertificate,
+                NodeConfig, AuthenticatorConfig, AuthorizationConfig, AuthzCacheConfig,
+                AclSourceConfig, PasswordHash, AuthnBanConfig):
         for field in attrs.fields(cls):
             assert re.search(rf"\b{field.name}\b", text), f"{cls.__name__}.{field.name}"
 
@@ -121,7 +130,8 @@ def test_reference_documents_every_key() -> None:
     text = (ROOT / "docs" / "config.md").read_text()
     for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, SysTopicsConfig, Config,
                 ListenersConfig, SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig,
-                SniCertificate):
+                SniCertificate, NodeConfig, AuthenticatorConfig, AuthorizationConfig,
+                AuthzCacheConfig, AclSourceConfig, PasswordHash, AuthnBanConfig):
         for field in attrs.fields(cls):
             # As a key in code quotes: `max_inflight`, `tcp_options.backlog`, ...
             assert re.search(rf"`[\w.<>]*\b{field.name}\b[\w.<>]*`", text), (
@@ -331,7 +341,7 @@ def test_unknown_key_with_a_hint() -> None:
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     assert errors_of("zzz = 1") == {
-        "zzz": "unknown key (known keys: mqtt, listeners, allow_anonymous, log, sys_topics, crl_cache, psk_authentication)"}
+        "zzz": "unknown key (known keys: node, mqtt, listeners, allow_anonymous, log, sys_topics, crl_cache, psk_authentication, authentication, authn_ban, authorization)"}
 
 
 def test_unknown_key_deep_inside_a_listener() -> None:
@@ -495,8 +505,7 @@ def test_env_unknown_key_names_the_variable() -> None:
         "mqtt.max_inflite":
             "unknown key (did you mean max_inflight?) (set by BASTIONMQ_MQTT__MAX_INFLITE)"}
     assert errors_of("", env={"BASTIONMQ_NOPE__DEEPER__STILL": "1"}) == {
-        "nope": "unknown key (known keys: mqtt, listeners, allow_anonymous, log, sys_topics, crl_cache, psk_authentication) "
-                "(set by BASTIONMQ_NOPE__DEEPER__STILL)"}
+        "nope": "unknown key (did you mean node?) (set by BASTIONMQ_NOPE__DEEPER__STILL)"}
 
 
 def test_env_bad_value_names_the_variable() -> None:

@@ -3,7 +3,6 @@ Python's ssl, openssl s_client and mosquitto_pub / mosquitto_sub."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import ssl
 import subprocess
@@ -13,9 +12,10 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import pytest
 
-from bastionmq import Broker, ConfigError
+from bastionmq import Broker
 from bastionmq.broker.codec import MQTT_3_1_1, Connect, Decoder, encode
 from bastionmq.pki import init_pki, issue_client
+from startup import startup_error
 from tls_helpers import plain_socket, ssl_listener, tls_socket
 
 TIMEOUT = 10.0
@@ -225,9 +225,7 @@ def test_bad_tls_material_stops_start_up_with_the_key_path(pki, options, key, me
              "SERVER_KEY": f'"{pki / "server.key"}"'}
     options = {name: swaps.get(value, value) for name, value in options.items()}
     broker = Broker(_ssl_config(pki, **options) + 'listeners.tcp.default.bind = "127.0.0.1:0"')
-    with pytest.raises(ConfigError) as info:
-        asyncio.run(broker.start())
-    ((where, what),) = info.value.errors
+    where, what = startup_error(broker)
     assert where == f"listeners.ssl.default.ssl_options.{key}"
     assert message in what
     assert broker.listeners == {}  # not even the tcp listener opened
@@ -330,9 +328,7 @@ def test_an_encrypted_key_with_its_password(start_broker, pki, tmp_path):
                                              password='"open sesame"'))
     _tls_connect(broker.port_of("ssl:default"), _client_context(pki))
     for password, message in (('"guess"', "cannot decrypt"), ("null", "is encrypted")):
-        wrong = Broker(_ssl_config(pki, keyfile=f'"{encrypted}"', password=password))
-        with pytest.raises(ConfigError) as info:
-            asyncio.run(wrong.start())
-        ((where, what),) = info.value.errors
+        where, what = startup_error(_ssl_config(pki, keyfile=f'"{encrypted}"',
+                                                password=password))
         assert where == "listeners.ssl.default.ssl_options.password"
         assert str(encrypted) in what and message in what

@@ -18,6 +18,7 @@ from sslpsk3 import SSLPSKContext
 
 from bastionmq.broker.codec import MQTT_3_1_1, Connect, Decoder, encode
 from bastionmq.pki import init_pki, issue_client, issue_server
+from startup import startup_error
 from tls_helpers import ssl_listener, tls_socket
 
 TIMEOUT = 10.0
@@ -94,16 +95,11 @@ def test_mosquitto_pub_over_psk(psk_broker):
 
 
 def test_a_bad_psk_file_line_stops_start_up(pki, tmp_path):
-    import asyncio
-
-    from bastionmq import Broker, ConfigError
     keys = tmp_path / "psk.txt"
     keys.write_text(f"good:{PSK_KEY}\nbad-line-without-key\n")
-    broker = Broker(ssl_listener(pki, f'psk_authentication {{ enable = true, init_file = "{keys}" }}',
-                              ciphers='"PSK-AES128-GCM-SHA256"'))
-    with pytest.raises(ConfigError) as info:
-        asyncio.run(broker.start())
-    ((where, what),) = info.value.errors
+    where, what = startup_error(ssl_listener(
+        pki, f'psk_authentication {{ enable = true, init_file = "{keys}" }}',
+        ciphers='"PSK-AES128-GCM-SHA256"'))
     assert where == "psk_authentication.init_file"
     assert f"{keys}:2" in what
 

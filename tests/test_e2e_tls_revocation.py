@@ -4,7 +4,6 @@ and connections ended with their certificate's validity."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import http.server
 import logging
@@ -17,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bastionmq import Broker, ConfigError
 from bastionmq.broker.codec import MQTT_5, Connect, Decoder, encode
 from bastionmq.pki import init_pki, issue_client, issue_server, revoke
+from startup import startup_error
 from tls_helpers import ssl_listener, tls_socket
 
 TIMEOUT = 10.0
@@ -127,10 +126,7 @@ def test_no_crl_for_the_issuer_refuses_unless_soft_fail(start_broker, pki):
 def test_a_bad_crl_file_stops_start_up(pki, tmp_path):
     broken = tmp_path / "broken.pem"
     broken.write_text("-----BEGIN X509 CRL-----\nnot base64\n-----END X509 CRL-----\n")
-    broker = Broker(_config(pki, crlfile=f'"{broken}"'))
-    with pytest.raises(ConfigError) as info:
-        asyncio.run(broker.start())
-    ((where, what),) = info.value.errors
+    where, what = startup_error(_config(pki, crlfile=f'"{broken}"'))
     assert where == "listeners.ssl.default.ssl_options.crlfile"
     assert str(broken) in what
 
