@@ -248,6 +248,10 @@ class AuthDatabase:
         missing. A file that is not a bastionmq auth database raises
         AuthDatabaseError naming it."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            # Checked here: aiosqlite leaves its worker thread behind when
+            # connecting fails, which outlives the event loop.
+            raise AuthDatabaseError(f"{path}: is a directory, not the auth database file")
         try:
             _create_private(path)
         except OSError as exc:
