@@ -749,6 +749,10 @@ class Connection:
                 self._idle_handle.cancel()
                 self._idle_handle = None
             self._finish_connect(step.result, exchange.connect, exchange.assigned, props)
+        elif step.result.allowed and step.result.identity not in (None, self.username):
+            # Re-authentication proves who the client already is, not someone else.
+            log.info("closing %s: re-authenticated as %r", self._describe(), step.result.identity)
+            self.close(Reason.NOT_AUTHORIZED, "re-authenticated as another user")
         elif step.result.allowed:
             log.debug("%s re-authenticated", self._describe())
             self.send(Auth(Reason.SUCCESS, props))

@@ -223,3 +223,12 @@ def test_credentials_looked_up_asynchronously(start_broker, raw_clients):
 def test_anonymous_access_stays_off_for_clients_without_a_method(scram_broker, raw_clients):
     client = raw_clients(scram_broker.port, MQTT_5)
     assert client.connect("anon").reason_code == 0x87
+
+
+def test_reauthentication_as_another_user_disconnects(scram_broker, raw_clients):
+    client, _, _ = _scram_connect(raw_clients, scram_broker.port, "alice", "wonderland")
+    other = ScramClient("root", "toor")
+    client.send(Auth(0x19, _auth_props(other.first())))
+    challenge = client.receive()
+    client.send(Auth(0x18, _auth_props(other.final(challenge.properties["authentication_data"]))))
+    assert client.closing_reasons() == [0x87]
