@@ -53,8 +53,11 @@ class AuthenticationChain:
     def __init__(self, allow_anonymous: bool,
                  authenticators: Sequence[ChainAuthenticator] | None = None,
                  enabled: bool = True, stats: AuthStats | None = None,
-                 bans: LoginBans | None = None) -> None:
+                 bans: LoginBans | None = None, methods: frozenset[str] | None = None) -> None:
         self.allow_anonymous = allow_anonymous
+        #: Enhanced authentication methods clients of this listener may use;
+        #: None: any the broker has.
+        self.methods = methods
         #: Repeated failures ban a client id / username / address for a while.
         self.bans = bans
         #: None: no chain configured for the listener (a verified certificate
@@ -81,6 +84,21 @@ class AuthenticationChain:
                 return self._allowed(request, ALLOW)
             return self._fall_through(request)
         return self._run(request, 0)
+
+    def admit_method(self, request: AuthRequest, method: str) -> AuthResult | None:
+        """Whether an enhanced authentication may start: the method must be
+        this listener's, and the client not banned."""
+        if self.methods is not None and method not in self.methods:
+            return AuthResult(Reason.BAD_AUTHENTICATION_METHOD)
+        if self.bans is not None and self.bans.banned(request) is not None:
+            self.stats.denied += 1
+            return BANNED
+        return None
+
+    def method_failed(self, request: AuthRequest) -> None:
+        self.stats.denied += 1
+        if self.bans is not None:
+            self.bans.failed(request)
 
     def _run(self, request: AuthRequest, start: int) -> AuthResult | Awaitable[AuthResult]:
         authenticators = self.authenticators
@@ -132,6 +150,12 @@ class ListenerAuthenticators:
 
     def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]:
         return self._chains[request.peer.listener].authenticate(request)
+
+    def admit_method(self, request: AuthRequest, method: str) -> AuthResult | None:
+        return self._chains[request.peer.listener].admit_method(request, method)
+
+    def method_failed(self, request: AuthRequest) -> None:
+        self._chains[request.peer.listener].method_failed(request)
 
 
 # --------------------------------------------------------------------------

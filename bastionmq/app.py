@@ -24,6 +24,7 @@ from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.config import Config, ConfigError, SslOptions, load_config
 from bastionmq.listeners.base import Listener
 from bastionmq.listeners.tls import TlsListener, TlsSetupError, load_material
+from bastionmq.listeners.ws import WsListener
 from bastionmq.pki import DEFAULT_DIR, init_pki
 
 log = logging.getLogger("bastionmq")
@@ -50,6 +51,8 @@ def _listener_plan(config: Config, kind: str, name: str,
     loaded here, before any port opens, so a bad file stops start-up."""
     if kind == "tcp":
         return Listener, name, block, {}
+    if kind == "ws":
+        return WsListener, name, block, {"options": block.websocket}
     options = block.ssl_options
     try:
         material = load_material(options, config.crl_cache, config.psk_authentication)
@@ -94,6 +97,12 @@ def _acl_loaders(config: Config) -> dict[str, Any]:
         return BuiltinAclSource(read_rules(config.node.auth_database))
     return {"file": _load_emqx_acl, "mosquitto_acl": _load_mosquitto_acl,
             "built_in_database": load_builtin}
+
+
+def _has_scram(config: Config, block: Any) -> bool:
+    """Whether the listener's chain has an enabled ``mechanism = scram`` entry."""
+    return any(entry.enable and entry.mechanism == "scram"
+               for entry in config.authentication_of(block) or ())
 
 
 def _uses_database(config: Config) -> bool:
@@ -194,13 +203,15 @@ class Broker:
         config = self.config
         loop = asyncio.get_running_loop()
         _make_dev_pki_on_first_start(config)
+        embedded = frozenset(self.auth_methods)
         if _uses_database(config):
             try:
                 self.database = await AuthDatabase.open(config.node.auth_database)
             except AuthDatabaseError as exc:
                 raise ConfigError([("node.data_dir", str(exc))]) from None
-            if "SCRAM-SHA-256" not in self.auth_methods:
-                self.auth_methods["SCRAM-SHA-256"] = ScramSha256(self.database.get_scram)
+        if self.database is not None and any(
+                _has_scram(config, block) for _, _, block in config.enabled_listeners()):
+            self.auth_methods.setdefault("SCRAM-SHA-256", ScramSha256(self.database.get_scram))
         chains = {}
         rules = {}
         listeners: list[tuple[type[Listener], str, Any, dict[str, Any]]] = []
@@ -210,9 +221,10 @@ class Broker:
         for kind, name, block in config.enabled_listeners():
             authenticators = _authenticators(config, kind, name, block, self.database)
             self._authenticators.extend(authenticators or ())
+            methods = embedded | ({"SCRAM-SHA-256"} if _has_scram(config, block) else set())
             chains[f"{kind}:{name}"] = AuthenticationChain(
                 config.anonymous_allowed(block), authenticators,
-                block.enable_authn, self.authn_stats, bans)
+                block.enable_authn, self.authn_stats, bans, frozenset(methods))
             listeners.append(_listener_plan(config, kind, name, block))
             if kind == "ssl":
                 rules[f"{kind}:{name}"] = IdentityRule(*config.peer_cert_identity_of(block))

@@ -61,6 +61,9 @@ def version() -> None:
 def check_config(config_file: str | None) -> None:
     """Validate a configuration file and exit (non-zero when it is invalid)."""
     config, source = _load(config_file)
+    # What the loaders warn of while reading rule files reads like the rest.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="warning: %(message)s")
     tls = tls_policy.report(config)
     for warning in tls.warnings:
         click.echo(f"warning: {warning}", err=True)

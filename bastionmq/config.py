@@ -76,6 +76,8 @@ __all__ = [
     "TcpOptions",
     "SslListenerConfig",
     "SslOptions",
+    "WebSocketOptions",
+    "WsListenerConfig",
     "load_config",
     "parse_duration",
     "parse_size",
@@ -496,12 +498,88 @@ class SslListenerConfig(TcpListenerConfig):
         default=None, validator=v.optional(v.in_(("replace", "enforce"))))
 
 
+#: What a WebSocket client may name in Sec-WebSocket-Protocol (EMQX's default).
+WS_SUBPROTOCOLS = ("mqtt", "mqtt-v3", "mqtt-v3.1.1", "mqtt-v5")
+
+
+def _url_path(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not value.startswith("/") or any(c in value for c in "?# ") or not value.isascii():
+        raise ValueError('must be a URL path starting with "/" (e.g. "/mqtt")')
+
+
+def _networks(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network "
+                             '(e.g. "10.0.0.5", "10.0.0.0/8", "::1")') from None
+
+
+def _subprotocols(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    if not value:
+        raise ValueError("at least one subprotocol is needed (MQTT clients name mqtt)")
+
+
+def _header_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
+        raise ValueError("must be an HTTP header name (or empty to ignore the header)")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class WebSocketOptions:
+    """A WebSocket listener's ``websocket`` block, with EMQX's names and defaults."""
+
+    #: The URL path clients connect to (ws://host:8083/mqtt); other paths get 404.
+    mqtt_path: str = attrs.field(default="/mqtt", validator=_url_path)
+    #: multiple: a WebSocket message the broker sends may hold several MQTT
+    #: packets (one message per write); single: one packet per message.
+    #: Messages from clients may hold any number either way.
+    mqtt_piggyback: str = attrs.field(default="multiple",
+                                      validator=v.in_(("single", "multiple")))
+    #: Refuse (HTTP 400) an upgrade that names no subprotocol.
+    fail_if_no_subprotocol: bool = True
+    #: Subprotocols accepted; the first the client names among them is echoed.
+    supported_subprotocols: tuple[str, ...] = attrs.field(default=WS_SUBPROTOCOLS,
+                                                          validator=_subprotocols)
+    #: Refuse (HTTP 403) a browser whose Origin is not in allowed_origins.
+    check_origin_enable: bool = False
+    #: With check_origin_enable: whether a client sending no Origin (not a
+    #: browser) is let in.
+    allow_origin_absence: bool = True
+    #: Origins allowed with check_origin_enable, e.g. "https://app.example.com".
+    allowed_origins: tuple[str, ...] = ()
+    #: Headers a reverse proxy puts the client's address and port in; read
+    #: only from trusted_proxies. Empty ignores the header.
+    proxy_address_header: str = attrs.field(default="x-forwarded-for", validator=_header_name)
+    proxy_port_header: str = attrs.field(default="x-forwarded-port", validator=_header_name)
+    #: Addresses or networks (CIDR) of the proxies whose headers are believed;
+    #: empty believes none.
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_networks)
+    #: Largest frame payload accepted (inflated, with compress); a larger one
+    #: closes the connection with 1009. None (infinity in the file): no limit.
+    max_frame_size: int | None = attrs.field(
+        default=None, metadata={"unit": "size", "none_word": "infinity"},
+        validator=v.optional(v.ge(1)))
+    #: permessage-deflate, for clients that offer it.
+    compress: bool = False
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class WsListenerConfig(TcpListenerConfig):
+    """One ``listeners.ws.<name>`` block: MQTT over WebSocket."""
+
+    bind: Bind = Bind(_ALL_INTERFACES, 8083)
+    websocket: WebSocketOptions = attrs.field(factory=WebSocketOptions)
+
+
 @attrs.define(slots=True, frozen=True, kw_only=True)
 class ListenersConfig:
     """Listeners by kind, then by name; the id of a listener is ``kind:name``."""
 
     tcp: dict[str, TcpListenerConfig] = attrs.field(factory=dict)
     ssl: dict[str, SslListenerConfig] = attrs.field(factory=dict)
+    ws: dict[str, WsListenerConfig] = attrs.field(factory=dict)
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -645,9 +723,11 @@ class Config:
     authorization: AuthorizationConfig = attrs.field(factory=AuthorizationConfig)
 
     def enabled_listeners(self) -> list[tuple[str, str, TcpListenerConfig]]:
-        """(kind, name, block) of every enabled listener, tcp first."""
+        """(kind, name, block) of every enabled listener: tcp, then ssl, then ws."""
+        listeners = self.listeners
         return [(kind, name, block)
-                for kind, blocks in (("tcp", self.listeners.tcp), ("ssl", self.listeners.ssl))
+                for kind, blocks in (("tcp", listeners.tcp), ("ssl", listeners.ssl),
+                                     ("ws", listeners.ws))
                 for name, block in blocks.items() if block.enable]
 
     def peer_cert_identity_of(self, listener: SslListenerConfig) -> tuple[str, str, str]:
@@ -757,6 +837,18 @@ def _limit_parser(none_word: str) -> _Parse:
     return parse
 
 
+def _size_or(none_word: str) -> _Parse:
+    """A size, or ``none_word`` (infinity) read as None."""
+    def parse(raw: Any) -> int | None:
+        if isinstance(raw, str) and raw.strip() == none_word:
+            return None
+        try:
+            return parse_size(raw)
+        except ValueError as exc:
+            raise ValueError(f"{exc}, or {none_word}") from None
+    return parse
+
+
 _PARSERS: dict[Any, _Parse] = {
     int: _parse_int,
     float: _parse_float,
@@ -826,7 +918,9 @@ def _field_hook(converter: cattrs.Converter, field: attrs.Attribute,
     unit = field.metadata.get("unit")
     fmt: _Format = str
     parse: _Parse
-    if unit == "size":
+    if unit == "size" and field.metadata.get("none_word"):
+        parse, fmt = _size_or(field.metadata["none_word"]), _format_size
+    elif unit == "size":
         parse, fmt = parse_size, _format_size
     elif unit == "duration":
         parse, fmt = parse_duration, _format_duration

@@ -229,7 +229,8 @@ def _read_u32(data, pos: int, end: int) -> tuple[int, int]:
     return _unpack_u32(data, pos)[0], pos + 4
 
 
-def _read_varint(data, pos: int, end: int) -> tuple[int, int]:
+def read_varint(data, pos: int, end: int) -> tuple[int, int]:
+    """The Variable Byte Integer (1.5.5) at ``pos``: (value, position after it)."""
     value = 0
     shift = 0
     for _ in range(4):
@@ -271,12 +272,12 @@ def _decode_utf8(raw: bytes) -> str:
     return text
 
 
-_READERS = {BYTE: _read_u8, TWO: _read_u16, FOUR: _read_u32, VARINT: _read_varint,
+_READERS = {BYTE: _read_u8, TWO: _read_u16, FOUR: _read_u32, VARINT: read_varint,
             UTF8: _read_utf8, BINARY: _read_binary}
 
 
 def _read_properties(data, pos: int, end: int, packet_type: int) -> tuple[Properties, int]:
-    length, pos = _read_varint(data, pos, end)
+    length, pos = read_varint(data, pos, end)
     stop = pos + length
     if stop > end:
         raise MalformedPacket("property length runs past the end of the packet")
@@ -284,7 +285,7 @@ def _read_properties(data, pos: int, end: int, packet_type: int) -> tuple[Proper
         return NO_PROPERTIES, pos
     props: dict[str, Any] = {}
     while pos < stop:
-        prop_id, pos = _read_varint(data, pos, stop)
+        prop_id, pos = read_varint(data, pos, stop)
         spec = PROPERTIES.get(prop_id)
         if spec is None:
             raise MalformedPacket(f"unknown property identifier 0x{prop_id:02X}")

@@ -50,6 +50,7 @@ class _AuthExchange:
     conversation: AuthConversation
     #: The CONNECT being authenticated; None while re-authenticating.
     connect: Connect | None
+    request: AuthRequest | None = None
     assigned: bool = False
     #: A step is being computed: the client must wait for its answer.
     busy: bool = False
@@ -340,8 +341,13 @@ class Connection:
             if method is None:
                 return self._refuse(Reason.BAD_AUTHENTICATION_METHOD,
                                     f"unknown authentication method {method_name[:100]!r}")
+            admit = getattr(core.authenticator, "admit_method", None)
+            refusal = admit(request, method_name) if admit is not None else None
+            if refusal is not None:
+                return self._refuse(refusal.reason_code,
+                                    f"authentication method {method_name[:100]!r} refused")
             self.auth_method = method_name
-            self._exchange = _AuthExchange(method.begin(request), packet, assigned)
+            self._exchange = _AuthExchange(method.begin(request), packet, request, assigned)
             # The exchange must finish within the time a CONNECT is given.
             self._idle_handle = core.loop.call_later(settings.idle_timeout, self._idle_expired)
             return self._auth_step(packet.properties.get("authentication_data"))
@@ -748,6 +754,9 @@ class Connection:
             if self._idle_handle is not None:
                 self._idle_handle.cancel()
                 self._idle_handle = None
+            failed = getattr(self.core.authenticator, "method_failed", None)
+            if not step.result.allowed and failed is not None:
+                failed(exchange.request)
             self._finish_connect(step.result, exchange.connect, exchange.assigned, props)
         elif step.result.allowed and step.result.identity not in (None, self.username):
             # Re-authentication proves who the client already is, not someone else.

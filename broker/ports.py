@@ -119,6 +119,11 @@ class Authenticator(Protocol):
 
     May answer at once or with an awaitable (a database look-up); the core
     holds the connection's later packets until the answer comes.
+
+    It may also have ``admit_method(request, method_name) -> AuthResult |
+    None``, asked before an enhanced authentication starts (None: it may;
+    a result: the refusal), and ``method_failed(request)``, told when one
+    fails; both are optional.
     """
 
     def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]: ...

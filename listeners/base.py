@@ -93,6 +93,39 @@ class Listener:
         return PeerInfo(listener=self.id, address=tuple(peername[:2]) if peername else None)
 
 
+class UpperLayer:
+    """What every layer between the socket and the core's Connection (TLS,
+    WebSocket) passes on unchanged: flow control, both ways, and the facts of
+    the transport below. ``transport`` is the layer below, ``connection``
+    what reads from this one; either is None before it exists and after the
+    connection is lost. Layers stack: one layer can be another's transport."""
+
+    __slots__ = ()
+    transport: Any
+    connection: Any
+
+    # from the transport below, to the Connection
+    def pause_writing(self) -> None:
+        if self.connection is not None:
+            self.connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.connection is not None:
+            self.connection.resume_writing()
+
+    # from the Connection, to the transport below
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default) if self.transport else default
+
+
 class ListenerProtocol(asyncio.Protocol):
     __slots__ = ("listener", "connection")
 

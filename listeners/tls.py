@@ -32,7 +32,7 @@ from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import CertificateFacts, PeerCertificate, PeerInfo
 from bastionmq.broker.properties import Reason
 
-from .base import Listener
+from .base import Listener, UpperLayer
 from .crl import (
     REVOKED, UNKNOWN, CrlError, CrlStore, distribution_points, load_ca_certificates,
     load_crl_files,
@@ -623,7 +623,7 @@ def _mtimes(files: dict[str, float]) -> dict[str, float]:
     return mtimes
 
 
-class TlsProtocol(asyncio.Protocol):
+class TlsProtocol(UpperLayer, asyncio.Protocol):
     """TLS over the socket transport; to the core's Connection it is the transport."""
 
     __slots__ = ("listener", "transport", "connection", "_in", "_out", "_ssl", "_timer",
@@ -680,14 +680,6 @@ class TlsProtocol(asyncio.Protocol):
         if self.connection is not None:
             connection, self.connection = self.connection, None
             connection.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.connection is not None:
-            self.connection.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.connection is not None:
-            self.connection.resume_writing()
 
     # TLS -------------------------------------------------------------------
 
@@ -816,15 +808,5 @@ class TlsProtocol(asyncio.Protocol):
         self._send_records()
         self.transport.close()
 
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.resume_reading()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.transport.get_extra_info(name, default) if self.transport else default
 
 

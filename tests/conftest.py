@@ -129,14 +129,17 @@ class Client:
                  clean: bool = True, keepalive: int = 60, will: tuple | None = None,
                  session_expiry: int | None = None, connect: bool = True,
                  username: str | None = None, password: str | None = None,
-                 tls: dict[str, Any] | None = None) -> None:
+                 tls: dict[str, Any] | None = None, transport: str = "tcp",
+                 ws_path: str = "/mqtt") -> None:
         self.port = port
         self.version = version
         kwargs: dict[str, Any] = {}
         if version != paho.MQTTv5:
             kwargs["clean_session"] = clean
         self.paho = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                protocol=version, **kwargs)
+                                protocol=version, transport=transport, **kwargs)
+        if transport == "websockets":
+            self.paho.ws_set_options(path=ws_path)
         self.clean = clean
         self.keepalive = keepalive
         self.session_expiry = session_expiry

@@ -73,9 +73,9 @@ class BrokerProcess:
     def stderr(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
 
-    def wait_listening(self, port: int) -> None:
+    def wait_listening(self, port: int, listener: str = "tcp:default") -> None:
         """Poll until the port accepts connections and the listener is logged."""
-        line = f"listener tcp:default listening on 127.0.0.1:{port}"
+        line = f"listener {listener} listening on 127.0.0.1:{port}"
         deadline = time.monotonic() + TIMEOUT
         while True:
             if self.process.poll() is not None:
@@ -143,6 +143,7 @@ def test_check_config_accepts_the_shipped_config(run):
     assert result.returncode == 0, result.stderr
     assert "configuration is valid" in result.stdout
     assert "tcp:default 127.0.0.1:1883" in result.stdout
+    assert "ws:default 127.0.0.1:8083" in result.stdout
 
 
 BAD_VALUES = {
@@ -234,29 +235,35 @@ def test_start_serves_until_a_signal_then_disconnects_everyone(
     assert "Traceback" not in broker.stderr
 
 
-def _shipped_config_env(port: int, tls_port: int) -> dict[str, str]:
+def _shipped_config_env(port: int, tls_port: int, ws_port: int = 0) -> dict[str, str]:
     """The shipped config moved to free loopback ports."""
     return clean_env(BASTIONMQ_LISTENERS__TCP__DEFAULT__BIND=f"127.0.0.1:{port}",
-                     BASTIONMQ_LISTENERS__SSL__DEFAULT__BIND=f"127.0.0.1:{tls_port}")
+                     BASTIONMQ_LISTENERS__SSL__DEFAULT__BIND=f"127.0.0.1:{tls_port}",
+                     BASTIONMQ_LISTENERS__WS__DEFAULT__BIND=f"127.0.0.1:{ws_port}")
 
 
 def test_environment_overrides_the_listener_of_the_shipped_config(start_process, clients, run,
                                                                    tmp_path):
-    port = free_port()
-    env = _shipped_config_env(port, free_port())
+    port, ws_port = free_port(), free_port()
+    env = _shipped_config_env(port, free_port(), ws_port)
 
     checked = run("check-config", "-c", "etc/bastionmq.conf", cwd=REPO, env=env)
     assert checked.returncode == 0, checked.stderr
     assert f"tcp:default 127.0.0.1:{port}" in checked.stdout
+    assert f"ws:default 127.0.0.1:{ws_port}" in checked.stdout
 
     # Run elsewhere than the checkout: the first start writes data/certs/ where it runs.
     broker = start_process(REPO / "etc/bastionmq.conf", cwd=tmp_path, env=env)
     broker.wait_listening(port)
-    # The shipped config allows anonymous clients on its loopback listener.
+    broker.wait_listening(ws_port, "ws:default")
+    # The shipped config allows anonymous clients on its loopback listeners.
     assert clients(port, client_id="env-moved").reason_code == 0
+    assert clients(ws_port, client_id="env-moved-ws", transport="websockets").reason_code == 0
     assert broker.stop(signal.SIGTERM) == 0, broker.stderr
     assert "listening on 127.0.0.1:1883" not in broker.stderr
+    assert "listening on 127.0.0.1:8083" not in broker.stderr
     assert refuses_connections(port)
+    assert refuses_connections(ws_port)
 
 
 def test_start_on_a_port_in_use_fails_with_a_clear_message(run, tmp_path):

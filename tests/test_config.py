@@ -32,6 +32,8 @@ from bastionmq.config import (
     SysTopicsConfig,
     TcpListenerConfig,
     TcpOptions,
+    WebSocketOptions,
+    WsListenerConfig,
     load_config,
     parse_duration,
     parse_size,
@@ -121,7 +123,8 @@ def test_shipped_config_shows_every_key() -> None:
     for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, SysTopicsConfig, Config,
                 SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig, SniCertificate,
                 NodeConfig, AuthenticatorConfig, AuthorizationConfig, AuthzCacheConfig,
-                AclSourceConfig, PasswordHash, AuthnBanConfig):
+                AclSourceConfig, PasswordHash, AuthnBanConfig, WsListenerConfig,
+                WebSocketOptions):
         for field in attrs.fields(cls):
             assert re.search(rf"\b{field.name}\b", text), f"{cls.__name__}.{field.name}"
 
@@ -131,7 +134,8 @@ def test_reference_documents_every_key() -> None:
     for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, SysTopicsConfig, Config,
                 ListenersConfig, SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig,
                 SniCertificate, NodeConfig, AuthenticatorConfig, AuthorizationConfig,
-                AuthzCacheConfig, AclSourceConfig, PasswordHash, AuthnBanConfig):
+                AuthzCacheConfig, AclSourceConfig, PasswordHash, AuthnBanConfig,
+                WsListenerConfig, WebSocketOptions):
         for field in attrs.fields(cls):
             # As a key in code quotes: `max_inflight`, `tcp_options.backlog`, ...
             assert re.search(rf"`[\w.<>]*\b{field.name}\b[\w.<>]*`", text), (
@@ -311,6 +315,80 @@ def test_several_listeners_and_anonymous_inheritance() -> None:
     assert everyone.anonymous_allowed(everyone.listeners.tcp["a"]) is True
 
 
+def test_ws_listener_defaults_are_emqx_s() -> None:
+    config = load("listeners.ws.default {}")
+    listener = config.listeners.ws["default"]
+    assert listener == WsListenerConfig()
+    assert listener.bind == Bind("0.0.0.0", 8083)
+    assert listener.tcp_options == TcpOptions()
+    options = listener.websocket
+    assert options == WebSocketOptions(
+        mqtt_path="/mqtt", mqtt_piggyback="multiple", fail_if_no_subprotocol=True,
+        supported_subprotocols=("mqtt", "mqtt-v3", "mqtt-v3.1.1", "mqtt-v5"),
+        check_origin_enable=False, allow_origin_absence=True, allowed_origins=(),
+        proxy_address_header="x-forwarded-for", proxy_port_header="x-forwarded-port",
+        trusted_proxies=(), max_frame_size=None, compress=False)
+    assert config.enabled_listeners() == [("ws", "default", listener)]
+
+
+def test_ws_options_as_an_operator_writes_them() -> None:
+    options = load("""
+        listeners.ws.web {
+          bind = "127.0.0.1:9001", allow_anonymous = true
+          websocket {
+            mqtt_path = "/broker/mqtt", mqtt_piggyback = single
+            supported_subprotocols = "mqtt,  mqttv3.1"
+            check_origin_enable = true, allowed_origins = ["https://app.example.com"]
+            trusted_proxies = ["10.0.0.0/8", "::1"], max_frame_size = 64KB, compress = true
+          }
+        }
+    """).listeners.ws["web"].websocket
+    assert options.mqtt_path == "/broker/mqtt"
+    assert options.mqtt_piggyback == "single"
+    assert options.supported_subprotocols == ("mqtt", "mqttv3.1")
+    assert options.allowed_origins == ("https://app.example.com",)
+    assert options.trusted_proxies == ("10.0.0.0/8", "::1")
+    assert options.max_frame_size == 65536
+    assert load("listeners.ws.a.websocket.supported_subprotocols = [mqtt, mqtt-v5]") \
+        .listeners.ws["a"].websocket.supported_subprotocols == ("mqtt", "mqtt-v5")
+    assert load("listeners.ws.a.websocket.max_frame_size = infinity") \
+        .listeners.ws["a"].websocket.max_frame_size is None
+
+
+def test_ws_option_errors_name_their_key_path() -> None:
+    prefix = "listeners.ws.a.websocket."
+    assert errors_of("""listeners.ws.a.websocket {
+        mqtt_path = mqtt, mqtt_piggyback = many, trusted_proxies = ["10.0.0.300"]
+        max_frame_size = lots, supported_subprotocols = [], proxy_port_header = "x port"
+        compres = true
+    }""") == {
+        prefix + "mqtt_path": "'mqtt' is not allowed (must be a URL path starting with \"/\" "
+                              '(e.g. "/mqtt"))',
+        prefix + "mqtt_piggyback": "'many' is not one of: single, multiple",
+        prefix + "trusted_proxies": "['10.0.0.300'] is not allowed ('10.0.0.300' is not an IP "
+                                    'address or network (e.g. "10.0.0.5", "10.0.0.0/8", "::1"))',
+        prefix + "max_frame_size": "'lots' is not a size (e.g. 1MB, 64KB, 512B; a bare integer "
+                                   "is bytes), or infinity",
+        prefix + "supported_subprotocols": "[] is not allowed (at least one subprotocol is "
+                                           "needed (MQTT clients name mqtt))",
+        prefix + "proxy_port_header": "'x port' is not allowed (must be an HTTP header name "
+                                      "(or empty to ignore the header))",
+        prefix + "compres": "unknown key (did you mean compress?)",
+    }
+    assert errors_of("listeners.ws.a.websocket.max_frame_size = 0") == {
+        prefix + "max_frame_size": "0 is out of range (allowed: 1B or more, or infinity)"}
+
+
+def test_shipped_config_serves_websocket_on_loopback_only() -> None:
+    config = load_config(SHIPPED, env=NO_ENV)
+    listener = config.listeners.ws["default"]
+    assert listener.bind == Bind("127.0.0.1", 8083)
+    assert config.anonymous_allowed(listener) is True
+    assert listener.websocket == WebSocketOptions()
+    moved = load_config(SHIPPED, env={"BASTIONMQ_LISTENERS__WS__DEFAULT__BIND": "127.0.0.1:0"})
+    assert moved.listeners.ws["default"].bind == Bind("127.0.0.1", 0)
+
+
 def test_bad_listener_name() -> None:
     errors = errors_of('listeners.tcp { "bad name" { bind = 1883 } }')
     assert errors == {
@@ -320,7 +398,7 @@ def test_bad_listener_name() -> None:
 
 def test_listener_kind_not_known() -> None:
     assert errors_of("listeners.quic.default { bind = 14567 }") == {
-        "listeners.quic": "unknown key (known keys: tcp, ssl)"}
+        "listeners.quic": "unknown key (known keys: tcp, ssl, ws)"}
 
 
 def test_block_where_a_value_is_expected_and_the_reverse() -> None:

@@ -309,3 +309,32 @@ def test_a_corrupt_database_stops_start_up(tmp_path):
     where, what = startup_error(config)
     assert where == "node.data_dir"
     assert "auth.sqlite3" in what
+
+
+def test_scram_follows_the_listener_chains_and_the_bans(start_broker, raw_clients, tmp_path):
+    from test_e2e_enhanced_auth import ScramClient, _auth_props
+    config = _database_config(tmp_path, """
+listeners.tcp.plain { bind = "127.0.0.1:0", authentication = [] }
+authn_ban { max_failures = 2 }
+""")
+    _cli(config, "users", "add", "carol", "--password", "secret", "--scram")
+    broker = start_broker(config=config)
+
+    def scram(port: int, password: str, client_id: str) -> int:
+        client = raw_clients(port, MQTT_5)
+        attempt = ScramClient("carol", password)
+        answer = client.connect(client_id, username="carol",
+                                properties=_auth_props(attempt.first()))
+        if not isinstance(answer, Auth):
+            return answer.reason_code
+        client.send(Auth(0x18, _auth_props(attempt.final(
+            answer.properties["authentication_data"]))))
+        return client.receive().reason_code
+
+    # A listener whose chain has no scram entry does not offer it.
+    assert scram(broker.port_of("tcp:plain"), "secret", "p") == 0x8C
+    assert scram(broker.port, "secret", "ok") == 0
+    assert scram(broker.port, "wrong", "w1") == 0x86
+    assert scram(broker.port, "wrong", "w2") == 0x86
+    # Two failures ban the username, for SCRAM too.
+    assert scram(broker.port, "secret", "after") == 0x8A

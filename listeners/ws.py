@@ -1,0 +1,503 @@
+"""WebSocket listeners (``listeners.ws.<name>``): MQTT over WebSocket.
+
+The WebSocket layer stands between a lower byte transport and the core's
+Connection, as TlsProtocol does for TLS: to the Connection it is the
+transport (write, close, pause_reading, resume_reading, get_extra_info), and
+it forwards the lower layer's callbacks (data_received, connection_lost,
+pause_writing, resume_writing). The lower transport is anything with those
+five calls: the socket's transport for ``ws``; for ``wss``, a TlsProtocol,
+which offers exactly them, so TLS stacks under this layer without either
+knowing the other (``WebSocketLayer.start(tls_protocol, tls_peer_info)``).
+
+wsproto (python-hyper) does the protocol work without I/O: h11 reads the
+HTTP upgrade, its frame decoder the client's frames. Binary messages are a
+byte stream to the MQTT decoder, so packets split across frames and several
+packets in one frame both just work ([MQTT-6.0.0-2]); all the
+payload of one read pass reaches the Connection in one call, and the
+Connection answers with one write per pass, which becomes one binary frame
+(``mqtt_piggyback = multiple``) or one frame per packet (``single``).
+
+Outgoing frames are built here rather than by wsproto: a server's frame is
+unmasked, a 2 to 10 byte header before the payload, and written vectored
+with it; wsproto would copy the payload twice per frame. With
+permessage-deflate negotiated they go through wsproto, whose extension
+compresses them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import struct
+import zlib
+from typing import Any
+
+import attrs
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection, RejectData, Request,
+    TextMessage,
+)
+from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from bastionmq.broker.codec import read_varint
+from bastionmq.broker.core import BrokerCore
+from bastionmq.broker.ports import PeerInfo
+
+from .base import Listener, UpperLayer
+
+log = logging.getLogger("bastionmq.listener")
+
+# Layer states.
+UPGRADING, OPEN, CLOSING = range(3)
+
+_BINARY = 0x82  # FIN + binary opcode
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
+_REFUSAL_HEADERS = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+
+
+def frame_header(length: int) -> bytes:
+    """The header of an unmasked, final binary frame of ``length`` bytes (RFC 6455 5.2)."""
+    if length < 126:
+        return bytes((_BINARY, length))
+    if length < 65536:
+        return _HEADER_16.pack(_BINARY, 126, length)
+    return _HEADER_64.pack(_BINARY, 127, length)
+
+
+def packet_frames(data: bytes) -> list[Any]:
+    """Whole MQTT packets, as the core writes them, each behind its own frame
+    header: the parts of one vectored write (``mqtt_piggyback = single``)."""
+    view = memoryview(data)
+    parts: list[Any] = []
+    start, end = 0, len(data)
+    while start < end:
+        length, at = read_varint(data, start + 1, end)  # the Remaining Length
+        stop = at + length
+        parts.append(frame_header(stop - start))
+        parts.append(view[start:stop])
+        start = stop
+    return parts
+
+
+@attrs.define(slots=True, frozen=True)
+class WebSocketSettings:
+    """A listener's ``websocket`` options, made ready for per-connection use."""
+
+    path: str
+    subprotocols: frozenset[str]
+    fail_if_no_subprotocol: bool
+    #: Allowed origins (lowercase), or None when origins are not checked.
+    origins: frozenset[str] | None
+    allow_origin_absence: bool
+    #: Header names as h11 gives them (lowercase bytes); b"" when not read.
+    address_header: bytes
+    port_header: bytes
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    max_frame_size: int | None
+    compress: bool
+    #: Most bytes one frame may inflate to under permessage-deflate.
+    inflate_limit: int
+    one_packet_per_frame: bool
+
+    @classmethod
+    def from_options(cls, options: Any, max_packet_size: int) -> WebSocketSettings:
+        return cls(
+            path=options.mqtt_path,
+            subprotocols=frozenset(options.supported_subprotocols),
+            fail_if_no_subprotocol=options.fail_if_no_subprotocol,
+            origins=frozenset(origin.lower().rstrip("/") for origin in options.allowed_origins)
+            if options.check_origin_enable else None,
+            allow_origin_absence=options.allow_origin_absence,
+            address_header=options.proxy_address_header.lower().encode("ascii"),
+            port_header=options.proxy_port_header.lower().encode("ascii"),
+            trusted_proxies=tuple(ipaddress.ip_network(item, strict=False)
+                                  for item in options.trusted_proxies),
+            max_frame_size=options.max_frame_size,
+            compress=options.compress,
+            inflate_limit=options.max_frame_size or max_packet_size,
+            one_packet_per_frame=options.mqtt_piggyback == "single")
+
+    def trusts(self, host: str) -> bool:
+        """Whether ``host`` is one of the trusted proxies."""
+        if not self.trusted_proxies:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_proxies)
+
+
+class BoundedDeflate(PerMessageDeflate):
+    """permessage-deflate that refuses (1009) a frame inflating beyond a limit
+    before inflating it whole: a few kilobytes of deflate data can otherwise
+    become gigabytes in one call."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self._limit = limit
+        self._inflated = 0
+
+    def frame_inbound_header(self, proto: Any, opcode: Any, rsv: Any,
+                             payload_length: int) -> Any:
+        self._inflated = 0
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+
+    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> bytes | CloseReason:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        try:
+            inflated = self._decompressor.decompress(data, self._limit - self._inflated + 1)
+        except zlib.error:
+            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        self._inflated += len(inflated)
+        if self._inflated > self._limit:
+            return CloseReason.MESSAGE_TOO_BIG
+        return inflated
+
+
+class WebSocketLayer(UpperLayer):
+    """WebSocket over a lower transport; the core's Connection's transport.
+
+    ``listener`` gives ``core``, ``id``, ``websocket`` (WebSocketSettings)
+    and ``upgrade_refused``. ``start`` begins the HTTP upgrade over a lower
+    transport already admitted by whoever owns it.
+    """
+
+    __slots__ = ("listener", "transport", "peer", "connection", "_state", "_handshake", "_ws",
+                 "_timer", "_frame_bytes", "_deflate", "_vectored")
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+        self.transport: Any = None
+        self.peer: PeerInfo | None = None
+        self.connection: Any = None
+        self._state = CLOSING
+        self._handshake: WSConnection | None = None
+        self._ws: Any = None
+        self._timer: asyncio.TimerHandle | None = None
+        #: Payload bytes of the frame being received, for max_frame_size.
+        self._frame_bytes = 0
+        self._deflate: PerMessageDeflate | None = None
+        self._vectored = False
+
+    def start(self, lower: Any, peer: PeerInfo) -> None:
+        core = self.listener.core
+        self.transport = lower
+        self.peer = peer
+        self._state = UPGRADING
+        self._handshake = WSConnection(ConnectionType.SERVER)
+        self._vectored = hasattr(lower, "writelines")
+        # The upgrade must come within the time a CONNECT is given after it.
+        self._timer = core.loop.call_later(core.settings.idle_timeout, self._upgrade_timed_out)
+
+    # from the lower transport ------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._state != OPEN:
+            if self._state == UPGRADING:
+                self._receive_upgrade(data)
+            return
+        ws = self._ws
+        ws.receive_data(data)
+        chunks = []
+        limit = self.listener.websocket.max_frame_size
+        for event in ws.events():
+            if event.__class__ is BytesMessage:
+                payload = event.data
+                if limit is not None:
+                    size = self._frame_bytes + len(payload)
+                    if size > limit:
+                        self._deliver(chunks)
+                        self._fail(CloseReason.MESSAGE_TOO_BIG,
+                                   f"frame larger than max_frame_size ({limit} bytes)")
+                        return
+                    self._frame_bytes = 0 if event.frame_finished else size
+                chunks.append(payload)
+            else:
+                self._deliver(chunks)
+                chunks = []
+                if self._state != OPEN or not self._control(event):
+                    return
+        self._deliver(chunks)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return
+        self.transport = None
+        self._state = CLOSING
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            connection.connection_lost(exc)
+
+    # the upgrade ---------------------------------------------------------------
+
+    def _receive_upgrade(self, data: bytes) -> None:
+        handshake = self._handshake
+        try:
+            handshake.receive_data(data)
+            for event in handshake.events():
+                if isinstance(event, Request):
+                    self._on_request(event)
+                    return
+        except RemoteProtocolError as exc:
+            hint = exc.event_hint if isinstance(exc.event_hint, RejectConnection) \
+                else RejectConnection(status_code=400)
+            self._refuse(hint.status_code, str(exc), hint.headers)
+
+    def _on_request(self, request: Request) -> None:
+        settings = self.listener.websocket
+        path = request.target.partition("?")[0]
+        if path != settings.path:
+            return self._refuse(404, f"no WebSocket endpoint at {path[:100]!r} "
+                                     f"(MQTT is at {settings.path})")
+        headers = request.extra_headers
+        if settings.origins is not None:
+            origin = _header(headers, b"origin")
+            if origin is None:
+                if not settings.allow_origin_absence:
+                    return self._refuse(403, "no Origin header (allow_origin_absence = false)")
+            elif origin.decode("latin-1").lower().rstrip("/") not in settings.origins:
+                return self._refuse(403, f"origin {origin[:100].decode('latin-1')!r} is not "
+                                         "in allowed_origins")
+        subprotocol = None
+        if request.subprotocols:
+            subprotocol = next((name for name in request.subprotocols
+                                if name in settings.subprotocols), None)
+            if subprotocol is None:
+                return self._refuse(400, "none of the subprotocols asked for "
+                                         f"({', '.join(request.subprotocols)[:100]}) is in "
+                                         "supported_subprotocols")
+        elif settings.fail_if_no_subprotocol:
+            return self._refuse(400, "no subprotocol asked for (Sec-WebSocket-Protocol; "
+                                     "fail_if_no_subprotocol = true)")
+        peer = self.peer
+        if peer.address is not None and settings.trusts(peer.address[0]):
+            peer = _forwarded(peer, headers, settings)
+        handshake, self._handshake = self._handshake, None
+        extensions = [BoundedDeflate(settings.inflate_limit)] if settings.compress else []
+        self.transport.write(handshake.send(AcceptConnection(subprotocol=subprotocol,
+                                                         extensions=extensions)))
+        self._ws = handshake.connection
+        if extensions and extensions[0].enabled():
+            self._deflate = extensions[0]
+        self._timer.cancel()
+        self._timer = None
+        self._state = OPEN
+        # A client sends nothing more before reading the 101 (RFC 6455 4.1),
+        # so no frame waits behind the request.
+        self.connection = self.listener.core.attach(self, peer)
+
+    def _refuse(self, status: int, why: str, headers: Any = ()) -> None:
+        """Answer the upgrade request with an HTTP error and close."""
+        self.listener.upgrade_refused(self.peer, status, why)
+        handshake = self._handshake
+        self._state = CLOSING
+        body = f"{why}\n".encode()
+        try:
+            data = handshake.send(RejectConnection(
+                status_code=status, has_body=True,
+                headers=[*headers, *_REFUSAL_HEADERS, (b"content-length", b"%d" % len(body))]))
+            data += handshake.send(RejectData(data=body))
+        except LocalProtocolError:
+            data = b""  # a request too broken for h11 to answer
+        self.transport.write(data)
+        self.transport.close()
+
+    def _upgrade_timed_out(self) -> None:
+        self._timer = None
+        if self._state == UPGRADING and self.transport is not None:
+            self.listener.upgrade_refused(self.peer, None, "no WebSocket upgrade within "
+                                          f"{self.listener.core.settings.idle_timeout:g}s")
+            self._state = CLOSING
+            self.transport.close()
+
+    # frames --------------------------------------------------------------------
+
+    def _deliver(self, chunks: list[bytes]) -> None:
+        if chunks and self.connection is not None:
+            self.connection.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _control(self, event: Any) -> bool:
+        """Handle a frame other than binary data; False when the connection closes."""
+        ws = self._ws
+        if isinstance(event, Ping):
+            self.transport.write(ws.send(event.response()))
+            return True
+        if isinstance(event, CloseConnection):
+            # The client's close (echoed, as RFC 6455 5.5.1 asks), or wsproto's
+            # verdict on a broken frame (code 1002, 1007...), sent to the client.
+            if event.code not in (CloseReason.NORMAL_CLOSURE, CloseReason.GOING_AWAY,
+                                  CloseReason.NO_STATUS_RCVD):
+                self._log_close(event.code, event.reason)
+            self._state = CLOSING
+            self.transport.write(ws.send(event.response()))
+            self.transport.close()
+            return False
+        if isinstance(event, TextMessage):  # [MQTT-6.0.0-1]
+            self._fail(CloseReason.UNSUPPORTED_DATA, "text frame (MQTT needs binary frames)")
+            return False
+        return True  # Pong
+
+    def _fail(self, code: int, why: str) -> None:
+        if self._state != OPEN:
+            return  # already closing (the Connection closed on what came before)
+        self._log_close(code, why)
+        self._state = CLOSING
+        self.transport.write(self._ws.send(CloseConnection(code=code, reason=why)))
+        self.transport.close()
+
+    def _log_close(self, code: int, why: str) -> None:
+        address = self.peer.address if self.peer is not None else None
+        host = f"{address[0]}:{address[1]}" if address else "?"
+        log.info("listener %s: closing the WebSocket of %s: %s (%d)", self.listener.id, host,
+                 why, code)
+
+    # the transport the core's Connection writes to (pause_reading, resume_reading
+    # and get_extra_info pass through UpperLayer) ----------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._state != OPEN:
+            return
+        if self._deflate is not None:
+            self._write_deflated(data)
+        elif self.listener.websocket.one_packet_per_frame:
+            parts = packet_frames(data)
+            if self._vectored:
+                self.transport.writelines(parts)
+            else:
+                self.transport.write(b"".join(parts))
+        elif self._vectored:
+            self.transport.writelines((frame_header(len(data)), data))
+        else:
+            self.transport.write(frame_header(len(data)) + data)
+
+    def _write_deflated(self, data: bytes) -> None:
+        ws = self._ws
+        if self.listener.websocket.one_packet_per_frame:
+            packets = packet_frames(data)[1::2]
+        else:
+            packets = [data]
+        self.transport.write(b"".join(ws.send(BytesMessage(data=bytes(packet)))
+                                  for packet in packets))
+
+    def close(self) -> None:
+        if self._state == CLOSING or self.transport is None:
+            return
+        if self._state == OPEN:
+            self.transport.write(self._ws.send(CloseConnection(code=CloseReason.NORMAL_CLOSURE)))
+        self._state = CLOSING
+        self.transport.close()
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """A request header's value, occurrences joined by commas (RFC 9110 5.3)."""
+    values = [value for key, value in headers if key == name]
+    return b", ".join(values) if values else None
+
+
+def _forwarded(peer: PeerInfo, headers: list[tuple[bytes, bytes]],
+               settings: WebSocketSettings) -> PeerInfo:
+    """``peer`` with the address a trusted proxy reports, if it reports one."""
+    host, port = peer.address
+    forwarded_for = _header(headers, settings.address_header) if settings.address_header else None
+    if forwarded_for is not None:
+        # Each proxy appends the address it got the request from: the client
+        # is the rightmost address that is not a trusted proxy (what lies
+        # left of it was written by the client and proves nothing).
+        entries = [entry.strip() for entry in forwarded_for.decode("latin-1").split(",")]
+        for index in range(len(entries) - 1, -1, -1):
+            address = _ip(entries[index])
+            if address is None:
+                break  # not an address: the header is not believed any further
+            host = address
+            if not settings.trusts(address):
+                break
+    forwarded_port = _header(headers, settings.port_header) if settings.port_header else None
+    if forwarded_port is not None:
+        text = forwarded_port.split(b",")[-1].strip()
+        if text.isdigit() and 0 < int(text) < 65536:
+            port = int(text)
+    if (host, port) == peer.address:
+        return peer
+    log.debug("listener %s: %s:%s is a trusted proxy for %s:%s", peer.listener,
+              peer.address[0], peer.address[1], host, port)
+    return attrs.evolve(peer, address=(host, port))
+
+
+def _ip(entry: str) -> str | None:
+    """An X-Forwarded-For entry as an address: "192.0.2.1", "2001:db8::1",
+    and the forms with a port, "192.0.2.1:4711" and "[2001:db8::1]:4711"."""
+    if entry.startswith("["):
+        entry = entry[1:].partition("]")[0]
+    elif entry.count(":") == 1:
+        entry = entry.partition(":")[0]
+    try:
+        return str(ipaddress.ip_address(entry))
+    except ValueError:
+        return None
+
+
+class WsProtocol(WebSocketLayer, asyncio.Protocol):
+    """``ws``: the socket's transport is the lower layer."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        listener = self.listener
+        if listener.admit(transport):
+            self.start(transport, listener.peer_info(transport))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.listener.connection_count -= 1
+        super().connection_lost(exc)
+
+
+class WebSocketServing:
+    """What a listener serving WebSocket (ws, and wss over TLS) adds."""
+
+    core: BrokerCore
+    id: str
+    websocket: WebSocketSettings
+    refused_upgrades: collections.Counter[int | None]
+
+    def serve_websocket(self, options: Any) -> None:
+        self.websocket = WebSocketSettings.from_options(options,
+                                                        self.core.settings.max_packet_size)
+        #: Refused upgrades by HTTP status (None: no upgrade request in time),
+        #: for operators and metrics.
+        self.refused_upgrades = collections.Counter()
+
+    def upgrade_refused(self, peer: PeerInfo | None, status: int | None, why: str) -> None:
+        self.refused_upgrades[status] += 1
+        address = peer.address if peer is not None else None
+        host = f"{address[0]}:{address[1]}" if address else "?"
+        log.info("listener %s: no WebSocket for %s: %s%s", self.id, host, why,
+                 f" (HTTP {status})" if status else "")
+
+
+class WsListener(WebSocketServing, Listener):
+    kind = "ws"
+
+    def __init__(self, name: str, host: str, port: int, core: BrokerCore, *,
+                 options: Any, **socket_options: Any) -> None:
+        super().__init__(name, host, port, core, **socket_options)
+        self.serve_websocket(options)
+
+    def protocol_factory(self) -> asyncio.Protocol:
+        return WsProtocol(self)
