@@ -21,10 +21,10 @@ from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import AuthMethod
 from bastionmq.broker.properties import Reason
 from bastionmq.broker.sys_topics import SysTopics
-from bastionmq.config import Config, ConfigError, SslOptions, load_config
+from bastionmq.config import TLS_KINDS, Config, ConfigError, SslOptions, load_config
 from bastionmq.listeners.base import Listener
 from bastionmq.listeners.tls import TlsListener, TlsSetupError, load_material
-from bastionmq.listeners.ws import WsListener
+from bastionmq.listeners.ws import WsListener, WssListener
 from bastionmq.pki import DEFAULT_DIR, init_pki
 
 log = logging.getLogger("bastionmq")
@@ -57,9 +57,12 @@ def _listener_plan(config: Config, kind: str, name: str,
     try:
         material = load_material(options, config.crl_cache, config.psk_authentication)
     except TlsSetupError as exc:
-        raise ConfigError([(exc.key_path(name), str(exc))]) from None
-    return TlsListener, name, block, {"options": options, "crl_cache": config.crl_cache,
-                                      "psk": config.psk_authentication, "material": material}
+        raise ConfigError([(exc.key_path(kind, name), str(exc))]) from None
+    tls = {"options": options, "crl_cache": config.crl_cache,
+           "psk": config.psk_authentication, "material": material}
+    if kind == "wss":
+        return WssListener, name, block, {**tls, "websocket": block.websocket}
+    return TlsListener, name, block, tls
 
 
 def _authenticators(config: Config, kind: str, name: str, block: Any,
@@ -152,8 +155,8 @@ def _make_dev_pki_on_first_start(config: Config) -> None:
     of its files exists yet, make that PKI, so the shipped config starts."""
     defaults = SslOptions()
     default_files = (defaults.cacertfile, defaults.certfile, defaults.keyfile)
-    for _kind, _name, block in config.enabled_listeners():
-        options = getattr(block, "ssl_options", None)
+    for kind, _name, block in config.enabled_listeners():
+        options = block.ssl_options if kind in TLS_KINDS else None
         if options is not None and (options.cacertfile, options.certfile, options.keyfile) == default_files:
             if not any(os.path.exists(path) for path in default_files):
                 init_pki(DEFAULT_DIR)
@@ -226,7 +229,7 @@ class Broker:
                 config.anonymous_allowed(block), authenticators,
                 block.enable_authn, self.authn_stats, bans, frozenset(methods))
             listeners.append(_listener_plan(config, kind, name, block))
-            if kind == "ssl":
+            if kind in TLS_KINDS:
                 rules[f"{kind}:{name}"] = IdentityRule(*config.peer_cert_identity_of(block))
         self.authorization = _authorization(config)
         self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop,

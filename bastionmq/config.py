@@ -78,6 +78,8 @@ __all__ = [
     "SslOptions",
     "WebSocketOptions",
     "WsListenerConfig",
+    "WssListenerConfig",
+    "TLS_KINDS",
     "load_config",
     "parse_duration",
     "parse_size",
@@ -574,12 +576,27 @@ class WsListenerConfig(TcpListenerConfig):
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
+class WssListenerConfig(SslListenerConfig):
+    """One ``listeners.wss.<name>`` block: MQTT over WebSocket over TLS: every
+    key of an ssl listener, plus the ws listener's ``websocket`` block (named
+    again: two slotted attrs classes cannot be joined by multiple inheritance)."""
+
+    bind: Bind = Bind(_ALL_INTERFACES, 8084)
+    websocket: WebSocketOptions = attrs.field(factory=WebSocketOptions)
+
+
+#: The listener kinds that serve TLS (``ssl_options``, certificate identity).
+TLS_KINDS = ("ssl", "wss")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
 class ListenersConfig:
     """Listeners by kind, then by name; the id of a listener is ``kind:name``."""
 
     tcp: dict[str, TcpListenerConfig] = attrs.field(factory=dict)
     ssl: dict[str, SslListenerConfig] = attrs.field(factory=dict)
     ws: dict[str, WsListenerConfig] = attrs.field(factory=dict)
+    wss: dict[str, WssListenerConfig] = attrs.field(factory=dict)
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -723,15 +740,16 @@ class Config:
     authorization: AuthorizationConfig = attrs.field(factory=AuthorizationConfig)
 
     def enabled_listeners(self) -> list[tuple[str, str, TcpListenerConfig]]:
-        """(kind, name, block) of every enabled listener: tcp, then ssl, then ws."""
+        """(kind, name, block) of every enabled listener: tcp, ssl, ws, then wss."""
         listeners = self.listeners
         return [(kind, name, block)
                 for kind, blocks in (("tcp", listeners.tcp), ("ssl", listeners.ssl),
-                                     ("ws", listeners.ws))
+                                     ("ws", listeners.ws), ("wss", listeners.wss))
                 for name, block in blocks.items() if block.enable]
 
     def peer_cert_identity_of(self, listener: SslListenerConfig) -> tuple[str, str, str]:
-        """(username source, client id source, mode) on a TLS listener: its
+        """(username source, client id source, mode) on a TLS listener (ssl,
+        wss): its
         own settings where it has them, else the mqtt block's."""
         mqtt = self.mqtt
         return (_inherit(listener.peer_cert_as_username, mqtt.peer_cert_as_username),

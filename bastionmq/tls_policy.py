@@ -7,7 +7,7 @@ import os
 
 import attrs
 
-from bastionmq.config import Config, SslListenerConfig, SslOptions
+from bastionmq.config import TLS_KINDS, Config, SslListenerConfig, SslOptions
 from bastionmq.listeners.tls import TlsSetupError, expiry_warnings, load_material
 
 _DEFAULT_FILES = (SslOptions().cacertfile, SslOptions().certfile, SslOptions().keyfile)
@@ -24,14 +24,15 @@ class TlsReport:
 def report(config: Config) -> TlsReport:
     result = TlsReport()
     for kind, name, block in config.enabled_listeners():
-        if kind == "ssl":
-            _describe(config, name, block, result)
+        if kind in TLS_KINDS:
+            _describe(config, kind, name, block, result)
     return result
 
 
-def _describe(config: Config, name: str, block: SslListenerConfig, result: TlsReport) -> None:
+def _describe(config: Config, kind: str, name: str, block: SslListenerConfig,
+              result: TlsReport) -> None:
     options = block.ssl_options
-    listener = f"ssl:{name}"
+    listener = f"{kind}:{name}"
     lines = result.lines
     lines.append(f"{listener} {block.bind}")
     lines.append(f"  versions: {', '.join(options.versions)}"
@@ -85,7 +86,7 @@ def _describe(config: Config, name: str, block: SslListenerConfig, result: TlsRe
     try:
         load_material(options, config.crl_cache, config.psk_authentication)
     except TlsSetupError as exc:
-        result.errors.append((exc.key_path(name), str(exc)))
+        result.errors.append((exc.key_path(kind, name), str(exc)))
         return
     for line in expiry_warnings(options):
         warn(line)

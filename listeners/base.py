@@ -125,6 +125,14 @@ class UpperLayer:
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.transport.get_extra_info(name, default) if self.transport else default
 
+    def innermost(self) -> Any:
+        """The core's Connection at the top of the layers stacked on this
+        one; None while there is none (before it exists, after it is lost)."""
+        connection = self.connection
+        while isinstance(connection, UpperLayer):
+            connection = connection.connection
+        return connection
+
 
 class ListenerProtocol(asyncio.Protocol):
     __slots__ = ("listener", "connection")

@@ -1,4 +1,5 @@
-"""TLS listeners (``listeners.ssl.<name>``): contexts from ``ssl_options``,
+"""TLS listeners (``listeners.ssl.<name>``, and under WebSocket
+``listeners.wss.<name>``): contexts from ``ssl_options``,
 the handshake, and what the peer's certificate says.
 
 TLS runs over ssl.MemoryBIO inside the listener's protocol rather than in the
@@ -99,10 +100,11 @@ class TlsSetupError(ValueError):
         super().__init__(message)
         self.key = key
 
-    def key_path(self, listener_name: str) -> str:
+    def key_path(self, kind: str, listener_name: str) -> str:
+        """The full key path, on listener ``kind`` (ssl, wss) ``listener_name``."""
         if self.key.startswith("psk_authentication."):
             return self.key
-        return f"listeners.ssl.{listener_name}.ssl_options.{self.key}"
+        return f"listeners.{kind}.{listener_name}.ssl_options.{self.key}"
 
 
 # --------------------------------------------------------------------------
@@ -470,6 +472,12 @@ class TlsListener(Listener):
     def protocol_factory(self) -> asyncio.Protocol:
         return TlsProtocol(self)
 
+    def attach(self, protocol: TlsProtocol, peer: PeerInfo) -> Any:
+        """What reads from ``protocol`` once its client is admitted: here the
+        core's Connection; a listener stacking a layer over TLS (wss) makes
+        that layer instead."""
+        return self.core.attach(protocol, peer)
+
     # reload ----------------------------------------------------------------
 
     def reload(self, why: str) -> bool:
@@ -480,7 +488,7 @@ class TlsListener(Listener):
         except TlsSetupError as exc:
             log.error("listener %s: not reloading TLS material (%s): %s: %s; "
                       "the previous certificates keep serving", self.id, why,
-                      exc.key_path(self.name), exc)
+                      exc.key_path(self.kind, self.name), exc)
             self.material.files = _mtimes(self.material.files)  # not again until it changes
             return False
         old = self.material.revocation
@@ -737,7 +745,7 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
                       f", PSK identity {peer.psk_identity!r}" if peer.psk_identity else "",
                       f", certificate {cert.subject} serial {cert.serial:x} sha256 "
                       f"{cert.sha256} valid until {cert.not_after:%Y-%m-%d}" if cert else "")
-        self.connection = listener.core.attach(self, peer)
+        self.connection = listener.attach(self, peer)
         if peer.certificate is not None and listener.options.enforce_cert_lifetime:
             remaining = (peer.certificate.not_after - _now()).total_seconds()
             self._expiry = asyncio.get_running_loop().call_later(
@@ -745,10 +753,15 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
 
     def _certificate_expired(self) -> None:
         self._expiry = None
-        if self.connection is not None:
+        connection = self.innermost()
+        if connection is not None:
             log.info("listener %s: closing %r: its certificate expired", self.listener.id,
-                     self.connection.client_id)
-            self.connection.close(Reason.ADMINISTRATIVE_ACTION, "client certificate expired")
+                     connection.client_id)
+            connection.close(Reason.ADMINISTRATIVE_ACTION, "client certificate expired")
+        elif self.connection is not None:  # a layer above (WebSocket) still upgrading
+            log.info("listener %s: closing the connection of %s: its certificate expired",
+                     self.listener.id, self.transport.get_extra_info("peername"))
+            self.close()
 
     def _read(self) -> None:
         chunks = []

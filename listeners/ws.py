@@ -1,4 +1,5 @@
-"""WebSocket listeners (``listeners.ws.<name>``): MQTT over WebSocket.
+"""WebSocket listeners: MQTT over WebSocket (``listeners.ws.<name>``) and
+over WebSocket over TLS (``listeners.wss.<name>``).
 
 The WebSocket layer stands between a lower byte transport and the core's
 Connection, as TlsProtocol does for TLS: to the Connection it is the
@@ -49,6 +50,7 @@ from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import PeerInfo
 
 from .base import Listener, UpperLayer
+from .tls import TlsListener, TlsProtocol
 
 log = logging.getLogger("bastionmq.listener")
 
@@ -501,3 +503,23 @@ class WsListener(WebSocketServing, Listener):
 
     def protocol_factory(self) -> asyncio.Protocol:
         return WsProtocol(self)
+
+
+class WssListener(WebSocketServing, TlsListener):
+    """``wss``: a TlsListener whose admitted TLS connections get a
+    WebSocketLayer over them, started with the TLS peer (its certificate
+    included), instead of the core's Connection; the layer attaches that
+    Connection after the upgrade. Everything TLS (handshake, identity, CRLs,
+    reload, revocation, certificate lifetime) is the TlsListener's."""
+
+    kind = "wss"
+
+    def __init__(self, name: str, host: str, port: int, core: BrokerCore, *,
+                 websocket: Any, **tls_options: Any) -> None:
+        super().__init__(name, host, port, core, **tls_options)
+        self.serve_websocket(websocket)
+
+    def attach(self, protocol: TlsProtocol, peer: PeerInfo) -> WebSocketLayer:
+        layer = WebSocketLayer(self)
+        layer.start(protocol, peer)
+        return layer

@@ -144,6 +144,7 @@ def test_check_config_accepts_the_shipped_config(run):
     assert "configuration is valid" in result.stdout
     assert "tcp:default 127.0.0.1:1883" in result.stdout
     assert "ws:default 127.0.0.1:8083" in result.stdout
+    assert "wss:default 0.0.0.0:8084" in result.stdout
 
 
 BAD_VALUES = {
@@ -235,11 +236,13 @@ def test_start_serves_until_a_signal_then_disconnects_everyone(
     assert "Traceback" not in broker.stderr
 
 
-def _shipped_config_env(port: int, tls_port: int, ws_port: int = 0) -> dict[str, str]:
+def _shipped_config_env(port: int, tls_port: int, ws_port: int = 0,
+                        wss_port: int = 0) -> dict[str, str]:
     """The shipped config moved to free loopback ports."""
     return clean_env(BASTIONMQ_LISTENERS__TCP__DEFAULT__BIND=f"127.0.0.1:{port}",
                      BASTIONMQ_LISTENERS__SSL__DEFAULT__BIND=f"127.0.0.1:{tls_port}",
-                     BASTIONMQ_LISTENERS__WS__DEFAULT__BIND=f"127.0.0.1:{ws_port}")
+                     BASTIONMQ_LISTENERS__WS__DEFAULT__BIND=f"127.0.0.1:{ws_port}",
+                     BASTIONMQ_LISTENERS__WSS__DEFAULT__BIND=f"127.0.0.1:{wss_port}")
 
 
 def test_environment_overrides_the_listener_of_the_shipped_config(start_process, clients, run,
@@ -281,9 +284,9 @@ def test_start_on_a_port_in_use_fails_with_a_clear_message(run, tmp_path):
 
 
 def test_first_start_makes_a_development_pki_and_a_client_certificate_is_all_a_newcomer_needs(
-        start_process, run, tmp_path):
-    port, tls_port = free_port(), free_port()
-    env = _shipped_config_env(port, tls_port)
+        start_process, run, clients, tmp_path):
+    port, tls_port, wss_port = free_port(), free_port(), free_port()
+    env = _shipped_config_env(port, tls_port, wss_port=wss_port)
     broker = start_process(REPO / "etc/bastionmq.conf", cwd=tmp_path, env=env)
     broker.wait_listening(port)
     assert "made a development PKI" in broker.stderr
@@ -303,6 +306,13 @@ def test_first_start_makes_a_development_pki_and_a_client_certificate_is_all_a_n
     refused = subprocess.run(["mosquitto_pub", *tls, *publish], capture_output=True,
                              text=True, timeout=TIMEOUT)
     assert refused.returncode != 0
+    # The wss listener takes the same development PKI and the same certificate.
+    broker.wait_listening(wss_port, "wss:default")
+    web = clients(wss_port, client_id="sensor-7-web", transport="websockets",
+                  tls={"ca_certs": str(certs / "ca.pem"), "certfile": str(certs / "sensor-7.pem"),
+                       "keyfile": str(certs / "sensor-7.key")})
+    assert web.reason_code == 0
+    web.disconnect()
     assert broker.stop(signal.SIGTERM) == 0, broker.stderr
     assert "no client certificate" in broker.stderr
 

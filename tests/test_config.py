@@ -34,6 +34,7 @@ from bastionmq.config import (
     TcpOptions,
     WebSocketOptions,
     WsListenerConfig,
+    WssListenerConfig,
     load_config,
     parse_duration,
     parse_size,
@@ -124,7 +125,7 @@ def test_shipped_config_shows_every_key() -> None:
                 SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig, SniCertificate,
                 NodeConfig, AuthenticatorConfig, AuthorizationConfig, AuthzCacheConfig,
                 AclSourceConfig, PasswordHash, AuthnBanConfig, WsListenerConfig,
-                WebSocketOptions):
+                WebSocketOptions, WssListenerConfig):
         for field in attrs.fields(cls):
             assert re.search(rf"\b{field.name}\b", text), f"{cls.__name__}.{field.name}"
 
@@ -135,7 +136,7 @@ def test_reference_documents_every_key() -> None:
                 ListenersConfig, SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig,
                 SniCertificate, NodeConfig, AuthenticatorConfig, AuthorizationConfig,
                 AuthzCacheConfig, AclSourceConfig, PasswordHash, AuthnBanConfig,
-                WsListenerConfig, WebSocketOptions):
+                WsListenerConfig, WebSocketOptions, WssListenerConfig):
         for field in attrs.fields(cls):
             # As a key in code quotes: `max_inflight`, `tcp_options.backlog`, ...
             assert re.search(rf"`[\w.<>]*\b{field.name}\b[\w.<>]*`", text), (
@@ -331,6 +332,38 @@ def test_ws_listener_defaults_are_emqx_s() -> None:
     assert config.enabled_listeners() == [("ws", "default", listener)]
 
 
+def test_wss_listener_takes_every_ssl_key_and_the_websocket_block() -> None:
+    config = load("""
+        listeners.wss.web {
+          max_connections = 10
+          peer_cert_as_username = cn
+          ssl_options { verify = verify_peer, fail_if_no_peer_cert = true, crlfile = "crl.pem" }
+          websocket { mqtt_path = "/ws", compress = true }
+        }
+    """)
+    listener = config.listeners.wss["web"]
+    assert WssListenerConfig().bind == Bind("0.0.0.0", 8084)
+    assert listener.max_connections == 10
+    assert listener.ssl_options == SslOptions(verify="verify_peer", fail_if_no_peer_cert=True,
+                                              crlfile=("crl.pem",))
+    assert listener.websocket == WebSocketOptions(mqtt_path="/ws", compress=True)
+    assert config.peer_cert_identity_of(listener) == ("cn", "disabled", "replace")
+    assert config.enabled_listeners() == [("wss", "web", listener)]
+    assert errors_of("listeners.wss.web.ssl_options.verify = maybe").keys() == {
+        "listeners.wss.web.ssl_options.verify"}
+
+
+def test_shipped_config_serves_wss_with_the_ssl_listeners_pki() -> None:
+    config = load_config(SHIPPED, env=NO_ENV)
+    listener = config.listeners.wss["default"]
+    assert listener.bind == Bind("0.0.0.0", 8084)
+    assert listener.ssl_options == config.listeners.ssl["default"].ssl_options
+    assert (listener.ssl_options.verify, listener.ssl_options.fail_if_no_peer_cert) == \
+        ("verify_peer", True)
+    assert config.anonymous_allowed(listener) is False
+    assert listener.websocket == WebSocketOptions()
+
+
 def test_ws_options_as_an_operator_writes_them() -> None:
     options = load("""
         listeners.ws.web {
@@ -398,7 +431,7 @@ def test_bad_listener_name() -> None:
 
 def test_listener_kind_not_known() -> None:
     assert errors_of("listeners.quic.default { bind = 14567 }") == {
-        "listeners.quic": "unknown key (known keys: tcp, ssl, ws)"}
+        "listeners.quic": "unknown key (known keys: tcp, ssl, ws, wss)"}
 
 
 def test_block_where_a_value_is_expected_and_the_reverse() -> None:

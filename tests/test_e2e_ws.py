@@ -41,12 +41,16 @@ class WsClient:
 
     def __init__(self, port: int, path: str = "/mqtt", subprotocols: tuple[str, ...] = ("mqtt",),
                  headers: tuple[tuple[bytes, bytes], ...] = (), extensions: tuple = (),
-                 version: int = MQTT_3_1_1, receive_buffer: int | None = None) -> None:
-        self.sock = socket.socket()
-        if receive_buffer is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+                 version: int = MQTT_3_1_1, receive_buffer: int | None = None,
+                 sock: socket.socket | None = None) -> None:
+        """``sock``: a socket already connected to ``port`` (a TLS socket for wss)."""
+        if sock is None:
+            sock = socket.socket()
+            if receive_buffer is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.connect(("127.0.0.1", port))
+        self.sock = sock
         self.sock.settimeout(TIMEOUT)
-        self.sock.connect(("127.0.0.1", port))
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.version = version
         self.decoder = Decoder(version)
@@ -183,6 +187,11 @@ def test_paho_over_websocket_exchanges_qos_0_1_2_with_a_tcp_client(start_broker,
     web = clients(ws_port(broker), client_id="web", version=version, transport="websockets")
     tcp = clients(broker.port, client_id="tcp", version=version)
     assert web.reason_code == 0
+    exchange_qos_0_1_2(web, tcp)
+
+
+def exchange_qos_0_1_2(web, tcp) -> None:
+    """Messages at each QoS both ways between a WebSocket and a tcp client."""
     assert web.subscribe("to-web/#", qos=2) == [2]
     tcp.subscribe("to-tcp/#", qos=2)
     for qos in (0, 1, 2):
