@@ -15,6 +15,11 @@ For the TLS scenarios compare.py first makes a development PKI per key type
 certificate and trust the same CA, and the generator presents the same
 client certificate to both.
 
+For the WebSocket scenario (WS_SCENARIOS) each broker's one listener is a
+WebSocket listener instead (bastionmq: listeners.ws; Mosquitto: `protocol
+websockets`, beside an unused TCP listener on another port, without which
+Debian's Mosquitto 2.0.11 refuses to start: see the README).
+
 Besides the two brokers there are broker variants: bastionmq-acl and
 bastionmq-acl-nocache are bastionmq with authorization on, from a generated
 EMQX acl.conf of 1,000 rules (acl_conf()) whose first match for the
@@ -66,6 +71,8 @@ CONFIGS = {
 LISTENERS = {
     "bastionmq": {
         "tcp": "listeners.tcp.default {{ bind = \"127.0.0.1:{port}\", max_connections = infinity }}\n",
+        # websocket { mqtt_path = "/mqtt", mqtt_piggyback = multiple, subprotocols incl. "mqtt" }: the defaults
+        "ws": "listeners.ws.default {{ bind = \"127.0.0.1:{port}\", max_connections = infinity }}\n",
         "tls": (
             "listeners.ssl.default {{\n"
             "  bind = \"127.0.0.1:{port}\"\n"
@@ -82,6 +89,10 @@ LISTENERS = {
     },
     "mosquitto": {
         "tcp": "listener {port} 127.0.0.1\n",
+        # Debian's 2.0.11 exits ("Unable to start any listening sockets") when
+        # its only listener is a websockets one; the TCP listener on {spare}
+        # gets no client. max_connections (below) applies to the last listener.
+        "ws": "listener {spare} 127.0.0.1\nlistener {port} 127.0.0.1\nprotocol websockets\n",
         "tls": (
             "listener {port} 127.0.0.1\n"
             "cafile {cafile}\n"
@@ -98,6 +109,8 @@ TLS_SCENARIOS = {
     "tls-qos0": ("ec", False),
 }
 KEY_TYPES = {"ec": "ECDSA P-256", "rsa2048": "RSA 2048"}
+# Scenarios whose listener is a WebSocket listener (path /mqtt, subprotocol mqtt).
+WS_SCENARIOS = {"ws-qos0"}
 # The authorization block the bastionmq-acl variants add; {acl} is the
 # generated acl.conf, {cache} true or false.
 AUTHORIZATION = """\
@@ -130,6 +143,7 @@ HIGHER_IS_BETTER = {
     "tls-handshake-ec": True,
     "tls-handshake-rsa": True,
     "tls-qos0": True,
+    "ws-qos0": True,
 }
 
 
@@ -220,12 +234,17 @@ def share_with_mosquitto(root: Path, files: dict):
             os.chmod(f["keyfile"], 0o644)
 
 
-def config(name: str, port: int, tls: dict | None = None, acl: str = "") -> str:
+def config(name: str, port: int, tls: dict | None = None, acl: str = "", ws: bool = False) -> str:
     """A broker's configuration: plain TCP, or with `tls` (a make_pki entry
-    plus "mutual") a TLS listener instead; a variant's addition with `acl`
-    (the acl.conf's path) filled in."""
+    plus "mutual") a TLS listener instead, or with `ws` a WebSocket listener;
+    a variant's addition with `acl` (the acl.conf's path) filled in."""
     name, added = BROKERS[name]
-    if tls is None:
+    if ws:
+        spare = free_port()
+        while spare == port:
+            spare = free_port()
+        listener = LISTENERS[name]["ws"].format(port=port, spare=spare)
+    elif tls is None:
         listener = LISTENERS[name]["tcp"].format(port=port)
     else:
         mutual = tls["mutual"]
@@ -248,15 +267,19 @@ def raise_nofile():
 class Broker:
     """A broker subprocess on a free port, pinned to `cpu`; stopped with
     SIGTERM when the `with` block ends. With `tls` (see config()) its one
-    listener is a TLS listener; `acl` is the acl.conf a variant may use."""
+    listener is a TLS listener, with `ws` a WebSocket listener; `acl` is the
+    acl.conf a variant may use."""
 
-    def __init__(self, name: str, cmd: str, cpu: int, workdir: Path, tls: dict | None = None, acl: str = ""):
+    def __init__(
+        self, name: str, cmd: str, cpu: int, workdir: Path, tls: dict | None = None, acl: str = "", ws: bool = False
+    ):
         self.name, self.cmd, self.cpu, self.workdir, self.tls, self.acl = name, cmd, cpu, workdir, tls, acl
+        self.ws = ws
 
     def __enter__(self):
         self.port = free_port()
         conf = self.workdir / f"{self.name}-{self.port}.conf"
-        conf.write_text(config(self.name, self.port, self.tls, self.acl))
+        conf.write_text(config(self.name, self.port, self.tls, self.acl, self.ws))
         argv = ["taskset", "-c", str(self.cpu), *shlex.split(self.cmd.format(conf=conf, port=self.port))]
         self.logpath = self.workdir / f"{self.name}-{self.port}.log"
         with open(self.logpath, "wb") as log:
@@ -535,7 +558,7 @@ def main():
                 for b in brokers if run % 2 == 0 else brokers[::-1]:
                     try:
                         before = background_load(cores)
-                        with Broker(b, cmds[b], args.broker_cpu, Path(tmp), tls, acl) as broker:
+                        with Broker(b, cmds[b], args.broker_cpu, Path(tmp), tls, acl, sc in WS_SCENARIOS) as broker:
                             r = run_scenario(args, sc, broker, extra)
                         r["background_load"] = max(before, background_load(cores))
                         # errors and warnings it logged (per-connection logging costs it too)

@@ -29,13 +29,24 @@ The TLS scenarios use the event loop's own TLS (uvloop's, over OpenSSL): the
 generator verifies the broker's certificate against --cafile and, for the
 handshake scenarios, presents --certfile/--keyfile. It never offers a TLS
 session back, so every handshake is a full one.
+
+ws-qos0 is qos0-1to1 over WebSocket (RFC 6455): each connection sends the
+HTTP upgrade (--ws-path, subprotocol "mqtt") and checks the 101 answer, then
+every MQTT packet goes in a masked binary frame. A publisher's frames are
+built before the measurement (one mask key per connection, one PUBLISH per
+frame, the batch is that frame repeated); a subscriber walks the frame
+headers of each chunk (2 to 10 bytes, kept across reads when a read ends
+inside one) and counts the MQTT bytes between them, as above: Python runs
+once per frame received, not once per byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
+import hashlib
 import itertools
 import json
 import os
@@ -48,7 +59,9 @@ import time
 
 import uvloop
 
-SCENARIOS = ("qos0-1to1", "qos1", "fanout", "shared", "idle", "tls-handshake-ec", "tls-handshake-rsa", "tls-qos0")
+SCENARIOS = (
+    "qos0-1to1", "qos1", "fanout", "shared", "idle", "tls-handshake-ec", "tls-handshake-rsa", "tls-qos0", "ws-qos0",
+)  # fmt: skip
 CONNACK_OK = b"\x20\x02\x00\x00"  # session present 0, return code 0
 DISCONNECT = b"\xe0\x00"
 RING_IDS = 4096  # packet ids 1..4096 cycled by a QoS 1 publisher
@@ -97,6 +110,33 @@ def suback(qos: int) -> bytes:
 def publish(topic: str, payload: bytes, qos: int = 0, packet_id: int = 0) -> bytes:
     pid = struct.pack("!H", packet_id) if qos else b""
     return _packet(0x30 | qos << 1, _str(topic) + pid + payload)
+
+
+# --- WebSocket (RFC 6455), client side: the upgrade and masked frames ------
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def ws_frame(payload: bytes, mask: bytes) -> bytes:
+    """One final binary frame from a client: masked with the 4-byte `mask`."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x82, 0x80 | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x82, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x82, 0x80 | 127, n)
+    key = (mask * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return head + mask + masked
+
+
+def ws_upgrade(host: str, port: int, path: str, key: bytes) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Protocol: mqtt\r\n\r\n"
+    ).encode()
 
 
 # --- CPU and memory of a process tree, from /proc ---------------------------
@@ -394,6 +434,145 @@ class WindowPublisher(Client):
             self.send(n)
 
 
+class WsClient:
+    """Mixin before a Client class: MQTT over WebSocket. The Client's `hello`
+    goes out, masked with `mask`, once the broker has answered the HTTP
+    upgrade with 101, the right Sec-WebSocket-Accept and subprotocol "mqtt";
+    from then on each chunk read is split at the frame headers, and the
+    frames' payload, a byte stream, goes to the Client's handshake check and
+    then to pieces()."""
+
+    def __init__(self, *a, ws_target, mask: bytes, **kw):
+        super().__init__(*a, **kw)
+        host, port, path = ws_target
+        key = base64.b64encode(os.urandom(16))
+        self.accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).lower()
+        self.mask = mask
+        self.mqtt_hello = ws_frame(self.hello, mask)
+        self.hello = ws_upgrade(host, port, path, key)  # what Client.connection_made sends
+        self.upgrading = True
+        self.http = b""
+        self.left = 0  # payload bytes of the current frame still to come
+        self.control = False  # the current frame is a control frame (payload skipped)
+        self.partial = b""  # an incomplete frame header at the end of the last chunk
+        self.frames = 0  # frame headers read
+
+    def data_received(self, data):
+        if self.upgrading:
+            self.http += data
+            end = self.http.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.http) > 8192:
+                    self.refuse(f"no end of HTTP headers in {len(self.http)} bytes")
+                return
+            head, data = self.http[:end].lower(), self.http[end + 4 :]
+            lines = head.split(b"\r\n")
+            fields = dict(ln.split(b":", 1) for ln in lines[1:] if b":" in ln)
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            if lines[0].split()[1:2] != [b"101"]:
+                return self.refuse(f"upgrade refused: {lines[0]!r}")
+            if fields.get(b"sec-websocket-accept") != self.accept:
+                return self.refuse(f"wrong Sec-WebSocket-Accept {fields.get(b'sec-websocket-accept')!r}")
+            if fields.get(b"sec-websocket-protocol") != b"mqtt":
+                return self.refuse(f"subprotocol {fields.get(b'sec-websocket-protocol')!r}, not mqtt")
+            self.upgrading = False
+            self.http = b""
+            self.transport.write(self.mqtt_hello)
+            if not data:
+                return
+        data, pieces = self.unframe(data)
+        if self.handshaking:
+            for a, b in pieces:
+                super().data_received(data[a:b])  # the MQTT handshake, then stream()
+        else:
+            self.pieces(data, pieces)
+
+    def refuse(self, why: str):
+        self.upgrading = False
+        if not self.ready.done():
+            self.ready.set_exception(ProtocolError(why))
+        self.transport.close()
+
+    def unframe(self, data):
+        """(data, [(start, end), ...]): where the payload of data frames lies
+        in `data` (which has the incomplete header of the last chunk, if any,
+        in front). Server frames are unmasked; a masked one, or one that is
+        neither binary, continuation nor control, counts as a framing error."""
+        if self.partial:
+            data = self.partial + data
+            self.partial = b""
+        pieces = []
+        n = len(data)
+        i = min(self.left, n)
+        if i and not self.control:
+            pieces.append((0, i))
+        left = self.left - i
+        while i < n:
+            if n - i < 2:
+                self.partial = data[i:]
+                break
+            b0, b1 = data[i], data[i + 1]
+            length, h = b1 & 0x7F, 2
+            if length >= 126:
+                h = 4 if length == 126 else 10
+                if n - i < h:
+                    self.partial = data[i:]
+                    break
+                length = int.from_bytes(data[i + 2 : i + h], "big")
+            if b1 & 0x80:
+                self.bad += 1
+                h += 4
+                if n - i < h:
+                    self.partial = data[i:]
+                    break
+            opcode = b0 & 0x0F
+            self.control = opcode >= 8
+            if opcode not in (0, 2, 8, 9, 10):
+                self.bad += 1
+            self.frames += 1
+            start = i + h
+            i = min(start + length, n)
+            if i > start and not self.control:
+                pieces.append((start, i))
+            left = start + length - i
+        self.left = left
+        return data, pieces
+
+    def pieces(self, data, pieces):
+        for a, b in pieces:
+            self.stream(data[a:b])
+
+    def close(self, hard: bool = False):
+        if self.transport.is_closing():
+            return
+        if hard:
+            self.reset()
+            return
+        self.transport.write(ws_frame(DISCONNECT, self.mask))
+        self.transport.close()
+
+
+class WsCountingSubscriber(WsClient, CountingSubscriber):
+    """CountingSubscriber over WebSocket: the frames' payload is counted in
+    place, one extended slice per frame."""
+
+    def pieces(self, data, pieces):
+        size, first, phase, bad, nbytes = self.size, self.first, self.phase, 0, 0
+        for a, b in pieces:
+            marks = data[a + phase : b : size]
+            if marks.count(first) != len(marks):
+                bad += 1
+            nbytes += b - a
+            phase = (phase - (b - a)) % size
+        self.phase = phase
+        self.bad += bad
+        self.nbytes += nbytes
+
+
+class WsFloodPublisher(WsClient, FloodPublisher):
+    """FloodPublisher over WebSocket: `packet` is already a masked frame."""
+
+
 # --- scenario plumbing -----------------------------------------------------
 
 
@@ -525,27 +704,51 @@ def failure_reason(exc: BaseException) -> str:
 # --- scenarios -------------------------------------------------------------
 
 
-async def qos0_1to1(args, tls=None):
+async def qos0_1to1(args, tls=None, ws=False):
+    """With `ws`, over WebSocket: each PUBLISH in its own masked frame (the
+    mask key drawn once per publisher, so the batch is one frame repeated)."""
     payload = b"x" * args.payload
     subs, pubs = [], []
+    target = (args.host, args.port, args.ws_path)
     for i in range(args.pairs):
         topic = f"bench/q0/{os.getpid()}/{i}"
         pkt = publish(topic, payload)
-        k = max(1, args.batch // len(pkt))
-        subs.append(
-            lambda t=topic, i=i, s=len(pkt): CountingSubscriber(
-                connect(client_id("s", i)) + subscribe(t, 0), CONNACK_OK + suback(0), s, 0x30
+        sub_hello, sub_reply = connect(client_id("s", i)) + subscribe(topic, 0), CONNACK_OK + suback(0)
+        pub_hello = connect(client_id("p", i))
+        if ws:
+            mask = os.urandom(4)
+            frame = ws_frame(pkt, mask)
+            k = max(1, args.batch // len(frame))
+            subs.append(
+                lambda h=sub_hello, r=sub_reply, s=len(pkt): WsCountingSubscriber(
+                    h, r, s, 0x30, ws_target=target, mask=os.urandom(4)
+                )
             )
-        )
-        pubs.append(
-            lambda i=i, p=pkt, k=k: FloodPublisher(connect(client_id("p", i)), CONNACK_OK, p, k)
-        )
+            pubs.append(
+                lambda h=pub_hello, f=frame, k=k, m=mask: WsFloodPublisher(
+                    h, CONNACK_OK, f, k, ws_target=target, mask=m
+                )
+            )
+            continue
+        k = max(1, args.batch // len(pkt))
+        subs.append(lambda h=sub_hello, r=sub_reply, s=len(pkt): CountingSubscriber(h, r, s, 0x30))
+        pubs.append(lambda h=pub_hello, p=pkt, k=k: FloodPublisher(h, CONNACK_OK, p, k))
     subs = await open_all(args, subs, tls=tls)
     pubs = await open_all(args, pubs, tls=tls)
     info = tls_info(subs[0].transport) if tls else {}
     res = await flood(args, subs, pubs)
     res.update(pairs=args.pairs, **info)
+    if ws:
+        # frames the subscribers got per PUBLISH: 1 from a broker that frames
+        # each packet, far less from one that frames each write
+        res["ws_frames_per_publish"] = round(sum(s.frames for s in subs) / max(1, res["delivered_total"]), 3)
+        res["ws_publish_frame_bytes"] = len(frame)
     return res
+
+
+async def ws_qos0(args):
+    """qos0-1to1 over WebSocket."""
+    return await qos0_1to1(args, ws=True)
 
 
 async def tls_qos0(args):
@@ -823,6 +1026,7 @@ RUNNERS = {
     "tls-handshake-ec": tls_handshake,
     "tls-handshake-rsa": tls_handshake,
     "tls-qos0": tls_qos0,
+    "ws-qos0": ws_qos0,
 }
 
 
@@ -835,7 +1039,7 @@ def parser():
     p.add_argument("--duration", type=float, default=5.0, help="measured window, seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the window")
     p.add_argument("--payload", type=int, default=32, help="payload bytes")
-    p.add_argument("--pairs", type=int, default=8, help="publisher/subscriber pairs (qos0-1to1, qos1, tls-qos0)")
+    p.add_argument("--pairs", type=int, default=8, help="publisher/subscriber pairs (qos0-1to1, qos1, tls-qos0, ws-qos0)")
     p.add_argument("--window", type=int, default=128, help="unacknowledged PUBLISH per publisher (qos1)")
     p.add_argument("--sub-batch", type=int, default=4, help="PUBLISH queued before a QoS 1 subscriber reads")
     p.add_argument("--subscribers", type=int, default=1000, help="subscribers (fanout)")
@@ -845,7 +1049,8 @@ def parser():
     p.add_argument("--settle", type=float, default=2.0, help="seconds before reading memory (idle)")
     p.add_argument("--lowat", type=int, help="SO_RCVLOWAT of QoS 0 subscribers, bytes (16384; fanout 1024)")
     p.add_argument("--ahead", type=int, default=64, help="messages published but not yet seen (fanout)")
-    p.add_argument("--batch", type=int, default=65536, help="bytes per publisher write (qos0-1to1, shared, tls-qos0)")
+    p.add_argument("--batch", type=int, default=65536, help="bytes per publisher write (qos0-1to1, shared, tls-qos0, ws-qos0)")
+    p.add_argument("--ws-path", default="/mqtt", help="HTTP path of the WebSocket upgrade (ws-qos0)")
     p.add_argument("--cafile", help="CA of the broker's certificate, PEM (tls-*)")
     p.add_argument("--certfile", help="client certificate, PEM (tls-handshake-*)")
     p.add_argument("--keyfile", help="key of --certfile, PEM (tls-handshake-*)")

@@ -14,10 +14,8 @@ page says it has subscribed, instead of guessing a delay.
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import functools
-import hashlib
 import http.server
 import json
 import os
@@ -31,8 +29,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from bastionmq.listeners.ws import BoundedDeflate
 from bastionmq.pki import init_pki
@@ -90,7 +86,8 @@ def _above_4(fd: int) -> int:
 class Browser:
     """Headless Chromium on one URL, driven over --remote-debugging-pipe."""
 
-    def __init__(self, url: str, profile: Path, extra_args: list[str] = ()) -> None:
+    def __init__(self, url: str, profile: Path, extra_args: list[str] = (),
+                 home: Path | None = None) -> None:
         # Chromium reads commands from its fd 3 and writes answers to its fd 4.
         # The child's ends are moved above 4 first, so that dup2 onto 3 and 4
         # cannot overwrite one with the other.
@@ -116,7 +113,8 @@ class Browser:
 
         self.process = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, close_fds=False, preexec_fn=child_fds)
+            stderr=subprocess.PIPE, close_fds=False, preexec_fn=child_fds,
+            env={**os.environ, "HOME": str(home)} if home is not None else None)
         os.close(to_browser_r)
         os.close(from_browser_w)
         self._buffer = b""
@@ -216,8 +214,8 @@ class Browser:
 def open_browser(tmp_path) -> Iterator:
     browsers: list[Browser] = []
 
-    def open_(url: str, extra_args: list[str] = ()) -> Browser:
-        browser = Browser(url, tmp_path / f"profile-{len(browsers)}", list(extra_args))
+    def open_(url: str, extra_args: list[str] = (), home: Path | None = None) -> Browser:
+        browser = Browser(url, tmp_path / f"profile-{len(browsers)}", list(extra_args), home)
         browsers.append(browser)
         return browser
 
@@ -227,13 +225,13 @@ def open_browser(tmp_path) -> Iterator:
 
 
 def _browser_receives(page_origin: str, open_browser, mqtt_url: str, publish_port: int,
-                      extra_args: list[str] = ()) -> None:
+                      extra_args: list[str] = (), home: Path | None = None) -> None:
     """The page subscribes at ``mqtt_url``; paho publishes on the tcp listener;
     the page shows the message."""
     topic = f"browser/{uuid.uuid4().hex}"
     payload = f"hello from paho {uuid.uuid4().hex[:8]}"
     url = f"{page_origin}/index.html?" + urllib.parse.urlencode({"url": mqtt_url, "topic": topic})
-    browser = open_browser(url, extra_args)
+    browser = open_browser(url, extra_args, home)
     assert browser.wait_status("subscribed") == "subscribed 1"
     publisher = Client(publish_port)
     try:
@@ -274,15 +272,6 @@ listeners.ws.default {{
         assert not any(deflate)
 
 
-def _spki_sha256(cert_file: Path) -> str:
-    """base64 of the SHA-256 of the certificate's SubjectPublicKeyInfo, as
-    Chromium's --ignore-certificate-errors-spki-list takes it."""
-    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
-
-
 def _wss_config(pki: Path) -> str:
     return f"""
 listeners.wss.default {{
@@ -305,27 +294,31 @@ def test_browser_over_wss(start_broker, page_origin, open_browser, tmp_path):
     # the listener asks for none (the shipped one demands one).
     broker = start_broker(_wss_config(pki))
     port = broker.port_of("wss:default")
-    # Trusting the development CA: Chromium on Linux takes trust anchors only
-    # from its NSS database (~/.pki/nssdb, edited with certutil from
-    # libnss3-tools, shared with the user's own browser), not from a flag or
-    # a file. --ignore-certificate-errors-spki-list instead accepts exactly the
-    # server key named by its SPKI hash (with --user-data-dir set, as here) and
-    # no other certificate: narrower than --ignore-certificate-errors, which
-    # would accept anything, and it needs no extra package nor a change outside
-    # this test's temporary profile. What it waives for that key is the
-    # whole verification (chain and name), so the CA itself is not what is
-    # checked here; the certificate does name 127.0.0.1, and
-    # test_browser_over_wss_refuses_untrusted_server shows that without the
-    # pin Chromium refuses this server.
-    spki = _spki_sha256(pki / "server.pem")
+    # Chromium on Linux takes locally added trust anchors from the NSS
+    # database in ~/.pki/nssdb: the development CA goes into one under a
+    # HOME of the test's own, so the browser verifies the server's chain up
+    # to that CA (and its name) as it would for any site, and the user's
+    # real browser profile is never touched.
+    home = tmp_path / "home"
+    nssdb = home / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    certutil = shutil.which("certutil")
+    if certutil is None:
+        pytest.fail("certutil is not installed: apt-get install libnss3-tools")
+    subprocess.run([certutil, "-N", "-d", f"sql:{nssdb}", "--empty-password"], check=True,
+                   capture_output=True, timeout=TIMEOUT)
+    subprocess.run([certutil, "-A", "-d", f"sql:{nssdb}", "-n", "bastionmq development CA",
+                    "-t", "C,,", "-i", str(pki / "ca.pem")], check=True, capture_output=True,
+                   timeout=TIMEOUT)
     _browser_receives(page_origin, open_browser, f"wss://127.0.0.1:{port}/mqtt", broker.port,
-                      [f"--ignore-certificate-errors-spki-list={spki}"])
+                      home=home)
 
 
 def test_browser_over_wss_refuses_untrusted_server(start_broker, page_origin, open_browser,
                                                    tmp_path):
-    """Without the SPKI pin the page cannot connect: the trust above is what
-    lets it in, not a browser that accepts any certificate."""
+    """Without the development CA among its trust anchors the page cannot
+    connect: the trust above is what lets it in, not a browser that accepts
+    any certificate."""
     pki = tmp_path / "pki"
     init_pki(pki)
     broker = start_broker(_wss_config(pki))
