@@ -166,6 +166,11 @@ class BoundedDeflate(PerMessageDeflate):
         return inflated
 
 
+#: Frames up to this size are gathered whole before they are read; larger
+#: ones are read by wsproto as they arrive.
+_WHOLE_FRAME_MAX = 64 * 1024
+
+
 class WebSocketLayer(UpperLayer):
     """WebSocket over a lower transport; the core's Connection's transport.
 
@@ -175,7 +180,8 @@ class WebSocketLayer(UpperLayer):
     """
 
     __slots__ = ("listener", "transport", "peer", "connection", "_state", "_handshake", "_ws",
-                 "_timer", "_frame_bytes", "_deflate", "_vectored")
+                 "_timer", "_frame_bytes", "_deflate", "_vectored", "_pending",
+                 "_in_message", "_passthrough")
 
     def __init__(self, listener: Any) -> None:
         self.listener = listener
@@ -189,6 +195,15 @@ class WebSocketLayer(UpperLayer):
         #: Payload bytes of the frame being received, for max_frame_size.
         self._frame_bytes = 0
         self._deflate: PerMessageDeflate | None = None
+        #: Bytes of a frame not complete yet (the fast path below keeps
+        #: wsproto fed with whole frames only).
+        self._pending = b""
+        #: wsproto is inside a fragmented message (it saw a data frame
+        #: without FIN and not yet the last one).
+        self._in_message = False
+        #: Bytes of a large frame still owed to wsproto, which reads it as
+        #: it arrives instead of it being buffered here whole.
+        self._passthrough = 0
         self._vectored = False
 
     def start(self, lower: Any, peer: PeerInfo) -> None:
@@ -208,9 +223,84 @@ class WebSocketLayer(UpperLayer):
             if self._state == UPGRADING:
                 self._receive_upgrade(data)
             return
+        if self._deflate is None:
+            return self._receive_frames(data)
+        self._receive_wsproto(data, [])
+
+    def _receive_frames(self, data: bytes) -> None:
+        """Split the stream into whole frames; a whole unfragmented binary
+        frame is unmasked here (what almost every client sends, a frame per
+        packet), anything else goes to wsproto, which then always holds
+        frame boundaries."""
+        if self._passthrough:
+            take = min(self._passthrough, len(data))
+            self._passthrough -= take
+            if not self._receive_wsproto(data[:take], []) or self._state != OPEN:
+                return
+            data = data[take:]
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        chunks: list[bytes] = []
+        limit = self.listener.websocket.max_frame_size
+        position, end = 0, len(data)
+        while end - position >= 2:
+            first, second = data[position], data[position + 1]
+            length = second & 0x7F
+            header = 2
+            if length == 126:
+                if end - position < 4:
+                    break
+                length = int.from_bytes(data[position + 2:position + 4], "big")
+                header = 4
+            elif length == 127:
+                if end - position < 10:
+                    break
+                length = int.from_bytes(data[position + 2:position + 10], "big")
+                header = 10
+            if second & 0x80:
+                header += 4
+            if limit is not None and length > limit and first & 0x0F in (0x0, 0x1, 0x2):
+                # Refused from its header alone, before any of it is read.
+                self._deliver(chunks)
+                self._fail(CloseReason.MESSAGE_TOO_BIG,
+                           f"frame larger than max_frame_size ({limit} bytes)")
+                return
+            frame_end = position + header + length
+            if frame_end > end:
+                if length <= _WHOLE_FRAME_MAX:
+                    break  # wait for the rest of a small frame
+                # A large frame streams through wsproto as it arrives.
+                self._deliver(chunks)
+                if first & 0x0F in (0x0, 0x1, 0x2):
+                    self._in_message = not first & 0x80
+                self._passthrough = frame_end - end
+                self._receive_wsproto(data[position:], [])
+                return
+            if first == 0x82 and second & 0x80 and not self._in_message:
+                # FIN, binary, masked: the whole message, unmasked here.
+                mask = data[frame_end - length - 4:frame_end - length]
+                payload = data[frame_end - length:frame_end]
+                key = (mask * (length // 4 + 1))[:length]
+                chunks.append((int.from_bytes(payload, "little")
+                               ^ int.from_bytes(key, "little")).to_bytes(length, "little"))
+            else:
+                opcode = first & 0x0F
+                if opcode in (0x0, 0x1, 0x2):
+                    self._in_message = not first & 0x80
+                if not self._receive_wsproto(data[position:frame_end], chunks):
+                    return
+                chunks = []
+                if self._state != OPEN:
+                    return
+            position = frame_end
+        self._pending = data[position:]
+        self._deliver(chunks)
+
+    def _receive_wsproto(self, data: bytes, chunks: list[bytes]) -> bool:
+        """Let wsproto read ``data``; False once the connection is failing."""
         ws = self._ws
         ws.receive_data(data)
-        chunks = []
         limit = self.listener.websocket.max_frame_size
         for event in ws.events():
             if event.__class__ is BytesMessage:
@@ -221,15 +311,16 @@ class WebSocketLayer(UpperLayer):
                         self._deliver(chunks)
                         self._fail(CloseReason.MESSAGE_TOO_BIG,
                                    f"frame larger than max_frame_size ({limit} bytes)")
-                        return
+                        return False
                     self._frame_bytes = 0 if event.frame_finished else size
                 chunks.append(payload)
             else:
                 self._deliver(chunks)
                 chunks = []
                 if self._state != OPEN or not self._control(event):
-                    return
+                    return False
         self._deliver(chunks)
+        return True
 
     def eof_received(self) -> bool:
         return False

@@ -570,3 +570,25 @@ def test_a_stalled_websocket_subscriber_gets_backpressure(start_broker, ws_clien
     dropped, buffered = broker.run(state)
     assert dropped > 0  # the socket's pause_writing reached the Connection
     assert buffered < 1024 * 1024
+
+
+def test_frames_small_and_large_arriving_in_pieces(start_broker, ws_clients, clients):
+    """Many one-packet frames in one write, and a frame larger than what is
+    gathered whole (64 KiB), both cut at arbitrary points on the socket."""
+    import time
+    broker = start_broker(WS)
+    watcher = clients(broker.port, client_id="watcher")
+    watcher.subscribe("pieces/#", qos=0)
+    client = ws_clients(ws_port(broker))
+    client.send_packets(Connect("pieces", MQTT_3_1_1))
+    assert isinstance(client.receive(), Connack)
+    frames = b"".join(client.ws.send(BytesMessage(client.encode(
+        Publish(f"pieces/{n}", str(n).encode(), qos=0)))) for n in range(50))
+    big = client.ws.send(BytesMessage(client.encode(Publish("pieces/big", b"b" * 200_000))))
+    stream = frames + big + frames
+    for start in range(0, len(stream), 7_777):
+        client.sock.sendall(stream[start:start + 7_777])
+        time.sleep(0.001)
+    payloads = [m.payload for m in watcher.expect(101)]
+    expected = [str(n).encode() for n in range(50)]
+    assert payloads == expected + [b"b" * 200_000] + expected
