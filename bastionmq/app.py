@@ -21,7 +21,7 @@ from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import AuthMethod
 from bastionmq.broker.properties import Reason
 from bastionmq.broker.sys_topics import SysTopics
-from bastionmq.config import TLS_KINDS, Config, ConfigError, SslOptions, load_config
+from bastionmq.config import TLS_KINDS, Config, ConfigError, load_config
 from bastionmq.listeners.base import Listener
 from bastionmq.listeners.tls import TlsListener, TlsSetupError, load_material
 from bastionmq.listeners.ws import WsListener, WssListener
@@ -153,18 +153,14 @@ def check_rule_files(config: Config) -> list[tuple[str, str]]:
 def _make_dev_pki_on_first_start(config: Config) -> None:
     """When a TLS listener uses the development PKI's default paths and none
     of its files exists yet, make that PKI, so the shipped config starts."""
-    defaults = SslOptions()
-    default_files = (defaults.cacertfile, defaults.certfile, defaults.keyfile)
     for kind, _name, block in config.enabled_listeners():
-        options = block.ssl_options if kind in TLS_KINDS else None
-        if options is not None and (options.cacertfile, options.certfile, options.keyfile) == default_files:
-            if not any(os.path.exists(path) for path in default_files):
-                init_pki(DEFAULT_DIR)
-                log.warning(
-                    "made a development PKI in %s (CA, server certificate for localhost, "
-                    "127.0.0.1 and ::1, empty CRL): fine for trying the broker, not for "
-                    "production. Issue a client certificate with: bastionmq certs client NAME",
-                    DEFAULT_DIR.resolve())
+        if kind in TLS_KINDS and block.ssl_options.awaits_dev_pki():
+            init_pki(DEFAULT_DIR)
+            log.warning(
+                "made a development PKI in %s (CA, server certificate for localhost, "
+                "127.0.0.1 and ::1, empty CRL): fine for trying the broker, not for "
+                "production. Issue a client certificate with: bastionmq certs client NAME",
+                DEFAULT_DIR.resolve())
             return
 
 

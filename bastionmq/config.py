@@ -367,6 +367,10 @@ def _eku(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
         raise ValueError(f"must be one of {', '.join(_EKU_NAMES)} or a dotted OID")
 
 
+_DEV_PKI_FILES = (f"{DEV_PKI_DIR}/ca.pem", f"{DEV_PKI_DIR}/server.pem",
+                  f"{DEV_PKI_DIR}/server.key")
+
+
 @attrs.define(slots=True, frozen=True, kw_only=True)
 class SniCertificate:
     """A server certificate for the host names a client asks for by SNI."""
@@ -385,10 +389,10 @@ class SslOptions:
     """
 
     #: CA certificates that client certificates must chain to (PEM, several allowed).
-    cacertfile: str | None = f"{DEV_PKI_DIR}/ca.pem"
+    cacertfile: str | None = _DEV_PKI_FILES[0]
     #: The server certificate, optionally followed by its intermediate CAs (PEM).
-    certfile: str = f"{DEV_PKI_DIR}/server.pem"
-    keyfile: str = f"{DEV_PKI_DIR}/server.key"
+    certfile: str = _DEV_PKI_FILES[1]
+    keyfile: str = _DEV_PKI_FILES[2]
     #: Pass phrase of an encrypted keyfile.
     password: str | None = attrs.field(default=None, repr=False)
     #: verify_peer asks clients for a certificate and checks any they send;
@@ -433,6 +437,12 @@ class SslOptions:
     #: checks only on SIGHUP.
     watch_interval: float = attrs.field(default=2.0, metadata={"unit": "duration"},
                                         validator=v.ge(0))
+
+    def awaits_dev_pki(self) -> bool:
+        """Whether these options name the development PKI's default files and
+        none of them exists yet: the first start makes that PKI."""
+        files = (self.cacertfile, self.certfile, self.keyfile)
+        return files == _DEV_PKI_FILES and not any(os.path.exists(path) for path in files)
 
     def __attrs_post_init__(self) -> None:
         if self.fail_if_no_peer_cert and self.verify != "verify_peer":

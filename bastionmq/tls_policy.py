@@ -3,14 +3,12 @@ it will apply, in an operator's words, and the traps in its settings."""
 
 from __future__ import annotations
 
-import os
 
 import attrs
 
-from bastionmq.config import TLS_KINDS, Config, SslListenerConfig, SslOptions
+from bastionmq.config import DEV_PKI_DIR, TLS_KINDS, Config, SslListenerConfig
 from bastionmq.listeners.tls import TlsSetupError, expiry_warnings, load_material
 
-_DEFAULT_FILES = (SslOptions().cacertfile, SslOptions().certfile, SslOptions().keyfile)
 
 
 @attrs.define(slots=True)
@@ -78,10 +76,8 @@ def _describe(config: Config, kind: str, name: str, block: SslListenerConfig,
             config.anonymous_allowed(block):
         warn("clients without a certificate are let in anonymously "
              "(fail_if_no_peer_cert = false and allow_anonymous = true)")
-    if (options.cacertfile, options.certfile, options.keyfile) == _DEFAULT_FILES and \
-            not any(os.path.exists(path) for path in _DEFAULT_FILES):
-        lines.append("  files: the development PKI, made on first start in "
-                     f"{os.path.dirname(_DEFAULT_FILES[0])}/")
+    if options.awaits_dev_pki():
+        lines.append(f"  files: the development PKI, made on first start in {DEV_PKI_DIR}/")
         return
     try:
         load_material(options, config.crl_cache, config.psk_authentication)
