@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any, Iterable, Mapping
 
 import bastionmq
@@ -20,6 +21,7 @@ from bastionmq.auth.identity import IdentityRule, PeerIdentity
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import AuthMethod
 from bastionmq.broker.properties import Reason
+from bastionmq.broker.store import RestoreReport, SqliteStore, StoreError
 from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.config import TLS_KINDS, Config, ConfigError, load_config
 from bastionmq.listeners.base import Listener
@@ -164,6 +166,20 @@ def _make_dev_pki_on_first_start(config: Config) -> None:
             return
 
 
+def describe_restore(report: RestoreReport, path: str, bodies: int) -> str:
+    """The one log line that says what start-up found in the store."""
+    line = (f"restored from {path}: {report.sessions} sessions with "
+            f"{report.subscriptions} subscriptions, {report.queued} queued and "
+            f"{report.inflight} in-flight messages ({bodies} distinct bodies), "
+            f"{report.awaiting_rel} QoS 2 messages awaiting release, "
+            f"{report.retained} retained messages")
+    if report.expired_sessions or report.expired_messages or report.wills_published:
+        line += (f"; while the broker was down {report.expired_sessions} sessions and "
+                 f"{report.expired_messages} messages expired and "
+                 f"{report.wills_published} delayed wills fell due (published now)")
+    return line
+
+
 class Broker:
     """A broker an application can embed::
 
@@ -187,6 +203,8 @@ class Broker:
         self._authenticators: list = []
         #: The built-in user and rule database, when the config uses it.
         self.database: AuthDatabase | None = None
+        #: The durable store, when ``durable_sessions.enable`` is set.
+        self.store: SqliteStore | None = None
 
     async def start(self) -> None:
         """Load everything the config names, then open the listeners; a
@@ -232,6 +250,8 @@ class Broker:
                                       self.auth_methods,
                                       PeerIdentity(rules) if rules else None,
                                       self.authorization)
+        if config.durable_sessions.enable:
+            await self._open_store(core)
         if config.sys_topics.sys_interval > 0:
             self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
                                          f"bastionmq {bastionmq.__version__}")
@@ -261,9 +281,26 @@ class Broker:
                     break
                 await asyncio.sleep(0)
         self.core = None
+        if self.store is not None:
+            await self.store.close()
+            self.store = None
         if self.database is not None:
             await self.database.close()
             self.database = None
+
+    async def _open_store(self, core: BrokerCore) -> None:
+        """Open the durable store and restore what it holds into ``core``."""
+        durable = self.config.durable_sessions
+        try:
+            self.store = await SqliteStore.open(
+                durable.database, batch_size=durable.batch_size,
+                commit_interval=durable.commit_interval, synchronous=durable.synchronous)
+            snapshot = await self.store.load(core.loop.time() - time.time())
+        except StoreError as exc:
+            raise ConfigError([("durable_sessions.data_dir", str(exc))]) from None
+        core.journal = self.store.start(core.loop, core.release_acks)
+        report = core.restore(snapshot)
+        log.info("%s", describe_restore(report, durable.database, snapshot.messages))
 
     async def __aenter__(self) -> Broker:
         await self.start()
@@ -313,9 +350,14 @@ class Broker:
 
     async def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
                       properties: Mapping[str, Any] | None = None) -> int:
-        """Publish a message into the broker; returns how many subscriptions matched."""
+        """Publish a message into the broker; returns how many subscriptions
+        matched. With durable sessions, a QoS 1/2 or retained message is
+        stored when this returns."""
         if self.core is None:
             raise RuntimeError("the broker is not started")
         if isinstance(payload, str):
             payload = payload.encode("utf-8")
-        return self.core.publish(topic, payload, qos, retain, properties)
+        matched = self.core.publish(topic, payload, qos, retain, properties)
+        if self.store is not None and (qos or retain):
+            await self.store.committed()  # what it promises is on disk
+        return matched

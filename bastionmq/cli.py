@@ -546,3 +546,81 @@ def acl_list(username: str | None, clientid: str | None, everyone: bool,
              "any" if rule.retain is None else str(rule.retain).lower())
             for rule in rules]
     _table(("ID", "WHO", "PLACE", "PERMISSION", "ACTION", "TOPIC", "QOS", "RETAIN"), rows)
+
+
+# ------------------------------------------------------------------ data
+# The durable store (durable_sessions.data_dir/sessions.sqlite3).
+
+
+def _on_store(action: Any, config_file: str | None, path: str | None) -> tuple[str, Any]:
+    """(path, what ``action(path)`` returns) for the store the options name."""
+    from bastionmq.broker.store import maintenance
+    if path is None:
+        config, _ = _load(config_file)
+        path = config.durable_sessions.database
+    try:
+        return path, action(maintenance, path)
+    except maintenance.StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _bytes(size: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError
+
+
+store_file_option = click.option(
+    "--file", "path", type=click.Path(dir_okay=False), default=None,
+    help="The store's database file (default: durable_sessions.data_dir/sessions.sqlite3 "
+         "of the configuration).")
+
+
+@main.group()
+def data() -> None:
+    """Check or compact the durable store (durable_sessions)."""
+
+
+@data.command("check")
+@config_option
+@store_file_option
+def data_check(config_file: str | None, path: str | None) -> None:
+    """Read the whole store: what it holds and whether anything is wrong
+    (exit status 1 when something is). Safe while the broker runs."""
+    path, report = _on_store(lambda maintenance, path: maintenance.check(path), config_file, path)
+    click.echo(f"{path}: schema {report.schema_version}, {_bytes(report.size)} "
+               f"(write-ahead log {_bytes(report.wal_size)})")
+    rows = report.rows
+    if rows:
+        click.echo(
+            f"  {rows['sessions']} sessions ({report.expired_sessions} expired, removed at the "
+            f"next start), {rows['subscriptions']} subscriptions, {rows['queue']} queued and "
+            f"{rows['inflight']} in-flight messages, {rows['messages']} message bodies, "
+            f"{rows['awaiting_rel']} QoS 2 messages awaiting release, "
+            f"{rows['retained']} retained messages")
+    if report.unreferenced_messages:
+        click.echo(f"  {report.unreferenced_messages} message bodies nothing points at "
+                   "(harmless: the next start or `bastionmq data compact` removes them)")
+    if report.ok:
+        click.echo("  no problems found")
+        return
+    for problem in report.problems:
+        click.echo(f"  problem: {problem}", err=True)
+    raise click.ClickException(
+        f"{path} has {len(report.problems)} problems; `bastionmq data compact` removes rows "
+        "that point at nothing; damage SQLite reports needs the file restored from a backup")
+
+
+@data.command("compact")
+@config_option
+@store_file_option
+def data_compact(config_file: str | None, path: str | None) -> None:
+    """Remove rows that point at nothing and rewrite the store to its
+    smallest size. The broker must be stopped."""
+    path, report = _on_store(lambda maintenance, path: maintenance.compact(path), config_file,
+                             path)
+    click.echo(f"{path}: {_bytes(report.size_before)} -> {_bytes(report.size_after)}; removed "
+               f"{report.dangling_removed} rows that pointed at nothing and "
+               f"{report.unreferenced_removed} unreferenced message bodies")

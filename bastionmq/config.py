@@ -66,6 +66,7 @@ __all__ = [
     "AuthorizationConfig",
     "AuthzCacheConfig",
     "CrlCacheConfig",
+    "DurableSessionsConfig",
     "PskConfig",
     "SniCertificate",
     "ENV_PREFIX",
@@ -667,6 +668,33 @@ class NodeConfig:
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
+class DurableSessionsConfig:
+    """Persistence (EMQX's ``durable_sessions``): sessions that outlive their
+    connection, their queued and in-flight QoS 1/2 messages, inbound QoS 2
+    state, held-back wills and retained messages survive a restart or a
+    crash. Off, all of that lives in memory only."""
+
+    enable: bool = False
+    #: The folder of the store (sessions.sqlite3 in it), relative to the
+    #: directory the broker runs in.
+    data_dir: str = "data"
+    #: A batch of changes is committed at most this long after its first
+    #: change; acknowledgements that promise storage wait for its commit.
+    commit_interval: float = attrs.field(default=0.005, metadata={"unit": "duration"},
+                                         validator=[v.ge(0), v.le(1.0)])
+    #: ...or as soon as it holds this many changes.
+    batch_size: int = attrs.field(default=1000, validator=[v.ge(1), v.le(1_000_000)])
+    #: full: a commit is on the disk itself before it is acknowledged (it
+    #: survives a power cut); normal: it is handed to the operating system
+    #: (it survives a crash or kill of the broker, not of the machine).
+    synchronous: str = attrs.field(default="full", validator=v.in_(("full", "normal")))
+
+    @property
+    def database(self) -> str:
+        return os.path.join(self.data_dir, "sessions.sqlite3")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
 class AuthnBanConfig:
     """A short ban after repeated failed logins (brute-force protection)."""
 
@@ -748,6 +776,7 @@ class Config:
     authentication: tuple[AuthenticatorConfig, ...] = ()
     authn_ban: AuthnBanConfig = attrs.field(factory=AuthnBanConfig)
     authorization: AuthorizationConfig = attrs.field(factory=AuthorizationConfig)
+    durable_sessions: DurableSessionsConfig = attrs.field(factory=DurableSessionsConfig)
 
     def enabled_listeners(self) -> list[tuple[str, str, TcpListenerConfig]]:
         """(kind, name, block) of every enabled listener: tcp, ssl, ws, then wss."""

@@ -706,6 +706,13 @@ def encode_properties(props: Properties) -> bytes:
     return encode_varint(len(out)) + out
 
 
+def decode_properties(data: bytes, packet_type: int) -> Properties:
+    """A property block written by ``encode_properties``, read back as the
+    decoder reads one in a packet of ``packet_type`` (PUBLISH, or WILL)."""
+    props, _ = _read_properties(memoryview(data), 0, len(data), packet_type)
+    return props
+
+
 def _frame(first: int, body: bytes | bytearray) -> bytes:
     return bytes((first,)) + encode_varint(len(body)) + body
 

@@ -66,7 +66,7 @@ class Connection:
         "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
         "_held", "close_reason", "topic_aliases", "problem_info",
         "aliases_out", "alias_out_max", "auth_method", "_exchange", "client_info",
-        "access_cache",
+        "access_cache", "acks_held",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -108,6 +108,8 @@ class Connection:
         self.client_info: ClientInfo | None = None
         #: Recent authorization decisions for this client (see broker.access).
         self.access_cache: dict | None = None
+        #: Acknowledgements waiting for the durable store to commit.
+        self.acks_held = 0
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -164,21 +166,36 @@ class Connection:
         """Send a CONNACK, SUBACK or DISCONNECT with ``why`` as its 5.0 Reason
         String, unless that would exceed the client's Maximum Packet Size
         ([MQTT-3.2.2-19], [MQTT-3.14.2-3])."""
+        self.write(self._explained(packet, why))
+
+    def _explained(self, packet: Packet, why: str) -> bytes:
         data = encode(packet, self.version)
         if why and self.version == MQTT_5:
             packet.properties = {**packet.properties, "reason_string": why[:_MAX_REASON_STRING]}
             explained = encode(packet, self.version)
             if not self.max_packet_size_out or len(explained) <= self.max_packet_size_out:
                 data = explained
-        self.write(data)
+        return data
+
+    def write_stored(self, data: bytes) -> None:
+        """Write an acknowledgement that tells the client something is kept:
+        with a durable store, not before what it promises has committed, and
+        never ahead of an earlier one ([MQTT-4.6.0-2]: acknowledgements keep
+        the order of the packets they answer)."""
+        journal = self.core.journal
+        if journal is not None and (journal.batch.size or self.acks_held):
+            self.acks_held += 1
+            journal.hold(self, data)
+        else:
+            self.write(data)
 
     def ack(self, first: int, packet_id: int, reason: int = 0) -> None:
         """PUBACK (0x40), PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70): the
         two-byte short form, or with its reason code for a 5.0 client (3.4.2.1)."""
         if reason and self.version == MQTT_5:
-            self.write(bytes((first, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,)))
+            self.write_stored(bytes((first, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,)))
         else:
-            self.write(bytes((first, 2)) + packet_id.to_bytes(2, "big"))
+            self.write_stored(bytes((first, 2)) + packet_id.to_bytes(2, "big"))
 
     def send_publish(self, message: Message, qos: int, retain: bool,
                      subscription_ids: tuple[int, ...], packet_id: int = 0,
@@ -405,11 +422,10 @@ class Connection:
                 self.aliases_out = {}
         else:
             expiry = 0 if packet.clean_start else int(settings.session_expiry_interval)
-        session, present = core.open_session(self, packet.clean_start, expiry)
+        self.client_info = ClientInfo(client_id=self.client_id, username=self.username,
+                                      peer=self.peer, superuser=self.superuser)
+        session, present = core.open_session(self, packet.clean_start, expiry, self.client_info)
         self.session = session
-        self.client_info = session.client = ClientInfo(
-            client_id=self.client_id, username=self.username, peer=self.peer,
-            superuser=self.superuser)
         if core.access is not None:
             self.access_cache = core.access.new_cache()
         self.will = packet.will
@@ -499,7 +515,7 @@ class Connection:
                 self.client_info, self.access_cache, PUBLISH_ACTION, topic, qos, packet.retain):
             return self._publish_denied(packet, topic)
         if qos == 2:
-            awaiting.add(packet.packet_id)
+            self._awaiting_release(packet.packet_id)
         message = Message(topic, packet.payload, qos, packet.retain, props)
         if props:
             message.stamp_expiry(core.loop.time())
@@ -525,8 +541,16 @@ class Connection:
         elif qos == 1:
             self.ack(0x40, packet.packet_id)  # 3.1.1 has no refusal: drop, but acknowledge
         elif qos == 2:
-            self.session.awaiting_rel.add(packet.packet_id)  # so that PUBREL gets PUBCOMP
+            self._awaiting_release(packet.packet_id)  # so that PUBREL gets PUBCOMP
             self.ack(0x50, packet.packet_id)
+
+    def _awaiting_release(self, packet_id: int) -> None:
+        session = self.session
+        session.awaiting_rel.add(packet_id)
+        if session.store_id:
+            # Kept across a restart, so that a resend after it is known for
+            # one and not delivered twice ([MQTT-4.3.3-9]).
+            self.core.journal.awaiting_saved(session, packet_id)
 
     def _refuse_publish(self, packet: Publish) -> bool:
         """Close for a PUBLISH beyond the announced Maximum QoS or Retain Available."""
@@ -582,12 +606,21 @@ class Connection:
             self.core.acknowledge(session, packet.packet_id, PUBREC)
             return
         entry.released = True
+        if session.store_id:
+            # PUBREL goes once this is stored: after a restart the message must
+            # not be sent again as a PUBLISH the client already released.
+            self.core.journal.inflight_saved(session, packet.packet_id, entry, False)
         self.ack(0x62, packet.packet_id)
 
     def _on_pubrel(self, packet: Pubrel) -> None:
-        awaiting = self.session.awaiting_rel
+        session = self.session
+        awaiting = session.awaiting_rel
         if awaiting and packet.packet_id in awaiting:
             awaiting.discard(packet.packet_id)
+            if session.store_id:
+                # PUBCOMP goes once this is stored: the client may reuse the
+                # packet id then, and a restart must not take it for a resend.
+                self.core.journal.awaiting_deleted(session, packet.packet_id)
             self.ack(0x70, packet.packet_id)
         else:
             self.ack(0x70, packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND)
@@ -636,10 +669,11 @@ class Connection:
             codes.append(sub.qos)
             granted.append((sub, existed))
         suback = Suback(packet.packet_id, codes)
-        if refused and self.problem_info:
-            self.send_explained(suback, "; ".join(refused))
+        data = self._explained(suback, "; ".join(refused) if refused and self.problem_info else "")
+        if self.session.store_id:
+            self.write_stored(data)
         else:
-            self.send(suback)
+            self.write(data)
         # Retained messages follow the SUBACK ([MQTT-3.8.4-4] order of replies).
         for sub, existed in granted:
             core.send_retained(self.session, sub, identifier, existed)
@@ -667,7 +701,12 @@ class Connection:
         for topic_filter in packet.filters:
             removed = self.core.unsubscribe(self.session, topic_filter)
             codes.append(Reason.SUCCESS if removed else Reason.NO_SUBSCRIPTION_EXISTED)
-        self.send(Unsuback(packet.packet_id, codes if self.version == MQTT_5 else []))
+        data = encode(Unsuback(packet.packet_id, codes if self.version == MQTT_5 else []),
+                      self.version)
+        if self.session.store_id:
+            self.write_stored(data)
+        else:
+            self.write(data)
 
     # PINGREQ / DISCONNECT --------------------------------------------------
 
@@ -807,6 +846,13 @@ class Connection:
             log.debug("%s disconnected: %s", self._describe(), self.close_reason)
             will, self.will = self.will, None
             core.end_connection(self, will)
+
+
+def release_ack(connection: Connection, data: bytes) -> None:
+    """Write an acknowledgement the durable store held back until its commit."""
+    connection.acks_held -= 1
+    if connection.state != CLOSED:
+        connection.write(data)
 
 
 _HANDLERS = {

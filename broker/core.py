@@ -11,22 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections import deque
 from typing import Any, Coroutine, Mapping
 
 import attrs
 
 from .codec import MQTT_5, Subscription, Will
-from .connection import Connection
+from .connection import Connection, release_ack
 from .message import Message
 from .access import AccessControl, Authorizer
 from .ports import (
     PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, ClientInfo, IdentityPolicy,
     PeerInfo,
 )
+from .store import Journal, RestoreReport, Snapshot
 from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, Reason
 from .retained import RetainedStore
-from .sessions import NEVER_EXPIRES, Inflight, Session, SubscriptionEntry
+from .sessions import NEVER_EXPIRES, Inflight, QueuedMessage, Session, SubscriptionEntry
 from .settings import MqttSettings
 from .shared import SharedGroup, split_shared
 from .topics import SubscriptionTrie, validate_topic_name
@@ -35,6 +37,11 @@ log = logging.getLogger("bastionmq.core")
 
 # A route: (session, granted QoS, no local, retain as published, subscription ids).
 Route = tuple[Session, int, bool, bool, tuple[int, ...]]
+
+SYS_PREFIX = "$SYS/"
+
+#: Where a session restored from the store was last connected: unknown.
+RESTORED_PEER = PeerInfo(listener="restored")
 
 
 @attrs.define(slots=True)
@@ -111,6 +118,9 @@ class BrokerCore:
         #: Connections with output waiting for the next flush.
         self.dirty: list[Connection] = []
         self._tasks: set[asyncio.Task] = set()
+        #: Where changes to durable state are recorded; None keeps state in
+        #: memory only. Sessions are durable when ``store_id`` is set.
+        self.journal: Journal | None = None
 
     # ------------------------------------------------------- connections
 
@@ -137,7 +147,7 @@ class BrokerCore:
     # ------------------------------------------------------- sessions
 
     def open_session(self, connection: Connection, clean_start: bool,
-                     expiry: int) -> tuple[Session, bool]:
+                     expiry: int, client: ClientInfo) -> tuple[Session, bool]:
         """Attach ``connection`` to its session; returns (session, session present)."""
         client_id = connection.client_id
         session = self.sessions.get(client_id)
@@ -161,9 +171,17 @@ class BrokerCore:
             if session.will_handle is not None:
                 # 3.1.3.2.2: a reconnect within the will delay cancels the will.
                 session.will_handle.cancel()
-                session.will_handle = session.pending_will = None
+                session.will_handle = session.pending_will = session.will_due = None
         session.expiry_interval = expiry
         session.connection = connection
+        session.client = client
+        session.offline_since = None
+        journal = self.journal
+        if journal is not None:
+            if expiry:
+                journal.session_saved(session)
+            elif session.store_id:
+                journal.session_deleted(session)  # it ends with this connection now
         return session, present
 
     def resume_session(self, session: Session) -> None:
@@ -177,6 +195,8 @@ class BrokerCore:
                 elif entry.message.expired(now):
                     del session.inflight[packet_id]
                     self.stats.dropped_expired += 1
+                    if session.store_id:
+                        self.journal.inflight_deleted(session, packet_id, entry)
                 else:
                     connection.send_publish(entry.message, entry.qos, entry.retain,
                                             entry.subscription_ids, packet_id, dup=True)
@@ -188,22 +208,28 @@ class BrokerCore:
         if session is None or session.connection is not connection:
             return
         session.connection = None
+        now = session.offline_since = self.loop.time()
         if session.shared_count and session.expiry_interval:
             self._redispatch_shared(session, ending=False)
         if will is not None:
             delay = will.properties.get("will_delay_interval", 0) if connection.version == MQTT_5 else 0
             if delay and session.expiry_interval:
                 # Sent when the delay or the session ends, whichever is first.
+                delay = min(delay, session.expiry_interval)
                 session.pending_will = will
-                session.will_handle = self.loop.call_later(
-                    min(delay, session.expiry_interval), self._publish_delayed_will, session)
+                session.will_due = now + delay
+                session.will_handle = self.loop.call_later(delay, self._publish_delayed_will,
+                                                           session)
             else:
                 self._publish_will(will, session.client)
         if session.expiry_interval == 0:
             self._end_session(session)
-        elif session.expiry_interval != NEVER_EXPIRES:
+            return
+        if session.expiry_interval != NEVER_EXPIRES:
             session.expiry_handle = self.loop.call_later(
                 session.expiry_interval, self._expire_session, session)
+        if session.store_id:
+            self.journal.session_saved(session)
 
     def _publish_will(self, will: Will, client: ClientInfo | None) -> None:
         access = self.access
@@ -225,7 +251,10 @@ class BrokerCore:
 
     def _publish_delayed_will(self, session: Session) -> None:
         will, session.pending_will, session.will_handle = session.pending_will, None, None
+        session.will_due = None
         if will is not None:
+            if session.store_id:
+                self.journal.session_saved(session)
             self._publish_will(will, session.client)
             self.flush()
 
@@ -239,6 +268,8 @@ class BrokerCore:
     def _end_session(self, session: Session) -> None:
         if session.shared_count:
             self._redispatch_shared(session, ending=True)
+        if session.store_id:
+            self.journal.session_deleted(session)
         for topic_filter in list(session.subscriptions):
             self.unsubscribe(session, topic_filter)
         if self.sessions.get(session.client_id) is session:
@@ -261,6 +292,8 @@ class BrokerCore:
         existed = options.filter in session.subscriptions
         entry = SubscriptionEntry(options, identifier)
         session.subscriptions[options.filter] = entry
+        if session.store_id:
+            self.journal.subscription_saved(session, entry)
         shared = split_shared(options.filter)
         if shared is None:
             self.trie.add(options.filter, session, entry)
@@ -276,6 +309,8 @@ class BrokerCore:
     def unsubscribe(self, session: Session, topic_filter: str) -> bool:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
+        if session.store_id:
+            self.journal.subscription_deleted(session, topic_filter)
         shared = split_shared(topic_filter)
         if shared is None:
             self.trie.remove(topic_filter, session)
@@ -304,7 +339,7 @@ class BrokerCore:
         cache = session.connection.access_cache if session.connection is not None else None
         for message in self.retained.match(options.filter):
             if message.expired(now):
-                self.retained.delete(message.topic)
+                self._forget_retained(message.topic)
                 continue
             if access is not None and session.client is not None and not access.permits(
                     session.client, cache, SUBSCRIBE_ACTION, message.topic, options.qos):
@@ -321,8 +356,16 @@ class BrokerCore:
         # [MQTT-3.3.1-10/11]: an empty payload clears the topic and is not stored.
         if message.payload:
             self.retained.set(message.topic, message)
+            if self.journal is not None and not message.topic.startswith(SYS_PREFIX):
+                # $SYS figures are the broker's own, made again after a restart.
+                self.journal.retained_saved(message)
         else:
-            self.retained.delete(message.topic)
+            self._forget_retained(message.topic)
+
+    def _forget_retained(self, topic: str) -> None:
+        if (self.retained.delete(topic) and self.journal is not None
+                and not topic.startswith(SYS_PREFIX)):
+            self.journal.retained_deleted(topic)
 
     # ------------------------------------------------------- routing
 
@@ -346,8 +389,7 @@ class BrokerCore:
                 self.deliver(session, message, qos, retain, ids)
             elif connection is None:
                 if self.settings.mqueue_store_qos0:
-                    session.enqueue((message, 0, retain, ids, None), self.settings.max_mqueue_len,
-                                    self._count_queue_drop)
+                    self._enqueue(session, (message, 0, retain, ids, None, 0))
             elif connection.paused:
                 self.stats.dropped_qos0_backpressure += 1
             else:
@@ -375,8 +417,7 @@ class BrokerCore:
             self.deliver(member, message, qos, retain, ids, group)
         elif member.connection is None:
             if self.settings.mqueue_store_qos0:
-                member.enqueue((message, 0, retain, ids, group), self.settings.max_mqueue_len,
-                               self._count_queue_drop)
+                self._enqueue(member, (message, 0, retain, ids, group, 0))
         elif member.connection.paused:
             self.stats.dropped_qos0_backpressure += 1
         else:
@@ -411,6 +452,8 @@ class BrokerCore:
                 if member is not None:
                     del session.inflight[packet_id]
                     self._deliver_shared(group, member, entry.message, entry.retain)
+                    if session.store_id:
+                        self.journal.inflight_deleted(session, packet_id, entry)
                     moved += 1
         if session.queue:
             kept = deque()
@@ -421,6 +464,7 @@ class BrokerCore:
                     kept.append(item)
                 else:
                     self._deliver_shared(group, member, item[0], item[2])
+                    self._unqueued(session, item)
                     moved += 1
             session.queue = kept
         if moved:
@@ -433,19 +477,39 @@ class BrokerCore:
         connection = session.connection
         if (connection is not None and not connection.paused
                 and session.inflight_count() < connection.send_window):
-            self._send_inflight(session, connection, (message, qos, retain, ids, group))
+            self._send_inflight(session, connection, (message, qos, retain, ids, group, 0))
         else:
-            session.enqueue((message, qos, retain, ids, group), self.settings.max_mqueue_len,
-                            self._count_queue_drop)
+            self._enqueue(session, (message, qos, retain, ids, group, 0))
 
-    def _send_inflight(self, session: Session, connection: Connection, item) -> None:
-        message, qos, retain, ids, group = item
+    def _send_inflight(self, session: Session, connection: Connection,
+                       item: QueuedMessage) -> None:
+        message, qos, retain, ids, group, key = item
         packet_id = session.allocate_packet_id()
         if connection.send_publish(message, qos, retain, ids, packet_id):
-            session.inflight[packet_id] = Inflight(message, qos, retain, ids, group)
+            entry = session.inflight[packet_id] = Inflight(message, qos, retain, ids, group)
+            if session.store_id:
+                # Recorded before the queue entry goes, so that the message
+                # body's row is not dropped and written again.
+                self.journal.inflight_saved(session, packet_id, entry, True)
+        if key and session.store_id:
+            self.journal.unqueued(session, key, message)
 
-    def _count_queue_drop(self) -> None:
-        self.stats.dropped_queue_full += 1
+    def _enqueue(self, session: Session, item: QueuedMessage) -> None:
+        """Queue for later; a durable session's QoS 1/2 entries are recorded."""
+        if item[1] and session.store_id:
+            message, qos, retain, ids, group, _ = item
+            key = self.journal.queued(session, message, qos, retain, ids,
+                                      group.share_filter if group is not None else None)
+            item = (message, qos, retain, ids, group, key)
+        dropped = session.enqueue(item, self.settings.max_mqueue_len)
+        if dropped is not None:
+            self.stats.dropped_queue_full += 1
+            self._unqueued(session, dropped)
+
+    def _unqueued(self, session: Session, item: QueuedMessage) -> None:
+        """``item`` left the queue other than into the window."""
+        if item[5] and session.store_id:
+            self.journal.unqueued(session, item[5], item[0])
 
     def drain(self, session: Session) -> None:
         """Move queued messages into the window while the client can take them."""
@@ -454,10 +518,10 @@ class BrokerCore:
         now = self.loop.time()
         while queue and connection is not None and not connection.paused:
             if queue[0][0].expired(now):
-                queue.popleft()
+                self._unqueued(session, queue.popleft())
                 self.stats.dropped_expired += 1
             elif queue[0][1] == 0:
-                message, _, retain, ids, _ = queue.popleft()
+                message, _, retain, ids, _, _ = queue.popleft()
                 connection.send_publish(message, 0, retain, ids)
             elif session.inflight_count() < connection.send_window:
                 self._send_inflight(session, connection, queue.popleft())
@@ -474,6 +538,8 @@ class BrokerCore:
         if kind == PUBCOMP and not entry.released:
             return
         del inflight[packet_id]
+        if session.store_id:
+            self.journal.inflight_deleted(session, packet_id, entry)
         if session.queue:
             self.drain(session)
 
@@ -527,3 +593,95 @@ class BrokerCore:
             session.expiry_handle = session.will_handle = None
         for task in list(self._tasks):
             task.cancel()
+
+    # ------------------------------------------------------- durable store
+
+    def release_acks(self, acks: list[tuple[Connection, bytes]]) -> None:
+        """Write the acknowledgements a committed batch held back."""
+        for connection, data in acks:
+            release_ack(connection, data)
+        self.flush()
+
+    def restore(self, snapshot: Snapshot) -> RestoreReport:
+        """Rebuild the sessions and retained messages of a store at start-up
+        (``journal`` set): what expired while the broker was down goes, and
+        wills that fell due are published."""
+        journal = self.journal
+        report = RestoreReport()
+        now = self.loop.time()
+        wall_now = time.time()
+        restored: list[tuple[Session, Any]] = []
+        for stored in snapshot.sessions:
+            session = self.sessions[stored.client_id] = Session(stored.client_id, stored.expiry)
+            # A session that was connected when the broker stopped counts as
+            # disconnected now: when it stopped exactly is not known.
+            since = stored.disconnected_at if stored.disconnected_at is not None else wall_now
+            session.offline_since = now - max(0.0, wall_now - since)
+            session.client = ClientInfo(client_id=stored.client_id, username=stored.username,
+                                        peer=RESTORED_PEER)
+            for options, identifier in stored.subscriptions:
+                self.subscribe(session, options, identifier)
+            session.store_id = stored.sid
+            for packet_id, message, qos, retain, ids, share, released in stored.inflight:
+                entry = Inflight(message, qos, retain, ids, self._group_of(share), released)
+                if session.inflight is None:
+                    session.inflight = {}
+                session.inflight[packet_id] = entry
+                if message.expired(now) and not released:
+                    del session.inflight[packet_id]
+                    journal.inflight_deleted(session, packet_id, entry)
+                    report.expired_messages += 1
+                else:
+                    session.next_packet_id = packet_id % 65535 + 1
+            for key, message, qos, retain, ids, share in stored.queue:
+                item = (message, qos, retain, ids, self._group_of(share), key)
+                if message.expired(now):
+                    self._unqueued(session, item)
+                    report.expired_messages += 1
+                    continue
+                if session.queue is None:
+                    session.queue = deque()
+                session.queue.append(item)
+            if stored.awaiting_rel:
+                session.awaiting_rel = set(stored.awaiting_rel)
+            restored.append((session, stored))
+        for message in snapshot.retained:
+            if message.expired(now):
+                journal.retained_deleted(message.topic)
+                report.expired_messages += 1
+            else:
+                self.retained.set(message.topic, message)
+        report.retained = len(self.retained)
+        # Then timers and wills, now that every subscriber is back.
+        for session, stored in restored:
+            remaining = (NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES
+                         else stored.expiry - (now - session.offline_since))
+            if stored.will is not None:
+                session.pending_will = stored.will
+                due = now + (stored.will_at - wall_now) if stored.will_at is not None else now
+                if due <= now or remaining <= 0:
+                    self._publish_delayed_will(session)
+                    report.wills_published += 1
+                else:
+                    session.will_due = due
+                    session.will_handle = self.loop.call_later(
+                        due - now, self._publish_delayed_will, session)
+            if remaining <= 0:
+                self._end_session(session)
+                report.expired_sessions += 1
+                continue
+            if stored.expiry != NEVER_EXPIRES:
+                session.expiry_handle = self.loop.call_later(
+                    remaining, self._expire_session, session)
+            report.sessions += 1
+            report.subscriptions += len(session.subscriptions)
+            report.queued += len(session.queue or ())
+            report.inflight += len(session.inflight or ())
+            report.awaiting_rel += len(session.awaiting_rel or ())
+        return report
+
+    def _group_of(self, share: str | None) -> SharedGroup | None:
+        """The shared subscription group a stored entry came through."""
+        if share is None:
+            return None
+        return self.groups.get(split_shared(share))

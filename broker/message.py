@@ -28,6 +28,10 @@ class Message:
     properties: Mapping[str, Any] = NO_PROPERTIES
     #: Loop time at which the 5.0 Message Expiry Interval runs out, if it has one.
     expires_at: float | None = None
+    #: Its row in the durable store and how many stored queue and in-flight
+    #: entries point at it (see broker.store.journal); 0 when not stored.
+    store_id: int = attrs.field(default=0, init=False)
+    store_refs: int = attrs.field(default=0, init=False)
     _topic_bytes: bytes | None = attrs.field(default=None, init=False)
     _forms: dict | None = attrs.field(default=None, init=False)
 

@@ -9,7 +9,7 @@ connection should cost little memory.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 
@@ -44,8 +44,9 @@ class Inflight:
     released: bool = False
 
 
-#: (message, QoS, retain flag, subscription ids, shared subscription group or None).
-QueuedMessage = tuple[Message, int, bool, tuple[int, ...], Any]
+#: (message, QoS, retain flag, subscription ids, shared subscription group or
+#: None, the entry's key in the durable store or 0).
+QueuedMessage = tuple[Message, int, bool, tuple[int, ...], Any, int]
 
 
 @attrs.define(slots=True, eq=False)
@@ -69,6 +70,12 @@ class Session:
     #: A will held back by its Will Delay Interval, and the timer that sends it.
     pending_will: Any = None
     will_handle: Any = None
+    #: Loop time at which the held-back will is due.
+    will_due: float | None = None
+    #: Loop time at which the session lost its connection (None while connected).
+    offline_since: float | None = None
+    #: Its row in the durable store; 0 when the session is not durable.
+    store_id: int = 0
 
     def allocate_packet_id(self) -> int:
         inflight = self.inflight
@@ -82,15 +89,17 @@ class Session:
         self.next_packet_id = packet_id % 65535 + 1
         return packet_id
 
-    def enqueue(self, item: QueuedMessage, max_len: int, on_drop: Callable[[], None]) -> None:
-        """Queue a message; when full, the oldest is dropped (EMQX's mqueue rule)."""
+    def enqueue(self, item: QueuedMessage, max_len: int) -> QueuedMessage | None:
+        """Queue a message; when full, the oldest is dropped (EMQX's mqueue
+        rule) and returned."""
         queue = self.queue
         if queue is None:
             queue = self.queue = deque()
+        dropped = None
         if max_len and len(queue) >= max_len:
-            queue.popleft()
-            on_drop()
+            dropped = queue.popleft()
         queue.append(item)
+        return dropped
 
     def inflight_count(self) -> int:
         return len(self.inflight) if self.inflight else 0

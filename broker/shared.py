@@ -73,7 +73,12 @@ class SharedGroup:
         self._sticky: Any = None
 
     def __repr__(self) -> str:
-        return f"<SharedGroup $share/{self.name}/{self.filter} ({len(self.members)} members)>"
+        return f"<SharedGroup {self.share_filter} ({len(self.members)} members)>"
+
+    @property
+    def share_filter(self) -> str:
+        """The filter its members subscribed with: ``$share/{name}/{filter}``."""
+        return f"{SHARE_PREFIX}{self.name}/{self.filter}"
 
     def add(self, session: Any, entry: Any) -> None:
         if session not in self.members:

@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from importlib.metadata import version as distribution_version
@@ -15,6 +16,7 @@ import paho.mqtt.client as paho
 import pytest
 
 from bastionmq.broker.codec import MQTT_5
+from bastionmq.broker.store.sqlite import SCHEMA, SCHEMA_VERSION
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "etc" / "bastionmq.conf"
@@ -441,3 +443,82 @@ authorization.sources = [ {{ type = file, path = "{tmp_path / 'acl.conf'}" }} ]
     assert checked.returncode != 0
     assert "authorization.sources.0.path: " in checked.stderr and "publsh" in checked.stderr
     assert "authentication.0: " in checked.stderr and "passwd:1" in checked.stderr
+
+
+# ------------------------------------------------------------------ data
+
+
+def durable_config(tmp_path: Path, port: int) -> Path:
+    return write_config(tmp_path, f"""
+listeners.tcp.default {{ bind = "127.0.0.1:{port}" }}
+allow_anonymous = true
+durable_sessions {{ enable = true, data_dir = "{tmp_path / 'store'}" }}
+""")
+
+
+def test_data_check_and_compact_look_after_the_store(start_process, clients, run, tmp_path):
+    port = free_port()
+    config = durable_config(tmp_path, port)
+    broker = start_process(config)
+    broker.wait_listening(port)
+    subscriber = clients(port, client_id="s", version=paho.MQTTv5, clean=False,
+                         session_expiry=3600)
+    subscriber.subscribe("t", 1)
+    subscriber.disconnect()
+    publisher = clients(port)
+    for i in range(3):
+        publisher.publish("t", f"m{i}", qos=1)
+    publisher.publish("r", "kept", qos=1, retain=True)
+
+    # check reads beside the running broker; compact must wait for it to stop.
+    checked = run("data", "check", "-c", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert ("1 sessions (0 expired, removed at the next start), 1 subscriptions, 3 queued and "
+            "0 in-flight messages, 3 message bodies, 0 QoS 2 messages awaiting release, "
+            "1 retained messages") in checked.stdout
+    assert "no problems found" in checked.stdout
+    refused = run("data", "compact", "-c", str(config))
+    assert refused.returncode == 1
+    assert "is held by a running broker" in refused.stderr
+    assert broker.stop(signal.SIGTERM) == 0, broker.stderr
+
+    compacted = run("data", "compact", "-c", str(config))
+    assert compacted.returncode == 0, compacted.stderr
+    assert "removed 0 rows that pointed at nothing" in compacted.stdout
+    # The store still serves: the queued messages come after a restart.
+    broker = start_process(config)
+    broker.wait_listening(port)
+    assert "restored from" in broker.stderr
+    subscriber = clients(port, client_id="s", version=paho.MQTTv5, clean=False,
+                         session_expiry=3600)
+    assert [m.payload for m in subscriber.expect(3)] == [b"m0", b"m1", b"m2"]
+
+
+def test_data_check_finds_rows_pointing_at_nothing_and_compact_removes_them(run, tmp_path):
+    config = durable_config(tmp_path, free_port())
+    store = tmp_path / "store" / "sessions.sqlite3"
+    store.parent.mkdir()
+    db = sqlite3.connect(store)
+    db.executescript(f"{SCHEMA} INSERT INTO schema_version VALUES ({SCHEMA_VERSION});"
+                     "INSERT INTO sessions (sid, client_id, expiry) VALUES (1, 'c', 60);"
+                     "INSERT INTO queue VALUES (1, 1, 42, 1, 0, NULL, NULL);"
+                     "INSERT INTO subscriptions VALUES (2, 'x', 1, 0, 0, 0, NULL);")
+    db.close()
+    checked = run("data", "check", "-c", str(config))
+    assert checked.returncode == 1
+    assert "problem: 1 queue entries pointing at a missing message" in checked.stderr
+    assert "problem: 1 subscriptions rows of a missing session" in checked.stderr
+    compacted = run("data", "compact", "-c", str(config))
+    assert "removed 2 rows that pointed at nothing" in compacted.stdout
+    assert run("data", "check", "-c", str(config)).returncode == 0
+
+
+def test_data_check_names_a_damaged_or_missing_store(run, tmp_path):
+    missing = run("data", "check", "--file", str(tmp_path / "none.sqlite3"))
+    assert (missing.returncode, missing.stderr.strip()) == (
+        1, f"Error: there is no store at {tmp_path / 'none.sqlite3'}")
+    (tmp_path / "junk.sqlite3").write_bytes(b"junk" * 1000)
+    damaged = run("data", "check", "--file", str(tmp_path / "junk.sqlite3"))
+    assert damaged.returncode == 1
+    assert "is not a usable bastionmq store: file is not a database" in damaged.stderr
+    assert "Traceback" not in damaged.stderr

@@ -22,6 +22,7 @@ from bastionmq.config import (
     Config,
     ConfigError,
     CrlCacheConfig,
+    DurableSessionsConfig,
     ListenersConfig,
     LogConfig,
     NodeConfig,
@@ -125,7 +126,7 @@ def test_shipped_config_shows_every_key() -> None:
                 SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig, SniCertificate,
                 NodeConfig, AuthenticatorConfig, AuthorizationConfig, AuthzCacheConfig,
                 AclSourceConfig, PasswordHash, AuthnBanConfig, WsListenerConfig,
-                WebSocketOptions, WssListenerConfig):
+                WebSocketOptions, WssListenerConfig, DurableSessionsConfig):
         for field in attrs.fields(cls):
             assert re.search(rf"\b{field.name}\b", text), f"{cls.__name__}.{field.name}"
 
@@ -136,7 +137,7 @@ def test_reference_documents_every_key() -> None:
                 ListenersConfig, SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig,
                 SniCertificate, NodeConfig, AuthenticatorConfig, AuthorizationConfig,
                 AuthzCacheConfig, AclSourceConfig, PasswordHash, AuthnBanConfig,
-                WsListenerConfig, WebSocketOptions, WssListenerConfig):
+                WsListenerConfig, WebSocketOptions, WssListenerConfig, DurableSessionsConfig):
         for field in attrs.fields(cls):
             # As a key in code quotes: `max_inflight`, `tcp_options.backlog`, ...
             assert re.search(rf"`[\w.<>]*\b{field.name}\b[\w.<>]*`", text), (
@@ -452,7 +453,7 @@ def test_unknown_key_with_a_hint() -> None:
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     assert errors_of("zzz = 1") == {
-        "zzz": "unknown key (known keys: node, mqtt, listeners, allow_anonymous, log, sys_topics, crl_cache, psk_authentication, authentication, authn_ban, authorization)"}
+        "zzz": "unknown key (known keys: node, mqtt, listeners, allow_anonymous, log, sys_topics, crl_cache, psk_authentication, authentication, authn_ban, authorization, durable_sessions)"}
 
 
 def test_unknown_key_deep_inside_a_listener() -> None:

@@ -1,0 +1,449 @@
+"""Durable sessions: what a broker restarted on the same store gives back.
+
+Each test runs a broker on a store in tmp_path, stops it (gracefully: the
+crash cases are in test_durable_crash.py), starts a new one on the same store
+and checks with real clients what survived. The exact-once cases speak raw
+packets, as paho hides resends.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bastionmq.broker.codec import (
+    MQTT_5, Publish, Pubcomp, Pubrec, Pubrel, Subscribe, Subscription,
+)
+from startup import startup_error
+
+
+@pytest.fixture
+def durable(start_broker, tmp_path):
+    """Start a broker on the test's store; ``extra`` HOCON is added."""
+    def start(extra: str = ""):
+        return start_broker(f'durable_sessions {{ enable = true, data_dir = "{tmp_path}" }}\n'
+                            + extra)
+    return start
+
+
+def rows(tmp_path, query: str) -> list[tuple]:
+    db = sqlite3.connect(tmp_path / "sessions.sqlite3")
+    try:
+        return db.execute(query).fetchall()
+    finally:
+        db.close()
+
+
+def edit(tmp_path, statement: str) -> None:
+    """Change the store behind the broker's back (it is stopped)."""
+    db = sqlite3.connect(tmp_path / "sessions.sqlite3")
+    with db:
+        db.execute(statement)
+    db.close()
+
+
+def resume(clients, port: int, client_id: str, expiry: int = 3600):
+    """Connect again to the session ``client_id`` left (MQTT 5)."""
+    return clients(port, client_id=client_id, version=paho.MQTTv5, clean=False,
+                   session_expiry=expiry)
+
+
+def offline_subscriber(clients, port: int, client_id: str, topic: str, qos: int,
+                       version: int = paho.MQTTv5, expiry: int = 3600):
+    client = clients(port, client_id=client_id, version=version, clean=False,
+                     session_expiry=expiry if version == paho.MQTTv5 else None)
+    assert client.subscribe(topic, qos) == [qos]
+    client.disconnect()
+    return client
+
+
+def payloads(messages) -> list[bytes]:
+    return [message.payload for message in messages]
+
+
+def test_offline_queue_subscriptions_and_retained_survive_a_restart(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "v5", "q/#", 2)
+    offline_subscriber(clients, broker.port, "v311", "q/#", 1, version=paho.MQTTv311)
+    publisher = clients(broker.port, client_id="pub")
+    for i in range(10):
+        publisher.publish(f"q/{i}", f"m{i}", qos=1 + i % 2)
+    publisher.publish("config/a", "kept", qos=1, retain=True)
+    publisher.publish("config/b", "cleared", qos=1, retain=True)
+    publisher.publish("config/b", "", qos=1, retain=True)
+    publisher.disconnect()
+    broker.stop()
+
+    broker = durable()
+    for client_id, version, qos in (("v5", paho.MQTTv5, 2), ("v311", paho.MQTTv311, 1)):
+        client = clients(broker.port, client_id=client_id, version=version, clean=False,
+                         session_expiry=3600 if version == paho.MQTTv5 else None)
+        assert client.session_present
+        # paho hands a QoS 2 message over at PUBREL, so QoS 1 and 2 interleave.
+        got = {m.payload: m.qos for m in client.expect(10)}
+        assert got == {f"m{i}".encode(): min(qos, 1 + i % 2) for i in range(10)}
+        # The subscription itself came back too: a live message arrives.
+        clients(broker.port).publish("q/live", "live", qos=1)
+        assert payloads(client.expect()) == [b"live"]
+    reader = clients(broker.port)
+    reader.subscribe("config/#", 1)
+    (retained,) = reader.expect()
+    assert (retained.topic, retained.payload, retained.retain) == ("config/a", b"kept", True)
+    reader.expect_nothing_more("config/marker")
+
+
+def test_what_was_acknowledged_leaves_the_store(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "s", "t", 1)
+    publisher = clients(broker.port, client_id="pub")
+    for i in range(5):
+        publisher.publish("t", f"m{i}", qos=1)
+    broker.stop()
+    assert rows(tmp_path, "SELECT count(*) FROM queue") == [(5,)]
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(5,)]
+
+    broker = durable()
+    client = resume(clients, broker.port, "s")
+    assert len(client.expect(5)) == 5
+    client.disconnect()
+    broker.stop()
+    assert rows(tmp_path, "SELECT count(*) FROM queue") == [(0,)]
+    assert rows(tmp_path, "SELECT count(*) FROM inflight") == [(0,)]
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]
+    assert rows(tmp_path, "SELECT client_id FROM sessions") == [("s",)]
+
+
+def test_one_body_is_stored_for_many_sessions(durable, clients, tmp_path):
+    broker = durable()
+    for n in range(20):
+        offline_subscriber(clients, broker.port, f"s{n}", "fan/out", 1)
+    clients(broker.port).publish("fan/out", b"x" * 1000, qos=1)
+    broker.stop()
+    assert rows(tmp_path, "SELECT count(*) FROM queue") == [(20,)]
+    assert rows(tmp_path, "SELECT count(*), sum(length(payload)) FROM messages") == [(1, 1000)]
+
+
+def test_embedded_publish_returns_once_stored(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "s", "e", 1)
+    broker.call(broker.broker.publish("e", b"embedded", qos=1))
+    broker.call(broker.broker.publish("e/retained", b"r", retain=True))
+    # Read while the broker still runs: the commit happened before publish returned.
+    assert rows(tmp_path, "SELECT payload FROM messages") == [(b"embedded",)]
+    assert rows(tmp_path, "SELECT topic FROM retained") == [("e/retained",)]
+
+
+def test_sys_topics_are_not_stored(durable, clients, tmp_path):
+    broker = durable("sys_topics.sys_interval = 1s")
+    watcher = clients(broker.port)
+    watcher.subscribe("$SYS/broker/uptime", 0)
+    watcher.expect()
+    broker.stop()
+    assert rows(tmp_path, "SELECT count(*) FROM retained WHERE topic LIKE '$SYS/%'") == [(0,)]
+
+
+def test_clean_start_and_expiry_zero_remove_the_stored_session(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "a", "t", 1)
+    offline_subscriber(clients, broker.port, "b", "t", 1)
+    clients(broker.port).publish("t", "queued", qos=1)
+    # a comes back with a clean start; b resumes but asks for expiry 0.
+    clients(broker.port, client_id="a", version=paho.MQTTv5, clean=True, session_expiry=60)
+    b = clients(broker.port, client_id="b", version=paho.MQTTv5, clean=False, session_expiry=0)
+    assert b.session_present
+    assert payloads(b.expect()) == [b"queued"]
+    broker.stop()
+    assert rows(tmp_path, "SELECT client_id FROM sessions") == [("a",)]
+    assert rows(tmp_path, "SELECT count(*) FROM subscriptions") == [(0,)]
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_unsubscribe_is_stored(durable, clients):
+    broker = durable()
+    client = resume(clients, broker.port, "u")
+    client.subscribe("keep", 1)
+    client.subscribe("drop", 1)
+    client.unsubscribe("drop")
+    client.disconnect()
+    broker.stop()
+
+    broker = durable()
+    client = resume(clients, broker.port, "u")
+    publisher = clients(broker.port)
+    publisher.publish("drop", "no", qos=1)
+    publisher.publish("keep", "yes", qos=1)
+    assert payloads(client.expect()) == [b"yes"]
+
+
+def test_a_session_that_expired_while_the_broker_was_down_is_gone(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "brief", "t", 1, expiry=1)
+    offline_subscriber(clients, broker.port, "long", "t", 1, expiry=3600)
+    clients(broker.port).publish("t", "m", qos=1)
+    broker.stop()
+    # As if the broker had been down for a minute:
+    edit(tmp_path, "UPDATE sessions SET disconnected_at = disconnected_at - 60")
+
+    broker = durable()
+    broker.call(broker.broker.store.flush())
+    assert rows(tmp_path, "SELECT client_id FROM sessions") == [("long",)]
+    assert rows(tmp_path, "SELECT count(*) FROM subscriptions") == [(1,)]
+    assert rows(tmp_path, "SELECT count(*) FROM queue") == [(1,)]
+    brief = resume(clients, broker.port, "brief", expiry=60)
+    assert not brief.session_present
+    long = resume(clients, broker.port, "long")
+    assert long.session_present
+    assert payloads(long.expect()) == [b"m"]
+
+
+def test_session_expiry_removes_the_rows(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "short", "t", 1, expiry=1)
+    clients(broker.port).publish("t", "m", qos=1)
+    deadline = time.monotonic() + 10
+    while broker.run(lambda: "short" in broker.core.sessions):
+        assert time.monotonic() < deadline, "the session did not expire"
+        time.sleep(0.1)
+    broker.call(broker.broker.store.flush())
+    assert rows(tmp_path, "SELECT count(*) FROM sessions") == [(0,)]
+    assert rows(tmp_path, "SELECT count(*) FROM queue") == [(0,)]
+    assert rows(tmp_path, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_message_expiry_counts_the_time_the_broker_was_down(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "s", "t", 1)
+    publisher = clients(broker.port, version=paho.MQTTv5)
+    short = Properties(PacketTypes.PUBLISH)
+    short.MessageExpiryInterval = 30
+    long = Properties(PacketTypes.PUBLISH)
+    long.MessageExpiryInterval = 3600
+    publisher.publish("t", "short-lived", qos=1, properties=short)
+    publisher.publish("t", "long-lived", qos=1, properties=long)
+    broker.stop()
+    # As if the broker had been down for a minute:
+    edit(tmp_path, "UPDATE messages SET expires_at = expires_at - 60")
+
+    broker = durable()
+    client = resume(clients, broker.port, "s")
+    (message,) = client.expect()
+    assert message.payload == b"long-lived"
+    # What is left of the interval: about an hour less the minute down.
+    assert 3500 <= message.properties.MessageExpiryInterval <= 3541
+    client.expect_nothing_more("t")
+
+
+def test_unacknowledged_messages_are_sent_again_after_a_restart(durable, raw_clients):
+    broker = durable()
+    raw = raw_clients(broker.port, MQTT_5)
+    raw.connect("r", clean_start=False, properties={"session_expiry_interval": 600})
+    raw.send(Subscribe(1, [Subscription("t", 2)]))
+    raw.receive()
+    broker.call(broker.broker.publish("t", b"one", qos=1))
+    broker.call(broker.broker.publish("t", b"two", qos=2))
+    first, second = raw.receive(), raw.receive()
+    assert (first.payload, first.qos, second.payload, second.qos) == (b"one", 1, b"two", 2)
+    raw.send(Pubrec(second.packet_id))  # two is received, not yet completed
+    assert raw.receive() == Pubrel(second.packet_id)
+    raw.close()
+    broker.stop()
+
+    broker = durable()
+    raw = raw_clients(broker.port, MQTT_5)
+    connack = raw.connect("r", clean_start=False, properties={"session_expiry_interval": 600})
+    assert connack.session_present
+    resent = raw.receive()
+    # [MQTT-4.4.0-1]: the unacknowledged PUBLISH again with DUP, the
+    # released QoS 2 message only as PUBREL (sending it again would deliver twice).
+    packets = [resent, raw.receive()]
+    publishes = [p for p in packets if isinstance(p, Publish)]
+    assert [(p.payload, p.dup, p.packet_id) for p in publishes] == [(b"one", True, first.packet_id)]
+    assert Pubrel(second.packet_id) in packets
+
+
+def test_inbound_qos2_is_exactly_once_across_a_restart(durable, clients, raw_clients):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "sub", "x", 2)
+    raw = raw_clients(broker.port, MQTT_5)
+    raw.connect("pub", clean_start=False, properties={"session_expiry_interval": 600})
+    raw.send(Publish("x", b"once", qos=2, packet_id=7))
+    assert raw.receive() == Pubrec(7)
+    raw.close()  # gone before PUBREL
+    broker.stop()
+
+    broker = durable()
+    raw = raw_clients(broker.port, MQTT_5)
+    assert raw.connect("pub", clean_start=False,
+                       properties={"session_expiry_interval": 600}).session_present
+    # The client resends the PUBLISH it has no PUBREC for in its view: the
+    # broker knows the id and does not deliver it again ([MQTT-4.3.3-9]).
+    raw.send(Publish("x", b"once", qos=2, packet_id=7, dup=True))
+    assert raw.receive() == Pubrec(7)
+    raw.send(Pubrel(7))
+    assert raw.receive() == Pubcomp(7)
+    # The id is free again: a new message with it is a new message.
+    raw.send(Publish("x", b"again", qos=2, packet_id=7))
+    assert raw.receive() == Pubrec(7)
+    raw.send(Pubrel(7))
+    assert raw.receive() == Pubcomp(7)
+    sub = resume(clients, broker.port, "sub")
+    assert payloads(sub.expect(2)) == [b"once", b"again"]
+    sub.expect_nothing_more("x")
+
+
+def will_client(clients, port: int, delay: int, expiry: int):
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="dying",
+                         protocol=paho.MQTTv5)
+    will_props = Properties(PacketTypes.WILLMESSAGE)
+    will_props.WillDelayInterval = delay
+    client.will_set("wills/dying", b"gone", 1, False, will_props)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = expiry
+    client.connect("127.0.0.1", port, clean_start=False, properties=props)
+    client.loop_start()
+    deadline = time.monotonic() + 10
+    while not client.is_connected():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.loop_stop()
+    client.socket().close()  # vanish: the will is due after its delay
+
+
+def test_a_held_back_will_is_published_after_a_restart(durable, clients, tmp_path):
+    broker = durable()
+    watcher = offline_subscriber(clients, broker.port, "watcher", "wills/#", 1)
+    will_client(clients, broker.port, delay=2, expiry=3600)
+    deadline = time.monotonic() + 10
+    while rows(tmp_path, "SELECT will_topic FROM sessions WHERE client_id = 'dying'") != [
+            ("wills/dying",)]:
+        assert time.monotonic() < deadline, "the held-back will was not stored"
+        time.sleep(0.05)
+    broker.stop()  # before the will's delay is over
+
+    broker = durable()
+    watcher = resume(clients, broker.port, "watcher")
+    (will,) = watcher.expect(timeout=15)
+    assert (will.topic, will.payload) == ("wills/dying", b"gone")
+    watcher.disconnect()
+    broker.stop()
+    assert rows(tmp_path, "SELECT will_topic FROM sessions WHERE client_id = 'dying'") == [
+        (None,)]
+
+
+def test_a_will_that_fell_due_while_down_is_published_at_start(durable, clients, tmp_path,
+                                                               caplog):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "watcher", "wills/#", 1)
+    will_client(clients, broker.port, delay=600, expiry=3600)
+    deadline = time.monotonic() + 10
+    while not rows(tmp_path, "SELECT will_at FROM sessions WHERE client_id = 'dying' "
+                             "AND will_at IS NOT NULL"):
+        assert time.monotonic() < deadline, "the held-back will was not stored"
+        time.sleep(0.05)
+    broker.stop()
+    edit(tmp_path, "UPDATE sessions SET will_at = will_at - 601")
+
+    with caplog.at_level("INFO", logger="bastionmq"):
+        broker = durable()
+    assert "1 delayed wills fell due" in caplog.text
+    watcher = resume(clients, broker.port, "watcher")
+    (will,) = watcher.expect()
+    assert will.payload == b"gone"
+
+
+def test_a_client_reconnecting_within_the_will_delay_cancels_it(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "watcher", "wills/#", 1)
+    will_client(clients, broker.port, delay=600, expiry=3600)
+    broker.stop()
+    broker = durable()
+    resume(clients, broker.port, "dying")
+    watcher = resume(clients, broker.port, "watcher")
+    watcher.subscribe("marker", 1)
+    watcher.expect_nothing_more("marker")
+
+
+def test_shared_subscription_queues_survive_a_restart(durable, clients):
+    broker = durable()
+    for name in ("m1", "m2"):
+        offline_subscriber(clients, broker.port, name, "$share/g/jobs/#", 1)
+    publisher = clients(broker.port)
+    for i in range(6):
+        publisher.publish(f"jobs/{i}", f"j{i}", qos=1)
+    broker.stop()
+
+    broker = durable()
+    got = []
+    for name in ("m1", "m2"):
+        member = clients(broker.port, client_id=name, version=paho.MQTTv5, clean=False,
+                         session_expiry=3600)
+        got += payloads(member.expect(3))
+    assert sorted(got) == [f"j{i}".encode() for i in range(6)]
+
+
+def test_the_restore_is_reported_in_one_line(durable, clients, caplog, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "s", "t", 1)
+    clients(broker.port).publish("t", "m", qos=1, retain=True)
+    broker.stop()
+    with caplog.at_level("INFO", logger="bastionmq"):
+        durable()
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("restored")]
+    assert line == (f"restored from {tmp_path}/sessions.sqlite3: 1 sessions with 1 "
+                    "subscriptions, 1 queued and 0 in-flight messages (1 distinct bodies), "
+                    "0 QoS 2 messages awaiting release, 1 retained messages")
+
+
+# ------------------------------------------------------------------ refusing to start
+
+
+def test_a_damaged_store_stops_start_up(tmp_path):
+    (tmp_path / "sessions.sqlite3").write_bytes(b"this is no database at all" * 200)
+    where, message = startup_error(
+        f'durable_sessions {{ enable = true, data_dir = "{tmp_path}" }}')
+    assert where == "durable_sessions.data_dir"
+    assert "not an SQLite database" in message and "sessions.sqlite3" in message
+
+
+def test_a_store_of_a_newer_layout_stops_start_up(tmp_path):
+    db = sqlite3.connect(tmp_path / "sessions.sqlite3")
+    db.executescript("CREATE TABLE schema_version (version INTEGER); "
+                     "INSERT INTO schema_version VALUES (99);")
+    db.close()
+    where, message = startup_error(
+        f'durable_sessions {{ enable = true, data_dir = "{tmp_path}" }}')
+    assert (where, "newer bastionmq" in message) == ("durable_sessions.data_dir", True)
+
+
+def test_a_store_with_rows_pointing_at_nothing_stops_start_up(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "s", "t", 1)
+    clients(broker.port).publish("t", "m", qos=1)
+    broker.stop()
+    edit(tmp_path, "DELETE FROM messages")
+    where, message = startup_error(
+        f'durable_sessions {{ enable = true, data_dir = "{tmp_path}" }}')
+    assert "1 queue entries pointing at a missing message" in message
+    assert "bastionmq data compact" in message
+
+
+def test_a_second_broker_on_the_same_store_is_refused(durable, tmp_path):
+    durable()
+    where, message = startup_error(
+        f'listeners.tcp.default.bind = "127.0.0.1:0"\n'
+        f'durable_sessions {{ enable = true, data_dir = "{tmp_path}" }}')
+    assert where == "durable_sessions.data_dir"
+    assert "sessions.sqlite3.lock is held by a running broker" in message
+
+
+def test_a_store_in_an_unusable_place_stops_start_up(tmp_path):
+    (tmp_path / "file").write_text("a file where a folder should be")
+    where, message = startup_error(
+        f'durable_sessions {{ enable = true, data_dir = "{tmp_path}/file/sub" }}')
+    assert where == "durable_sessions.data_dir"
+    assert "cannot make the folder" in message
