@@ -66,7 +66,7 @@ class Connection:
         "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
         "_held", "close_reason", "topic_aliases", "problem_info",
         "aliases_out", "alias_out_max", "auth_method", "_exchange", "client_info",
-        "access_cache", "acks_held",
+        "access_cache", "acks_held", "mark",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -110,6 +110,9 @@ class Connection:
         self.access_cache: dict | None = None
         #: Acknowledgements waiting for the durable store to commit.
         self.acks_held = 0
+        #: Where the durable store's journal stood when the packet being
+        #: handled arrived (see write_stored).
+        self.mark: Any = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -177,25 +180,32 @@ class Connection:
                 data = explained
         return data
 
-    def write_stored(self, data: bytes) -> None:
-        """Write an acknowledgement that tells the client something is kept:
-        with a durable store, not before what it promises has committed, and
-        never ahead of an earlier one ([MQTT-4.6.0-2]: acknowledgements keep
-        the order of the packets they answer)."""
+    def write_stored(self, data: bytes, earlier: bool = False) -> None:
+        """Write an acknowledgement that tells the client something is kept.
+
+        With a durable store it waits for the commit of what handling the
+        current packet recorded (or, with ``earlier``, of anything not yet
+        committed, for a promise an earlier packet made), and never goes
+        ahead of an earlier acknowledgement ([MQTT-4.6.0-2]: they keep the
+        order of the packets they answer). What changed nothing durable (a
+        QoS 1 message no persistent session takes) is acknowledged at once.
+        """
         journal = self.core.journal
-        if journal is not None and (journal.batch.size or self.acks_held):
+        if journal is not None and (self.acks_held or journal.changed_since(self.mark)
+                                    or (earlier and journal.unsettled())):
             self.acks_held += 1
             journal.hold(self, data)
         else:
             self.write(data)
 
-    def ack(self, first: int, packet_id: int, reason: int = 0) -> None:
+    def ack(self, first: int, packet_id: int, reason: int = 0, earlier: bool = False) -> None:
         """PUBACK (0x40), PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70): the
         two-byte short form, or with its reason code for a 5.0 client (3.4.2.1)."""
         if reason and self.version == MQTT_5:
-            self.write_stored(bytes((first, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,)))
+            data = bytes((first, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,))
         else:
-            self.write_stored(bytes((first, 2)) + packet_id.to_bytes(2, "big"))
+            data = bytes((first, 2)) + packet_id.to_bytes(2, "big")
+        self.write_stored(data, earlier)
 
     def send_publish(self, message: Message, qos: int, retain: bool,
                      subscription_ids: tuple[int, ...], packet_id: int = 0,
@@ -257,9 +267,12 @@ class Connection:
     # ------------------------------------------------------- packets
 
     def _handle_packets(self, packets) -> None:
+        journal = self.core.journal
         for packet in packets:
             if self.state == CLOSED:
                 return
+            if journal is not None:
+                self.mark = journal.mark()
             if self._held is not None:
                 self._held.append(packet)
                 continue
@@ -503,8 +516,9 @@ class Connection:
                 if awaiting is None:
                     awaiting = session.awaiting_rel = set()
                 if packet.packet_id in awaiting:
-                    # A resend of a message already accepted: acknowledge, don't route again.
-                    self.ack(0x50, packet.packet_id)
+                    # A resend of a message already accepted: acknowledge, don't
+                    # route again; the acceptance may not have committed yet.
+                    self.ack(0x50, packet.packet_id, earlier=True)
                     return
             if awaiting and len(awaiting) >= core.settings.max_awaiting_rel:
                 return self._violation(MalformedPacket(

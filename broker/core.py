@@ -191,7 +191,7 @@ class BrokerCore:
             now = self.loop.time()
             for packet_id, entry in list(session.inflight.items()):
                 if entry.released:
-                    connection.ack(0x62, packet_id)
+                    connection.ack(0x62, packet_id, earlier=True)
                 elif entry.message.expired(now):
                     del session.inflight[packet_id]
                     self.stats.dropped_expired += 1

@@ -17,7 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bastionmq.broker.codec import (
-    MQTT_5, Publish, Pubcomp, Pubrec, Pubrel, Subscribe, Subscription,
+    MQTT_5, Puback, Publish, Pubcomp, Pubrec, Pubrel, Subscribe, Subscription,
 )
 from startup import startup_error
 
@@ -447,3 +447,32 @@ def test_a_store_in_an_unusable_place_stops_start_up(tmp_path):
         f'durable_sessions {{ enable = true, data_dir = "{tmp_path}/file/sub" }}')
     assert where == "durable_sessions.data_dir"
     assert "cannot make the folder" in message
+
+
+# ------------------------------------------------------------------ acknowledgements
+
+
+def test_acknowledgements_wait_for_the_store_and_others_do_not(durable, clients, raw_clients,
+                                                              tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "s", "stored/#", 1)
+    raw = raw_clients(broker.port, MQTT_5)
+    raw.connect("pub")
+    # Another writer holds the database: the broker's commit cannot finish.
+    blocker = sqlite3.connect(tmp_path / "sessions.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        raw.send(Publish("stored/a", b"must be kept", qos=1, packet_id=1))
+        # A message no persistent session takes promises nothing to store,
+        # but its PUBACK keeps its place behind the first one ([MQTT-4.6.0-2]).
+        raw.send(Publish("elsewhere", b"not kept", qos=1, packet_id=2))
+        with pytest.raises(TimeoutError):
+            raw.receive(timeout=1.0)
+        other = raw_clients(broker.port, MQTT_5)
+        other.connect("other")
+        other.send(Publish("elsewhere", b"not kept", qos=1, packet_id=9))
+        assert other.receive() == Puback(9, 0x10)  # no matching subscribers, at once
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert [raw.receive(timeout=15), raw.receive()] == [Puback(1), Puback(2, 0x10)]

@@ -95,8 +95,8 @@ class Journal:
     changes (the store commits as soon as it can).
     """
 
-    __slots__ = ("batch", "batch_size", "on_first", "on_full", "_to_wall", "_next_message",
-                 "_next_seq", "_next_sid")
+    __slots__ = ("batch", "batch_size", "on_first", "on_full", "committing", "_to_wall",
+                 "_next_message", "_next_seq", "_next_sid")
 
     def __init__(self, loop_time: Callable[[], float], batch_size: int,
                  on_first: Callable[[], None], on_full: Callable[[], None],
@@ -105,12 +105,31 @@ class Journal:
         self.batch_size = batch_size
         self.on_first = on_first
         self.on_full = on_full
+        #: Whether a taken batch is being committed (set by the store).
+        self.committing = False
         # Expiry times are kept in loop time in memory and in wall-clock time
         # on disk, since the loop's clock starts again with each process.
         self._to_wall = time.time() - loop_time()
         self._next_message = next_message
         self._next_seq = next_seq
         self._next_sid = next_sid
+
+    def mark(self) -> tuple[Batch, int]:
+        """Where recording stands now; see ``changed_since``."""
+        batch = self.batch
+        return batch, batch.size
+
+    def changed_since(self, mark: tuple[Batch, int] | None) -> bool:
+        """Whether anything was recorded since ``mark`` (always, without one)."""
+        if mark is None:
+            return True
+        batch = self.batch
+        # A batch filled up meanwhile was taken for commit: the change is there.
+        return batch is not mark[0] or batch.size != mark[1]
+
+    def unsettled(self) -> bool:
+        """Whether anything recorded has not committed yet."""
+        return self.batch.size > 0 or self.committing
 
     def take(self) -> Batch:
         """The open batch, to commit; a new one opens."""

@@ -354,6 +354,7 @@ class SqliteStore:
             self._timer = None
         batch = self.journal.take()
         if batch:
+            self.journal.committing = True
             self._committing = self._loop.create_task(self._commit(batch))
 
     async def _commit(self, batch: Batch) -> None:
@@ -369,6 +370,7 @@ class SqliteStore:
         self.commits += 1
         self.changes += batch.size
         self._committing = None
+        self.journal.committing = False
         if batch.acks:
             self._release(batch.acks)
         for waiter in batch.waiters:
