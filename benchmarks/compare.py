@@ -24,6 +24,11 @@ Besides the two brokers there are broker variants: bastionmq-acl and
 bastionmq-acl-nocache are bastionmq with authorization on, from a generated
 EMQX acl.conf of 1,000 rules (acl_conf()) whose first match for the
 benchmark's clients is its last rule, with the decision cache on or off.
+bastionmq-durable (and bastionmq-durable-normal, with synchronous = normal)
+is bastionmq with durable_sessions on, mosquitto-persist is Mosquitto with
+persistence on; each start of one gets a fresh, empty data folder (under
+--store-dir). Some scenarios add to every broker's configuration
+(SCENARIO_CONFIG: qos1-durable lifts the offline queue limits).
 Ratios are shown for each pair in RATIOS whose two members ran.
 """
 
@@ -119,24 +124,56 @@ authorization {
   cache { enable = {cache} }
 }
 """
+# The durable store the bastionmq-durable variants add ({data_dir}: a fresh
+# folder per broker start); commit_interval 5 ms and batch_size 1000 are
+# the defaults, and so is synchronous = full.
+DURABLE = """\
+durable_sessions {
+  enable = true
+  data_dir = "{data_dir}"
+{synchronous}}
+"""
+# Mosquitto's persistence: it writes its database at autosave_interval
+# (default 1800 s) and at shutdown, not before acknowledging.
+MOSQUITTO_PERSIST = "persistence true\npersistence_location {data_dir}/\n"
 # Broker name -> (the broker it runs: its command, listeners and base
-# configuration; what its configuration adds, with {acl} filled in).
+# configuration; what its configuration adds, with {acl} and {data_dir}
+# filled in). A Mosquitto option the addition sets replaces the base's line.
 BROKERS = {
     "bastionmq": ("bastionmq", ""),
     "mosquitto": ("mosquitto", ""),
     "bastionmq-acl": ("bastionmq", AUTHORIZATION.replace("{cache}", "true")),
     "bastionmq-acl-nocache": ("bastionmq", AUTHORIZATION.replace("{cache}", "false")),
+    "bastionmq-durable": ("bastionmq", DURABLE.replace("{synchronous}", "")),
+    "bastionmq-durable-normal": ("bastionmq", DURABLE.replace("{synchronous}", "  synchronous = normal\n")),
+    "mosquitto-persist": ("mosquitto", MOSQUITTO_PERSIST),
+}
+# Scenario -> broker program -> what it adds to the configuration of every
+# broker that program runs. qos1-durable queues everything it publishes in
+# offline sessions: the queues must not drop (bastionmq: 0 is no limit;
+# its default is 1000, the oldest dropped; Mosquitto's is 1000 messages).
+SCENARIO_CONFIG = {
+    "qos1-durable": {
+        "bastionmq": "mqtt.max_mqueue_len = 0\n",
+        "mosquitto": "max_queued_messages 0\nmax_queued_bytes 0\n",
+    },
 }
 # Ratio columns (numerator, denominator), shown when both ran.
 RATIOS = (
     ("bastionmq", "mosquitto"),
     ("bastionmq-acl", "bastionmq"),
     ("bastionmq-acl-nocache", "bastionmq"),
+    ("bastionmq-durable", "mosquitto-persist"),
+    ("bastionmq-durable", "bastionmq"),
+    ("bastionmq-durable-normal", "mosquitto-persist"),
+    ("bastionmq-durable-normal", "bastionmq"),
+    ("mosquitto-persist", "mosquitto"),
 )
 ACL_RULES = 1000
 HIGHER_IS_BETTER = {
     "qos0-1to1": True,
     "qos1": True,
+    "qos1-durable": True,
     "fanout": True,
     "shared": True,
     "idle": False,
@@ -234,11 +271,22 @@ def share_with_mosquitto(root: Path, files: dict):
             os.chmod(f["keyfile"], 0o644)
 
 
-def config(name: str, port: int, tls: dict | None = None, acl: str = "", ws: bool = False) -> str:
+def config(
+    name: str,
+    port: int,
+    tls: dict | None = None,
+    acl: str = "",
+    ws: bool = False,
+    data_dir: str = "",
+    scenario: str = "",
+) -> str:
     """A broker's configuration: plain TCP, or with `tls` (a make_pki entry
     plus "mutual") a TLS listener instead, or with `ws` a WebSocket listener;
-    a variant's addition with `acl` (the acl.conf's path) filled in."""
+    a variant's addition with `acl` (the acl.conf's path) and `data_dir` (its
+    data folder) filled in, then what `scenario` adds (SCENARIO_CONFIG)."""
     name, added = BROKERS[name]
+    added = added.replace("{acl}", acl).replace("{data_dir}", data_dir)
+    added += SCENARIO_CONFIG.get(scenario, {}).get(name, "")
     if ws:
         spare = free_port()
         while spare == port:
@@ -256,7 +304,39 @@ def config(name: str, port: int, tls: dict | None = None, acl: str = "", ws: boo
             verify="verify_peer" if mutual else "verify_none",
             mutual="true" if mutual else "false",
         )
-    return CONFIGS[name].format(listener=listener) + added.replace("{acl}", acl)
+    base = CONFIGS[name].format(listener=listener)
+    if name == "mosquitto":  # one line per option: the addition's replaces the base's
+        options = {ln.split()[0] for ln in added.splitlines() if ln.strip()}
+        base = "".join(ln for ln in base.splitlines(keepends=True) if not ln.strip() or ln.split()[0] not in options)
+    return base + added
+
+
+def fresh_data_dir(root: Path, prefix: str, program: str) -> Path:
+    """An empty folder for one broker start's data. Mosquitto started as
+    root writes as its `mosquitto` user, so that user gets the folder (and
+    must be able to reach `root`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    if program == "mosquitto" and os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("mosquitto")
+            os.chown(path, user.pw_uid, user.pw_gid)
+        except KeyError:
+            os.chmod(path, 0o777)
+    return path
+
+
+def filesystem(path: Path) -> str:
+    """The type and device of the filesystem `path` is on (/proc/mounts): a
+    store's commits cost what its fsync costs there (nothing on tmpfs)."""
+    path = os.path.realpath(path)
+    best = ("", "unknown", "")
+    with open("/proc/mounts") as f:
+        for line in f:
+            device, mount, kind = line.split()[:3]
+            if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best[0]):
+                best = (mount, kind, device)
+    return f"{best[1]} ({best[2]} on {best[0]})"
 
 
 def raise_nofile():
@@ -268,18 +348,37 @@ class Broker:
     """A broker subprocess on a free port, pinned to `cpu`; stopped with
     SIGTERM when the `with` block ends. With `tls` (see config()) its one
     listener is a TLS listener, with `ws` a WebSocket listener; `acl` is the
-    acl.conf a variant may use."""
+    acl.conf a variant may use. A variant that keeps data gets a fresh folder
+    under `store_root`, removed when the broker has stopped (its size is
+    kept in `store_bytes`, the time the broker took to stop in `stop_s`);
+    `scenario` adds its SCENARIO_CONFIG."""
 
     def __init__(
-        self, name: str, cmd: str, cpu: int, workdir: Path, tls: dict | None = None, acl: str = "", ws: bool = False
+        self,
+        name: str,
+        cmd: str,
+        cpu: int,
+        workdir: Path,
+        tls: dict | None = None,
+        acl: str = "",
+        ws: bool = False,
+        store_root: Path | None = None,
+        scenario: str = "",
     ):
         self.name, self.cmd, self.cpu, self.workdir, self.tls, self.acl = name, cmd, cpu, workdir, tls, acl
-        self.ws = ws
+        self.ws, self.store_root, self.scenario = ws, store_root or workdir, scenario
+        self.data_dir = None
+        self.store_bytes = self.stop_s = None
 
     def __enter__(self):
         self.port = free_port()
+        program, added = BROKERS[self.name]
+        if "{data_dir}" in added:
+            self.data_dir = fresh_data_dir(self.store_root, f"{self.name}-{self.port}-", program)
         conf = self.workdir / f"{self.name}-{self.port}.conf"
-        conf.write_text(config(self.name, self.port, self.tls, self.acl, self.ws))
+        conf.write_text(
+            config(self.name, self.port, self.tls, self.acl, self.ws, str(self.data_dir or ""), self.scenario)
+        )
         argv = ["taskset", "-c", str(self.cpu), *shlex.split(self.cmd.format(conf=conf, port=self.port))]
         self.logpath = self.workdir / f"{self.name}-{self.port}.log"
         with open(self.logpath, "wb") as log:
@@ -310,12 +409,17 @@ class Broker:
 
     def __exit__(self, *exc):
         if self.proc.poll() is None:
+            t0 = time.monotonic()
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(30)  # a persistent broker may write its store first
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            self.stop_s = round(time.monotonic() - t0, 3)
+        if self.data_dir is not None and self.data_dir.exists():
+            self.store_bytes = sum(f.stat().st_size for f in self.data_dir.rglob("*") if f.is_file())
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def background_load(cpus, seconds=0.3) -> float:
@@ -362,6 +466,14 @@ def describe(r: dict) -> str:
     text = f"{fmt(r['figure'])} {r['unit']}"
     if "loss_pct" in r:
         text += f"  loss {fmt(r['loss_pct'])}%"
+    if "acked_total" in r:  # qos1-durable
+        text += f"  acked {r['acked_total']:,} unacked {r['unacked']:,}"
+        if "queued_delivered" in r:
+            text += f"  delivered on reconnect {r['queued_delivered']:,} in {fmt(r['fetch_s'])} s"
+        if "fetch_error" in r:
+            text += f"  reconnect failed: {r['fetch_error']}"
+    if r.get("store_bytes") is not None:
+        text += f"  store {r['store_bytes'] / 2**20:.1f} MiB, stopped in {fmt(r['stop_s'])} s"
     if "failures" in r:
         text += f"  failures {r['failures']:,}"
         if r["failures"]:
@@ -489,6 +601,10 @@ def parser():
     p.add_argument("--mosquitto-cmd", default="mosquitto -c {conf}")
     p.add_argument("--broker-cpu", type=int, default=0)
     p.add_argument("--gen-cpu", type=int, default=1)
+    p.add_argument(
+        "--store-dir", type=Path,
+        help="where the persistent variants' data folders go (default: the temporary directory)",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results")
     return p
 
@@ -512,6 +628,7 @@ def main():
             sys.exit(f"{b}: {exe!r} not found (--{program}-cmd, or --brokers to leave it out)")
     cmds = {b: programs[BROKERS[b][0]] for b in brokers}
     uses_acl = [b for b in brokers if "{acl}" in BROKERS[b][1]]
+    uses_store = [b for b in brokers if "{data_dir}" in BROKERS[b][1]]
 
     started = datetime.datetime.now(datetime.timezone.utc)
     meta = {
@@ -530,6 +647,9 @@ def main():
     }
     if uses_acl:
         meta["acl"] = {"rules": ACL_RULES, "brokers": {b: BROKERS[b][1] for b in uses_acl}}
+    added = {sc: SCENARIO_CONFIG[sc] for sc in scenarios if sc in SCENARIO_CONFIG}
+    if added:
+        meta["scenario_config"] = added
     key_types = sorted({TLS_SCENARIOS[sc][0] for sc in scenarios if sc in TLS_SCENARIOS})
     if key_types:
         meta["tls"] = {
@@ -547,8 +667,15 @@ def main():
         if uses_acl:
             acl = str(Path(tmp) / "acl.conf")
             Path(acl).write_text(acl_conf())
-        if "mosquitto" in brokers:
+        if any(BROKERS[b][0] == "mosquitto" for b in brokers):
             share_with_mosquitto(Path(tmp), pki_files)
+        store_root = args.store_dir or Path(tmp)
+        if uses_store:
+            meta["store"] = {
+                "root": str(store_root),
+                "filesystem": filesystem(store_root),
+                "brokers": {b: BROKERS[b][1] for b in uses_store},
+            }
         for run in range(args.runs):
             for sc in scenarios:
                 tls = None
@@ -558,8 +685,12 @@ def main():
                 for b in brokers if run % 2 == 0 else brokers[::-1]:
                     try:
                         before = background_load(cores)
-                        with Broker(b, cmds[b], args.broker_cpu, Path(tmp), tls, acl, sc in WS_SCENARIOS) as broker:
+                        with Broker(
+                            b, cmds[b], args.broker_cpu, Path(tmp), tls, acl, sc in WS_SCENARIOS, store_root, sc
+                        ) as broker:
                             r = run_scenario(args, sc, broker, extra)
+                        if broker.data_dir is not None:
+                            r["store_bytes"], r["stop_s"] = broker.store_bytes, broker.stop_s
                         r["background_load"] = max(before, background_load(cores))
                         # errors and warnings it logged (per-connection logging costs it too)
                         r["broker_log_lines"] = len(broker.logpath.read_text(errors="replace").splitlines())

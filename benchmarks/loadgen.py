@@ -38,6 +38,12 @@ frame, the batch is that frame repeated); a subscriber walks the frame
 headers of each chunk (2 to 10 bytes, kept across reads when a read ends
 inside one) and counts the MQTT bytes between them, as above: Python runs
 once per frame received, not once per byte.
+
+qos1-durable is qos1's publishers with their subscribers offline: each
+subscriber makes a persistent session (3.1.1, clean session 0, a fixed
+client id), subscribes at QoS 1 and disconnects before the measurement, so
+the broker queues every message in the session; the figure is PUBACKs per
+second. Afterwards the subscribers come back and count what was queued.
 """
 
 from __future__ import annotations
@@ -60,9 +66,11 @@ import time
 import uvloop
 
 SCENARIOS = (
-    "qos0-1to1", "qos1", "fanout", "shared", "idle", "tls-handshake-ec", "tls-handshake-rsa", "tls-qos0", "ws-qos0",
+    "qos0-1to1", "qos1", "qos1-durable", "fanout", "shared", "idle", "tls-handshake-ec", "tls-handshake-rsa",
+    "tls-qos0", "ws-qos0",
 )  # fmt: skip
 CONNACK_OK = b"\x20\x02\x00\x00"  # session present 0, return code 0
+CONNACK_RESUMED = b"\x20\x02\x01\x00"  # session present 1, return code 0
 DISCONNECT = b"\xe0\x00"
 RING_IDS = 4096  # packet ids 1..4096 cycled by a QoS 1 publisher
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -93,9 +101,10 @@ def _str(s: str) -> bytes:
     return struct.pack("!H", len(b)) + b
 
 
-def connect(client_id: str, keepalive: int = 0) -> bytes:
-    # protocol level 4, flags: clean session
-    body = _str("MQTT") + b"\x04\x02" + struct.pack("!H", keepalive) + _str(client_id)
+def connect(client_id: str, keepalive: int = 0, clean: bool = True) -> bytes:
+    # protocol level 4, flags: clean session (or none: a persistent session)
+    flags = b"\x02" if clean else b"\x00"
+    body = _str("MQTT") + b"\x04" + flags + struct.pack("!H", keepalive) + _str(client_id)
     return _packet(0x10, body)
 
 
@@ -846,6 +855,14 @@ async def flood(args, subs, pubs):
     return res
 
 
+def qos1_ring(topic: str, payload: bytes) -> tuple[bytes, int, int]:
+    """A QoS 1 publisher's packets for ids 1..RING_IDS back to back, their
+    size, and where the packet id sits in each."""
+    ring = b"".join(publish(topic, payload, 1, pid) for pid in range(1, RING_IDS + 1))
+    size = len(ring) // RING_IDS
+    return ring, size, size - len(payload) - 2
+
+
 async def qos1(args):
     payload = b"x" * args.payload
     if not 0 < args.window < RING_IDS:
@@ -853,9 +870,7 @@ async def qos1(args):
     subs, pubs = [], []
     for i in range(args.pairs):
         topic = f"bench/q1/{os.getpid()}/{i}"
-        ring = b"".join(publish(topic, payload, 1, pid) for pid in range(1, RING_IDS + 1))
-        size = len(ring) // RING_IDS
-        id_offset = size - len(payload) - 2
+        ring, size, id_offset = qos1_ring(topic, payload)
         subs.append(
             lambda t=topic, i=i, s=size, o=id_offset: AckingSubscriber(
                 connect(client_id("s", i)) + subscribe(t, 1), CONNACK_OK + suback(1), s, o
@@ -891,6 +906,108 @@ async def qos1(args):
     res["read_batching_off"] = batching_off
     for c in subs + pubs:
         c.close()
+    return res
+
+
+async def qos1_durable(args):
+    """QoS 1 to persistent sessions whose clients are offline. Before the
+    measurement each of `pairs` subscribers connects with clean session 0
+    and a fixed client id, subscribes to its topic at QoS 1 and disconnects;
+    then a publisher per topic publishes as in qos1 (a window of
+    unacknowledged PUBLISH), and every message is queued in the offline
+    session. Figure: PUBACKs the publishers received per second. After the
+    window, once the PUBACKs are in, the subscribers come back (clean
+    session 0; the CONNACK must say session present) and take what their
+    sessions queued: acknowledged messages missing then count as lost."""
+    payload = b"x" * args.payload
+    if not 0 < args.window < RING_IDS:
+        raise SystemExit(f"--window must be in 1..{RING_IDS - 1}")
+    topics = [f"bench/qd/{os.getpid()}/{i}" for i in range(args.pairs)]
+    rings = [qos1_ring(t, payload) for t in topics]
+    _, size, id_offset = rings[0]
+    # the sessions: made, subscribed, left offline
+    setup = await open_all(
+        args,
+        [
+            lambda i=i, t=t: Client(
+                connect(client_id("d", i), clean=False) + subscribe(t, 1), CONNACK_OK + suback(1)
+            )
+            for i, t in enumerate(topics)
+        ],
+    )
+    for s in setup:
+        s.close()  # DISCONNECT, then close
+    async with asyncio.timeout(10):
+        while not all(s.lost for s in setup):
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # for the broker to have taken the sessions offline
+    pubs = await open_all(
+        args,
+        [
+            lambda i=i, r=r: WindowPublisher(connect(client_id("p", i)), CONNACK_OK, r, size, args.window)
+            for i, (r, _, _) in enumerate(rings)
+        ],
+    )
+
+    def acked():
+        return sum(p.acked for p in pubs)
+
+    for p in pubs:
+        p.begin(max(1, args.window // 8))
+    res = await window(args, acked)
+    res["acked_window"] = res.pop("delivered_window")
+    for p in pubs:
+        p.running = False
+        p.batch_reads(1)
+    sent = sum(p.sent for p in pubs)
+    acks_drained = await drain(args, acked, sent)
+    n = acked()
+    res.update(
+        unit="msgs/s",
+        pairs=args.pairs,
+        sent_total=sent,
+        acked_total=n,
+        unacked=sent - n,
+        acks_drained=acks_drained,
+        disconnects=sum(p.lost for p in pubs),
+        framing_errors=sum(p.bad for p in pubs),
+    )
+    for p in pubs:
+        p.close()
+    if args.fetch_limit <= 0:
+        return res
+    # the subscribers come back for their queued messages
+    t0 = time.monotonic()
+    try:
+        back = await open_all(
+            args,
+            [
+                lambda i=i: AckingSubscriber(
+                    connect(client_id("d", i), clean=False), CONNACK_RESUMED, size, id_offset
+                )
+                for i in range(args.pairs)
+            ],
+        )
+    except (ProtocolError, OSError, TimeoutError) as e:
+        res["fetch_error"] = f"{type(e).__name__}: {e}"[:200]
+        return res
+
+    def fetched():
+        return sum(s.count for s in back)
+
+    drained = await drain(args, fetched, n, limit=args.fetch_limit)
+    got = fetched()
+    res.update(
+        queued_delivered=got,
+        fetch_s=round(time.monotonic() - t0, 3),
+        drained=drained,
+        lost=n - got if drained else None,
+        loss_pct=round(100 * (n - got) / n, 3) if drained and n else None,
+        disconnects=res["disconnects"] + sum(s.lost for s in back),
+        framing_errors=res["framing_errors"] + sum(s.bad for s in back),
+    )
+    for s in back:
+        s.close()
     return res
 
 
@@ -1020,6 +1137,7 @@ async def idle(args):
 RUNNERS = {
     "qos0-1to1": qos0_1to1,
     "qos1": qos1,
+    "qos1-durable": qos1_durable,
     "fanout": fanout,
     "shared": shared,
     "idle": idle,
@@ -1039,9 +1157,14 @@ def parser():
     p.add_argument("--duration", type=float, default=5.0, help="measured window, seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the window")
     p.add_argument("--payload", type=int, default=32, help="payload bytes")
-    p.add_argument("--pairs", type=int, default=8, help="publisher/subscriber pairs (qos0-1to1, qos1, tls-qos0, ws-qos0)")
-    p.add_argument("--window", type=int, default=128, help="unacknowledged PUBLISH per publisher (qos1)")
+    p.add_argument("--pairs", type=int, default=8, help="publisher/subscriber pairs (qos0-1to1, qos1, qos1-durable, tls-qos0, ws-qos0)")
+    p.add_argument("--window", type=int, default=128, help="unacknowledged PUBLISH per publisher (qos1, qos1-durable)")
     p.add_argument("--sub-batch", type=int, default=4, help="PUBLISH queued before a QoS 1 subscriber reads")
+    p.add_argument(
+        "--fetch-limit", type=float, default=60.0,
+        help="seconds allowed, after the window, for the subscribers to come back and take their queued "
+        "messages (qos1-durable); 0 skips that check",
+    )
     p.add_argument("--subscribers", type=int, default=1000, help="subscribers (fanout)")
     p.add_argument("--publishers", type=int, default=8, help="publishers, one topic each (shared)")
     p.add_argument("--group", type=int, default=4, help="members of the shared subscription (shared)")

@@ -25,7 +25,7 @@ from .ports import (
     PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, ClientInfo, IdentityPolicy,
     PeerInfo,
 )
-from .store import Journal, RestoreReport, Snapshot
+from .store import Journal, RestoreReport, Snapshot, StoredSession
 from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, Reason
 from .retained import RetainedStore
 from .sessions import NEVER_EXPIRES, Inflight, QueuedMessage, Session, SubscriptionEntry
@@ -606,79 +606,85 @@ class BrokerCore:
         """Rebuild the sessions and retained messages of a store at start-up
         (``journal`` set): what expired while the broker was down goes, and
         wills that fell due are published."""
-        journal = self.journal
         report = RestoreReport()
         now = self.loop.time()
         wall_now = time.time()
-        restored: list[tuple[Session, Any]] = []
-        for stored in snapshot.sessions:
-            session = self.sessions[stored.client_id] = Session(stored.client_id, stored.expiry)
-            # A session that was connected when the broker stopped counts as
-            # disconnected now: when it stopped exactly is not known.
-            since = stored.disconnected_at if stored.disconnected_at is not None else wall_now
-            session.offline_since = now - max(0.0, wall_now - since)
-            session.client = ClientInfo(client_id=stored.client_id, username=stored.username,
-                                        peer=RESTORED_PEER)
-            for options, identifier in stored.subscriptions:
-                self.subscribe(session, options, identifier)
-            session.store_id = stored.sid
-            for packet_id, message, qos, retain, ids, share, released in stored.inflight:
-                entry = Inflight(message, qos, retain, ids, self._group_of(share), released)
-                if session.inflight is None:
-                    session.inflight = {}
-                session.inflight[packet_id] = entry
-                if message.expired(now) and not released:
-                    del session.inflight[packet_id]
-                    journal.inflight_deleted(session, packet_id, entry)
-                    report.expired_messages += 1
-                else:
-                    session.next_packet_id = packet_id % 65535 + 1
-            for key, message, qos, retain, ids, share in stored.queue:
-                item = (message, qos, retain, ids, self._group_of(share), key)
-                if message.expired(now):
-                    self._unqueued(session, item)
-                    report.expired_messages += 1
-                    continue
-                if session.queue is None:
-                    session.queue = deque()
-                session.queue.append(item)
-            if stored.awaiting_rel:
-                session.awaiting_rel = set(stored.awaiting_rel)
-            restored.append((session, stored))
+        restored = [(self._rebuild_session(stored, now, wall_now, report), stored)
+                    for stored in snapshot.sessions]
         for message in snapshot.retained:
             if message.expired(now):
-                journal.retained_deleted(message.topic)
+                self.journal.retained_deleted(message.topic)
                 report.expired_messages += 1
             else:
                 self.retained.set(message.topic, message)
         report.retained = len(self.retained)
         # Then timers and wills, now that every subscriber is back.
         for session, stored in restored:
-            remaining = (NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES
-                         else stored.expiry - (now - session.offline_since))
-            if stored.will is not None:
-                session.pending_will = stored.will
-                due = now + (stored.will_at - wall_now) if stored.will_at is not None else now
-                if due <= now or remaining <= 0:
-                    self._publish_delayed_will(session)
-                    report.wills_published += 1
-                else:
-                    session.will_due = due
-                    session.will_handle = self.loop.call_later(
-                        due - now, self._publish_delayed_will, session)
-            if remaining <= 0:
-                self._end_session(session)
-                report.expired_sessions += 1
-                continue
-            if stored.expiry != NEVER_EXPIRES:
-                session.expiry_handle = self.loop.call_later(
-                    remaining, self._expire_session, session)
-            report.sessions += 1
-            report.subscriptions += len(session.subscriptions)
-            report.queued += len(session.queue or ())
-            report.inflight += len(session.inflight or ())
-            report.awaiting_rel += len(session.awaiting_rel or ())
+            self._resume_timers(session, stored, now, wall_now, report)
         return report
+
+    def _rebuild_session(self, stored: StoredSession, now: float, wall_now: float,
+                         report: RestoreReport) -> Session:
+        session = self.sessions[stored.client_id] = Session(stored.client_id, stored.expiry)
+        # A session that was connected when the broker stopped counts as
+        # disconnected now: when it stopped exactly is not known.
+        since = stored.disconnected_at if stored.disconnected_at is not None else wall_now
+        session.offline_since = now - max(0.0, wall_now - since)
+        session.client = ClientInfo(client_id=stored.client_id, username=stored.username,
+                                    peer=RESTORED_PEER)
+        for options, identifier in stored.subscriptions:
+            self.subscribe(session, options, identifier)
+        session.store_id = stored.sid  # from here on, changes are recorded
+        for packet_id, message, qos, retain, ids, share, released in stored.inflight:
+            entry = Inflight(message, qos, retain, ids, self._group_of(share), released)
+            if message.expired(now) and not released:
+                self.journal.inflight_deleted(session, packet_id, entry)
+                report.expired_messages += 1
+                continue
+            if session.inflight is None:
+                session.inflight = {}
+            session.inflight[packet_id] = entry
+            session.next_packet_id = packet_id % 65535 + 1
+        for key, message, qos, retain, ids, share in stored.queue:
+            item = (message, qos, retain, ids, self._group_of(share), key)
+            if message.expired(now):
+                self._unqueued(session, item)
+                report.expired_messages += 1
+                continue
+            if session.queue is None:
+                session.queue = deque()
+            session.queue.append(item)
+        if stored.awaiting_rel:
+            session.awaiting_rel = set(stored.awaiting_rel)
+        return session
+
+    def _resume_timers(self, session: Session, stored: StoredSession, now: float,
+                       wall_now: float, report: RestoreReport) -> None:
+        """Start a restored session's expiry and will timers, or end it and
+        publish its will when their time passed while the broker was down."""
+        remaining = (NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES
+                     else stored.expiry - (now - session.offline_since))
+        if stored.will is not None:
+            session.pending_will = stored.will
+            due = now + (stored.will_at - wall_now) if stored.will_at is not None else now
+            if due <= now or remaining <= 0:
+                self._publish_delayed_will(session)
+                report.wills_published += 1
+            else:
+                session.will_due = due
+                session.will_handle = self.loop.call_later(
+                    due - now, self._publish_delayed_will, session)
+        if remaining <= 0:
+            self._end_session(session)
+            report.expired_sessions += 1
+            return
+        if stored.expiry != NEVER_EXPIRES:
+            session.expiry_handle = self.loop.call_later(remaining, self._expire_session, session)
+        report.sessions += 1
+        report.subscriptions += len(session.subscriptions)
+        report.queued += len(session.queue or ())
+        report.inflight += len(session.inflight or ())
+        report.awaiting_rel += len(session.awaiting_rel or ())
 
     def _group_of(self, share: str | None) -> SharedGroup | None:
         """The shared subscription group a stored entry came through."""
