@@ -110,9 +110,9 @@ class Connection:
         self.access_cache: dict | None = None
         #: Acknowledgements waiting for the durable store to commit.
         self.acks_held = 0
-        #: Where the durable store's journal stood when the packet being
+        #: The durable store journal's change count when the packet being
         #: handled arrived (see write_stored).
-        self.mark: Any = None
+        self.mark = -1
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -191,7 +191,7 @@ class Connection:
         QoS 1 message no persistent session takes) is acknowledged at once.
         """
         journal = self.core.journal
-        if journal is not None and (self.acks_held or journal.changed_since(self.mark)
+        if journal is not None and (self.acks_held or journal.changes != self.mark
                                     or (earlier and journal.unsettled())):
             self.acks_held += 1
             journal.hold(self, data)
@@ -272,7 +272,7 @@ class Connection:
             if self.state == CLOSED:
                 return
             if journal is not None:
-                self.mark = journal.mark()
+                self.mark = journal.changes
             if self._held is not None:
                 self._held.append(packet)
                 continue

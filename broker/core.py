@@ -389,7 +389,7 @@ class BrokerCore:
                 self.deliver(session, message, qos, retain, ids)
             elif connection is None:
                 if self.settings.mqueue_store_qos0:
-                    self._enqueue(session, (message, 0, retain, ids, None, 0))
+                    self._enqueue(session, message, 0, retain, ids, None)
             elif connection.paused:
                 self.stats.dropped_qos0_backpressure += 1
             else:
@@ -417,7 +417,7 @@ class BrokerCore:
             self.deliver(member, message, qos, retain, ids, group)
         elif member.connection is None:
             if self.settings.mqueue_store_qos0:
-                self._enqueue(member, (message, 0, retain, ids, group, 0))
+                self._enqueue(member, message, 0, retain, ids, group)
         elif member.connection.paused:
             self.stats.dropped_qos0_backpressure += 1
         else:
@@ -479,7 +479,7 @@ class BrokerCore:
                 and session.inflight_count() < connection.send_window):
             self._send_inflight(session, connection, (message, qos, retain, ids, group, 0))
         else:
-            self._enqueue(session, (message, qos, retain, ids, group, 0))
+            self._enqueue(session, message, qos, retain, ids, group)
 
     def _send_inflight(self, session: Session, connection: Connection,
                        item: QueuedMessage) -> None:
@@ -494,14 +494,15 @@ class BrokerCore:
         if key and session.store_id:
             self.journal.unqueued(session, key, message)
 
-    def _enqueue(self, session: Session, item: QueuedMessage) -> None:
+    def _enqueue(self, session: Session, message: Message, qos: int, retain: bool,
+                 ids: tuple[int, ...], group: SharedGroup | None) -> None:
         """Queue for later; a durable session's QoS 1/2 entries are recorded."""
-        if item[1] and session.store_id:
-            message, qos, retain, ids, group, _ = item
+        key = 0
+        if qos and session.store_id:
             key = self.journal.queued(session, message, qos, retain, ids,
                                       group.share_filter if group is not None else None)
-            item = (message, qos, retain, ids, group, key)
-        dropped = session.enqueue(item, self.settings.max_mqueue_len)
+        dropped = session.enqueue((message, qos, retain, ids, group, key),
+                                  self.settings.max_mqueue_len)
         if dropped is not None:
             self.stats.dropped_queue_full += 1
             self._unqueued(session, dropped)

@@ -46,8 +46,18 @@ def _properties(props: Any) -> bytes | None:
 
 
 def _remove(table: dict, fresh: set, key: Any) -> None:
+    """Drop a row: not written at all when this batch made it."""
     if key in fresh:
         fresh.discard(key)
+        del table[key]
+    else:
+        table[key] = DELETE
+
+
+def _remove_once_written(table: dict, key: Any) -> None:
+    """Drop a row of a table whose rows are written once, never replaced
+    (message bodies, queue entries): one in the batch was made by it."""
+    if key in table:
         del table[key]
     else:
         table[key] = DELETE
@@ -57,8 +67,8 @@ class Batch:
     """The rows of one commit: for each table, key -> row, or DELETE."""
 
     __slots__ = ("size", "messages", "retained", "sessions", "subscriptions", "queue",
-                 "inflight", "awaiting", "fresh_messages", "fresh_queue", "fresh_inflight",
-                 "fresh_awaiting", "ended", "acks", "waiters")
+                 "inflight", "awaiting", "fresh_inflight", "fresh_awaiting", "ended", "acks",
+                 "waiters")
 
     def __init__(self) -> None:
         #: Changes recorded, folded or not: what triggers an early commit.
@@ -71,8 +81,8 @@ class Batch:
         self.inflight: dict[tuple[int, int], tuple | None] = {}
         self.awaiting: dict[tuple[int, int], tuple | None] = {}
         #: Keys of rows first made in this batch: removing one writes nothing.
-        self.fresh_messages: set[int] = set()
-        self.fresh_queue: set[tuple[int, int]] = set()
+        #: (Message bodies and queue entries need no such set: their keys are
+        #: never used twice.)
         self.fresh_inflight: set[tuple[int, int]] = set()
         self.fresh_awaiting: set[tuple[int, int]] = set()
         #: Sessions whose rows all go, last.
@@ -95,8 +105,8 @@ class Journal:
     changes (the store commits as soon as it can).
     """
 
-    __slots__ = ("batch", "batch_size", "on_first", "on_full", "committing", "_to_wall",
-                 "_next_message", "_next_seq", "_next_sid")
+    __slots__ = ("batch", "batch_size", "on_first", "on_full", "committing", "changes",
+                 "_to_wall", "_next_message", "_next_seq", "_next_sid")
 
     def __init__(self, loop_time: Callable[[], float], batch_size: int,
                  on_first: Callable[[], None], on_full: Callable[[], None],
@@ -107,25 +117,14 @@ class Journal:
         self.on_full = on_full
         #: Whether a taken batch is being committed (set by the store).
         self.committing = False
+        #: Changes recorded since the start: a mark to compare with.
+        self.changes = 0
         # Expiry times are kept in loop time in memory and in wall-clock time
         # on disk, since the loop's clock starts again with each process.
         self._to_wall = time.time() - loop_time()
         self._next_message = next_message
         self._next_seq = next_seq
         self._next_sid = next_sid
-
-    def mark(self) -> tuple[Batch, int]:
-        """Where recording stands now; see ``changed_since``."""
-        batch = self.batch
-        return batch, batch.size
-
-    def changed_since(self, mark: tuple[Batch, int] | None) -> bool:
-        """Whether anything was recorded since ``mark`` (always, without one)."""
-        if mark is None:
-            return True
-        batch = self.batch
-        # A batch filled up meanwhile was taken for commit: the change is there.
-        return batch is not mark[0] or batch.size != mark[1]
 
     def unsettled(self) -> bool:
         """Whether anything recorded has not committed yet."""
@@ -137,6 +136,7 @@ class Journal:
         return batch
 
     def _changed(self, batch: Batch) -> None:
+        self.changes += 1
         size = batch.size = batch.size + 1
         if size == 1:
             self.on_first()
@@ -158,11 +158,13 @@ class Journal:
         message_id = message.store_id
         if not message_id:
             message_id = message.store_id = self._next_message
-            self._next_message += 1
+            self._next_message = message_id + 1
+            props = message.properties
+            expires_at = message.expires_at
             batch.messages[message_id] = (
                 message_id, message.topic, message.payload, message.qos, message.retain,
-                _properties(message.properties), self.wall(message.expires_at))
-            batch.fresh_messages.add(message_id)
+                encode_properties(props) if props else None,
+                None if expires_at is None else expires_at + self._to_wall)
         message.store_refs += 1
         return message_id
 
@@ -171,7 +173,7 @@ class Journal:
         if message.store_refs <= 0:
             message_id = message.store_id
             message.store_id = message.store_refs = 0
-            _remove(batch.messages, batch.fresh_messages, message_id)
+            _remove_once_written(batch.messages, message_id)
 
     # ------------------------------------------------------- sessions
 
@@ -232,17 +234,16 @@ class Journal:
         """Record a message added to the session's queue; returns its key."""
         batch = self.batch
         seq = self._next_seq
-        self._next_seq += 1
-        key = (session.store_id, seq)
-        batch.queue[key] = (session.store_id, seq, self._ref(batch, message), qos, int(retain),
-                            encode_ids(ids), share)
-        batch.fresh_queue.add(key)
+        self._next_seq = seq + 1
+        sid = session.store_id
+        batch.queue[(sid, seq)] = (sid, seq, self._ref(batch, message), qos, int(retain),
+                                   ",".join(map(str, ids)) if ids else None, share)
         self._changed(batch)
         return seq
 
     def unqueued(self, session: Session, seq: int, message: Message) -> None:
         batch = self.batch
-        _remove(batch.queue, batch.fresh_queue, (session.store_id, seq))
+        _remove_once_written(batch.queue, (session.store_id, seq))
         self._unref(batch, message)
         self._changed(batch)
 
