@@ -75,6 +75,16 @@ def check_config(config_file: str | None) -> None:
     click.echo(f"{source}: configuration is valid; listeners: {', '.join(enabled) or 'none'}")
     for line in tls.lines:
         click.echo(line)
+    click.echo(_persistence_line(config))
+
+
+def _persistence_line(config: Config) -> str:
+    durable = config.durable_sessions
+    if not durable.enable:
+        return "durable sessions: off (sessions and retained messages live in memory only)"
+    return (f"durable sessions: {durable.database}, committed every "
+            f"{durable.commit_interval * 1000:g} ms or {durable.batch_size} changes, "
+            f"synchronous = {durable.synchronous}")
 
 
 @main.command()

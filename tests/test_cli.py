@@ -147,6 +147,8 @@ def test_check_config_accepts_the_shipped_config(run):
     assert "tcp:default 127.0.0.1:1883" in result.stdout
     assert "ws:default 127.0.0.1:8083" in result.stdout
     assert "wss:default 0.0.0.0:8084" in result.stdout
+    assert ("durable sessions: data/sessions.sqlite3, committed every 5 ms or 1000 changes, "
+            "synchronous = full") in result.stdout
 
 
 BAD_VALUES = {

@@ -476,3 +476,62 @@ def test_acknowledgements_wait_for_the_store_and_others_do_not(durable, clients,
         blocker.execute("ROLLBACK")
         blocker.close()
     assert [raw.receive(timeout=15), raw.receive()] == [Puback(1), Puback(2, 0x10)]
+
+
+def test_a_commit_that_fails_is_tried_again_and_its_acknowledgements_wait(
+        durable, clients, raw_clients, tmp_path, caplog):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "s", "stored", 1)
+    raw = raw_clients(broker.port, MQTT_5)
+    raw.connect("pub")
+    blocker = sqlite3.connect(tmp_path / "sessions.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with caplog.at_level("ERROR", logger="bastionmq.store"):
+            raw.send(Publish("stored", b"kept in the end", qos=1, packet_id=1))
+            deadline = time.monotonic() + 15
+            while "could not commit" not in caplog.text:
+                assert time.monotonic() < deadline, "the failed commit was not reported"
+                time.sleep(0.05)
+        assert "database is locked" in caplog.text and "trying again in 1.0s" in caplog.text
+        with pytest.raises(TimeoutError):
+            raw.receive(timeout=0.2)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert raw.receive(timeout=15) == Puback(1)
+    subscriber = resume(clients, broker.port, "s")
+    assert payloads(subscriber.expect()) == [b"kept in the end"]
+
+
+def test_a_session_taken_over_stays_stored(durable, clients, tmp_path):
+    broker = durable()
+    first = clients(broker.port, client_id="t", version=paho.MQTTv5, clean=False,
+                    session_expiry=3600)
+    first.subscribe("take/over", 1)
+    second = resume(clients, broker.port, "t")  # the first connection is closed
+    assert second.session_present
+    second.disconnect()
+    clients(broker.port).publish("take/over", "after", qos=1)
+    broker.stop()
+    broker = durable()
+    assert payloads(resume(clients, broker.port, "t").expect()) == [b"after"]
+
+
+def test_a_retained_message_that_expired_while_down_is_gone(durable, clients, tmp_path):
+    broker = durable()
+    publisher = clients(broker.port, version=paho.MQTTv5)
+    expiring = Properties(PacketTypes.PUBLISH)
+    expiring.MessageExpiryInterval = 30
+    publisher.publish("r/expiring", "short", qos=1, retain=True, properties=expiring)
+    publisher.publish("r/kept", "kept", qos=1, retain=True)
+    broker.stop()
+    # As if the broker had been down for a minute:
+    edit(tmp_path, "UPDATE retained SET expires_at = expires_at - 60")
+    broker = durable()
+    reader = clients(broker.port)
+    reader.subscribe("r/#", 1)
+    assert payloads(reader.expect()) == [b"kept"]
+    reader.expect_nothing_more("r/marker")
+    broker.call(broker.broker.store.flush())
+    assert rows(tmp_path, "SELECT topic FROM retained") == [("r/kept",)]

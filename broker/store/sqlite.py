@@ -93,6 +93,9 @@ SYNCHRONOUS = ("full", "normal")
 
 #: Seconds between attempts to commit a batch that failed.
 RETRY_INTERVAL = 1.0
+#: Seconds a write waits for another writer to let go of the database (only
+#: someone editing the file by hand can be one) before it counts as failed.
+BUSY_TIMEOUT = 1.0
 
 
 class StoreError(Exception):
@@ -173,7 +176,7 @@ def _describe(exc: BaseException) -> str:
 
 
 async def _connect(path: str, synchronous: str) -> aiosqlite.Connection:
-    db = await aiosqlite.connect(path, isolation_level=None)
+    db = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT)
     try:
         mode = (await db.execute_fetchall("PRAGMA journal_mode = WAL"))[0][0]
         if mode.lower() != "wal":
