@@ -8,8 +8,10 @@ packets, as paho hides resends.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
+from typing import Iterator
 
 import paho.mqtt.client as paho
 import pytest
@@ -45,6 +47,18 @@ def edit(tmp_path, statement: str) -> None:
     with db:
         db.execute(statement)
     db.close()
+
+
+@contextlib.contextmanager
+def store_locked(tmp_path) -> Iterator[None]:
+    """Another writer holds the database: the broker's commits cannot finish."""
+    blocker = sqlite3.connect(tmp_path / "sessions.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
 
 
 def resume(clients, port: int, client_id: str, expiry: int = 3600):
@@ -458,10 +472,7 @@ def test_acknowledgements_wait_for_the_store_and_others_do_not(durable, clients,
     offline_subscriber(clients, broker.port, "s", "stored/#", 1)
     raw = raw_clients(broker.port, MQTT_5)
     raw.connect("pub")
-    # Another writer holds the database: the broker's commit cannot finish.
-    blocker = sqlite3.connect(tmp_path / "sessions.sqlite3", isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+    with store_locked(tmp_path):
         raw.send(Publish("stored/a", b"must be kept", qos=1, packet_id=1))
         # A message no persistent session takes promises nothing to store,
         # but its PUBACK keeps its place behind the first one ([MQTT-4.6.0-2]).
@@ -472,9 +483,6 @@ def test_acknowledgements_wait_for_the_store_and_others_do_not(durable, clients,
         other.connect("other")
         other.send(Publish("elsewhere", b"not kept", qos=1, packet_id=9))
         assert other.receive() == Puback(9, 0x10)  # no matching subscribers, at once
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     assert [raw.receive(timeout=15), raw.receive()] == [Puback(1), Puback(2, 0x10)]
 
 
@@ -484,9 +492,7 @@ def test_a_commit_that_fails_is_tried_again_and_its_acknowledgements_wait(
     offline_subscriber(clients, broker.port, "s", "stored", 1)
     raw = raw_clients(broker.port, MQTT_5)
     raw.connect("pub")
-    blocker = sqlite3.connect(tmp_path / "sessions.sqlite3", isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")
-    try:
+    with store_locked(tmp_path):
         with caplog.at_level("ERROR", logger="bastionmq.store"):
             raw.send(Publish("stored", b"kept in the end", qos=1, packet_id=1))
             deadline = time.monotonic() + 15
@@ -496,9 +502,6 @@ def test_a_commit_that_fails_is_tried_again_and_its_acknowledgements_wait(
         assert "database is locked" in caplog.text and "trying again in 1.0s" in caplog.text
         with pytest.raises(TimeoutError):
             raw.receive(timeout=0.2)
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
     assert raw.receive(timeout=15) == Puback(1)
     subscriber = resume(clients, broker.port, "s")
     assert payloads(subscriber.expect()) == [b"kept in the end"]
