@@ -683,12 +683,10 @@ class Connection:
             codes.append(sub.qos)
             granted.append((sub, existed))
         suback = Suback(packet.packet_id, codes)
-        data = self._explained(suback, "; ".join(refused) if refused and self.problem_info else "")
-        if self.session.store_id:
-            self.write_stored(data)
-        else:
-            self.write(data)
-        # Retained messages follow the SUBACK ([MQTT-3.8.4-4] order of replies).
+        self.write_stored(
+            self._explained(suback, "; ".join(refused) if refused and self.problem_info else ""))
+        # Retained messages follow the SUBACK, unless the SUBACK waits for the
+        # durable store: a server may send them first (3.8.4).
         for sub, existed in granted:
             core.send_retained(self.session, sub, identifier, existed)
 
@@ -715,12 +713,8 @@ class Connection:
         for topic_filter in packet.filters:
             removed = self.core.unsubscribe(self.session, topic_filter)
             codes.append(Reason.SUCCESS if removed else Reason.NO_SUBSCRIPTION_EXISTED)
-        data = encode(Unsuback(packet.packet_id, codes if self.version == MQTT_5 else []),
-                      self.version)
-        if self.session.store_id:
-            self.write_stored(data)
-        else:
-            self.write(data)
+        self.write_stored(encode(Unsuback(packet.packet_id, codes if self.version == MQTT_5 else []),
+                                 self.version))
 
     # PINGREQ / DISCONNECT --------------------------------------------------
 
