@@ -175,8 +175,9 @@ def describe_restore(report: RestoreReport, path: str, bodies: int) -> str:
             f"{report.retained} retained messages")
     if report.expired_sessions or report.expired_messages or report.wills_published:
         line += (f"; while the broker was down {report.expired_sessions} sessions and "
-                 f"{report.expired_messages} messages expired and "
-                 f"{report.wills_published} delayed wills fell due (published now)")
+                 f"{report.expired_messages} messages expired, and {report.wills_published} "
+                 "wills fell due (of clients cut off by a crash, or whose delay ran out) and "
+                 "were published")
     return line
 
 

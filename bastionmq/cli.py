@@ -609,7 +609,7 @@ def data_check(config_file: str | None, path: str | None) -> None:
             f"next start), {rows['subscriptions']} subscriptions, {rows['queue']} queued and "
             f"{rows['inflight']} in-flight messages, {rows['messages']} message bodies, "
             f"{rows['awaiting_rel']} QoS 2 messages awaiting release, "
-            f"{rows['retained']} retained messages")
+            f"{rows['retained']} retained messages, {rows['wills']} wills")
     if report.unreferenced_messages:
         click.echo(f"  {report.unreferenced_messages} message bodies nothing points at "
                    "(harmless: the next start or `bastionmq data compact` removes them)")

@@ -671,8 +671,9 @@ class NodeConfig:
 class DurableSessionsConfig:
     """Persistence (EMQX's ``durable_sessions``): sessions that outlive their
     connection, their queued and in-flight QoS 1/2 messages, inbound QoS 2
-    state, held-back wills and retained messages survive a restart or a
-    crash. Off, all of that lives in memory only."""
+    state, held-back wills, connected clients' wills (published after a
+    crash) and retained messages survive a restart or a crash. Off, all of
+    that lives in memory only."""
 
     enable: bool = False
     #: The folder of the store (sessions.sqlite3 in it), relative to the

@@ -66,7 +66,7 @@ class Connection:
         "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
         "_held", "close_reason", "topic_aliases", "problem_info",
         "aliases_out", "alias_out_max", "auth_method", "_exchange", "client_info",
-        "access_cache", "acks_held", "mark",
+        "access_cache", "acks_held", "mark", "will_stored",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -113,6 +113,8 @@ class Connection:
         #: The durable store journal's change count when the packet being
         #: handled arrived (see write_stored).
         self.mark = -1
+        #: Whether the durable store holds this connection's will.
+        self.will_stored = False
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -442,6 +444,11 @@ class Connection:
         if core.access is not None:
             self.access_cache = core.access.new_cache()
         self.will = packet.will
+        if core.journal is not None and packet.will is not None:
+            # Kept while the client is connected: a crash of the broker ends
+            # the connection too, and the will is published after a restart.
+            core.journal.will_saved(self.client_id, self.username, packet.will, None)
+            self.will_stored = True
         self.keepalive = packet.keepalive
         self.state = CONNECTED
         connack_props: dict[str, Any] = dict(auth_props) if auth_props else {}

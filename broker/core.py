@@ -25,7 +25,7 @@ from .ports import (
     PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, ClientInfo, IdentityPolicy,
     PeerInfo,
 )
-from .store import Journal, RestoreReport, Snapshot, StoredSession
+from .store import Journal, RestoreReport, Snapshot, StoredSession, StoredWill
 from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, Reason
 from .retained import RetainedStore
 from .sessions import NEVER_EXPIRES, Inflight, QueuedMessage, Session, SubscriptionEntry
@@ -172,6 +172,8 @@ class BrokerCore:
                 # 3.1.3.2.2: a reconnect within the will delay cancels the will.
                 session.will_handle.cancel()
                 session.will_handle = session.pending_will = session.will_due = None
+                if self.journal is not None:
+                    self.journal.will_deleted(client_id)
         session.expiry_interval = expiry
         session.connection = connection
         session.client = client
@@ -211,6 +213,7 @@ class BrokerCore:
         now = session.offline_since = self.loop.time()
         if session.shared_count and session.expiry_interval:
             self._redispatch_shared(session, ending=False)
+        journal = self.journal
         if will is not None:
             delay = will.properties.get("will_delay_interval", 0) if connection.version == MQTT_5 else 0
             if delay and session.expiry_interval:
@@ -220,8 +223,15 @@ class BrokerCore:
                 session.will_due = now + delay
                 session.will_handle = self.loop.call_later(delay, self._publish_delayed_will,
                                                            session)
+                if journal is not None:
+                    journal.will_saved(session.client_id, connection.username, will,
+                                       session.will_due)
             else:
                 self._publish_will(will, session.client)
+                if journal is not None:
+                    journal.will_deleted(session.client_id)
+        elif connection.will_stored:
+            journal.will_deleted(session.client_id)  # discarded: DISCONNECT, or a stop
         if session.expiry_interval == 0:
             self._end_session(session)
             return
@@ -253,8 +263,8 @@ class BrokerCore:
         will, session.pending_will, session.will_handle = session.pending_will, None, None
         session.will_due = None
         if will is not None:
-            if session.store_id:
-                self.journal.session_saved(session)
+            if self.journal is not None:
+                self.journal.will_deleted(session.client_id)
             self._publish_will(will, session.client)
             self.flush()
 
@@ -619,10 +629,34 @@ class BrokerCore:
             else:
                 self.retained.set(message.topic, message)
         report.retained = len(self.retained)
-        # Then timers and wills, now that every subscriber is back.
+        # Then wills and timers, now that every subscriber is back.
+        for stored_will in snapshot.wills:
+            self._restore_will(stored_will, now, wall_now, report)
         for session, stored in restored:
-            self._resume_timers(session, stored, now, wall_now, report)
+            self._resume_timers(session, stored, now, report)
         return report
+
+    def _restore_will(self, stored: StoredWill, now: float, wall_now: float,
+                      report: RestoreReport) -> None:
+        """Hold a stored will back again, or publish it now: the will of a
+        client that was connected when the broker stopped is due as if its
+        connection had ended then (an orderly stop discards those wills, so
+        only a crash leaves them)."""
+        session = self.sessions.get(stored.client_id)
+        will = stored.will
+        if stored.due is not None:
+            due = now + (stored.due - wall_now)
+        elif session is not None:
+            due = now + will.properties.get("will_delay_interval", 0)
+        else:
+            due = now  # its session ended with its connection
+        if session is not None:
+            session.pending_will, session.will_due = will, due  # see _resume_timers
+            return
+        self._publish_will(will, ClientInfo(client_id=stored.client_id,
+                                            username=stored.username, peer=RESTORED_PEER))
+        self.journal.will_deleted(stored.client_id)
+        report.wills_published += 1
 
     def _rebuild_session(self, stored: StoredSession, now: float, wall_now: float,
                          report: RestoreReport) -> Session:
@@ -660,21 +694,18 @@ class BrokerCore:
         return session
 
     def _resume_timers(self, session: Session, stored: StoredSession, now: float,
-                       wall_now: float, report: RestoreReport) -> None:
+                       report: RestoreReport) -> None:
         """Start a restored session's expiry and will timers, or end it and
         publish its will when their time passed while the broker was down."""
         remaining = (NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES
                      else stored.expiry - (now - session.offline_since))
-        if stored.will is not None:
-            session.pending_will = stored.will
-            due = now + (stored.will_at - wall_now) if stored.will_at is not None else now
-            if due <= now or remaining <= 0:
+        if session.pending_will is not None:
+            if session.will_due <= now or remaining <= 0:
                 self._publish_delayed_will(session)
                 report.wills_published += 1
             else:
-                session.will_due = due
                 session.will_handle = self.loop.call_later(
-                    due - now, self._publish_delayed_will, session)
+                    session.will_due - now, self._publish_delayed_will, session)
         if remaining <= 0:
             self._end_session(session)
             report.expired_sessions += 1

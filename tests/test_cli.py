@@ -477,7 +477,7 @@ def test_data_check_and_compact_look_after_the_store(start_process, clients, run
     assert checked.returncode == 0, checked.stderr
     assert ("1 sessions (0 expired, removed at the next start), 1 subscriptions, 3 queued and "
             "0 in-flight messages, 3 message bodies, 0 QoS 2 messages awaiting release, "
-            "1 retained messages") in checked.stdout
+            "1 retained messages, 0 wills") in checked.stdout
     assert "no problems found" in checked.stdout
     refused = run("data", "compact", "-c", str(config))
     assert refused.returncode == 1

@@ -328,15 +328,37 @@ def will_client(clients, port: int, delay: int, expiry: int):
     client.socket().close()  # vanish: the will is due after its delay
 
 
+def wait_for_will(tmp_path, client_id: str, held: bool) -> None:
+    """Until the store holds ``client_id``'s will: held back by its delay
+    (``held``), or kept while its client is connected."""
+    query = (f"SELECT count(*) FROM wills WHERE client_id = '{client_id}' "
+             f"AND due IS {'NOT ' if held else ''}NULL")
+    deadline = time.monotonic() + 10
+    while rows(tmp_path, query) != [(1,)]:
+        assert time.monotonic() < deadline, f"the will of {client_id} was not stored"
+        time.sleep(0.05)
+
+
+def as_a_crash_leaves_it(broker, tmp_path) -> None:
+    """Stop ``broker`` and put back the store as it was before the stop: what
+    a crash at this moment would leave (an orderly stop discards the wills
+    of connected clients)."""
+    snapshot = sqlite3.connect(":memory:")
+    source = sqlite3.connect(tmp_path / "sessions.sqlite3")
+    source.backup(snapshot)
+    source.close()
+    broker.stop()
+    store = sqlite3.connect(tmp_path / "sessions.sqlite3")
+    snapshot.backup(store)
+    store.close()
+    snapshot.close()
+
+
 def test_a_held_back_will_is_published_after_a_restart(durable, clients, tmp_path):
     broker = durable()
     watcher = offline_subscriber(clients, broker.port, "watcher", "wills/#", 1)
     will_client(clients, broker.port, delay=2, expiry=3600)
-    deadline = time.monotonic() + 10
-    while rows(tmp_path, "SELECT will_topic FROM sessions WHERE client_id = 'dying'") != [
-            ("wills/dying",)]:
-        assert time.monotonic() < deadline, "the held-back will was not stored"
-        time.sleep(0.05)
+    wait_for_will(tmp_path, "dying", held=True)
     broker.stop()  # before the will's delay is over
 
     broker = durable()
@@ -345,8 +367,7 @@ def test_a_held_back_will_is_published_after_a_restart(durable, clients, tmp_pat
     assert (will.topic, will.payload) == ("wills/dying", b"gone")
     watcher.disconnect()
     broker.stop()
-    assert rows(tmp_path, "SELECT will_topic FROM sessions WHERE client_id = 'dying'") == [
-        (None,)]
+    assert rows(tmp_path, "SELECT count(*) FROM wills") == [(0,)]
 
 
 def test_a_will_that_fell_due_while_down_is_published_at_start(durable, clients, tmp_path,
@@ -354,17 +375,13 @@ def test_a_will_that_fell_due_while_down_is_published_at_start(durable, clients,
     broker = durable()
     offline_subscriber(clients, broker.port, "watcher", "wills/#", 1)
     will_client(clients, broker.port, delay=600, expiry=3600)
-    deadline = time.monotonic() + 10
-    while not rows(tmp_path, "SELECT will_at FROM sessions WHERE client_id = 'dying' "
-                             "AND will_at IS NOT NULL"):
-        assert time.monotonic() < deadline, "the held-back will was not stored"
-        time.sleep(0.05)
+    wait_for_will(tmp_path, "dying", held=True)
     broker.stop()
-    edit(tmp_path, "UPDATE sessions SET will_at = will_at - 601")
+    edit(tmp_path, "UPDATE wills SET due = due - 601")
 
     with caplog.at_level("INFO", logger="bastionmq"):
         broker = durable()
-    assert "1 delayed wills fell due" in caplog.text
+    assert "1 wills fell due" in caplog.text
     watcher = resume(clients, broker.port, "watcher")
     (will,) = watcher.expect()
     assert will.payload == b"gone"
@@ -374,12 +391,75 @@ def test_a_client_reconnecting_within_the_will_delay_cancels_it(durable, clients
     broker = durable()
     offline_subscriber(clients, broker.port, "watcher", "wills/#", 1)
     will_client(clients, broker.port, delay=600, expiry=3600)
+    wait_for_will(tmp_path, "dying", held=True)
     broker.stop()
     broker = durable()
     resume(clients, broker.port, "dying")
     watcher = resume(clients, broker.port, "watcher")
     watcher.subscribe("marker", 1)
     watcher.expect_nothing_more("marker")
+    broker.call(broker.broker.store.flush())
+    assert rows(tmp_path, "SELECT count(*) FROM wills") == [(0,)]
+
+
+def test_the_will_of_a_client_cut_off_by_a_crash_is_published_after_it(durable, clients,
+                                                                       tmp_path, caplog):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "watcher", "status/#", 1)
+    # A device with a clean session: nothing of it is kept but its will.
+    clients(broker.port, client_id="device", will=("status/device", b"offline", 1, True))
+    wait_for_will(tmp_path, "device", held=False)
+    as_a_crash_leaves_it(broker, tmp_path)
+
+    with caplog.at_level("INFO", logger="bastionmq"):
+        broker = durable()
+    assert "1 wills fell due" in caplog.text
+    (will,) = resume(clients, broker.port, "watcher").expect()
+    assert (will.topic, will.payload) == ("status/device", b"offline")
+    reader = clients(broker.port)
+    reader.subscribe("status/#", 1)
+    assert payloads(reader.expect()) == [b"offline"]  # a retained will is retained
+
+
+def test_a_crash_starts_the_will_delay_of_a_persistent_client(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "watcher", "wills/#", 1)
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="slow",
+                         protocol=paho.MQTTv5)
+    will_props = Properties(PacketTypes.WILLMESSAGE)
+    will_props.WillDelayInterval = 600
+    client.will_set("wills/slow", b"gone", 1, False, will_props)
+    connect_props = Properties(PacketTypes.CONNECT)
+    connect_props.SessionExpiryInterval = 3600
+    client.connect("127.0.0.1", broker.port, clean_start=False, properties=connect_props)
+    client.loop_start()
+    try:
+        wait_for_will(tmp_path, "slow", held=False)
+        as_a_crash_leaves_it(broker, tmp_path)  # while it is connected
+    finally:
+        client.loop_stop()
+
+    broker = durable()
+    # Held back by its delay from the restart on: the client comes back in
+    # time, and the will is not published.
+    assert broker.run(lambda: broker.core.sessions["slow"].pending_will is not None)
+    resume(clients, broker.port, "slow")
+    watcher = resume(clients, broker.port, "watcher")
+    watcher.subscribe("marker", 1)
+    watcher.expect_nothing_more("marker")
+
+
+def test_an_orderly_stop_discards_the_wills_of_connected_clients(durable, clients, tmp_path):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "watcher", "status/#", 1)
+    clients(broker.port, client_id="device", will=("status/device", b"offline", 1, False))
+    wait_for_will(tmp_path, "device", held=False)
+    broker.stop()
+    assert rows(tmp_path, "SELECT count(*) FROM wills") == [(0,)]
+    broker = durable()
+    watcher = resume(clients, broker.port, "watcher")
+    watcher.subscribe("status/marker", 1)
+    watcher.expect_nothing_more("status/marker")
 
 
 def test_shared_subscription_queues_survive_a_restart(durable, clients):

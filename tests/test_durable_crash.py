@@ -21,6 +21,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -576,3 +577,47 @@ def test_acknowledged_messages_survive_a_graceful_stop(broker: BrokerProcess,
     status 0, and after the restart every message published and acknowledged
     is delivered."""
     run_scenario(broker, clients, broker.terminate, "stopped with SIGTERM")
+
+
+def test_the_wills_of_clients_cut_off_by_sigkill_are_published_after_the_restart(
+        broker: BrokerProcess, clients: MakeClient, tmp_path: Path) -> None:
+    """A crash ends every connection without DISCONNECT: after the restart
+    the wills of the clients it cut off are published, a retained one stays
+    retained."""
+    broker.start()
+    watcher = clients(broker.port, client_id="will-watcher", version=paho.MQTTv5, clean=False,
+                      session_expiry=SESSION_EXPIRY)
+    watcher.subscribe("crash/status/+", 1)
+    watcher.disconnect()
+    for n, version in enumerate((paho.MQTTv311, paho.MQTTv5)):
+        clients(broker.port, client_id=f"device-{n}", version=version,
+                will=(f"crash/status/device-{n}", b"offline", 1, True))
+    # Recorded at CONNECT, written by the next commit, a few milliseconds on.
+    assert sqlite3_rows(tmp_path / "store" / "sessions.sqlite3",
+                        "SELECT count(*) FROM wills", expect=[(2,)]) == [(2,)]
+    broker.kill()
+
+    broker.start()
+    assert "2 wills fell due" in broker.restored_line()
+    watcher = clients(broker.port, client_id="will-watcher", version=paho.MQTTv5, clean=False,
+                      session_expiry=SESSION_EXPIRY)
+    got = sorted((m.topic, m.payload) for m in watcher.expect(2, timeout=TIMEOUT))
+    assert got == [("crash/status/device-0", b"offline"), ("crash/status/device-1", b"offline")]
+    reader = clients(broker.port)
+    reader.subscribe("crash/status/+", 1)
+    assert sorted(m.payload for m in reader.expect(2)) == [b"offline", b"offline"]
+
+
+def sqlite3_rows(path: Path, query: str, expect: list[tuple]) -> list[tuple]:
+    """``query``'s rows once they are ``expect`` (the broker commits within
+    milliseconds), or what they are after TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        db = sqlite3.connect(path)
+        try:
+            found = db.execute(query).fetchall()
+        finally:
+            db.close()
+        if found == expect or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..codec import Subscription, encode_properties
+from ..codec import Subscription, Will, encode_properties
 from ..message import Message
 
 if TYPE_CHECKING:
@@ -67,8 +67,8 @@ class Batch:
     """The rows of one commit: for each table, key -> row, or DELETE."""
 
     __slots__ = ("size", "messages", "retained", "sessions", "subscriptions", "queue",
-                 "inflight", "awaiting", "fresh_inflight", "fresh_awaiting", "ended", "acks",
-                 "waiters")
+                 "inflight", "awaiting", "wills", "fresh_inflight", "fresh_awaiting", "ended",
+                 "acks", "waiters")
 
     def __init__(self) -> None:
         #: Changes recorded, folded or not: what triggers an early commit.
@@ -80,6 +80,7 @@ class Batch:
         self.queue: dict[tuple[int, int], tuple | None] = {}
         self.inflight: dict[tuple[int, int], tuple | None] = {}
         self.awaiting: dict[tuple[int, int], tuple | None] = {}
+        self.wills: dict[str, tuple | None] = {}
         #: Keys of rows first made in this batch: removing one writes nothing.
         #: (Message bodies and queue entries need no such set: their keys are
         #: never used twice.)
@@ -183,18 +184,11 @@ class Journal:
         if not sid:
             sid = session.store_id = self._next_sid
             self._next_sid += 1
-        will = session.pending_will
         client = session.client
         batch = self.batch
         batch.sessions[sid] = (
             sid, session.client_id, session.expiry_interval, self.wall(session.offline_since),
-            client.username if client is not None else None,
-            will.topic if will is not None else None,
-            will.payload if will is not None else None,
-            will.qos if will is not None else None,
-            int(will.retain) if will is not None else None,
-            _properties(will.properties) if will is not None else None,
-            self.wall(session.will_due) if will is not None else None)
+            client.username if client is not None else None)
         self._changed(batch)
 
     def session_deleted(self, session: Session) -> None:
@@ -286,6 +280,24 @@ class Journal:
     def awaiting_deleted(self, session: Session, packet_id: int) -> None:
         batch = self.batch
         _remove(batch.awaiting, batch.fresh_awaiting, (session.store_id, packet_id))
+        self._changed(batch)
+
+    # ------------------------------------------------------- wills
+
+    def will_saved(self, client_id: str, username: str | None, will: Will,
+                   due: float | None) -> None:
+        """A client's will: while it is connected (``due`` None), so that a
+        crash of the broker does not lose it, or held back until ``due``."""
+        batch = self.batch
+        batch.wills[client_id] = (client_id, username, will.topic, will.payload, will.qos,
+                                  int(will.retain), _properties(will.properties),
+                                  self.wall(due))
+        self._changed(batch)
+
+    def will_deleted(self, client_id: str) -> None:
+        """The will was published or discarded."""
+        batch = self.batch
+        batch.wills[client_id] = DELETE
         self._changed(batch)
 
     # ------------------------------------------------------- retained

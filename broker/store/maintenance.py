@@ -20,7 +20,7 @@ from .sqlite import (
 
 #: Rows per table, in the order a report lists them.
 TABLES = ("sessions", "subscriptions", "queue", "inflight", "awaiting_rel", "messages",
-          "retained")
+          "retained", "wills")
 
 
 @attrs.define(slots=True)

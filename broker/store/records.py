@@ -17,9 +17,6 @@ class StoredSession:
     #: connected when the broker stopped (it counts as lost at start-up).
     disconnected_at: float | None
     username: str | None
-    #: A will held back by its delay, and the wall-clock time it is due.
-    will: Will | None = None
-    will_at: float | None = None
     subscriptions: list[tuple[Subscription, int | None]] = attrs.field(factory=list)
     #: (packet id, message, QoS, retain, subscription ids, $share filter or None, released).
     inflight: list[tuple[int, Message, int, bool, tuple[int, ...], str | None, bool]] = \
@@ -31,12 +28,26 @@ class StoredSession:
     awaiting_rel: list[int] = attrs.field(factory=list)
 
 
+@attrs.define(slots=True, eq=False)
+class StoredWill:
+    """The will of a client that was connected when the broker stopped, or
+    one held back by its Will Delay Interval."""
+
+    client_id: str
+    username: str | None
+    will: Will
+    #: Wall-clock time a held-back will is due; None if its client was
+    #: connected (its connection ended with the broker).
+    due: float | None
+
+
 @attrs.define(slots=True)
 class Snapshot:
     """Everything durable, with message expiry times in the loop's clock."""
 
     sessions: list[StoredSession] = attrs.field(factory=list)
     retained: list[Message] = attrs.field(factory=list)
+    wills: list[StoredWill] = attrs.field(factory=list)
     #: Distinct message bodies the sessions hold.
     messages: int = 0
 

@@ -30,7 +30,7 @@ from ..codec import Subscription, Will, decode_properties
 from ..message import Message
 from ..properties import NO_PROPERTIES, PUBLISH, WILL
 from .journal import Batch, Journal, decode_ids
-from .records import Snapshot, StoredSession
+from .records import Snapshot, StoredSession, StoredWill
 
 log = logging.getLogger("bastionmq.store")
 
@@ -47,9 +47,10 @@ CREATE TABLE retained (
     properties BLOB, expires_at REAL) WITHOUT ROWID;
 CREATE TABLE sessions (
     sid INTEGER PRIMARY KEY, client_id TEXT NOT NULL, expiry INTEGER NOT NULL,
-    disconnected_at REAL, username TEXT,
-    will_topic TEXT, will_payload BLOB, will_qos INTEGER, will_retain INTEGER,
-    will_properties BLOB, will_at REAL);
+    disconnected_at REAL, username TEXT);
+CREATE TABLE wills (
+    client_id TEXT PRIMARY KEY, username TEXT, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    qos INTEGER NOT NULL, retain INTEGER NOT NULL, properties BLOB, due REAL) WITHOUT ROWID;
 CREATE TABLE subscriptions (
     sid INTEGER NOT NULL, filter TEXT NOT NULL, qos INTEGER NOT NULL,
     no_local INTEGER NOT NULL, retain_as_published INTEGER NOT NULL,
@@ -149,6 +150,7 @@ def batch_statements(batch: Batch) -> Iterator[tuple[str, list[tuple]]]:
         ("queue", batch.queue, 7, "sid = ? AND seq = ?"),
         ("inflight", batch.inflight, 8, "sid = ? AND packet_id = ?"),
         ("awaiting_rel", batch.awaiting, 2, "sid = ? AND packet_id = ?"),
+        ("wills", batch.wills, 8, "client_id = ?"),
     )
     for name, table, width, where in tables:
         if not table:
@@ -159,7 +161,7 @@ def batch_statements(batch: Batch) -> Iterator[tuple[str, list[tuple]]]:
         if deletes:
             yield f"DELETE FROM {name} WHERE {where}", deletes
     if batch.sessions:
-        yield "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", \
+        yield "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)", \
             list(batch.sessions.values())
     if batch.ended:
         # Last: these sweep every row of a session, folded or not.
@@ -297,15 +299,14 @@ class SqliteStore:
                                                to_loop)
             message.store_id = mid
         sessions: dict[int, StoredSession] = {}
-        for (sid, client_id, expiry, disconnected_at, username, will_topic, will_payload,
-             will_qos, will_retain, will_props, will_at) in await db.execute_fetchall(
+        for sid, client_id, expiry, disconnected_at, username in await db.execute_fetchall(
                 "SELECT * FROM sessions ORDER BY sid"):
-            will = None
-            if will_topic is not None:
-                will = Will(will_topic, will_payload, will_qos, bool(will_retain),
-                            decode_properties(will_props, WILL) if will_props else {})
-            sessions[sid] = StoredSession(sid, client_id, expiry, disconnected_at, username,
-                                          will, will_at)
+            sessions[sid] = StoredSession(sid, client_id, expiry, disconnected_at, username)
+        wills = [StoredWill(client_id, username,
+                            Will(topic, payload, qos, bool(retain),
+                                 decode_properties(props, WILL) if props else {}), due)
+                 for client_id, username, topic, payload, qos, retain, props, due
+                 in await db.execute_fetchall("SELECT * FROM wills")]
         for sid, topic_filter, qos, no_local, rap, handling, identifier in \
                 await db.execute_fetchall("SELECT * FROM subscriptions"):
             sessions[sid].subscriptions.append((
@@ -328,7 +329,7 @@ class SqliteStore:
                         "SELECT * FROM retained")]
         (next_seq,), = await db.execute_fetchall("SELECT coalesce(max(seq), 0) + 1 FROM queue")
         self._next_ids = (max(messages, default=0) + 1, next_seq, max(sessions, default=0) + 1)
-        return Snapshot(list(sessions.values()), retained, len(messages))
+        return Snapshot(list(sessions.values()), retained, wills, len(messages))
 
     # ------------------------------------------------------- committing
 
