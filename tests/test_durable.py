@@ -618,3 +618,21 @@ def test_a_retained_message_that_expired_while_down_is_gone(durable, clients, tm
     reader.expect_nothing_more("r/marker")
     broker.call(broker.broker.store.flush())
     assert rows(tmp_path, "SELECT topic FROM retained") == [("r/kept",)]
+
+
+def test_a_stop_does_not_wait_for_a_store_that_cannot_commit(durable, clients, raw_clients,
+                                                             tmp_path, caplog):
+    broker = durable()
+    offline_subscriber(clients, broker.port, "s", "stored", 1)
+    raw = raw_clients(broker.port, MQTT_5)
+    raw.connect("pub")
+    with store_locked(tmp_path), caplog.at_level("WARNING", logger="bastionmq.store"):
+        raw.send(Publish("stored", b"never acknowledged", qos=1, packet_id=1))
+        broker.stop()  # returns: the commit is given up after one more try
+        assert "while stopping" in caplog.text
+        assert "the 1 acknowledgements they held were not sent" in caplog.text
+    assert [p.reason_code for p in raw.receive_until_closed()] == [0x8B]  # no PUBACK
+    broker = durable()
+    subscriber = resume(clients, broker.port, "s")
+    subscriber.subscribe("marker", 1)
+    subscriber.expect_nothing_more("marker")

@@ -221,9 +221,7 @@ class SqliteStore:
         self._timer: asyncio.TimerHandle | None = None
         self._committing: asyncio.Task | None = None
         self._next_ids = (1, 1, 1)
-        #: Batches committed, and changes they held (folded or not).
-        self.commits = 0
-        self.changes = 0
+        self._closing = False
 
     @classmethod
     async def open(cls, path: str, *, batch_size: int = 1000, commit_interval: float = 0.005,
@@ -367,22 +365,34 @@ class SqliteStore:
                 await self._write(batch)
                 break
             except (sqlite3.Error, OSError) as exc:
+                if self._closing:
+                    # Stopping must not hang on a disk that will not take it;
+                    # nothing of it was acknowledged.
+                    log.error("could not commit %d changes to %s while stopping: %s; they are "
+                              "not stored, and the %d acknowledgements they held were not sent",
+                              batch.size, self.path, _describe(exc), len(batch.acks))
+                    self._settled(batch, StoreError(f"could not commit to {self.path}"))
+                    return
                 log.error("could not commit %d changes to %s: %s; their %d acknowledgements "
                           "wait, trying again in %ss", batch.size, self.path, _describe(exc),
                           len(batch.acks), RETRY_INTERVAL)
                 await asyncio.sleep(RETRY_INTERVAL)
-        self.commits += 1
-        self.changes += batch.size
-        self._committing = None
-        self.journal.committing = False
         if batch.acks:
             self._release(batch.acks)
-        for waiter in batch.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._settled(batch, None)
         # What arrived during this commit has waited long enough.
         if self.journal.batch:
             self._commit_now()
+
+    def _settled(self, batch: Batch, error: StoreError | None) -> None:
+        self._committing = None
+        self.journal.committing = False
+        for waiter in batch.waiters:
+            if not waiter.done():
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
 
     async def _write(self, batch: Batch) -> None:
         db = self._db
@@ -418,9 +428,14 @@ class SqliteStore:
 
     async def close(self) -> None:
         """Commit what is left, then close the database and its lock."""
+        self._closing = True
         try:
             await self.flush()
+            # Leaves the database in one file, the log empty.
             await self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            log.warning("could not fold the write-ahead log of %s into it: %s (the next "
+                        "start does)", self.path, _describe(exc))
         finally:
             await self._db.close()
             self._lock.release()
