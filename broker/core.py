@@ -629,11 +629,23 @@ class BrokerCore:
             else:
                 self.retained.set(message.topic, message)
         report.retained = len(self.retained)
+        # What was restored is counted before any will is published into it.
+        remaining = []
+        for session, stored in restored:
+            left = (NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES
+                    else stored.expiry - (now - session.offline_since))
+            remaining.append(left)
+            if left > 0:
+                report.sessions += 1
+                report.subscriptions += len(session.subscriptions)
+                report.queued += len(session.queue or ())
+                report.inflight += len(session.inflight or ())
+                report.awaiting_rel += len(session.awaiting_rel or ())
         # Then wills and timers, now that every subscriber is back.
         for stored_will in snapshot.wills:
             self._restore_will(stored_will, now, wall_now, report)
-        for session, stored in restored:
-            self._resume_timers(session, stored, now, report)
+        for (session, stored), left in zip(restored, remaining):
+            self._resume_timers(session, stored.expiry, left, now, report)
         return report
 
     def _restore_will(self, stored: StoredWill, now: float, wall_now: float,
@@ -693,12 +705,10 @@ class BrokerCore:
             session.awaiting_rel = set(stored.awaiting_rel)
         return session
 
-    def _resume_timers(self, session: Session, stored: StoredSession, now: float,
+    def _resume_timers(self, session: Session, expiry: int, remaining: float, now: float,
                        report: RestoreReport) -> None:
         """Start a restored session's expiry and will timers, or end it and
         publish its will when their time passed while the broker was down."""
-        remaining = (NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES
-                     else stored.expiry - (now - session.offline_since))
         if session.pending_will is not None:
             if session.will_due <= now or remaining <= 0:
                 self._publish_delayed_will(session)
@@ -709,14 +719,8 @@ class BrokerCore:
         if remaining <= 0:
             self._end_session(session)
             report.expired_sessions += 1
-            return
-        if stored.expiry != NEVER_EXPIRES:
+        elif expiry != NEVER_EXPIRES:
             session.expiry_handle = self.loop.call_later(remaining, self._expire_session, session)
-        report.sessions += 1
-        report.subscriptions += len(session.subscriptions)
-        report.queued += len(session.queue or ())
-        report.inflight += len(session.inflight or ())
-        report.awaiting_rel += len(session.awaiting_rel or ())
 
     def _group_of(self, share: str | None) -> SharedGroup | None:
         """The shared subscription group a stored entry came through."""
