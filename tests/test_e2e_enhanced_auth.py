@@ -160,12 +160,17 @@ def test_reauthentication_on_an_open_connection(scram_broker, raw_clients):
     assert client.receive().payload == b"after"
 
 
+def _reauthenticate(client, user: str, password: str) -> None:
+    """Re-authenticate (reason 0x19) with SCRAM, up to the client's final message."""
+    scram = ScramClient(user, password)
+    client.send(Auth(0x19, _auth_props(scram.first())))
+    challenge = client.receive()
+    client.send(Auth(0x18, _auth_props(scram.final(challenge.properties["authentication_data"]))))
+
+
 def test_failed_reauthentication_disconnects(scram_broker, raw_clients):
     client, _, _ = _scram_connect(raw_clients, scram_broker.port, "alice", "wonderland")
-    again = ScramClient("alice", "not her password")
-    client.send(Auth(0x19, _auth_props(again.first())))
-    challenge = client.receive()
-    client.send(Auth(0x18, _auth_props(again.final(challenge.properties["authentication_data"]))))
+    _reauthenticate(client, "alice", "not her password")
     assert client.closing_reasons() == [0x86]
 
 
@@ -227,8 +232,5 @@ def test_anonymous_access_stays_off_for_clients_without_a_method(scram_broker, r
 
 def test_reauthentication_as_another_user_disconnects(scram_broker, raw_clients):
     client, _, _ = _scram_connect(raw_clients, scram_broker.port, "alice", "wonderland")
-    other = ScramClient("root", "toor")
-    client.send(Auth(0x19, _auth_props(other.first())))
-    challenge = client.receive()
-    client.send(Auth(0x18, _auth_props(other.final(challenge.properties["authentication_data"]))))
+    _reauthenticate(client, "root", "toor")
     assert client.closing_reasons() == [0x87]
