@@ -645,7 +645,7 @@ class BrokerCore:
         for stored_will in snapshot.wills:
             self._restore_will(stored_will, now, wall_now, report)
         for (session, stored), left in zip(restored, remaining):
-            self._resume_timers(session, stored.expiry, left, now, report)
+            self._resume_timers(session, left, now, report)
         return report
 
     def _restore_will(self, stored: StoredWill, now: float, wall_now: float,
@@ -705,7 +705,7 @@ class BrokerCore:
             session.awaiting_rel = set(stored.awaiting_rel)
         return session
 
-    def _resume_timers(self, session: Session, expiry: int, remaining: float, now: float,
+    def _resume_timers(self, session: Session, remaining: float, now: float,
                        report: RestoreReport) -> None:
         """Start a restored session's expiry and will timers, or end it and
         publish its will when their time passed while the broker was down."""
@@ -719,7 +719,7 @@ class BrokerCore:
         if remaining <= 0:
             self._end_session(session)
             report.expired_sessions += 1
-        elif expiry != NEVER_EXPIRES:
+        elif remaining != NEVER_EXPIRES:  # a finite expiry leaves less than "never"
             session.expiry_handle = self.loop.call_later(remaining, self._expire_session, session)
 
     def _group_of(self, share: str | None) -> SharedGroup | None:
