@@ -436,25 +436,25 @@ def test_cli_init_client_show_and_revoke(tmp_path):
     assert [entry.serial_number for entry in load_crl(directory)] == [cert.serial_number]
 
 
-def test_cli_init_defaults_to_data_certs_and_refuses_to_overwrite(tmp_path):
+def test_cli_init_defaults_to_data_certs_and_refuses_to_overwrite(tmp_path, monkeypatch):
     runner = CliRunner()
-    with runner.isolated_filesystem(temp_dir=tmp_path):
-        result = runner.invoke(main, ["certs", "init"])
-        assert result.exit_code == 0, result.output
-        assert Path("data/certs/ca.pem").is_file()
-        assert "next: bastionmq certs client NAME\n" in result.stdout
-        ca = Path("data/certs/ca.pem").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(main, ["certs", "init"])
+    assert result.exit_code == 0, result.output
+    assert Path("data/certs/ca.pem").is_file()
+    assert "next: bastionmq certs client NAME\n" in result.stdout
+    ca = Path("data/certs/ca.pem").read_bytes()
 
-        result = runner.invoke(main, ["certs", "init"])
-        assert result.exit_code == 1
-        assert result.stderr == (
-            "Error: data/certs/ca.pem already exists; replacing the CA invalidates every "
-            "certificate it signed (use --force to do it)\n")
-        assert Path("data/certs/ca.pem").read_bytes() == ca
+    result = runner.invoke(main, ["certs", "init"])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: data/certs/ca.pem already exists; replacing the CA invalidates every "
+        "certificate it signed (use --force to do it)\n")
+    assert Path("data/certs/ca.pem").read_bytes() == ca
 
-        result = runner.invoke(main, ["certs", "init", "--force"])
-        assert result.exit_code == 0, result.output
-        assert Path("data/certs/ca.pem").read_bytes() != ca
+    result = runner.invoke(main, ["certs", "init", "--force"])
+    assert result.exit_code == 0, result.output
+    assert Path("data/certs/ca.pem").read_bytes() != ca
 
 
 @pytest.mark.parametrize("args,message", [
