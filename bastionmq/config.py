@@ -320,8 +320,9 @@ class TcpOptions:
     backlog: int = attrs.field(default=1024, validator=[v.ge(1), v.le(65535)])
     #: TCP_NODELAY: send small packets at once instead of batching them.
     nodelay: bool = True
-    #: Write buffer level above which a client's transport counts as slow:
-    #: QoS 0 messages to it are dropped and QoS 1/2 queued.
+    #: Write buffer level above which a client's transport is full: QoS 1/2
+    #: messages to it are queued, QoS 0 hold their publisher back (dropped
+    #: once the client is a slow subscriber).
     high_watermark: int = attrs.field(default=1024 * 1024, metadata=SIZE, validator=v.ge(1))
 
 

@@ -147,6 +147,8 @@ BROKERS = {
     "bastionmq-durable": ("bastionmq", DURABLE.replace("{synchronous}", "")),
     "bastionmq-durable-normal": ("bastionmq", DURABLE.replace("{synchronous}", "  synchronous = normal\n")),
     "mosquitto-persist": ("mosquitto", MOSQUITTO_PERSIST),
+    # another build of bastionmq (--baseline-cmd), e.g. the commit before a change
+    "bastionmq-baseline": ("bastionmq", ""),
 }
 # Scenario -> broker program -> what it adds to the configuration of every
 # broker that program runs. qos1-durable queues everything it publishes in
@@ -161,6 +163,7 @@ SCENARIO_CONFIG = {
 # Ratio columns (numerator, denominator), shown when both ran.
 RATIOS = (
     ("bastionmq", "mosquitto"),
+    ("bastionmq", "bastionmq-baseline"),
     ("bastionmq-acl", "bastionmq"),
     ("bastionmq-acl-nocache", "bastionmq"),
     ("bastionmq-durable", "mosquitto-persist"),
@@ -174,6 +177,10 @@ HIGHER_IS_BETTER = {
     "qos0-1to1": True,
     "qos1": True,
     "qos1-durable": True,
+    "qos1-overload": True,
+    "qos1-overload-fanout": True,
+    "qos1-overload-fanin": True,
+    "qos1-latency": False,
     "fanout": True,
     "shared": True,
     "idle": False,
@@ -466,7 +473,10 @@ def describe(r: dict) -> str:
     text = f"{fmt(r['figure'])} {r['unit']}"
     if "loss_pct" in r:
         text += f"  loss {fmt(r['loss_pct'])}%"
-    if "acked_total" in r:  # qos1-durable
+    if "expected_deliveries" in r:  # qos1-overload*
+        text += (f"  acked {r['acked_total']:,} delivered {r['delivered_total']:,}"
+                 f" of {r['expected_deliveries']:,} due, lost {fmt(r['lost'])}, out of order {r['disorder']:,}")
+    elif "acked_total" in r:  # qos1-durable
         text += f"  acked {r['acked_total']:,} unacked {r['unacked']:,}"
         if "queued_delivered" in r:
             text += f"  delivered on reconnect {r['queued_delivered']:,} in {fmt(r['fetch_s'])} s"
@@ -481,6 +491,8 @@ def describe(r: dict) -> str:
     if "gen_cpu" in r:
         text += f"  generator cpu {fmt(r['gen_cpu'])} core {fmt(r['gen_core_busy'])}"
         text += f"  broker cpu {fmt(r.get('broker_cpu'))} core {fmt(r.get('broker_core_busy'))}"
+    if "p999_us" in r:
+        text += f"  p50 {fmt(r['p50_us'])} p90 {fmt(r['p90_us'])} p99.9 {fmt(r['p999_us'])} max {fmt(r['max_us'])} us"
     if "cycle_ms_median" in r:
         text += f"  CONNACK after {fmt(r['cycle_ms_median'])} ms (median)"
     if r.get("broker_log_lines"):
@@ -599,6 +611,11 @@ def parser():
     p.add_argument("--brokers", default="bastionmq,mosquitto", help="comma-separated, of: " + ", ".join(BROKERS))
     p.add_argument("--bastionmq-cmd", default="bastionmq start -c {conf}", help="{conf} and {port} are filled in")
     p.add_argument("--mosquitto-cmd", default="mosquitto -c {conf}")
+    p.add_argument(
+        "--baseline-cmd",
+        help="command of the bastionmq-baseline broker: another bastionmq build, run in the same "
+        "runs, alternated ({conf} and {port} are filled in)",
+    )
     p.add_argument("--broker-cpu", type=int, default=0)
     p.add_argument("--gen-cpu", type=int, default=1)
     p.add_argument(
@@ -619,14 +636,17 @@ def main():
     for s in scenarios:  # reject bad pass-through options before starting anything
         loadgen.parser().parse_args([s, "--port", "1", *extra])
     programs = {"bastionmq": args.bastionmq_cmd, "mosquitto": args.mosquitto_cmd}
+    cmds = {b: programs[BROKERS[b][0]] for b in brokers if b in BROKERS}
+    if "bastionmq-baseline" in brokers:
+        if not args.baseline_cmd:
+            sys.exit("bastionmq-baseline needs --baseline-cmd")
+        cmds["bastionmq-baseline"] = args.baseline_cmd
     for b in brokers:
         if b not in BROKERS:
             sys.exit(f"unknown broker {b!r}; known: {', '.join(BROKERS)}")
-        program = BROKERS[b][0]
-        exe = shlex.split(programs[program])[0]
+        exe = shlex.split(cmds[b])[0]
         if not shutil.which(exe):
-            sys.exit(f"{b}: {exe!r} not found (--{program}-cmd, or --brokers to leave it out)")
-    cmds = {b: programs[BROKERS[b][0]] for b in brokers}
+            sys.exit(f"{b}: {exe!r} not found (its --*-cmd option, or --brokers to leave it out)")
     uses_acl = [b for b in brokers if "{acl}" in BROKERS[b][1]]
     uses_store = [b for b in brokers if "{data_dir}" in BROKERS[b][1]]
 

@@ -66,7 +66,8 @@ import time
 import uvloop
 
 SCENARIOS = (
-    "qos0-1to1", "qos1", "qos1-durable", "fanout", "shared", "idle", "tls-handshake-ec", "tls-handshake-rsa",
+    "qos0-1to1", "qos1", "qos1-overload", "qos1-overload-fanout", "qos1-overload-fanin", "qos1-latency",
+    "qos1-durable", "fanout", "shared", "idle", "tls-handshake-ec", "tls-handshake-rsa",
     "tls-qos0", "ws-qos0",
 )  # fmt: skip
 CONNACK_OK = b"\x20\x02\x00\x00"  # session present 0, return code 0
@@ -327,6 +328,7 @@ class AckingSubscriber(Client):
         if n:
             if data[0:end:size].count(0x32) != n:
                 self.bad += 1
+            self.inspect(data, end)
             o = self.id_offset
             acks = bytearray(b"\x40\x02\x00\x00" * n)
             acks[2::4] = data[o:end:size]
@@ -334,6 +336,9 @@ class AckingSubscriber(Client):
             self.transport.write(acks)
             self.count += n
         self.rest = data[end:]
+
+    def inspect(self, data, end):
+        """Look at the whole packets data[:end] before they are acknowledged."""
 
 
 class FloodPublisher(Client):
@@ -441,6 +446,99 @@ class WindowPublisher(Client):
         self.acked = acked
         if n and self.running:
             self.send(n)
+
+
+class NumberingPublisher(WindowPublisher):
+    """WindowPublisher whose payloads begin with its index (4 bytes) and the
+    message's sequence number (8 bytes, from 1): a subscriber can tell which
+    acknowledged message it never got."""
+
+    def __init__(self, hello, reply, ring: bytes, size: int, window: int, seq_offset: int):
+        super().__init__(hello, reply, ring, size, window)
+        self.seq_offset = seq_offset  # of the sequence number in each packet
+
+    def send(self, n):
+        size, i = self.size, self.next
+        j = i + n
+        if j <= RING_IDS:
+            chunk = bytearray(self.ring[i * size : j * size])
+        else:
+            j -= RING_IDS
+            chunk = bytearray(self.ring[i * size :] + self.ring[: j * size])
+        at = self.seq_offset
+        for seq in range(self.sent + 1, self.sent + n + 1):
+            chunk[at : at + 8] = seq.to_bytes(8, "big")
+            at += size
+        self.transport.write(chunk)
+        self.next = j
+        self.sent += n
+
+
+class NumberedSubscriber(AckingSubscriber):
+    """AckingSubscriber that reads each PUBLISH's (publisher, sequence)
+    number: per publisher it counts what arrived and how often a number was
+    not the one after the last (a gap, a duplicate or a reordering)."""
+
+    def __init__(self, hello, reply, size: int, id_offset: int):
+        super().__init__(hello, reply, size, id_offset)
+        self.got = collections.Counter()  # publisher -> messages received
+        self.last = {}  # publisher -> last sequence number
+        self.disorder = 0
+
+    def inspect(self, data, end):
+        at = self.id_offset + 2  # the payload, after the packet id
+        got, last = self.got, self.last
+        for start in range(0, end, self.size):
+            pub = int.from_bytes(data[start + at : start + at + 4], "big")
+            seq = int.from_bytes(data[start + at + 4 : start + at + 12], "big")
+            got[pub] += 1
+            if seq != last.get(pub, 0) + 1:
+                self.disorder += 1
+            last[pub] = seq
+
+
+class LatencySubscriber(AckingSubscriber):
+    """AckingSubscriber that reads each PUBLISH's send time (the first 8
+    payload bytes, perf_counter_ns) and keeps, while `recording`, how long
+    ago that was when the chunk arrived."""
+
+    def __init__(self, hello, reply, size: int, id_offset: int):
+        super().__init__(hello, reply, size, id_offset)
+        self.recording = False
+        self.samples = []  # nanoseconds
+
+    def data_received(self, data):
+        self.arrived = time.perf_counter_ns()
+        super().data_received(data)
+
+    def inspect(self, data, end):
+        if self.recording:
+            at = self.id_offset + 2
+            now = self.arrived
+            self.samples += [now - int.from_bytes(data[i + at : i + at + 8], "big") for i in range(0, end, self.size)]
+
+
+class PacedPublisher(Client):
+    """QoS 1 publisher that sends one message when told to (send_one), its
+    send time in the first 8 payload bytes, and counts PUBACKs."""
+
+    def __init__(self, hello, reply, topic: str, payload_len: int):
+        super().__init__(hello, reply)
+        template = publish(topic, bytes(payload_len), 1, 1)
+        self.id_at = len(template) - payload_len - 2
+        self.template = bytearray(template)
+        self.sent = 0
+        self.acked = 0
+
+    def send_one(self):
+        pkt = self.template
+        self.sent += 1
+        pkt[self.id_at : self.id_at + 2] = (self.sent % 65535 + 1).to_bytes(2, "big")
+        pkt[self.id_at + 2 : self.id_at + 10] = time.perf_counter_ns().to_bytes(8, "big")
+        self.transport.write(bytes(pkt))
+
+    def stream(self, data):  # PUBACKs only: 4 bytes each
+        self.acked += len(data) // 4
 
 
 class WsClient:
@@ -863,6 +961,24 @@ def qos1_ring(topic: str, payload: bytes) -> tuple[bytes, int, int]:
     return ring, size, size - len(payload) - 2
 
 
+async def windowed(args, subs, pubs, delivered):
+    """Run WindowPublishers against AckingSubscribers over the window, then
+    stop the publishers; returns the window's result and how many
+    subscribers read batching was turned off for (see unstall)."""
+    for s in subs:
+        s.batch_reads(s.size * args.sub_batch)
+    for p in pubs:
+        p.begin(max(1, args.window // 8))
+    watchdog = asyncio.create_task(unstall(subs))
+    res = await window(args, delivered)
+    watchdog.cancel()
+    batching_off = sum(s.lowat == 1 for s in subs)
+    for c in subs + pubs:
+        c.running = False
+        c.batch_reads(1)
+    return res, batching_off
+
+
 async def qos1(args):
     payload = b"x" * args.payload
     if not 0 < args.window < RING_IDS:
@@ -887,23 +1003,181 @@ async def qos1(args):
     def delivered():
         return sum(s.count for s in subs)
 
-    for s in subs:
-        s.batch_reads(s.size * args.sub_batch)
-    for p in pubs:
-        p.begin(max(1, args.window // 8))
-    watchdog = asyncio.create_task(unstall(subs))
-    res = await window(args, delivered)
-    watchdog.cancel()
-    batching_off = sum(s.lowat == 1 for s in subs)
-    for c in subs + pubs:
-        c.running = False
-        c.batch_reads(1)
+    res, batching_off = await windowed(args, subs, pubs, delivered)
     sent = sum(p.sent for p in pubs)
     drained = await drain(args, delivered, sent)
     await drain(args, lambda: sum(p.acked for p in pubs), sent)
     res.update(totals(sent, delivered(), drained, subs + pubs), unit="msgs/s", pairs=args.pairs)
     res["unacked"] = sent - sum(p.acked for p in pubs)
     res["read_batching_off"] = batching_off
+    for c in subs + pubs:
+        c.close()
+    return res
+
+
+async def qos1_subscribers(args, cls, filters, size: int, id_offset: int) -> list:
+    """One `cls` (an AckingSubscriber) per filter, each subscribed at QoS 1."""
+    return await open_all(
+        args,
+        [
+            lambda i=i, f=f: cls(connect(client_id("s", i)) + subscribe(f, 1), CONNACK_OK + suback(1), size, id_offset)
+            for i, f in enumerate(filters)
+        ],
+    )
+
+
+OVERLOAD_SHAPES = {
+    # scenario: (publishers, subscribers, wildcard); None = --pairs
+    "qos1-overload": (None, None, False),
+    "qos1-overload-fanout": (1, 100, False),
+    "qos1-overload-fanin": (100, 1, True),
+}
+
+
+async def qos1_overload(args):
+    """QoS 1 publishers limited only by their window of unacknowledged
+    PUBLISH, every message numbered, to QoS 1 subscribers that acknowledge
+    everything they get: does every acknowledged message arrive? Shapes:
+    qos1-overload, --pairs publishers each to its own subscriber;
+    qos1-overload-fanout, one publisher to 100 subscribers of its topic;
+    qos1-overload-fanin, 100 publishers (a topic each) to one subscriber of
+    their wildcard. Figure: deliveries per second; afterwards the publishers
+    stop, and every message a publisher had acknowledged must have reached
+    every subscriber of its topic (lost = those that did not)."""
+    if args.payload < 12:
+        raise SystemExit(f"{args.scenario} needs --payload >= 12 (the message's number)")
+    if not 0 < args.window < RING_IDS:
+        raise SystemExit(f"--window must be in 1..{RING_IDS - 1}")
+    npub, nsub, wildcard = OVERLOAD_SHAPES[args.scenario]
+    npub = npub or args.pairs
+    nsub = nsub or args.pairs
+    base = f"bench/ov/{os.getpid()}"
+    width = len(str(npub - 1))
+    topics = [f"{base}/{i:0{width}d}" for i in range(npub)]
+    rings = [qos1_ring(t, i.to_bytes(4, "big") + bytes(args.payload - 4)) for i, t in enumerate(topics)]
+    _, size, id_offset = rings[0]
+    if wildcard:
+        filters = [f"{base}/+"] * nsub
+    elif npub == nsub:
+        filters = topics
+    else:
+        filters = [topics[0]] * nsub
+    subs = await qos1_subscribers(args, NumberedSubscriber, filters, size, id_offset)
+    pubs = await open_all(
+        args,
+        [
+            lambda i=i, r=r: NumberingPublisher(
+                connect(client_id("p", i)), CONNACK_OK, r, size, args.window, id_offset + 6
+            )
+            for i, (r, _, _) in enumerate(rings)
+        ],
+    )
+    # which publishers' messages each subscriber is due
+    due = [[i for i, t in enumerate(topics) if f == t or f.endswith("/+")] for f in filters]
+
+    def delivered():
+        return sum(s.count for s in subs)
+
+    res, batching_off = await windowed(args, subs, pubs, delivered)
+    sent = sum(p.sent for p in pubs)
+    await drain(args, lambda: sum(p.acked for p in pubs), sent)
+    acked = [p.acked for p in pubs]
+    expected = sum(acked[i] for d in due for i in d)
+    drained = await drain(args, delivered, expected)
+    # acknowledged to publisher i and never seen by a subscriber due it
+    lost = sum(max(0, acked[i] - s.got[i]) for s, d in zip(subs, due) for i in d)
+    res.update(
+        unit="deliveries/s",
+        publishers=npub,
+        subscribers=nsub,
+        window=args.window,
+        sent_total=sent,
+        acked_total=sum(acked),
+        unacked=sent - sum(acked),
+        expected_deliveries=expected,
+        delivered_total=delivered(),
+        lost=lost if drained else None,
+        loss_pct=round(100 * lost / expected, 3) if drained and expected else None,
+        drained=drained,
+        disorder=sum(s.disorder for s in subs),
+        disconnects=sum(c.lost for c in subs + pubs),
+        framing_errors=sum(c.bad for c in subs + pubs),
+        read_batching_off=batching_off,
+    )
+    for c in subs + pubs:
+        c.close()
+    return res
+
+
+async def qos1_latency(args):
+    """End-to-end latency of QoS 1 at a steady rate well below saturation:
+    --latency-pairs publisher/subscriber pairs, --rate messages per second
+    in all, sent in rounds (one message per pair each round, every
+    pairs/rate seconds). Each subscriber acknowledges at once; a message's
+    latency is from just before its publisher's write to the arrival of the
+    chunk holding it. Figure: p99 in microseconds (p50, p90, p99.9 and the
+    maximum beside it)."""
+    if args.payload < 8:
+        raise SystemExit("qos1-latency needs --payload >= 8 (the send time)")
+    pairs = args.latency_pairs
+    topics = [f"bench/lat/{os.getpid()}/{i:03d}" for i in range(pairs)]
+    size = len(publish(topics[0], bytes(args.payload), 1, 1))
+    id_offset = size - args.payload - 2
+    subs = await qos1_subscribers(args, LatencySubscriber, topics, size, id_offset)
+    pubs = await open_all(
+        args,
+        [lambda i=i, t=t: PacedPublisher(connect(client_id("p", i)), CONNACK_OK, t, args.payload) for i, t in enumerate(topics)],
+    )
+    loop = asyncio.get_running_loop()
+    interval = pairs / args.rate
+
+    async def pace():
+        due = loop.time()
+        while pubs[0].running:
+            for p in pubs:
+                p.send_one()
+            due += interval
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            else:
+                due = loop.time()  # behind: no catching up in a burst
+                await asyncio.sleep(0)
+
+    def delivered():
+        return sum(s.count for s in subs)
+
+    task = asyncio.create_task(pace())
+    await asyncio.sleep(args.warmup)
+    for s in subs:
+        s.recording = True
+    args.warmup = 0
+    res = await window(args, delivered)
+    for s in subs:
+        s.recording = False
+    for p in pubs:
+        p.running = False
+    await task
+    sent = sum(p.sent for p in pubs)
+    drained = await drain(args, delivered, sent)
+    samples = sorted(x for s in subs for x in s.samples)
+
+    def pct(q):
+        return round(samples[min(len(samples) - 1, int(len(samples) * q))] / 1000, 1) if samples else None
+
+    res.update(totals(sent, delivered(), drained, subs + pubs))
+    res.update(
+        unit="us p99",
+        figure=pct(0.99),
+        p50_us=pct(0.50),
+        p90_us=pct(0.90),
+        p999_us=pct(0.999),
+        max_us=round(samples[-1] / 1000, 1) if samples else None,
+        samples=len(samples),
+        rate=args.rate,
+        pairs=pairs,
+        unacked=sent - sum(p.acked for p in pubs),
+    )
     for c in subs + pubs:
         c.close()
     return res
@@ -1137,6 +1411,10 @@ async def idle(args):
 RUNNERS = {
     "qos0-1to1": qos0_1to1,
     "qos1": qos1,
+    "qos1-overload": qos1_overload,
+    "qos1-latency": qos1_latency,
+    "qos1-overload-fanout": qos1_overload,
+    "qos1-overload-fanin": qos1_overload,
     "qos1-durable": qos1_durable,
     "fanout": fanout,
     "shared": shared,
@@ -1158,7 +1436,9 @@ def parser():
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the window")
     p.add_argument("--payload", type=int, default=32, help="payload bytes")
     p.add_argument("--pairs", type=int, default=8, help="publisher/subscriber pairs (qos0-1to1, qos1, qos1-durable, tls-qos0, ws-qos0)")
-    p.add_argument("--window", type=int, default=128, help="unacknowledged PUBLISH per publisher (qos1, qos1-durable)")
+    p.add_argument("--window", type=int, default=128, help="unacknowledged PUBLISH per publisher (qos1, qos1-overload*, qos1-durable)")
+    p.add_argument("--rate", type=float, default=5000, help="messages per second in all (qos1-latency)")
+    p.add_argument("--latency-pairs", type=int, default=10, help="publisher/subscriber pairs (qos1-latency)")
     p.add_argument("--sub-batch", type=int, default=4, help="PUBLISH queued before a QoS 1 subscriber reads")
     p.add_argument(
         "--fetch-limit", type=float, default=60.0,

@@ -42,6 +42,10 @@ NEW, AUTHENTICATING, CONNECTED, CLOSED = range(4)
 
 _MAX_U16 = 65535
 
+#: Bytes a client held back by publisher flow control may send before its
+#: socket is no longer read (what it sends is kept until it may go on).
+HELD_BYTES_LIMIT = 256 * 1024
+
 
 @attrs.define(slots=True)
 class _AuthExchange:
@@ -66,7 +70,8 @@ class Connection:
         "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
         "_held", "close_reason", "topic_aliases", "problem_info",
         "aliases_out", "alias_out_max", "auth_method", "_exchange", "client_info",
-        "access_cache", "acks_held", "mark", "will_stored",
+        "access_cache", "acks_held", "mark", "will_stored", "holders", "held_since",
+        "held_bytes", "reading_paused",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -89,8 +94,16 @@ class Connection:
         self.paused = False
         self.send_window = core.settings.max_inflight
         self.max_packet_size_out = 0
-        #: Packets that arrived while an asynchronous authentication was pending.
+        #: Packets that arrived while an asynchronous authentication was
+        #: pending, or while publisher flow control holds this client back.
         self._held: list[Packet] | None = None
+        #: Publisher flow control: how many subscribers hold this client back
+        #: (see hold), since when, how many bytes arrived meanwhile, and
+        #: whether the socket is no longer read because of them.
+        self.holders = 0
+        self.held_since = 0.0
+        self.held_bytes = 0
+        self.reading_paused = False
         self.close_reason = ""
         #: Inbound topic aliases of a 5.0 client: alias -> topic name.
         self.topic_aliases: dict[int, str] | None = None
@@ -127,6 +140,11 @@ class Connection:
         core = self.core
         self.last_seen = core.loop.time()
         core.stats.bytes_received += len(data)
+        if self.holders:
+            self.held_bytes += len(data)
+            if self.held_bytes > HELD_BYTES_LIMIT and not self.reading_paused:
+                self.reading_paused = True
+                self.transport.pause_reading()
         try:
             packets = self.decoder.feed(data)
         except MalformedPacket as exc:
@@ -142,6 +160,17 @@ class Connection:
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state == CLOSED:
             return
+        if self._held and self.state == CONNECTED:
+            # The client has gone: what it sent while held back is handled
+            # now, beyond the high-water marks (at most HELD_BYTES_LIMIT and
+            # one read), rather than lost because flow control made it wait.
+            if self.holders > 0:
+                self.core.stats.publisher_paused_seconds += self.core.loop.time() - self.held_since
+            held, self._held, self.holders = self._held, None, -1
+            self._handle_packets(held)
+            if self.state == CLOSED:
+                self.core.flush()
+                return
         if not self.close_reason:
             self.close_reason = "connection lost" if exc is None else f"connection lost: {exc}"
         self._teardown()
@@ -149,6 +178,47 @@ class Connection:
 
     def pause_writing(self) -> None:
         self.paused = True
+
+    # ------------------------------------------------------- flow control
+
+    def hold(self) -> None:
+        """A subscriber this client publishes to is over its high-water mark:
+        new packets wait in ``_held`` from the next one on (the one being
+        handled is routed). Acknowledgements of what the broker sends this
+        client are still handled, so that two clients publishing to each
+        other, or a client publishing to itself, never wait on each other."""
+        if self.holders < 0:
+            return  # handling what a client that has gone sent while held back
+        self.holders += 1
+        if self.holders == 1:
+            self.held_since = self.core.loop.time()
+            self.core.stats.publisher_pauses += 1
+            if self._held is None:
+                self._held = []
+
+    def release(self) -> None:
+        """One subscriber no longer holds this client back."""
+        if self.holders <= 0:
+            return
+        self.holders -= 1
+        if self.holders == 0:
+            core = self.core
+            core.stats.publisher_paused_seconds += core.loop.time() - self.held_since
+            if self.state == CONNECTED:
+                # Not from inside the subscriber's packet handling that got here.
+                core.loop.call_soon(self._resume_held)
+
+    def _resume_held(self) -> None:
+        if self.holders or self.state != CONNECTED or self._held is None:
+            return
+        held, self._held = self._held, None
+        self.held_bytes = 0
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        # Holding back again part way leaves the rest, in order, in a new _held.
+        self._handle_packets(held)
+        self.core.flush()
 
     def resume_writing(self) -> None:
         self.paused = False
@@ -275,10 +345,11 @@ class Connection:
                 return
             if journal is not None:
                 self.mark = journal.changes
-            if self._held is not None:
-                self._held.append(packet)
-                continue
             ptype = packet.type
+            if self._held is not None:
+                if not (self.holders > 0 and ptype in _ANSWERS):
+                    self._held.append(packet)
+                    continue
             if ptype == PUBLISH:
                 self._on_publish(packet)
             elif self.state != CONNECTED:
@@ -835,6 +906,8 @@ class Connection:
 
     def _keepalive_check(self) -> None:
         limit = self.keepalive * self.core.settings.keepalive_multiplier
+        if self.reading_paused:
+            self.last_seen = self.core.loop.time()  # the silence is the broker's doing
         silent = self.core.loop.time() - self.last_seen
         if silent >= limit:
             self._keepalive_handle = None
@@ -869,6 +942,10 @@ def release_ack(connection: Connection, data: bytes) -> None:
     if connection.state != CLOSED:
         connection.write(data)
 
+
+#: What a client held back by flow control still gets handled: the answers
+#: to what the broker sends it, and keep-alive.
+_ANSWERS = frozenset((PUBACK, PUBREC, PUBCOMP, PINGREQ))
 
 _HANDLERS = {
     PUBACK: Connection._on_puback,

@@ -40,6 +40,9 @@ Route = tuple[Session, int, bool, bool, tuple[int, ...]]
 
 SYS_PREFIX = "$SYS/"
 
+#: Seconds between two log lines about slow subscribers, at the least.
+SLOW_LOG_INTERVAL = 10.0
+
 #: Where a session restored from the store was last connected: unknown.
 RESTORED_PEER = PeerInfo(listener="restored")
 
@@ -66,6 +69,11 @@ class Stats:
     #: PUBLISH and SUBSCRIBE requests the authorization chain denied.
     publish_denied: int = 0
     subscribe_denied: int = 0
+    #: Publisher flow control: how often a publisher was held back, for how
+    #: long in all, and how often a subscriber was declared slow.
+    publisher_pauses: int = 0
+    publisher_paused_seconds: float = 0.0
+    slow_subscribers: int = 0
 
 
 def _merge_routes(found: list[tuple[Session, SubscriptionEntry]]) -> list[Route]:
@@ -117,6 +125,14 @@ class BrokerCore:
         self.shared_trie: SubscriptionTrie[SharedGroup] = SubscriptionTrie()
         #: Connections with output waiting for the next flush.
         self.dirty: list[Connection] = []
+        #: Publisher flow control: an online subscriber's queue length that
+        #: holds its publishers back, and the length that lets them go.
+        high = settings.mqueue_high_watermark
+        if settings.max_mqueue_len:
+            high = max(1, min(high, settings.max_mqueue_len // 2))
+        self.flow_high = high
+        self.flow_low = high // 4
+        self._slow_logged_at = -SLOW_LOG_INTERVAL
         self._tasks: set[asyncio.Task] = set()
         #: Where changes to durable state are recorded; None keeps state in
         #: memory only. Sessions are durable when ``store_id`` is set.
@@ -211,6 +227,8 @@ class BrokerCore:
             return
         session.connection = None
         now = session.offline_since = self.loop.time()
+        if session.waiters is not None or session.slow:
+            self._release(session)  # offline sessions hold nobody back
         if session.shared_count and session.expiry_interval:
             self._redispatch_shared(session, ending=False)
         journal = self.journal
@@ -396,12 +414,12 @@ class BrokerCore:
             retain = msg_retain and as_published
             connection = session.connection
             if qos:
-                self.deliver(session, message, qos, retain, ids)
+                self.deliver(session, message, qos, retain, ids, None, sender)
             elif connection is None:
                 if self.settings.mqueue_store_qos0:
                     self._enqueue(session, message, 0, retain, ids, None)
             elif connection.paused:
-                self.stats.dropped_qos0_backpressure += 1
+                self._qos0_to_paused(session, message, retain, ids, sender)
             else:
                 connection.send_publish(message, 0, retain, ids)
         return matched + len(routes)
@@ -413,25 +431,38 @@ class BrokerCore:
         strategy = self.settings.shared_subscription_strategy
         for group, _ in groups:
             member = group.pick(strategy, message.topic, publisher)
-            self._deliver_shared(group, member, message, message.retain)
+            self._deliver_shared(group, member, message, message.retain, sender)
         return len(groups)
 
     def _deliver_shared(self, group: SharedGroup, member: Session, message: Message,
-                        retain: bool) -> None:
+                        retain: bool, sender: Session | None = None) -> None:
         entry = group.members[member]
         options = entry.options
         qos = min(message.qos, options.qos)
         retain = retain and options.retain_as_published
         ids = (entry.identifier,) if entry.identifier else ()
         if qos:
-            self.deliver(member, message, qos, retain, ids, group)
+            self.deliver(member, message, qos, retain, ids, group, sender)
         elif member.connection is None:
             if self.settings.mqueue_store_qos0:
                 self._enqueue(member, message, 0, retain, ids, group)
         elif member.connection.paused:
-            self.stats.dropped_qos0_backpressure += 1
+            self._qos0_to_paused(member, message, retain, ids, sender)
         else:
             member.connection.send_publish(message, 0, retain, ids)
+
+    def _qos0_to_paused(self, session: Session, message: Message, retain: bool,
+                        ids: tuple[int, ...], sender: Session | None) -> None:
+        """A QoS 0 message for a subscriber whose transport is over its write
+        high-water mark: written all the same while the publisher can be
+        held back instead (one message over the mark per publisher), dropped
+        when the subscriber is slow or nobody can be held back."""
+        publisher = sender.connection if sender is not None else None
+        if session.slow or publisher is None:
+            self.stats.dropped_qos0_backpressure += 1
+        else:
+            session.connection.send_publish(message, 0, retain, ids)
+            self.hold_back(session, publisher)
 
     def _redispatch_shared(self, session: Session, ending: bool) -> None:
         """Hand the shared-subscription messages a departing member has not
@@ -482,14 +513,16 @@ class BrokerCore:
                       moved, client_id)
 
     def deliver(self, session: Session, message: Message, qos: int, retain: bool,
-                ids: tuple[int, ...], group: SharedGroup | None = None) -> None:
-        """Send a QoS 1/2 message now if the window allows, else queue it."""
+                ids: tuple[int, ...], group: SharedGroup | None = None,
+                sender: Session | None = None) -> None:
+        """Send a QoS 1/2 message now if the window allows, else queue it
+        (``sender``, the publisher, may then be held back)."""
         connection = session.connection
         if (connection is not None and not connection.paused
                 and session.inflight_count() < connection.send_window):
             self._send_inflight(session, connection, (message, qos, retain, ids, group, 0))
         else:
-            self._enqueue(session, message, qos, retain, ids, group)
+            self._enqueue(session, message, qos, retain, ids, group, sender)
 
     def _send_inflight(self, session: Session, connection: Connection,
                        item: QueuedMessage) -> None:
@@ -505,14 +538,28 @@ class BrokerCore:
             self.journal.unqueued(session, key, message)
 
     def _enqueue(self, session: Session, message: Message, qos: int, retain: bool,
-                 ids: tuple[int, ...], group: SharedGroup | None) -> None:
-        """Queue for later; a durable session's QoS 1/2 entries are recorded."""
+                 ids: tuple[int, ...], group: SharedGroup | None,
+                 sender: Session | None = None) -> None:
+        """Queue for later; a durable session's QoS 1/2 entries are recorded.
+
+        An online subscriber that keeps up loses nothing: at its high-water
+        mark the publisher is held back, and what held-back publishers had
+        already sent is queued beyond ``max_mqueue_len`` (at most one message
+        each). The bound applies to offline and slow sessions, and to what
+        no publisher can be held back for (wills, the embedding API).
+        """
         key = 0
         if qos and session.store_id:
             key = self.journal.queued(session, message, qos, retain, ids,
                                       group.share_filter if group is not None else None)
-        dropped = session.enqueue((message, qos, retain, ids, group, key),
-                                  self.settings.max_mqueue_len)
+        limit = self.settings.max_mqueue_len
+        if session.connection is not None and not session.slow and session.queue \
+                and len(session.queue) >= self.flow_high:
+            publisher = sender.connection if sender is not None else None
+            if publisher is not None:
+                self.hold_back(session, publisher)
+                limit = 0
+        dropped = session.enqueue((message, qos, retain, ids, group, key), limit)
         if dropped is not None:
             self.stats.dropped_queue_full += 1
             self._unqueued(session, dropped)
@@ -538,6 +585,60 @@ class BrokerCore:
                 self._send_inflight(session, connection, queue.popleft())
             else:
                 break
+        if ((session.waiters is not None or session.slow) and connection is not None
+                and not connection.paused and (len(queue) if queue else 0) <= self.flow_low):
+            self._release(session)
+
+    # ------------------------------------------------------- flow control
+
+    def hold_back(self, session: Session, publisher: Connection) -> None:
+        """``session``, online and not slow, is over its high-water mark:
+        stop reading new packets from ``publisher`` until it has drained
+        (``drain`` releases it), or until it has been over the mark for
+        ``slow_subscriber_timeout`` and is taken for slow."""
+        waiters = session.waiters
+        if waiters is None:
+            waiters = session.waiters = set()
+            session.slow_handle = self.loop.call_later(
+                self.settings.slow_subscriber_timeout, self._slow_expired, session)
+        elif publisher in waiters:
+            return
+        waiters.add(publisher)
+        publisher.hold()
+
+    def _release(self, session: Session) -> None:
+        """``session`` drained or went offline: its publishers go on, and it
+        is no longer slow."""
+        session.slow = False
+        if session.slow_handle is not None:
+            session.slow_handle.cancel()
+            session.slow_handle = None
+        waiters, session.waiters = session.waiters, None
+        if waiters:
+            for publisher in waiters:
+                publisher.release()
+
+    def _slow_expired(self, session: Session) -> None:
+        """A subscriber held its publishers back for the whole timeout."""
+        session.slow_handle = None
+        waiters, session.waiters = session.waiters, None
+        if session.connection is None or not waiters:
+            return
+        session.slow = True
+        stats = self.stats
+        stats.slow_subscribers += 1
+        now = self.loop.time()
+        if now - self._slow_logged_at >= SLOW_LOG_INTERVAL:
+            self._slow_logged_at = now
+            log.warning("client %r has held %d publishers back for %ss: it no longer does, "
+                        "and its own queue bound applies (slow subscribers so far: %d; "
+                        "dropped so far: %d QoS 0 over the write mark, %d from full queues)",
+                        session.client_id[:100], len(waiters),
+                        self.settings.slow_subscriber_timeout, stats.slow_subscribers,
+                        stats.dropped_qos0_backpressure, stats.dropped_queue_full)
+        for publisher in waiters:
+            publisher.release()
+        self.flush()
 
     def acknowledge(self, session: Session, packet_id: int, kind: int) -> None:
         inflight = session.inflight

@@ -76,6 +76,13 @@ class Session:
     offline_since: float | None = None
     #: Its row in the durable store; 0 when the session is not durable.
     store_id: int = 0
+    #: Publisher flow control (BrokerCore.hold_back): the connections this
+    #: session holds back while it is over its high-water mark, the timer
+    #: that declares it slow, and whether it is (then it holds nobody back
+    #: and its queue bound applies) until it has drained.
+    waiters: set | None = None
+    slow_handle: Any = None
+    slow: bool = False
 
     def allocate_packet_id(self) -> int:
         inflight = self.inflight

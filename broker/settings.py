@@ -63,6 +63,16 @@ class MqttSettings:
     #: Messages queued per session while it is offline or its window is full;
     #: beyond it the oldest is dropped and counted. 0 means no limit.
     max_mqueue_len: int = attrs.field(default=1000, validator=v.ge(0))
+    #: Publisher flow control: when routing a message puts an online
+    #: subscriber's queue at this length, the publisher that sent it is not
+    #: read further (acknowledgements excepted) until the queue is back at a
+    #: quarter of it. At most half of ``max_mqueue_len`` is used, so that the
+    #: queue bound is never what stops a subscriber that keeps up.
+    mqueue_high_watermark: int = attrs.field(default=256, validator=[v.ge(4), v.le(1_000_000)])
+    #: A subscriber that holds its publishers back for longer than this at a
+    #: stretch (it reads slowly or not at all) stops holding them back: its
+    #: own queue bound applies to it until it has drained again.
+    slow_subscriber_timeout: float = attrs.field(default=5.0, metadata=DURATION, validator=v.gt(0))
     #: Whether QoS 0 messages are queued for an offline persistent session.
     mqueue_store_qos0: bool = True
     #: Highest QoS accepted from clients and granted to subscriptions (CONNACK

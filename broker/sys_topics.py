@@ -41,6 +41,17 @@ class SysTopics:
             "retained messages/count": lambda: len(core.retained),
             "messages/dropped": lambda: (stats.dropped_qos0_backpressure + stats.dropped_queue_full
                                          + stats.dropped_too_large + stats.dropped_expired),
+            # By reason: QoS 0 to a slow subscriber over its write mark; the
+            # oldest of a full queue (offline or slow session); larger than
+            # the client's Maximum Packet Size; expired before delivery.
+            "messages/dropped/qos0_backpressure": lambda: stats.dropped_qos0_backpressure,
+            "messages/dropped/queue_full": lambda: stats.dropped_queue_full,
+            "messages/dropped/too_large": lambda: stats.dropped_too_large,
+            "messages/dropped/expired": lambda: stats.dropped_expired,
+            "flow_control/publisher_pauses": lambda: stats.publisher_pauses,
+            "flow_control/publisher_paused_seconds": lambda: round(
+                stats.publisher_paused_seconds, 3),
+            "flow_control/slow_subscribers": lambda: stats.slow_subscribers,
         }
 
     def start(self) -> None:
