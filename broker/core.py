@@ -638,7 +638,6 @@ class BrokerCore:
                         stats.dropped_qos0_backpressure, stats.dropped_queue_full)
         for publisher in waiters:
             publisher.release()
-        self.flush()
 
     def acknowledge(self, session: Session, packet_id: int, kind: int) -> None:
         inflight = session.inflight
