@@ -30,6 +30,9 @@ from .mosquitto_passwd import load_password_file
 log = logging.getLogger("bastionmq.auth")
 
 DENY_ANONYMOUS = AuthResult(Reason.NOT_AUTHORIZED)
+#: A username no authenticator knows gets the answer of a wrong password, so
+#: that refusals do not tell which usernames exist (``hide_unknown_users``).
+DENY_UNKNOWN = AuthResult(Reason.BAD_USER_NAME_OR_PASSWORD)
 BANNED = AuthResult(Reason.BANNED)
 
 
@@ -53,8 +56,10 @@ class AuthenticationChain:
     def __init__(self, allow_anonymous: bool,
                  authenticators: Sequence[ChainAuthenticator] | None = None,
                  enabled: bool = True, stats: AuthStats | None = None,
-                 bans: LoginBans | None = None, methods: frozenset[str] | None = None) -> None:
+                 bans: LoginBans | None = None, methods: frozenset[str] | None = None,
+                 hide_unknown_users: bool = True) -> None:
         self.allow_anonymous = allow_anonymous
+        self.hide_unknown_users = hide_unknown_users
         #: Enhanced authentication methods clients of this listener may use;
         #: None: any the broker has.
         self.methods = methods
@@ -139,6 +144,8 @@ class AuthenticationChain:
         log.info("refusing client %r from %s on %s: no authenticator accepted it and "
                  "anonymous access is off", request.client_id, request.peer.host,
                  request.peer.listener)
+        if self.hide_unknown_users and request.username is not None:
+            return DENY_UNKNOWN
         return DENY_ANONYMOUS
 
 

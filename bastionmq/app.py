@@ -25,7 +25,7 @@ from bastionmq.broker.store import RestoreReport, SqliteStore, StoreError
 from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.config import TLS_KINDS, Config, ConfigError, load_config
 from bastionmq.listeners.base import Listener
-from bastionmq.listeners.tls import TlsListener, TlsSetupError, load_material
+from bastionmq.listeners.tls import TlsListener, TlsSetupError, certificate_facts, load_material
 from bastionmq.listeners.ws import WsListener, WssListener
 from bastionmq.pki import DEFAULT_DIR, init_pki
 
@@ -242,7 +242,8 @@ class Broker:
             methods = embedded | ({"SCRAM-SHA-256"} if _has_scram(config, block) else set())
             chains[f"{kind}:{name}"] = AuthenticationChain(
                 config.anonymous_allowed(block), authenticators,
-                block.enable_authn, self.authn_stats, bans, frozenset(methods))
+                block.enable_authn, self.authn_stats, bans, frozenset(methods),
+                config.hide_unknown_users)
             listeners.append(_listener_plan(config, kind, name, block))
             if kind in TLS_KINDS:
                 rules[f"{kind}:{name}"] = IdentityRule(*config.peer_cert_identity_of(block))
@@ -251,6 +252,7 @@ class Broker:
                                       self.auth_methods,
                                       PeerIdentity(rules) if rules else None,
                                       self.authorization)
+        core.certificate_parser = certificate_facts
         if config.durable_sessions.enable:
             await self._open_store(core)
         if config.sys_topics.sys_interval > 0:

@@ -770,6 +770,10 @@ class Config:
     listeners: ListenersConfig = attrs.field(factory=ListenersConfig)
     #: Off unless set: anonymous access is always an explicit decision.
     allow_anonymous: bool = False
+    #: A client refused because no authenticator knows its username gets the
+    #: answer of a wrong password (0x86 / 4), not 0x87 / 5: refusals do not
+    #: tell which usernames exist.
+    hide_unknown_users: bool = True
     log: LogConfig = attrs.field(factory=LogConfig)
     sys_topics: SysTopicsConfig = attrs.field(factory=SysTopicsConfig)
     crl_cache: CrlCacheConfig = attrs.field(factory=CrlCacheConfig)

@@ -438,6 +438,12 @@ class Connection:
             request = settled
             self.client_id = client_id = request.client_id
             self.username = request.username
+        if settings.use_username_as_clientid and request.username:
+            if len(request.username) > settings.max_clientid_len:
+                return self._refuse(Reason.CLIENT_IDENTIFIER_NOT_VALID,
+                                    f"username (the client id) longer than {settings.max_clientid_len}")
+            request = attrs.evolve(request, client_id=request.username)
+            self.client_id = client_id = request.username
         method_name = packet.properties.get("authentication_method") if self.version == MQTT_5 else None
         if method_name is not None:
             method = core.auth_methods.get(method_name)
@@ -510,6 +516,9 @@ class Connection:
             expiry = 0 if packet.clean_start else int(settings.session_expiry_interval)
         self.client_info = ClientInfo(client_id=self.client_id, username=self.username,
                                       peer=self.peer, superuser=self.superuser)
+        if core.session_refused(self.client_info):
+            return self._refuse(Reason.NOT_AUTHORIZED,
+                                "client id in use by a session of another identity")
         session, present = core.open_session(self, packet.clean_start, expiry, self.client_info)
         self.session = session
         if core.access is not None:
@@ -518,7 +527,7 @@ class Connection:
         if core.journal is not None and packet.will is not None:
             # Kept while the client is connected: a crash of the broker ends
             # the connection too, and the will is published after a restart.
-            core.journal.will_saved(self.client_id, self.username, packet.will, None)
+            core.journal.will_saved(self.client_info, packet.will, None)
             self.will_stored = True
         self.keepalive = packet.keepalive
         self.state = CONNECTED
@@ -602,6 +611,9 @@ class Connection:
                 return self._violation(MalformedPacket(
                     f"more than {core.settings.max_awaiting_rel} unacknowledged QoS 1 and 2 "
                     "messages (Receive Maximum)", Reason.RECEIVE_MAXIMUM_EXCEEDED))
+        if topic.startswith("$SYS/"):
+            # The broker's own figures: no client writes them (as Mosquitto).
+            return self._publish_denied(packet, topic)
         access = core.access
         if access is not None and not access.permits(
                 self.client_info, self.access_cache, PUBLISH_ACTION, topic, qos, packet.retain):
@@ -624,7 +636,7 @@ class Connection:
         core = self.core
         core.stats.publish_denied += 1
         log.info("%s: not authorized to publish to %r", self._describe(), topic[:200])
-        if core.access.disconnect_on_deny:
+        if core.access is not None and core.access.disconnect_on_deny:
             return self.close(Reason.NOT_AUTHORIZED, f"not authorized to publish to {topic[:200]!r}")
         qos = packet.qos
         if self.version == MQTT_5:

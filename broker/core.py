@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from typing import Any, Coroutine, Mapping
+from typing import Any, Callable, Coroutine, Mapping
 
 import attrs
 
@@ -22,9 +22,10 @@ from .connection import Connection, release_ack
 from .message import Message
 from .access import AccessControl, Authorizer
 from .ports import (
-    PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, ClientInfo, IdentityPolicy,
-    PeerInfo,
+    PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, CertificateFacts, ClientInfo,
+    IdentityPolicy, PeerInfo,
 )
+from .ownership import client_from_record, owner_of, same_owner
 from .store import Journal, RestoreReport, Snapshot, StoredSession, StoredWill
 from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, Reason
 from .retained import RetainedStore
@@ -42,9 +43,6 @@ SYS_PREFIX = "$SYS/"
 
 #: Seconds between two log lines about slow subscribers, at the least.
 SLOW_LOG_INTERVAL = 10.0
-
-#: Where a session restored from the store was last connected: unknown.
-RESTORED_PEER = PeerInfo(listener="restored")
 
 
 @attrs.define(slots=True)
@@ -137,6 +135,9 @@ class BrokerCore:
         #: Where changes to durable state are recorded; None keeps state in
         #: memory only. Sessions are durable when ``store_id`` is set.
         self.journal: Journal | None = None
+        #: Reads a stored client certificate (DER) again for restored
+        #: sessions and wills; the listeners' parser, set by the application.
+        self.certificate_parser: Callable[[bytes], CertificateFacts] | None = None
 
     # ------------------------------------------------------- connections
 
@@ -162,6 +163,28 @@ class BrokerCore:
 
     # ------------------------------------------------------- sessions
 
+    def session_refused(self, client: ClientInfo) -> bool:
+        """Whether ``client`` is refused the session of its client id because
+        that session belongs to another identity (another username, or
+        another verified certificate): it may neither resume it, nor take
+        over its connection, nor wipe it with a clean start. With
+        ``mqtt.session_takeover_by_other_identity = clean`` it is not
+        refused: the other identity's session ends and it gets a new one."""
+        session = self.sessions.get(client.client_id)
+        if session is None or session.client is None or same_owner(
+                session.owner, session.client.username, client):
+            return False
+        if self.settings.session_takeover_by_other_identity == "clean":
+            log.info("client id %r: the session of another identity ends for a new one",
+                     client.client_id[:100])
+            if session.connection is not None:
+                session.connection.close(Reason.SESSION_TAKEN_OVER, "session taken over")
+            session = self.sessions.get(client.client_id)
+            if session is not None:
+                self._end_session(session)
+            return False
+        return True
+
     def open_session(self, connection: Connection, clean_start: bool,
                      expiry: int, client: ClientInfo) -> tuple[Session, bool]:
         """Attach ``connection`` to its session; returns (session, session present)."""
@@ -180,6 +203,9 @@ class BrokerCore:
         present = session is not None
         if session is None:
             session = self.sessions[client_id] = Session(client_id)
+            session.owner = owner_of(client)
+        elif session.owner is None:
+            session.owner = owner_of(client)  # now known in full
         else:
             if session.expiry_handle is not None:
                 session.expiry_handle.cancel()
@@ -242,8 +268,7 @@ class BrokerCore:
                 session.will_handle = self.loop.call_later(delay, self._publish_delayed_will,
                                                            session)
                 if journal is not None:
-                    journal.will_saved(session.client_id, connection.username, will,
-                                       session.will_due)
+                    journal.will_saved(connection.client_info, will, session.will_due)
             else:
                 self._publish_will(will, session.client)
                 if journal is not None:
@@ -765,8 +790,9 @@ class BrokerCore:
         if session is not None:
             session.pending_will, session.will_due = will, due  # see _resume_timers
             return
-        self._publish_will(will, ClientInfo(client_id=stored.client_id,
-                                            username=stored.username, peer=RESTORED_PEER))
+        client, _ = client_from_record(stored.client_id, stored.username, stored.client,
+                                       self.certificate_parser)
+        self._publish_will(will, client)
         self.journal.will_deleted(stored.client_id)
         report.wills_published += 1
 
@@ -777,8 +803,8 @@ class BrokerCore:
         # disconnected now: when it stopped exactly is not known.
         since = stored.disconnected_at if stored.disconnected_at is not None else wall_now
         session.offline_since = now - max(0.0, wall_now - since)
-        session.client = ClientInfo(client_id=stored.client_id, username=stored.username,
-                                    peer=RESTORED_PEER)
+        session.client, session.owner = client_from_record(
+            stored.client_id, stored.username, stored.client, self.certificate_parser)
         for options, identifier in stored.subscriptions:
             self.subscribe(session, options, identifier)
         session.store_id = stored.sid  # from here on, changes are recorded

@@ -67,6 +67,9 @@ class Session:
     expiry_handle: Any = None
     #: Who the session's client is (a ClientInfo), for authorizing its will.
     client: Any = None
+    #: The identity the session belongs to (broker.ownership.owner_of); None
+    #: when only the username of ``client`` is known (an old store's session).
+    owner: str | None = None
     #: A will held back by its Will Delay Interval, and the timer that sends it.
     pending_will: Any = None
     will_handle: Any = None

@@ -111,6 +111,15 @@ class MqttSettings:
     #: san_ip[:N], spiffe_id) instead of what it sent; disabled keeps what it sent.
     peer_cert_as_username: str = attrs.field(default="disabled", validator=peer_cert_source)
     peer_cert_as_clientid: str = attrs.field(default="disabled", validator=peer_cert_source)
+    #: A session belongs to the identity that made it (username, and the
+    #: verified certificate or PSK identity). Another identity presenting its
+    #: client id is refused (CONNACK 0x87 / 5), or with "clean" ends it and
+    #: gets a new session.
+    session_takeover_by_other_identity: str = attrs.field(
+        default="refuse", validator=v.in_(("refuse", "clean")))
+    #: Use the username (after peer_cert_as_username) as the client id, as
+    #: EMQX's option of the same name does; a client without one keeps its own.
+    use_username_as_clientid: bool = False
     #: replace: the certificate's value replaces what the client sent;
     #: enforce: a client that sent something else is refused (CONNACK 0x85 /
     #: 0x86), so a device's own configuration mistakes show.

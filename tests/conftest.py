@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -248,8 +249,10 @@ class RawClient:
     """A client on a plain socket speaking through the project's own codec,
     for exact packets and for input no well-behaved library would send."""
 
-    def __init__(self, port: int, version: int = MQTT_3_1_1) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    def __init__(self, port: int, version: int = MQTT_3_1_1,
+                 sock: socket.socket | None = None) -> None:
+        """On a new connection to ``port``, or on ``sock`` (a TLS socket, say)."""
+        self.sock = sock or socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
         self.version = version
         self.decoder = Decoder(version)
         self.pending: list[Packet] = []
@@ -305,3 +308,15 @@ def raw_clients():
 
 
 __all__ = ["Client", "RawClient", "RunningBroker", "MQTT_5", "MalformedPacket", "Disconnect"]
+
+
+@pytest.fixture
+def passwd(tmp_path) -> Path:
+    """A password file written by Debian's mosquitto_passwd, unchanged:
+    alice (wonderland) and bob (builder)."""
+    path = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(path), "alice", "wonderland"],
+                   check=True, capture_output=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(path), "bob", "builder"],
+                   check=True, capture_output=True)
+    return path

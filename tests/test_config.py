@@ -453,7 +453,7 @@ def test_unknown_key_with_a_hint() -> None:
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     assert errors_of("zzz = 1") == {
-        "zzz": "unknown key (known keys: node, mqtt, listeners, allow_anonymous, log, sys_topics, crl_cache, psk_authentication, authentication, authn_ban, authorization, durable_sessions)"}
+        "zzz": "unknown key (known keys: node, mqtt, listeners, allow_anonymous, hide_unknown_users, log, sys_topics, crl_cache, psk_authentication, authentication, authn_ban, authorization, durable_sessions)"}
 
 
 def test_unknown_key_deep_inside_a_listener() -> None:

@@ -608,6 +608,37 @@ def test_the_wills_of_clients_cut_off_by_sigkill_are_published_after_the_restart
     assert sorted(m.payload for m in reader.expect(2)) == [b"offline", b"offline"]
 
 
+def test_a_will_restored_after_sigkill_is_authorized_as_its_client(
+        broker: BrokerProcess, clients: MakeClient, tmp_path: Path) -> None:
+    """The store keeps the listener (and address, certificate, superuser
+    flag) of a will's client: a rule on the listener denies the will after
+    a crash as it would have on a normal disconnect."""
+    public = free_port()
+    acl = tmp_path / "acl.conf"
+    acl.write_text('{deny, {listener, "tcp:public"}, publish, ["crash/#"]}.\n{allow, all}.\n')
+    with open(broker.config, "a", encoding="utf-8") as config:
+        config.write(f'listeners.tcp.public {{ bind = "127.0.0.1:{public}" }}\n'
+                     f'authorization {{ sources = [ {{ type = file, path = "{acl}" }} ] }}\n')
+    broker.start()
+    watcher = clients(broker.port, client_id="will-watcher", version=paho.MQTTv5, clean=False,
+                      session_expiry=SESSION_EXPIRY)
+    watcher.subscribe("crash/status/+", 1)
+    watcher.disconnect()
+    clients(public, client_id="outside", will=("crash/status/outside", b"offline", 1, False))
+    clients(broker.port, client_id="inside", will=("crash/status/inside", b"offline", 1, False))
+    assert sqlite3_rows(tmp_path / "store" / "sessions.sqlite3",
+                        "SELECT count(*) FROM wills", expect=[(2,)]) == [(2,)]
+    broker.kill()
+
+    broker.start()
+    watcher = clients(broker.port, client_id="will-watcher", version=paho.MQTTv5, clean=False,
+                      session_expiry=SESSION_EXPIRY)
+    got = [(m.topic, m.payload) for m in watcher.expect(1, timeout=TIMEOUT)]
+    assert got == [("crash/status/inside", b"offline")]
+    watcher.expect_nothing_more("crash/status/marker")
+    assert "not publishing the will of 'outside'" in broker.stderr
+
+
 def sqlite3_rows(path: Path, query: str, expect: list[tuple]) -> list[tuple]:
     """``query``'s rows once they are ``expect`` (the broker commits within
     milliseconds), or what they are after TIMEOUT."""

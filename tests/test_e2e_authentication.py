@@ -15,17 +15,6 @@ from startup import startup_error
 from tls_helpers import ssl_listener
 
 
-@pytest.fixture
-def passwd(tmp_path) -> Path:
-    """A password file written by Debian's mosquitto_passwd, unchanged."""
-    path = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-c", "-b", str(path), "alice", "wonderland"],
-                   check=True, capture_output=True)
-    subprocess.run(["mosquitto_passwd", "-b", str(path), "bob", "builder"],
-                   check=True, capture_output=True)
-    return path
-
-
 def _password_chain(passwd: Path, anonymous: bool = False) -> str:
     return f"""
 listeners.tcp.default {{ bind = "127.0.0.1:0" }}
@@ -46,14 +35,29 @@ def test_a_mosquitto_password_file_works_unchanged(start_broker, raw_clients, pa
     assert broker.run(lambda: (stats.allowed, stats.denied)) == (1, 1)
 
 
-@pytest.mark.parametrize("anonymous, expected", [(False, 0x87), (True, 0)])
+@pytest.mark.parametrize("anonymous, unknown, nameless", [(False, 0x86, 0x87), (True, 0, 0)])
 def test_unknown_users_pass_to_allow_anonymous(start_broker, raw_clients, passwd, anonymous,
-                                               expected):
+                                               unknown, nameless):
+    # Refused, an unknown user gets what a wrong password gets (0x86): the
+    # answer does not tell whether "carol" exists.
     broker = start_broker(config=_password_chain(passwd, anonymous))
     client = raw_clients(broker.port, MQTT_5)
-    assert client.connect("c", username="carol", password=b"x").reason_code == expected
-    nameless = raw_clients(broker.port, MQTT_5)
-    assert nameless.connect("d").reason_code == expected
+    assert client.connect("c", username="carol", password=b"x").reason_code == unknown
+    without_name = raw_clients(broker.port, MQTT_5)
+    assert without_name.connect("d").reason_code == nameless
+
+
+@pytest.mark.parametrize("hide, version, unknown", [
+    (True, MQTT_3_1_1, 4), (False, MQTT_3_1_1, 5), (True, MQTT_5, 0x86), (False, MQTT_5, 0x87)])
+def test_unknown_and_wrong_password_get_the_same_answer(start_broker, raw_clients, passwd,
+                                                        hide, version, unknown):
+    broker = start_broker(config=_password_chain(passwd)
+                          + f"hide_unknown_users = {str(hide).lower()}")
+    wrong = raw_clients(broker.port, version)
+    assert wrong.connect("a", username="alice", password=b"guess").reason_code == (
+        4 if version == MQTT_3_1_1 else 0x86)
+    stranger = raw_clients(broker.port, version)
+    assert stranger.connect("b", username="mallory", password=b"guess").reason_code == unknown
 
 
 def test_paho_with_username_and_password(start_broker, clients, passwd):
@@ -152,7 +156,8 @@ def test_reload_reads_the_password_file_again(start_broker, raw_clients, passwd)
     subprocess.run(["mosquitto_passwd", "-b", str(passwd), "carol", "new"], check=True,
                    capture_output=True)
     refused = raw_clients(broker.port, MQTT_5)
-    assert refused.connect("c1", username="carol", password=b"new").reason_code == 0x87
+    # Unknown until the reload (answered as a wrong password: hide_unknown_users).
+    assert refused.connect("c1", username="carol", password=b"new").reason_code == 0x86
     broker.run(broker.broker.reload)
     admitted = raw_clients(broker.port, MQTT_5)
     assert admitted.connect("c2", username="carol", password=b"new").reason_code == 0

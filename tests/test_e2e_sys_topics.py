@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bastionmq import __version__
+from bastionmq.broker.codec import MQTT_3_1_1, MQTT_5, Publish
 
 
 def _figures(client, count):
@@ -50,3 +53,21 @@ def test_sys_topics_off(start_broker, clients):
     monitor.subscribe("$SYS/#", qos=1)
     monitor.subscribe("marker", qos=1)
     monitor.expect_nothing_more("marker")
+
+
+@pytest.mark.parametrize("version", [MQTT_5, MQTT_3_1_1])
+def test_clients_cannot_write_sys_topics(start_broker, raw_clients, clients, version):
+    broker = start_broker("sys_topics.sys_interval = 1h")
+    spoofer = raw_clients(broker.port, version)
+    spoofer.connect("spoofer")
+    spoofer.send(Publish("$SYS/broker/version", b"evil 6.6.6", qos=1, retain=True, packet_id=1))
+    # 5.0: refused with 0x87; 3.1.1 has no refusal: acknowledged and dropped.
+    assert spoofer.receive().reason_code == (0x87 if version == MQTT_5 else 0)
+    spoofer.send(Publish("$SYS/broker/uptime", b"forever", qos=0, retain=True))
+    monitor = clients(broker.port, client_id="monitor")
+    monitor.subscribe("$SYS/broker/version")
+    monitor.subscribe("$SYS/broker/uptime")
+    seen = _figures(monitor, 2)
+    assert seen["version"] == f"bastionmq {__version__}"
+    assert seen["uptime"] != "forever"
+    assert broker.run(lambda: broker.core.stats.publish_denied) == 2

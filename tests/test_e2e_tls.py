@@ -4,6 +4,7 @@ Python's ssl, openssl s_client and mosquitto_pub / mosquitto_sub."""
 from __future__ import annotations
 
 import datetime
+import itertools
 import ssl
 import subprocess
 import time
@@ -58,10 +59,14 @@ def _client_context(pki: Path, cert: str | None = None, directory: Path | None =
     return context
 
 
+_CLIENT_IDS = itertools.count(1)
+
+
 def _tls_connect(port: int, context: ssl.SSLContext) -> ssl.SSLSocket:
-    """A TLS socket through the handshake and an MQTT CONNECT/CONNACK."""
+    """A TLS socket through the handshake and an MQTT CONNECT/CONNACK, with
+    a client id of its own (a session belongs to one identity)."""
     tls = tls_socket(port, context)
-    tls.sendall(encode(Connect("tls-client", MQTT_3_1_1), MQTT_3_1_1))
+    tls.sendall(encode(Connect(f"tls-client-{next(_CLIENT_IDS)}", MQTT_3_1_1), MQTT_3_1_1))
     packets = Decoder(MQTT_3_1_1).feed(tls.recv(1024))
     assert packets and packets[0].reason_code == 0, packets
     return tls

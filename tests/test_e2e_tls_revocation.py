@@ -9,6 +9,7 @@ import http.server
 import logging
 import shutil
 import socket
+import itertools
 import ssl
 import threading
 import time
@@ -33,11 +34,16 @@ def _config(pki: Path, cafile: Path | None = None, extra: str = "", **options: s
     return ssl_listener(pki, "allow_anonymous = true\n" + extra, **options)
 
 
+_CLIENT_IDS = itertools.count(1)
+
+
 class MqttOverTls:
-    def __init__(self, port: int, pki: Path, cert: str, client_id: str = "c",
+    def __init__(self, port: int, pki: Path, cert: str, client_id: str | None = None,
                  cert_dir: Path | None = None) -> None:
         """Trust the server's CA in ``pki``; present ``cert`` from ``cert_dir``
-        (another CA's directory) or ``pki``."""
+        (another CA's directory) or ``pki``. Each client gets a client id of
+        its own unless given one (a session belongs to one identity)."""
+        client_id = client_id or f"c{next(_CLIENT_IDS)}"
         context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
         cert_dir = cert_dir or pki
         context.load_cert_chain(cert_dir / f"{cert}.pem", cert_dir / f"{cert}.key")

@@ -13,6 +13,7 @@ from bastionmq.broker.message import Message
 from bastionmq.broker.sessions import Inflight, Session, SubscriptionEntry
 from bastionmq.broker.store import SqliteStore
 from bastionmq.broker.store.journal import DELETE, Journal
+from bastionmq.broker.store.sqlite import SCHEMA_VERSION
 
 
 def journal() -> tuple[Journal, list[str]]:
@@ -152,4 +153,4 @@ def test_the_store_writes_a_batch_and_reads_it_back(tmp_path):
     asyncio.run(scenario())
     db = sqlite3.connect(tmp_path / "s.sqlite3")
     assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert db.execute("SELECT version FROM schema_version").fetchone() == (1,)
+    assert db.execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,)

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..codec import Subscription, Will, encode_properties
 from ..message import Message
+from ..ownership import client_record
+from ..ports import ClientInfo
 
 if TYPE_CHECKING:
     from ..sessions import Inflight, Session, SubscriptionEntry
@@ -188,7 +190,8 @@ class Journal:
         batch = self.batch
         batch.sessions[sid] = (
             sid, session.client_id, session.expiry_interval, self.wall(session.offline_since),
-            client.username if client is not None else None)
+            client.username if client is not None else None,
+            client_record(client) if client is not None else None)
         self._changed(batch)
 
     def session_deleted(self, session: Session) -> None:
@@ -284,14 +287,15 @@ class Journal:
 
     # ------------------------------------------------------- wills
 
-    def will_saved(self, client_id: str, username: str | None, will: Will,
-                   due: float | None) -> None:
+    def will_saved(self, client: ClientInfo, will: Will, due: float | None) -> None:
         """A client's will: while it is connected (``due`` None), so that a
-        crash of the broker does not lose it, or held back until ``due``."""
+        crash of the broker does not lose it, or held back until ``due``;
+        with the client's facts, to authorize it as that client."""
         batch = self.batch
-        batch.wills[client_id] = (client_id, username, will.topic, will.payload, will.qos,
-                                  int(will.retain), _properties(will.properties),
-                                  self.wall(due))
+        batch.wills[client.client_id] = (
+            client.client_id, client.username, will.topic, will.payload, will.qos,
+            int(will.retain), _properties(will.properties), self.wall(due),
+            client_record(client))
         self._changed(batch)
 
     def will_deleted(self, client_id: str) -> None:

@@ -17,6 +17,9 @@ class StoredSession:
     #: connected when the broker stopped (it counts as lost at start-up).
     disconnected_at: float | None
     username: str | None
+    #: Its client's facts (broker.ownership.client_record); None when the
+    #: store was written before they were kept.
+    client: str | None
     subscriptions: list[tuple[Subscription, int | None]] = attrs.field(factory=list)
     #: (packet id, message, QoS, retain, subscription ids, $share filter or None, released).
     inflight: list[tuple[int, Message, int, bool, tuple[int, ...], str | None, bool]] = \
@@ -39,6 +42,8 @@ class StoredWill:
     #: Wall-clock time a held-back will is due; None if its client was
     #: connected (its connection ended with the broker).
     due: float | None
+    #: Its client's facts, as StoredSession.client.
+    client: str | None = None
 
 
 @attrs.define(slots=True)

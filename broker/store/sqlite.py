@@ -35,7 +35,7 @@ from .records import Snapshot, StoredSession, StoredWill
 log = logging.getLogger("bastionmq.store")
 
 #: The layout this code reads and writes; kept in the schema_version table.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -47,10 +47,11 @@ CREATE TABLE retained (
     properties BLOB, expires_at REAL) WITHOUT ROWID;
 CREATE TABLE sessions (
     sid INTEGER PRIMARY KEY, client_id TEXT NOT NULL, expiry INTEGER NOT NULL,
-    disconnected_at REAL, username TEXT);
+    disconnected_at REAL, username TEXT, client TEXT);
 CREATE TABLE wills (
     client_id TEXT PRIMARY KEY, username TEXT, topic TEXT NOT NULL, payload BLOB NOT NULL,
-    qos INTEGER NOT NULL, retain INTEGER NOT NULL, properties BLOB, due REAL) WITHOUT ROWID;
+    qos INTEGER NOT NULL, retain INTEGER NOT NULL, properties BLOB, due REAL,
+    client TEXT) WITHOUT ROWID;
 CREATE TABLE subscriptions (
     sid INTEGER NOT NULL, filter TEXT NOT NULL, qos INTEGER NOT NULL,
     no_local INTEGER NOT NULL, retain_as_published INTEGER NOT NULL,
@@ -68,6 +69,13 @@ CREATE TABLE awaiting_rel (
     sid INTEGER NOT NULL, packet_id INTEGER NOT NULL,
     PRIMARY KEY (sid, packet_id)) WITHOUT ROWID;
 """
+
+#: Each layout's step from the one before: MIGRATIONS[n] takes version n to n + 1.
+MIGRATIONS = {
+    # The facts of the client a session or will belongs to (broker.ownership);
+    # rows of version 1 have none, and are matched on their username alone.
+    1: "ALTER TABLE sessions ADD COLUMN client TEXT; ALTER TABLE wills ADD COLUMN client TEXT;",
+}
 
 #: Tables whose rows belong to a session, by the name of their key's second part.
 SESSION_TABLES = {"subscriptions": "filter", "queue": "seq", "inflight": "packet_id",
@@ -150,7 +158,7 @@ def batch_statements(batch: Batch) -> Iterator[tuple[str, list[tuple]]]:
         ("queue", batch.queue, 7, "sid = ? AND seq = ?"),
         ("inflight", batch.inflight, 8, "sid = ? AND packet_id = ?"),
         ("awaiting_rel", batch.awaiting, 2, "sid = ? AND packet_id = ?"),
-        ("wills", batch.wills, 8, "client_id = ?"),
+        ("wills", batch.wills, 9, "client_id = ?"),
     )
     for name, table, width, where in tables:
         if not table:
@@ -161,7 +169,7 @@ def batch_statements(batch: Batch) -> Iterator[tuple[str, list[tuple]]]:
         if deletes:
             yield f"DELETE FROM {name} WHERE {where}", deletes
     if batch.sessions:
-        yield "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?)", \
+        yield "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)", \
             list(batch.sessions.values())
     if batch.ended:
         # Last: these sweep every row of a session, folded or not.
@@ -272,7 +280,11 @@ class SqliteStore:
         if version > SCHEMA_VERSION:
             raise StoreError(f"{self.path} was written by a newer bastionmq (schema "
                              f"{version}; this one reads {SCHEMA_VERSION})")
-        # Later layouts add their migrations here, from ``version`` up.
+        if version < SCHEMA_VERSION:
+            steps = "".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+            await db.executescript(f"BEGIN; {steps} UPDATE schema_version SET version = "
+                                   f"{SCHEMA_VERSION}; COMMIT;")
+            log.info("%s: layout brought from schema %d to %d", self.path, version, SCHEMA_VERSION)
         verdict = [row[0] for row in await db.execute_fetchall("PRAGMA quick_check")]
         if verdict != ["ok"]:
             raise StoreError(f"{self.path} is damaged: {'; '.join(verdict[:5])}. "
@@ -297,13 +309,14 @@ class SqliteStore:
                                                to_loop)
             message.store_id = mid
         sessions: dict[int, StoredSession] = {}
-        for sid, client_id, expiry, disconnected_at, username in await db.execute_fetchall(
-                "SELECT * FROM sessions ORDER BY sid"):
-            sessions[sid] = StoredSession(sid, client_id, expiry, disconnected_at, username)
+        for sid, client_id, expiry, disconnected_at, username, client in \
+                await db.execute_fetchall("SELECT * FROM sessions ORDER BY sid"):
+            sessions[sid] = StoredSession(sid, client_id, expiry, disconnected_at, username,
+                                          client)
         wills = [StoredWill(client_id, username,
                             Will(topic, payload, qos, bool(retain),
-                                 decode_properties(props, WILL) if props else {}), due)
-                 for client_id, username, topic, payload, qos, retain, props, due
+                                 decode_properties(props, WILL) if props else {}), due, client)
+                 for client_id, username, topic, payload, qos, retain, props, due, client
                  in await db.execute_fetchall("SELECT * FROM wills")]
         for sid, topic_filter, qos, no_local, rap, handling, identifier in \
                 await db.execute_fetchall("SELECT * FROM subscriptions"):
