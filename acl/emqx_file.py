@@ -702,6 +702,10 @@ def _from_networks(networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
 # ------------------------------------------------------------------ the source
 
 
+#: Clients whose rule conditions an acl.conf keeps evaluated, at most.
+APPLIES_CACHE_SIZE = 10_000
+
+
 class EmqxAclFile:
     """The rules of one acl.conf, checked in order (an AclSource)."""
 
@@ -710,10 +714,15 @@ class EmqxAclFile:
         self.source = source
         # Per action, only the rules that can apply to it, with their qualifiers
         # up front: most rules are skipped on a set lookup.
-        self._publish = tuple((rule.publish_qos, rule.publish_retain, rule)
-                              for rule in rules if rule.publish_qos is not None)
-        self._subscribe = tuple((rule.subscribe_qos, None, rule)
-                                for rule in rules if rule.subscribe_qos is not None)
+        self._publish = tuple((rule.publish_qos, rule.publish_retain, index, rule)
+                              for index, rule in enumerate(rules) if rule.publish_qos is not None)
+        self._subscribe = tuple((rule.subscribe_qos, None, index, rule)
+                                for index, rule in enumerate(rules)
+                                if rule.subscribe_qos is not None)
+        #: Which rules' client conditions hold, per client: evaluated once
+        #: per connection (its ClientInfo), not once per check, so that a
+        #: regular expression costs a client once. Bounded: emptied when full.
+        self._applies: dict[ClientInfo, tuple[bool, ...]] = {}
 
     def __repr__(self) -> str:
         return f"<EmqxAclFile {self.source} ({len(self.rules)} rules)>"
@@ -727,10 +736,16 @@ class EmqxAclFile:
         else:
             return None
         client, topic, qos, retain = request.client, request.topic, request.qos, request.retain
-        for levels, retain_flag, rule in candidates:
+        applies = self._applies.get(client)
+        if applies is None:
+            if len(self._applies) >= APPLIES_CACHE_SIZE:
+                self._applies.clear()
+            applies = self._applies[client] = tuple(
+                rule.who is None or rule.who(client) for rule in self.rules)
+        for levels, retain_flag, index, rule in candidates:
             if qos not in levels or (retain_flag is not None and retain_flag != retain):
                 continue
-            if rule.who is not None and not rule.who(client):
+            if not applies[index]:
                 continue
             if rule.matches_topic(topic, client, matches):
                 return rule.permission

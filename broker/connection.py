@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 
 import attrs
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,9 @@ log = logging.getLogger("bastionmq.connection")
 NEW, AUTHENTICATING, CONNECTED, CLOSED = range(4)
 
 _MAX_U16 = 65535
+
+#: Refused in client ids and usernames: C0 and C1 controls and DEL.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 #: Bytes a client held back by publisher flow control may send before its
 #: socket is no longer read (what it sends is kept until it may go on).
@@ -414,6 +418,14 @@ class Connection:
         elif len(client_id) > settings.max_clientid_len:
             return self._refuse(Reason.CLIENT_IDENTIFIER_NOT_VALID,
                                 f"client id longer than {settings.max_clientid_len}")
+        elif _CONTROL_CHARACTERS.search(client_id):
+            # They would reach logs, templates and rules ("dashboard\n" passes
+            # a "^dashboard$" regular expression).
+            return self._refuse(Reason.CLIENT_IDENTIFIER_NOT_VALID,
+                                "client id with control characters")
+        if packet.username is not None and _CONTROL_CHARACTERS.search(packet.username):
+            return self._refuse(Reason.BAD_USER_NAME_OR_PASSWORD,
+                                "username with control characters")
         self.client_id = client_id
         self.username = packet.username
         will = packet.will

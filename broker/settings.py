@@ -51,7 +51,7 @@ class MqttSettings:
         default=1024 * 1024, metadata=SIZE,
         validator=[v.ge(16), v.le(MAX_PACKET_SIZE_LIMIT)])
     #: Longest client identifier accepted (CONNACK 0x85 / 2 beyond it).
-    max_clientid_len: int = attrs.field(default=65535, validator=[v.ge(23), v.le(65535)])
+    max_clientid_len: int = attrs.field(default=256, validator=[v.ge(23), v.le(65535)])
     #: Most levels a topic name or filter may have.
     max_topic_levels: int = attrs.field(default=128, validator=[v.ge(1), v.le(65535)])
     #: A connection that has not completed CONNECT by then is closed.

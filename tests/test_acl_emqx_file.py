@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 
+import attrs
 import mqtt_strategies
 import pytest
 from hypothesis import given, settings
@@ -566,3 +567,28 @@ def test_a_long_rule_is_shortened_in_messages():
     shown = str(error).split(" in ", 1)[1]
     assert shown.startswith('{allow, all, publsh, ["t/0"') and shown.endswith("…")
     assert len(shown) <= 160
+
+
+def test_client_conditions_are_evaluated_once_per_client():
+    # A regular expression on a long client id is paid once per connection,
+    # not on every check.
+    source = parse_acl_text('{allow, {clientid, {re, "^sensor-.*-prod$"}}, publish, ["t/#"]}.\n'
+                            '{deny, {username, "x"}, publish, ["#"]}.\n')
+    calls = []
+
+    def counting(rule):
+        def who(client):
+            calls.append(rule.line)
+            return rule.who(client)
+        return attrs.evolve(rule, who=who)
+
+    counted = EmqxAclFile(tuple(counting(rule) for rule in source.rules))
+    client = ClientInfo(client_id="sensor-7-prod", username=None, peer=PeerInfo(listener="tcp:x"))
+    for n in range(50):
+        assert counted.check(AccessRequest(client=client, action=PUBLISH_ACTION,
+                                           topic=f"t/{n}")) == ALLOW_ACCESS
+    assert sorted(calls) == [1, 2]
+    other = ClientInfo(client_id="sensor-8-test", username="x", peer=PeerInfo(listener="tcp:x"))
+    assert counted.check(AccessRequest(client=other, action=PUBLISH_ACTION,
+                                       topic="t/1")) == DENY_ACCESS
+    assert len(calls) == 4

@@ -338,3 +338,24 @@ authn_ban { max_failures = 2 }
     assert scram(broker.port, "wrong", "w2") == 0x86
     # Two failures ban the username, for SCRAM too.
     assert scram(broker.port, "secret", "after") == 0x8A
+
+
+@pytest.mark.parametrize("version, bad_id, bad_user", [(MQTT_5, 0x85, 0x86), (MQTT_3_1_1, 2, 4)])
+def test_control_characters_in_client_ids_and_usernames_are_refused(
+        start_broker, raw_clients, tmp_path, version, bad_id, bad_user):
+    # "dashboard\n" would pass a "^dashboard$" rule (Python's $ matches before
+    # a final newline) and get the dashboard's rights without its password.
+    acl = tmp_path / "acl.conf"
+    acl.write_text('{allow, {username, {re, "^dashboard$"}}, subscribe, ["#"]}.\n{deny, all}.\n')
+    broker = start_broker(config=_config(acl))
+    impostor = raw_clients(broker.port, version)
+    assert impostor.connect("d1", username="dashboard\n").reason_code == bad_user
+    for client_id in ("tab\there", "bell\x07", "c1\x85"):
+        client = raw_clients(broker.port, version)
+        assert client.connect(client_id).reason_code == bad_id
+
+
+def test_client_ids_are_at_most_256_characters_by_default(start_broker, raw_clients):
+    broker = start_broker()
+    assert raw_clients(broker.port, MQTT_5).connect("x" * 256).reason_code == 0
+    assert raw_clients(broker.port, MQTT_5).connect("x" * 257).reason_code == 0x85
