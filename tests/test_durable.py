@@ -638,3 +638,34 @@ def test_a_stop_does_not_wait_for_a_store_that_cannot_commit(durable, clients, r
     subscriber = resume(clients, broker.port, "s")
     subscriber.subscribe("marker", 1)
     subscriber.expect_nothing_more("marker")
+
+
+def test_a_data_dir_anyone_may_write_to_stops_start_up(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    store.chmod(0o777)
+    where, message = startup_error(f'durable_sessions {{ enable = true, data_dir = "{store}" }}')
+    assert where == "durable_sessions.data_dir"
+    assert "writable by every user (mode 777)" in message
+
+
+@pytest.mark.parametrize("name", ["sessions.sqlite3", "sessions.sqlite3.lock",
+                                  "sessions.sqlite3-wal"])
+def test_a_store_file_that_is_a_symbolic_link_stops_start_up(tmp_path, name):
+    # Another local user could point the broker's writes at any file it may write.
+    store = tmp_path / "store"
+    store.mkdir()
+    target = tmp_path / "elsewhere"
+    target.write_text("precious")
+    (store / name).symlink_to(target)
+    where, message = startup_error(f'durable_sessions {{ enable = true, data_dir = "{store}" }}')
+    assert where == "durable_sessions.data_dir"
+    assert f"{store / name} is a symbolic link" in message
+    assert target.read_text() == "precious"
+
+
+def test_the_lock_file_says_who_holds_it_and_nothing_older(durable, tmp_path):
+    (tmp_path / "sessions.sqlite3.lock").write_text("x" * 500)
+    durable()
+    text = (tmp_path / "sessions.sqlite3.lock").read_text()
+    assert text.startswith("a running broker (pid ") and "x" not in text

@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import sqlite3
+import stat
 from typing import Any, Callable, Iterator
 
 import aiosqlite
@@ -119,7 +120,7 @@ class StoreLock:
         self._fd: int | None = None
 
     def acquire(self, holder: str) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -135,6 +136,20 @@ class StoreLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _refuse_unsafe(folder: str, path: str) -> None:
+    """StoreError for a store another local user could redirect or replace:
+    a folder anyone may write to, or one of its files a symbolic link (the
+    broker would write wherever it points)."""
+    mode = os.stat(folder).st_mode
+    if mode & stat.S_IWOTH:
+        raise StoreError(f"{folder} is writable by every user (mode {stat.S_IMODE(mode):o}): "
+                         "give the store a folder only the broker's user may write to")
+    for name in (path, path + ".lock", path + "-wal", path + "-shm", path + "-journal"):
+        if os.path.islink(name):
+            raise StoreError(f"{name} is a symbolic link: the store's files must be "
+                             "regular files")
 
 
 def _rows(table: dict) -> tuple[list[tuple], list[tuple]]:
@@ -243,6 +258,7 @@ class SqliteStore:
             os.makedirs(folder, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot make the folder {folder}: {exc.strerror}") from None
+        _refuse_unsafe(folder, path)
         lock = StoreLock(path)
         try:
             lock.acquire("a running broker")
@@ -251,7 +267,7 @@ class SqliteStore:
         try:
             # Messages are the clients' data: readable by the broker's user
             # only (SQLite gives its -wal and -shm files the same mode).
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
             db = await _connect(path, synchronous)
         except StoreError:
             lock.release()
