@@ -583,6 +583,14 @@ class TlsListener(Listener):
         """Why a verified peer may not connect, for checks OpenSSL does not make."""
         wanted = self.options.verify_peer_ext_key_usage
         certificate = peer.certificate
+        if certificate is not None:
+            # OpenSSL checks the validity period in a full handshake only: a
+            # resumed TLS session would let a certificate in after it expired.
+            now = _now()
+            if now > certificate.not_after:
+                return "client certificate expired"
+            if now < certificate.not_before:
+                return "client certificate not yet valid"
         if wanted and certificate is not None:
             oid = _EKU_OIDS.get(wanted, wanted)
             if oid not in certificate.extended_key_usage:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import datetime
 import http.server
 import logging
+import itertools
 import shutil
 import socket
-import itertools
 import ssl
 import threading
 import time
@@ -304,3 +304,40 @@ def test_a_refreshed_distribution_point_crl_disconnects_whom_it_revokes(
     assert (disconnect.reason_code, disconnect.properties["reason_string"]) == (
         0x98, "client certificate revoked")
     assert crl_server.requests >= 2
+
+
+def test_an_expired_certificate_is_refused_on_a_resumed_tls_session(start_broker, pki):
+    # OpenSSL checks a certificate's dates in a full handshake only; a client
+    # resuming its TLS session after the certificate expired must be refused
+    # all the same.
+    now = datetime.datetime.now(datetime.timezone.utc)
+    not_after = now + datetime.timedelta(seconds=2)
+    issue_client(pki, "short-lived", not_before=now - datetime.timedelta(minutes=1),
+                 not_after=not_after)
+    broker = start_broker(config=_config(pki, crlfile=f'"{pki / "crl.pem"}"'))
+    port = broker.port_of("ssl:default")
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    context.load_cert_chain(pki / "short-lived.pem", pki / "short-lived.key")
+    first = tls_socket(port, context)
+    first.sendall(encode(Connect("short-1", MQTT_5), MQTT_5))
+    assert Decoder(MQTT_5).feed(first.recv(4096))[0].reason_code == 0
+    session = first.session
+    assert session is not None and session.has_ticket
+    first.close()
+    # The certificate's validity ends (with a margin for the clocks' second).
+    time.sleep(max(0.0, (not_after - datetime.datetime.now(datetime.timezone.utc))
+                   .total_seconds()) + 1.1)
+    resumed = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT),
+                                  server_hostname="127.0.0.1", session=session)
+    try:
+        assert resumed.session_reused
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError, IndexError)):
+            resumed.sendall(encode(Connect("short-2", MQTT_5), MQTT_5))
+            data = resumed.recv(4096)
+            if not data:
+                raise ConnectionError("closed")
+            Decoder(MQTT_5).feed(data)[0]
+    finally:
+        resumed.close()
+    _wait(lambda: _failures(broker).get("client certificate expired") == 1,
+          "no failure counted for the expired certificate")
