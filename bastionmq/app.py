@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
+import attrs
 import os
 import time
 from typing import Any, Iterable, Mapping
@@ -54,7 +56,7 @@ def _listener_plan(config: Config, kind: str, name: str,
     if kind == "tcp":
         return Listener, name, block, {}
     if kind == "ws":
-        return WsListener, name, block, {"options": block.websocket}
+        return WsListener, name, block, {"options": _websocket(config, block)}
     options = block.ssl_options
     try:
         material = load_material(options, config.crl_cache, config.psk_authentication)
@@ -63,8 +65,17 @@ def _listener_plan(config: Config, kind: str, name: str,
     tls = {"options": options, "crl_cache": config.crl_cache,
            "psk": config.psk_authentication, "material": material}
     if kind == "wss":
-        return WssListener, name, block, {**tls, "websocket": block.websocket}
+        return WssListener, name, block, {**tls, "websocket": _websocket(config, block)}
     return TlsListener, name, block, tls
+
+
+def _websocket(config: Config, block: Any) -> Any:
+    """The listener's websocket options with check_origin_enable decided:
+    when not set, on where anonymous access is."""
+    options = block.websocket
+    if options.check_origin_enable is None:
+        options = attrs.evolve(options, check_origin_enable=config.anonymous_allowed(block))
+    return options
 
 
 def _authenticators(config: Config, kind: str, name: str, block: Any,

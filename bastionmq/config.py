@@ -557,11 +557,14 @@ class WebSocketOptions:
     supported_subprotocols: tuple[str, ...] = attrs.field(default=WS_SUBPROTOCOLS,
                                                           validator=_subprotocols)
     #: Refuse (HTTP 403) a browser whose Origin is not in allowed_origins.
-    check_origin_enable: bool = False
+    #: Not set: on for a listener that allows anonymous access, so that no
+    #: web page can use its visitors' browsers to reach it.
+    check_origin_enable: bool | None = None
     #: With check_origin_enable: whether a client sending no Origin (not a
     #: browser) is let in.
     allow_origin_absence: bool = True
-    #: Origins allowed with check_origin_enable, e.g. "https://app.example.com".
+    #: Origins allowed with check_origin_enable, e.g. "https://app.example.com";
+    #: empty: pages served from this machine (localhost, 127.0.0.1, [::1]).
     allowed_origins: tuple[str, ...] = ()
     #: Headers a reverse proxy puts the client's address and port in; read
     #: only from trusted_proxies. Empty ignores the header.

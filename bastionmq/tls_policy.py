@@ -1,5 +1,6 @@
 """What ``bastionmq check-config`` says about each TLS listener: the policy
-it will apply, in an operator's words, and the traps in its settings."""
+it will apply, in an operator's words, and the traps in its settings; and
+about WebSocket listeners open to anonymous pages of any site."""
 
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def report(config: Config) -> TlsReport:
     for kind, name, block in config.enabled_listeners():
         if kind in TLS_KINDS:
             _describe(config, kind, name, block, result)
+        if (kind in ("ws", "wss") and block.websocket.check_origin_enable is False
+                and config.anonymous_allowed(block)):
+            result.warnings.append(
+                f"{kind}:{name}: anonymous access without an Origin check: any web page in a "
+                "browser that can reach the listener may use it (websocket.check_origin_enable)")
     return result
 
 

@@ -31,6 +31,7 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import re
 import struct
 import zlib
 from typing import Any
@@ -94,7 +95,8 @@ class WebSocketSettings:
     path: str
     subprotocols: frozenset[str]
     fail_if_no_subprotocol: bool
-    #: Allowed origins (lowercase), or None when origins are not checked.
+    #: Allowed origins (lowercase), or None when origins are not checked; an
+    #: empty set allows the pages of this machine (LOCAL_ORIGIN).
     origins: frozenset[str] | None
     allow_origin_absence: bool
     #: Header names as h11 gives them (lowercase bytes); b"" when not read.
@@ -364,9 +366,15 @@ class WebSocketLayer(UpperLayer):
             if origin is None:
                 if not settings.allow_origin_absence:
                     return self._refuse(403, "no Origin header (allow_origin_absence = false)")
-            elif origin.decode("latin-1").lower().rstrip("/") not in settings.origins:
-                return self._refuse(403, f"origin {origin[:100].decode('latin-1')!r} is not "
-                                         "in allowed_origins")
+            else:
+                origin_text = origin.decode("latin-1").lower().rstrip("/")
+                if settings.origins:
+                    if origin_text not in settings.origins:
+                        return self._refuse(403, f"origin {origin[:100].decode('latin-1')!r} "
+                                                 "is not in allowed_origins")
+                elif not LOCAL_ORIGIN.fullmatch(origin_text):
+                    return self._refuse(403, f"origin {origin[:100].decode('latin-1')!r} is not "
+                                             "a page of this machine (allowed_origins is empty)")
         subprotocol = None
         if request.subprotocols:
             subprotocol = next((name for name in request.subprotocols
@@ -495,6 +503,11 @@ class WebSocketLayer(UpperLayer):
             self.transport.write(self._ws.send(CloseConnection(code=CloseReason.NORMAL_CLOSURE)))
         self._state = CLOSING
         self.transport.close()
+
+
+#: The Origin of a page served from this machine, any port: what an Origin
+#: check with no allowed_origins lets in.
+LOCAL_ORIGIN = re.compile(r"https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?")
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -327,7 +327,7 @@ def test_ws_listener_defaults_are_emqx_s() -> None:
     assert options == WebSocketOptions(
         mqtt_path="/mqtt", mqtt_piggyback="multiple", fail_if_no_subprotocol=True,
         supported_subprotocols=("mqtt", "mqtt-v3", "mqtt-v3.1.1", "mqtt-v5"),
-        check_origin_enable=False, allow_origin_absence=True, allowed_origins=(),
+        check_origin_enable=None, allow_origin_absence=True, allowed_origins=(),
         proxy_address_header="x-forwarded-for", proxy_port_header="x-forwarded-port",
         trusted_proxies=(), max_frame_size=None, compress=False)
     assert config.enabled_listeners() == [("ws", "default", listener)]

@@ -447,10 +447,42 @@ def test_origin_check(start_broker, ws_clients):
                       headers=((b"Origin", b"https://app.example.com"),)).accepted
 
 
-def test_origins_are_not_checked_by_default(start_broker, ws_clients):
+def test_an_anonymous_listener_lets_in_only_pages_of_this_machine_by_default(start_broker,
+                                                                            ws_clients):
+    # Any web page open in a browser here could otherwise read retained data
+    # and publish through an anonymous listener.
     broker = start_broker(WS)
+    port = ws_port(broker)
+    assert ws_clients(port, headers=((b"Origin", b"https://evil.example"),)).status == 403
+    for origin in (b"http://localhost:8080", b"http://127.0.0.1:5173", b"https://[::1]",
+                   b"http://LOCALHOST"):
+        assert ws_clients(port, headers=((b"Origin", origin),)).accepted, origin
+    for origin in (b"http://localhost.evil.example", b"http://127.0.0.1.evil.example",
+                   b"null", b"file://"):
+        assert ws_clients(port, headers=((b"Origin", origin),)).status == 403, origin
+    assert ws_clients(port).accepted  # no Origin: not a browser
+
+
+def test_origins_are_not_checked_by_default_where_clients_authenticate(
+        start_broker, ws_clients, passwd):
+    broker = start_broker(config=WS + f"""
+allow_anonymous = false
+authentication = [ {{ mechanism = password_based, backend = password_file, path = "{passwd}" }} ]
+""")
     assert ws_clients(ws_port(broker), headers=((b"Origin", b"https://anywhere.example"),)) \
         .accepted
+
+
+def test_check_config_warns_of_an_anonymous_listener_without_an_origin_check(tmp_path):
+    from click.testing import CliRunner
+
+    from bastionmq.cli import main
+    config = tmp_path / "bastionmq.conf"
+    config.write_text('listeners.ws.default { bind = "127.0.0.1:0", '
+                      'websocket.check_origin_enable = false }\nallow_anonymous = true\n')
+    result = CliRunner().invoke(main, ["check-config", "-c", str(config)])
+    assert result.exit_code == 0, result.output
+    assert ("warning: ws:default: anonymous access without an Origin check" in result.stderr)
 
 
 def test_x_forwarded_for_is_believed_only_from_trusted_proxies(start_broker, ws_clients):
