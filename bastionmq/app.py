@@ -338,6 +338,7 @@ class Broker:
         for connection in self.core.connections:
             if connection.access_cache is not None:
                 connection.access_cache.clear()
+        self.core.access_changed()
         log.info("reloaded the authorization sources")
         return True
 

@@ -913,6 +913,9 @@ class Connection:
             self.close(Reason.NOT_AUTHORIZED, "re-authenticated as another user")
         elif step.result.allowed:
             log.debug("%s re-authenticated", self._describe())
+            if self.access_cache is not None:
+                self.access_cache.clear()
+            self.core.access_changed()
             self.send(Auth(Reason.SUCCESS, props))
         else:
             log.info("closing %s: re-authentication failed (%s)", self._describe(),

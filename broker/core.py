@@ -67,6 +67,9 @@ class Stats:
     #: PUBLISH and SUBSCRIBE requests the authorization chain denied.
     publish_denied: int = 0
     subscribe_denied: int = 0
+    #: Subscribers left out of a topic's routes because their client may not
+    #: read it (counted once per subscriber and topic, when the routes are made).
+    read_denied: int = 0
     #: Publisher flow control: how often a publisher was held back, for how
     #: long in all, and how often a subscriber was declared slow.
     publisher_pauses: int = 0
@@ -115,7 +118,7 @@ class BrokerCore:
         self.sessions: dict[str, Session] = {}
         #: Every open connection, CONNECT received or not.
         self.connections: set[Connection] = set()
-        self.trie: SubscriptionTrie[Session] = SubscriptionTrie(merge=_merge_routes)
+        self.trie: SubscriptionTrie[Session] = SubscriptionTrie(merge=self._routes)
         self.retained: RetainedStore[Message] = RetainedStore()
         #: Shared subscriptions: (share name, filter) -> group, and a trie of
         #: the groups by filter (its subscribers are the groups themselves).
@@ -218,6 +221,9 @@ class BrokerCore:
                     self.journal.will_deleted(client_id)
         session.expiry_interval = expiry
         session.connection = connection
+        if present and self.access is not None and session.subscriptions \
+                and session.client != client:
+            self.access_changed()  # its routes were decided for who it was before
         session.client = client
         session.offline_since = None
         journal = self.journal
@@ -422,6 +428,31 @@ class BrokerCore:
 
     # ------------------------------------------------------- routing
 
+    def _routes(self, found: list[tuple[Session, SubscriptionEntry]], topic: str) -> list[Route]:
+        """The routes of a topic, as the trie caches them: one per session,
+        and, with authorization on, only to sessions whose client may read
+        the topic. Read access is so decided once per (subscriber, topic)
+        until the rules or a subscriber's identity change (``access_changed``),
+        not at each delivery, and a granted "a/#" does not carry "a/secret"
+        to a client denied it."""
+        routes = _merge_routes(found)
+        access = self.access
+        if access is None:
+            return routes
+        readable = []
+        for route in routes:
+            client = route[0].client
+            if client is None or access.permits(client, None, SUBSCRIBE_ACTION, topic, route[1]):
+                readable.append(route)
+            else:
+                self.stats.read_denied += 1
+        return readable
+
+    def access_changed(self) -> None:
+        """The rules, or the identity of a subscriber, changed: read access is
+        decided again at the next message of each topic."""
+        self.trie.forget_matches()
+
     def route(self, message: Message, sender: Session | None) -> int:
         """Deliver to every matching subscriber; returns how many matched."""
         routes = self.trie.match(message.topic)
@@ -463,6 +494,12 @@ class BrokerCore:
                         retain: bool, sender: Session | None = None) -> None:
         entry = group.members[member]
         options = entry.options
+        access = self.access
+        if access is not None and member.client is not None and not access.permits(
+                member.client, member.connection.access_cache if member.connection else None,
+                SUBSCRIBE_ACTION, message.topic, options.qos):
+            self.stats.read_denied += 1
+            return  # the member picked may not read this topic
         qos = min(message.qos, options.qos)
         retain = retain and options.retain_as_published
         ids = (entry.identifier,) if entry.identifier else ()

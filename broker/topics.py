@@ -125,11 +125,11 @@ class SubscriptionTrie(Generic[S]):
 
     __slots__ = ("_root", "_cache", "_count", "_merge")
 
-    def __init__(self, merge: Callable[[list[tuple[S, Any]]], list] | None = None) -> None:
+    def __init__(self, merge: Callable[[list[tuple[S, Any]], str], list] | None = None) -> None:
         self._root = _Node()
         self._cache: dict[str, list] = {}
         self._count = 0
-        #: Turns the raw matches into what ``match`` returns (and caches).
+        #: Turns the raw matches of a topic into what ``match`` returns (and caches).
         self._merge = merge
 
     def __len__(self) -> int:
@@ -161,6 +161,11 @@ class SubscriptionTrie(Generic[S]):
         prune(path, node, lambda n: not n.subscribers)
         return True
 
+    def forget_matches(self) -> None:
+        """Drop the cached matches (what ``merge`` made of them depends on
+        something besides the subscriptions that changed)."""
+        self._cache.clear()
+
     def match(self, topic: str) -> list:
         """Every (subscriber, value) whose filter matches ``topic``, passed
         through ``merge`` when one was given (a subscriber with several matching
@@ -173,7 +178,7 @@ class SubscriptionTrie(Generic[S]):
         levels = topic.split("/")
         self._collect(self._root, levels, 0, found, topic.startswith("$"))
         if self._merge is not None and found:
-            found = self._merge(found)
+            found = self._merge(found, topic)
         if len(self._cache) >= MATCH_CACHE_SIZE:
             self._cache.clear()
         self._cache[topic] = found

@@ -359,3 +359,95 @@ def test_client_ids_are_at_most_256_characters_by_default(start_broker, raw_clie
     broker = start_broker()
     assert raw_clients(broker.port, MQTT_5).connect("x" * 256).reason_code == 0
     assert raw_clients(broker.port, MQTT_5).connect("x" * 257).reason_code == 0x85
+
+
+SECRET_RULES = """
+{deny, all, subscribe, ["a/secret"]}.
+{allow, all}.
+"""
+
+
+def _reader(raw_clients, port: int, client_id: str = "reader", clean: bool = True):
+    reader = raw_clients(port, MQTT_5)
+    props = {} if clean else {"session_expiry_interval": 3600}
+    reader.connect(client_id, clean_start=clean, properties=props)
+    reader.send(Subscribe(1, [Subscription("a/#", 1)]))
+    assert reader.receive().reason_codes == [1]  # a/# is granted: it names no secret
+    return reader
+
+
+def _publish_each(raw_clients, port: int, topics) -> None:
+    publisher = raw_clients(port, MQTT_5)
+    publisher.connect("writer")
+    for packet_id, topic in enumerate(topics, 1):
+        publisher.send(Publish(topic, topic.encode(), qos=1, packet_id=packet_id))
+        publisher.receive()
+
+
+def test_read_access_is_checked_at_delivery(start_broker, raw_clients, tmp_path):
+    # A granted a/# does not carry live messages on a/secret to a client
+    # denied it (Mosquitto checks read access for each delivery too).
+    acl = tmp_path / "acl.conf"
+    acl.write_text(SECRET_RULES)
+    broker = start_broker(config=_config(acl))
+    reader = _reader(raw_clients, broker.port)
+    _publish_each(raw_clients, broker.port, ["a/secret", "a/open", "a/secret", "a/open2"])
+    assert [reader.receive().payload for _ in range(2)] == [b"a/open", b"a/open2"]
+    with pytest.raises(OSError):
+        reader.receive(timeout=0.3)
+
+
+def test_tightened_rules_reach_existing_and_offline_subscriptions(start_broker, raw_clients,
+                                                                   tmp_path):
+    acl = tmp_path / "acl.conf"
+    acl.write_text("{allow, all}.\n")
+    broker = start_broker(config=_config(acl))
+    online = _reader(raw_clients, broker.port, "online")
+    away = _reader(raw_clients, broker.port, "away", clean=False)
+    away.close()
+    _publish_each(raw_clients, broker.port, ["a/secret"])
+    assert online.receive().payload == b"a/secret"        # allowed, before the change
+    acl.write_text(SECRET_RULES)
+    assert broker.run(broker.broker.reload_authorization)
+    _publish_each(raw_clients, broker.port, ["a/secret", "a/open"])
+    assert online.receive().payload == b"a/open"
+    back = raw_clients(broker.port, MQTT_5)
+    assert back.connect("away", clean_start=False).session_present
+    # Queued while away: the first a/secret (before the change) and a/open.
+    assert [back.receive().payload for _ in range(2)] == [b"a/secret", b"a/open"]
+    with pytest.raises(OSError):
+        back.receive(timeout=0.3)
+
+
+def test_rules_tightened_across_a_restart_reach_restored_subscriptions(
+        start_broker, raw_clients, tmp_path):
+    acl = tmp_path / "acl.conf"
+    acl.write_text("{allow, all}.\n")
+    store = tmp_path / "store"
+    config = _config(acl, f'durable_sessions {{ enable = true, data_dir = "{store}" }}')
+    broker = start_broker(config=config)
+    _reader(raw_clients, broker.port, "kept", clean=False).close()
+    broker.stop()
+    acl.write_text(SECRET_RULES)
+    broker = start_broker(config=config)
+    _publish_each(raw_clients, broker.port, ["a/secret", "a/open"])
+    back = raw_clients(broker.port, MQTT_5)
+    assert back.connect("kept", clean_start=False).session_present
+    assert back.receive().payload == b"a/open"
+    with pytest.raises(OSError):
+        back.receive(timeout=0.3)
+
+
+def test_a_shared_subscription_member_gets_only_what_it_may_read(start_broker, raw_clients,
+                                                                 tmp_path):
+    acl = tmp_path / "acl.conf"
+    acl.write_text(SECRET_RULES)
+    broker = start_broker(config=_config(acl))
+    member = raw_clients(broker.port, MQTT_5)
+    member.connect("member")
+    member.send(Subscribe(1, [Subscription("$share/g/a/#", 1)]))
+    assert member.receive().reason_codes == [1]
+    _publish_each(raw_clients, broker.port, ["a/secret", "a/open"])
+    assert member.receive().payload == b"a/open"
+    with pytest.raises(OSError):
+        member.receive(timeout=0.3)

@@ -277,7 +277,8 @@ def test_remove_of_a_subscription_whose_value_is_none():
 def test_merge_gets_every_raw_match_and_its_result_is_cached():
     calls = []
 
-    def merge(found):
+    def merge(found, topic):
+        assert topic == "a/b"
         calls.append(sorted(found))
         best: dict = {}
         for subscriber, qos in found:
