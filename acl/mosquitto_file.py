@@ -120,6 +120,7 @@ from typing import Callable, Iterable
 
 import attrs
 
+from bastionmq.broker.logtext import shown
 from bastionmq.broker.ports import (
     ALLOW_ACCESS, DENY_ACCESS, PUBLISH_ACTION, SUBSCRIBE_ACTION, AccessRequest, ClientInfo,
 )
@@ -297,15 +298,15 @@ class MosquittoAcl:
         no value); None when one would not stay a literal topic level."""
         username = client.username
         if _WILDCARD.search(client.client_id) or (username and _WILDCARD.search(username)):
-            log.info("%s: denying client %r: a '+' or '#' in its client id or username",
-                     self.source, client.client_id)
+            log.info("%s: denying client %s: a '+' or '#' in its client id or username",
+                     self.source, shown(client.client_id))
             return None
         values: dict[str, str | None] = {}
         for name in self._placeholders:
             value = PLACEHOLDERS[name](client) or None
             if value is not None and _UNSAFE.search(value):
-                log.info("%s: denying client %r: its %s %r cannot stand for one topic level",
-                         self.source, client.client_id, name, value[:200])
+                log.info("%s: denying client %s: its %s %s cannot stand for one topic level",
+                         self.source, shown(client.client_id), name, shown(value))
                 return None
             values[name] = value
         return values

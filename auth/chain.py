@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Mapping, Protocol, Sequence
 
 import attrs
 
+from bastionmq.broker.logtext import shown
 from bastionmq.broker.ports import ALLOW, AuthRequest, AuthResult
 from bastionmq.broker.properties import Reason
 
@@ -79,8 +80,9 @@ class AuthenticationChain:
             banned = self.bans.banned(request)
             if banned is not None:
                 self.stats.denied += 1
-                log.info("refusing client %r from %s on %s: %s %r is banned after failed "
-                         "logins", request.client_id, peer.host, peer.listener, *banned)
+                log.info("refusing client %s from %s on %s: %s %s is banned after failed "
+                         "logins", shown(request.client_id), peer.host, peer.listener,
+                         banned[0], shown(banned[1]))
                 return BANNED
         if self.authenticators is None:
             if peer.certificate is not None:
@@ -128,8 +130,8 @@ class AuthenticationChain:
         self.stats.denied += 1
         if self.bans is not None:
             self.bans.failed(request)
-        log.info("refusing client %r (user %r) from %s on %s: %s denied it (%s)",
-                 request.client_id, request.username, request.peer.host, request.peer.listener,
+        log.info("refusing client %s (user %s) from %s on %s: %s denied it (%s)",
+                 shown(request.client_id), shown(request.username), request.peer.host, request.peer.listener,
                  name, Reason(answer.reason_code).name.lower().replace("_", " "))
         return answer
 
@@ -141,8 +143,8 @@ class AuthenticationChain:
         if self.allow_anonymous:
             return self._allowed(request, ALLOW)
         self.stats.denied += 1
-        log.info("refusing client %r from %s on %s: no authenticator accepted it and "
-                 "anonymous access is off", request.client_id, request.peer.host,
+        log.info("refusing client %s from %s on %s: no authenticator accepted it and "
+                 "anonymous access is off", shown(request.client_id), request.peer.host,
                  request.peer.listener)
         if self.hide_unknown_users and request.username is not None:
             return DENY_UNKNOWN

@@ -29,6 +29,7 @@ from typing import Mapping
 
 import attrs
 
+from bastionmq.broker.logtext import shown
 from bastionmq.broker.ports import AuthRequest, AuthResult, PeerCertificate
 from bastionmq.broker.properties import Reason
 
@@ -112,13 +113,13 @@ class PeerIdentity:
             try:
                 value = certificate_value(certificate, source)
             except NoIdentity as exc:
-                log.info("refusing client %r from %s on %s: %s (%s for its %s)",
-                         request.client_id, peer.host, peer.listener, exc, source, field)
+                log.info("refusing client %s from %s on %s: %s (%s for its %s)",
+                         shown(request.client_id), peer.host, peer.listener, exc, source, field)
                 return AuthResult(refusal)
             if rule.mode == "enforce" and sent and sent != value:
-                log.info("refusing client %r from %s on %s: its %s %r is not its "
-                         "certificate's %s %r", request.client_id, peer.host, peer.listener,
-                         field, sent, source, value)
+                log.info("refusing client %s from %s on %s: its %s %s is not its "
+                         "certificate's %s %s", shown(request.client_id), peer.host,
+                         peer.listener, field, shown(sent), source, shown(value))
                 return AuthResult(refusal)
             if sent and sent != value:
                 log.debug("client %r on %s: %s %r replaced by the certificate's %s %r",

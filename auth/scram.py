@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable
 import attrs
 from scramp import ScramException, ScramMechanism
 
+from bastionmq.broker.logtext import shown
 from bastionmq.broker.ports import AuthRequest, AuthResult, AuthStep
 from bastionmq.broker.properties import Reason
 
@@ -146,8 +147,8 @@ class _Conversation:
 
     def _refuse(self, result: AuthResult, why: str) -> AuthStep:
         peer = self._request.peer
-        log.info("SCRAM authentication of client %r from %s on %s failed: %s",
-                 self._request.client_id, peer.host, peer.listener, why)
+        log.info("SCRAM authentication of client %s from %s on %s failed: %s",
+                 shown(self._request.client_id), peer.host, peer.listener, why)
         return AuthStep(result=result)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Union
 
 import attrs
 
+from .logtext import shown
 from .properties import (
     AUTH, BINARY, BOOLEAN_PROPERTIES, BYTE, CONNACK, CONNECT, DISCONNECT, FOUR,
     NONZERO_PROPERTIES, NO_PROPERTIES, PACKET_NAMES, PAIR, PINGREQ, PINGRESP,
@@ -320,7 +321,8 @@ def _read_properties(data, pos: int, end: int, packet_type: int) -> tuple[Proper
 
 def _check_topic_name(topic: str, version: int, has_alias: bool) -> None:
     if "+" in topic or "#" in topic:
-        raise MalformedPacket(f"wildcard in PUBLISH topic {topic!r}", Reason.TOPIC_NAME_INVALID)
+        raise MalformedPacket(f"wildcard in PUBLISH topic {shown(topic)}",
+                              Reason.TOPIC_NAME_INVALID)
     if not topic and not has_alias:
         if version == MQTT_5:
             raise _protocol_error("empty topic name without a topic alias")
@@ -488,11 +490,11 @@ class Decoder:
         level, pos = _read_u8(data, pos, end)
         if name not in ("MQTT", "MQIsdp"):
             # [MQTT-3.1.2-1]: the server may close without a CONNACK.
-            raise MalformedPacket(f"unknown protocol name {name!r}",
+            raise MalformedPacket(f"unknown protocol name {shown(name)}",
                                   Reason.UNSUPPORTED_PROTOCOL_VERSION)
         if PROTOCOL_NAMES.get(level) != name:
             # [MQTT-3.1.2-2]: answer with return code 1 and close.
-            raise MalformedPacket(f"unsupported protocol {name!r} level {level}",
+            raise MalformedPacket(f"unsupported protocol {shown(name)} level {level}",
                                   Reason.UNSUPPORTED_PROTOCOL_VERSION, connack_v3=1)
         flags, pos = _read_u8(data, pos, end)
         if flags & 0x01:

@@ -29,6 +29,7 @@ from .properties import (
     CONNACK_V3_CODES, CONNECT, DISCONNECT, PACKET_NAMES, PINGREQ, PUBACK, PUBCOMP, PUBLISH,
     PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE, AUTH, Reason, reason_name,
 )
+from .logtext import shown
 from .sessions import Session
 from .shared import shared_inner, split_shared
 from .topics import InvalidTopic, validate_filter, validate_topic_name
@@ -42,6 +43,11 @@ log = logging.getLogger("bastionmq.connection")
 NEW, AUTHENTICATING, CONNECTED, CLOSED = range(4)
 
 _MAX_U16 = 65535
+
+#: Seconds between two log lines about one connection's refused requests.
+REFUSAL_LOG_INTERVAL = 10.0
+#: Characters of a protocol violation's explanation a log line shows.
+MAX_LOGGED_REASON = 300
 
 #: Refused in client ids and usernames: C0 and C1 controls and DEL.
 _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -75,7 +81,7 @@ class Connection:
         "_held", "close_reason", "topic_aliases", "problem_info",
         "aliases_out", "alias_out_max", "auth_method", "_exchange", "client_info",
         "access_cache", "acks_held", "mark", "will_stored", "holders", "held_since",
-        "held_bytes", "reading_paused",
+        "held_bytes", "reading_paused", "refusal_log_at", "refusals_unlogged",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -108,6 +114,9 @@ class Connection:
         self.held_since = 0.0
         self.held_bytes = 0
         self.reading_paused = False
+        #: Refusals are logged at most once per interval (see _log_refusal).
+        self.refusal_log_at = 0.0
+        self.refusals_unlogged = 0
         self.close_reason = ""
         #: Inbound topic aliases of a 5.0 client: alias -> topic name.
         self.topic_aliases: dict[int, str] | None = None
@@ -381,7 +390,8 @@ class Connection:
         """A protocol violation: log why and close this connection only."""
         if self.state == CLOSED:
             return
-        log.info("closing %s: %s (%s)", self._describe(), exc, reason_name(exc.reason_code))
+        log.info("closing %s: %s (%s)", self._describe(), str(exc)[:MAX_LOGGED_REASON],
+                 reason_name(exc.reason_code))
         self.core.stats.protocol_errors += 1
         if self.state == NEW and exc.connack_v3 is not None:
             # An unknown protocol level: answer in the 3.1.1 form every client reads.
@@ -390,8 +400,26 @@ class Connection:
 
     def _describe(self) -> str:
         host = f"{self.peer.address[0]}:{self.peer.address[1]}" if self.peer.address else "?"
-        return f"client {self.client_id!r} ({host} on {self.peer.listener})" if self.client_id \
-            else f"connection {host} on {self.peer.listener}"
+        return f"client {shown(self.client_id)} ({host} on {self.peer.listener})" \
+            if self.client_id else f"connection {host} on {self.peer.listener}"
+
+    def _log_refusal(self, message: str, *args: Any) -> None:
+        """Log a refused request (a PUBLISH, SUBSCRIBE filters) at most once
+        per REFUSAL_LOG_INTERVAL for this connection; those in between are
+        counted into the next line, so a client cannot flood the log."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        now = self.core.loop.time()
+        if now < self.refusal_log_at:
+            self.refusals_unlogged += 1
+            return
+        self.refusal_log_at = now + REFUSAL_LOG_INTERVAL
+        unlogged, self.refusals_unlogged = self.refusals_unlogged, 0
+        if unlogged:
+            log.info(message + " (and %d more refusals since the last such line)", *args,
+                     unlogged)
+        else:
+            log.info(message, *args)
 
     # CONNECT ---------------------------------------------------------------
 
@@ -647,9 +675,9 @@ class Connection:
         0x87) and not routed, or the client disconnected (deny_action)."""
         core = self.core
         core.stats.publish_denied += 1
-        log.info("%s: not authorized to publish to %r", self._describe(), topic[:200])
+        self._log_refusal("%s: not authorized to publish to %s", self._describe(), shown(topic))
         if core.access is not None and core.access.disconnect_on_deny:
-            return self.close(Reason.NOT_AUTHORIZED, f"not authorized to publish to {topic[:200]!r}")
+            return self.close(Reason.NOT_AUTHORIZED, f"not authorized to publish to {shown(topic)}")
         qos = packet.qos
         if self.version == MQTT_5:
             if qos:
@@ -752,7 +780,8 @@ class Connection:
         identifier = packet.properties.get("subscription_identifier")
         granted = []
         settings = core.settings
-        refused = []
+        refused = 0
+        first = ""
         for sub in packet.subscriptions:
             refusal, why = self._refuse_filter(sub.filter)
             if not refusal and sub.no_local and sub.filter.startswith("$share/"):
@@ -766,7 +795,7 @@ class Connection:
                 core.stats.subscribe_denied += 1
                 if core.access.disconnect_on_deny:
                     return self.close(Reason.NOT_AUTHORIZED,
-                                      f"not authorized to subscribe to {sub.filter[:200]!r}")
+                                      f"not authorized to subscribe to {shown(sub.filter)}")
             if not refusal and settings.max_subscriptions is not None:
                 subscriptions = self.session.subscriptions
                 if (sub.filter not in subscriptions
@@ -774,9 +803,10 @@ class Connection:
                     refusal = Reason.QUOTA_EXCEEDED
                     why = f"already {len(subscriptions)} subscriptions (mqtt.max_subscriptions)"
             if refusal:
-                log.info("%s: refusing filter %r: %s", self._describe(), sub.filter, why)
                 codes.append(refusal if self.version == MQTT_5 else 0x80)
-                refused.append(f"{sub.filter[:100]!r}: {why}")
+                if not refused:
+                    first = f"{shown(sub.filter)}: {why}"
+                refused += 1
                 continue
             if sub.qos > settings.max_qos_allowed:
                 # Granted at the broker's maximum, as the SUBACK tells ([MQTT-3.9.3-2]).
@@ -784,9 +814,14 @@ class Connection:
             existed = core.subscribe(self.session, sub, identifier)
             codes.append(sub.qos)
             granted.append((sub, existed))
+        explanation = ""
+        if refused:
+            # One line, and one reason string, for the whole packet.
+            explanation = first if refused == 1 else f"{first}; and {refused - 1} more filters"
+            self._log_refusal("%s: refusing %d of %d filters: %s", self._describe(), refused,
+                              len(packet.subscriptions), explanation)
         suback = Suback(packet.packet_id, codes)
-        self.write_stored(
-            self._explained(suback, "; ".join(refused) if refused and self.problem_info else ""))
+        self.write_stored(self._explained(suback, explanation if self.problem_info else ""))
         # Retained messages follow the SUBACK, unless the SUBACK waits for the
         # durable store: a server may send them first (3.8.4).
         for sub, existed in granted:

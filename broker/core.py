@@ -19,6 +19,7 @@ import attrs
 
 from .codec import MQTT_5, Subscription, Will
 from .connection import Connection, release_ack
+from .logtext import shown
 from .message import Message
 from .access import AccessControl, Authorizer
 from .ports import (
@@ -178,8 +179,8 @@ class BrokerCore:
                 session.owner, session.client.username, client):
             return False
         if self.settings.session_takeover_by_other_identity == "clean":
-            log.info("client id %r: the session of another identity ends for a new one",
-                     client.client_id[:100])
+            log.info("client id %s: the session of another identity ends for a new one",
+                     shown(client.client_id))
             if session.connection is not None:
                 session.connection.close(Reason.SESSION_TAKEN_OVER, "session taken over")
             session = self.sessions.get(client.client_id)
@@ -195,8 +196,8 @@ class BrokerCore:
         session = self.sessions.get(client_id)
         if session is not None and session.connection is not None:
             old = session.connection
-            log.info("client %r connected again from %s: closing its previous connection",
-                     client_id, connection.peer.address)
+            log.info("client %s connected again from %s: closing its previous connection",
+                     shown(client_id), connection.peer.address)
             # [MQTT-3.1.4-3]: the existing connection goes (5.0: DISCONNECT 0x8E).
             old.close(Reason.SESSION_TAKEN_OVER, "session taken over")
             session = self.sessions.get(client_id)
@@ -295,8 +296,8 @@ class BrokerCore:
         if access is not None and client is not None and not access.permits(
                 client, None, PUBLISH_ACTION, will.topic, will.qos, will.retain):
             # Checked now, not at CONNECT: the rules may have changed since.
-            log.info("not publishing the will of %r to %r: not authorized",
-                     client.client_id, will.topic)
+            log.info("not publishing the will of %s to %s: not authorized",
+                     shown(client.client_id), shown(will.topic))
             return
         props = will.properties
         if props:
@@ -320,7 +321,7 @@ class BrokerCore:
     def _expire_session(self, session: Session) -> None:
         session.expiry_handle = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
-            log.debug("session %r expired", session.client_id)
+            log.debug("session %s expired", shown(session.client_id))
             self._end_session(session)
             self.flush()
 
@@ -571,8 +572,8 @@ class BrokerCore:
                     moved += 1
             session.queue = kept
         if moved:
-            log.debug("moved %d shared-subscription messages of %r to other members",
-                      moved, client_id)
+            log.debug("moved %d shared-subscription messages of %s to other members",
+                      moved, shown(client_id))
 
     def deliver(self, session: Session, message: Message, qos: int, retain: bool,
                 ids: tuple[int, ...], group: SharedGroup | None = None,
@@ -692,10 +693,10 @@ class BrokerCore:
         now = self.loop.time()
         if now - self._slow_logged_at >= SLOW_LOG_INTERVAL:
             self._slow_logged_at = now
-            log.warning("client %r has held %d publishers back for %ss: it no longer does, "
+            log.warning("client %s has held %d publishers back for %ss: it no longer does, "
                         "and its own queue bound applies (slow subscribers so far: %d; "
                         "dropped so far: %d QoS 0 over the write mark, %d from full queues)",
-                        session.client_id[:100], len(waiters),
+                        shown(session.client_id), len(waiters),
                         self.settings.slow_subscriber_timeout, stats.slow_subscribers,
                         stats.dropped_qos0_backpressure, stats.dropped_queue_full)
         for publisher in waiters:
