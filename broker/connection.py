@@ -88,7 +88,10 @@ class Connection:
         self.core = core
         self.transport = transport
         self.peer = peer
-        self.decoder = Decoder(max_packet_size=core.settings.max_packet_size)
+        # Until the client has authenticated, its packets are held to the
+        # smaller limit; _finish_connect lifts it.
+        self.decoder = Decoder(max_packet_size=min(core.settings.max_packet_size,
+                                                   core.settings.max_connect_size))
         self.version = 0
         self.state = NEW
         self.client_id = ""
@@ -571,6 +574,7 @@ class Connection:
             self.will_stored = True
         self.keepalive = packet.keepalive
         self.state = CONNECTED
+        self.decoder.max_packet_size = settings.max_packet_size
         connack_props: dict[str, Any] = dict(auth_props) if auth_props else {}
         if self.version == MQTT_5:
             if assigned:

@@ -50,6 +50,11 @@ class MqttSettings:
     max_packet_size: int = attrs.field(
         default=1024 * 1024, metadata=SIZE,
         validator=[v.ge(16), v.le(MAX_PACKET_SIZE_LIMIT)])
+    #: Largest packet accepted from a client that has not authenticated yet
+    #: (its CONNECT, and AUTH packets before CONNACK): what an unauthenticated
+    #: client can make the broker read and decode is bounded by it.
+    max_connect_size: int = attrs.field(
+        default=64 * 1024, metadata=SIZE, validator=[v.ge(64), v.le(MAX_PACKET_SIZE_LIMIT)])
     #: Longest client identifier accepted (CONNACK 0x85 / 2 beyond it).
     max_clientid_len: int = attrs.field(default=256, validator=[v.ge(23), v.le(65535)])
     #: Most levels a topic name or filter may have.
@@ -93,12 +98,12 @@ class MqttSettings:
     #: Subscriptions one session may hold; a SUBSCRIBE beyond it is refused
     #: for that filter with 0x97 (quota exceeded). None: no limit.
     max_subscriptions: int | None = attrs.field(
-        default=None, metadata=INFINITY, validator=v.optional(v.ge(1)))
+        default=10_000, metadata=INFINITY, validator=v.optional(v.ge(1)))
     #: Topic aliases a 5.0 client may set up (CONNACK Topic Alias Maximum), and
     #: the most the broker sets up toward a client that accepts them. Each
     #: holds a topic name for the connection's life, so the bound is also a
     #: memory bound; 0 turns aliases off both ways.
-    max_topic_alias: int = attrs.field(default=1024, validator=[v.ge(0), v.le(65535)])
+    max_topic_alias: int = attrs.field(default=64, validator=[v.ge(0), v.le(65535)])
     #: Keep alive the broker imposes on 5.0 clients (CONNACK Server Keep Alive),
     #: in seconds; "disabled" uses what each client asks for.
     server_keepalive: int | None = attrs.field(

@@ -15,6 +15,8 @@ S = TypeVar("S", bound=Hashable)
 #: Cached match results kept at most; beyond it the cache starts afresh,
 #: which bounds its memory whatever topics clients invent.
 MATCH_CACHE_SIZE = 65536
+#: ... and topic characters it holds (16 MiB), at most.
+MATCH_CACHE_BYTES = 16 * 1024 * 1024
 
 
 class InvalidTopic(ValueError):
@@ -123,11 +125,14 @@ class SubscriptionTrie(Generic[S]):
     (the subscription's options); one key holds at most one value per filter.
     """
 
-    __slots__ = ("_root", "_cache", "_count", "_merge")
+    __slots__ = ("_root", "_cache", "_cache_bytes", "_count", "_merge")
 
     def __init__(self, merge: Callable[[list[tuple[S, Any]], str], list] | None = None) -> None:
         self._root = _Node()
         self._cache: dict[str, list] = {}
+        #: Characters of the topics cached: the cache is bounded by this too,
+        #: since a topic name may be 65,535 bytes long.
+        self._cache_bytes = 0
         self._count = 0
         #: Turns the raw matches of a topic into what ``match`` returns (and caches).
         self._merge = merge
@@ -146,7 +151,7 @@ class SubscriptionTrie(Generic[S]):
         is_new = subscriber not in node.subscribers
         node.subscribers[subscriber] = value
         self._count += is_new
-        self._cache.clear()
+        self.forget_matches()
         return is_new
 
     def remove(self, topic_filter: str, subscriber: S) -> bool:
@@ -157,14 +162,15 @@ class SubscriptionTrie(Generic[S]):
         path, node = found
         del node.subscribers[subscriber]
         self._count -= 1
-        self._cache.clear()
+        self.forget_matches()
         prune(path, node, lambda n: not n.subscribers)
         return True
 
     def forget_matches(self) -> None:
-        """Drop the cached matches (what ``merge`` made of them depends on
-        something besides the subscriptions that changed)."""
+        """Drop the cached matches (on a change of the subscriptions, or of
+        something else that what ``merge`` made of them depends on)."""
         self._cache.clear()
+        self._cache_bytes = 0
 
     def match(self, topic: str) -> list:
         """Every (subscriber, value) whose filter matches ``topic``, passed
@@ -179,9 +185,10 @@ class SubscriptionTrie(Generic[S]):
         self._collect(self._root, levels, 0, found, topic.startswith("$"))
         if self._merge is not None and found:
             found = self._merge(found, topic)
-        if len(self._cache) >= MATCH_CACHE_SIZE:
-            self._cache.clear()
+        if len(self._cache) >= MATCH_CACHE_SIZE or self._cache_bytes >= MATCH_CACHE_BYTES:
+            self.forget_matches()
         self._cache[topic] = found
+        self._cache_bytes += len(topic)
         return found
 
     def _collect(self, node: _Node, levels: list[str], index: int,

@@ -55,7 +55,7 @@ def test_reason_strings_on_connack_disconnect_and_suback(start_broker, raw_clien
     client.send(Publish("t", b"x", qos=1, packet_id=1, properties={"topic_alias": 5000}))
     disconnect = client.receive_until_closed()
     assert [p.reason_code for p in disconnect] == [0x94]
-    assert disconnect[0].properties["reason_string"] == "topic alias 5000 above the maximum of 1024"
+    assert disconnect[0].properties["reason_string"] == "topic alias 5000 above the maximum of 64"
 
 
 def test_no_reason_string_on_suback_when_problem_information_is_not_requested(

@@ -20,7 +20,7 @@ def _subscriber(raw_clients, port, topic_filter="#"):
 def test_default_connack_capabilities(broker, raw_clients):
     connack = raw_clients(broker.port, MQTT_5).connect("caps")
     props = connack.properties
-    assert props["topic_alias_maximum"] == 1024
+    assert props["topic_alias_maximum"] == 64
     assert props["maximum_packet_size"] == 1024 * 1024
     assert props["receive_maximum"] == 100
     # Absent means available (3.2.2.3): QoS 2, retain, wildcards, shared subscriptions.
