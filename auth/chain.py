@@ -76,7 +76,9 @@ class AuthenticationChain:
         peer = request.peer
         if not self.enabled or peer.psk_identity is not None:
             return self._allowed(request, ALLOW)
-        if self.bans is not None:
+        # A certificate the listener verified is never banned: failed logins
+        # of others with its client id or username must not lock it out.
+        if self.bans is not None and peer.certificate is None:
             banned = self.bans.banned(request)
             if banned is not None:
                 self.stats.denied += 1
@@ -97,15 +99,32 @@ class AuthenticationChain:
         this listener's, and the client not banned."""
         if self.methods is not None and method not in self.methods:
             return AuthResult(Reason.BAD_AUTHENTICATION_METHOD)
-        if self.bans is not None and self.bans.banned(request) is not None:
+        if (self.bans is not None and request.peer.certificate is None
+                and self.bans.banned(request) is not None):
             self.stats.denied += 1
             return BANNED
         return None
 
-    def method_failed(self, request: AuthRequest) -> None:
+    def method_finished(self, request: AuthRequest, result: AuthResult) -> AuthResult:
+        """An enhanced authentication (at CONNECT or a re-authentication)
+        ended with ``result``. A failure counts against the user it was for
+        (``result.identity``, the SCRAM user, when the method knew it; not
+        against the client id when it did not); a success of a user banned
+        meanwhile is refused, unless a verified certificate vouches for the
+        client."""
+        if result.allowed:
+            if (self.bans is not None and request.peer.certificate is None
+                    and self.bans.banned(request, result.identity) is not None):
+                self.stats.denied += 1
+                log.info("refusing client %s on %s: user %s is banned after failed logins",
+                         shown(request.client_id), request.peer.listener,
+                         shown(result.identity))
+                return BANNED
+            return result
         self.stats.denied += 1
         if self.bans is not None:
-            self.bans.failed(request)
+            self.bans.failed(request, result.identity, known=result.identity is not None)
+        return result
 
     def _run(self, request: AuthRequest, start: int) -> AuthResult | Awaitable[AuthResult]:
         authenticators = self.authenticators
@@ -163,8 +182,8 @@ class ListenerAuthenticators:
     def admit_method(self, request: AuthRequest, method: str) -> AuthResult | None:
         return self._chains[request.peer.listener].admit_method(request, method)
 
-    def method_failed(self, request: AuthRequest) -> None:
-        self._chains[request.peer.listener].method_failed(request)
+    def method_finished(self, request: AuthRequest, result: AuthResult) -> AuthResult:
+        return self._chains[request.peer.listener].method_finished(request, result)
 
 
 # --------------------------------------------------------------------------

@@ -124,7 +124,7 @@ class _Conversation:
     def _server_first(self, message: str, username: str,
                       credentials: ScramCredentials | None) -> AuthStep:
         if credentials is None:
-            return self._refuse(_FAILED, f"unknown user {username!r}")
+            return self._refuse(_FAILED, f"unknown user {shown(username)}")
         self._username = username
         self._superuser = credentials.superuser
         info = (credentials.salt, credentials.stored_key, credentials.server_key,
@@ -141,7 +141,9 @@ class _Conversation:
         try:
             server.set_client_final((data or b"").decode("utf-8"))
         except (ScramException, UnicodeDecodeError) as exc:
-            return self._refuse(_FAILED, f"client-final refused for {self._username!r}: {exc}")
+            # A known user with a wrong proof: counted against that user.
+            return self._refuse(attrs.evolve(_FAILED, identity=self._username),
+                                f"client-final refused for {shown(self._username)}: {exc}")
         result = AuthResult(superuser=self._superuser, identity=self._username)
         return AuthStep(data=server.get_server_final().encode("utf-8"), result=result)
 

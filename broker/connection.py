@@ -64,7 +64,7 @@ class _AuthExchange:
     conversation: AuthConversation
     #: The CONNECT being authenticated; None while re-authenticating.
     connect: Connect | None
-    request: AuthRequest | None = None
+    request: AuthRequest
     assigned: bool = False
     #: A step is being computed: the client must wait for its answer.
     busy: bool = False
@@ -898,7 +898,7 @@ class Connection:
                                   password=None, peer=self.peer, protocol_level=self.version,
                                   properties=packet.properties)
             conversation = self.core.auth_methods[method].begin(request)
-            self._exchange = _AuthExchange(conversation, None)
+            self._exchange = _AuthExchange(conversation, None, request)
             return self._auth_step(data)
         self._violation(MalformedPacket(
             f"AUTH {reason_name(reason)} out of turn", Reason.PROTOCOL_ERROR))
@@ -938,19 +938,22 @@ class Connection:
             self.send(Auth(Reason.CONTINUE_AUTHENTICATION, props))
             return
         exchange, self._exchange = self._exchange, None
+        result = step.result
+        finished = getattr(self.core.authenticator, "method_finished", None)
+        if finished is not None:
+            # Failures count towards bans, at CONNECT and re-authentication alike.
+            result = finished(exchange.request, result)
         if exchange.connect is not None:
             if self._idle_handle is not None:
                 self._idle_handle.cancel()
                 self._idle_handle = None
-            failed = getattr(self.core.authenticator, "method_failed", None)
-            if not step.result.allowed and failed is not None:
-                failed(exchange.request)
-            self._finish_connect(step.result, exchange.connect, exchange.assigned, props)
-        elif step.result.allowed and step.result.identity not in (None, self.username):
+            self._finish_connect(result, exchange.connect, exchange.assigned, props)
+        elif result.allowed and result.identity not in (None, self.username):
             # Re-authentication proves who the client already is, not someone else.
-            log.info("closing %s: re-authenticated as %r", self._describe(), step.result.identity)
+            log.info("closing %s: re-authenticated as %s", self._describe(),
+                     shown(result.identity))
             self.close(Reason.NOT_AUTHORIZED, "re-authenticated as another user")
-        elif step.result.allowed:
+        elif result.allowed:
             log.debug("%s re-authenticated", self._describe())
             if self.access_cache is not None:
                 self.access_cache.clear()
@@ -958,8 +961,8 @@ class Connection:
             self.send(Auth(Reason.SUCCESS, props))
         else:
             log.info("closing %s: re-authentication failed (%s)", self._describe(),
-                     reason_name(step.result.reason_code))
-            self.close(step.result.reason_code, "re-authentication failed")
+                     reason_name(result.reason_code))
+            self.close(result.reason_code, "re-authentication failed")
 
     # timers ----------------------------------------------------------------
 

@@ -122,8 +122,10 @@ class Authenticator(Protocol):
 
     It may also have ``admit_method(request, method_name) -> AuthResult |
     None``, asked before an enhanced authentication starts (None: it may;
-    a result: the refusal), and ``method_failed(request)``, told when one
-    fails; both are optional.
+    a result: the refusal), and ``method_finished(request, result) ->
+    AuthResult``, told how one ended (at CONNECT or a re-authentication) and
+    answering the result that stands (a ban may turn a success into a
+    refusal); both are optional.
     """
 
     def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]: ...

@@ -161,3 +161,44 @@ def test_reload_reads_the_password_file_again(start_broker, raw_clients, passwd)
     broker.run(broker.broker.reload)
     admitted = raw_clients(broker.port, MQTT_5)
     assert admitted.connect("c2", username="carol", password=b"new").reason_code == 0
+
+
+def test_bans_are_per_listener(start_broker, raw_clients, passwd):
+    broker = start_broker(config=_password_chain(passwd) + """
+listeners.tcp.other { bind = "127.0.0.1:0" }
+authn_ban { max_failures = 2, window = 1m, ban_time = 1h }
+""")
+    for attempt in range(2):
+        guesser = raw_clients(broker.port, MQTT_5)
+        assert guesser.connect(f"g{attempt}", username="alice",
+                               password=b"guess").reason_code == 0x86
+    banned = raw_clients(broker.port, MQTT_5)
+    assert banned.connect("a", username="alice", password=b"wonderland").reason_code == 0x8A
+    elsewhere = raw_clients(broker.port_of("tcp:other"), MQTT_5)
+    assert elsewhere.connect("a", username="alice", password=b"wonderland").reason_code == 0
+
+
+def test_a_ban_never_locks_out_a_verified_certificate(start_broker, raw_clients, passwd, pki):
+    # Failed logins with the device's client id (and username) ban them for
+    # password clients; the device, proven by its certificate, still gets in.
+    import ssl
+
+    from conftest import RawClient
+    from tls_helpers import tls_socket
+    broker = start_broker(config=ssl_listener(
+        pki, f'authentication = [ {{ mechanism = password_based, backend = password_file, '
+             f'path = "{passwd}" }}, {{ mechanism = cert }} ]\n'
+             'authn_ban { max_failures = 2, window = 1m, ban_time = 1h }\n'
+             'listeners.tcp.default { bind = "127.0.0.1:0" }\n'
+             'mqtt.peer_cert_as_username = cn',
+        verify="verify_peer"))
+    port = broker.port_of("ssl:default")
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    for attempt in range(2):
+        guesser = RawClient(0, MQTT_5, sock=tls_socket(port, context))
+        assert guesser.connect("dev-1", username="alice", password=b"guess").reason_code == 0x86
+    refused = RawClient(0, MQTT_5, sock=tls_socket(port, context))
+    assert refused.connect("dev-1", username="alice", password=b"wonderland").reason_code == 0x8A
+    context.load_cert_chain(pki / "dev-1.pem", pki / "dev-1.key")
+    device = RawClient(0, MQTT_5, sock=tls_socket(port, context))
+    assert device.connect("dev-1").reason_code == 0

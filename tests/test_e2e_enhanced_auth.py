@@ -234,3 +234,47 @@ def test_reauthentication_as_another_user_disconnects(scram_broker, raw_clients)
     client, _, _ = _scram_connect(raw_clients, scram_broker.port, "alice", "wonderland")
     _reauthenticate(client, "root", "toor")
     assert client.closing_reasons() == [0x87]
+
+
+BANS = LOCKED + "authn_ban { max_failures = 3, window = 1m, ban_time = 1h }\n"
+
+
+def test_scram_failures_ban_the_scram_user_whatever_the_client_id(start_broker, raw_clients,
+                                                                  users):
+    # A guesser changing its client id every time is still counted: against
+    # the SCRAM user (who is in no CONNECT field at all).
+    broker = start_broker(config=BANS, auth_methods=[ScramSha256(users)])
+    for attempt in range(3):
+        _, connack, _ = _scram_connect(raw_clients, broker.port, "alice", f"guess {attempt}",
+                                       client_id=f"guesser-{attempt}")
+        assert connack.reason_code == 0x86
+    # Banned: the right password no longer gets alice in.
+    _, connack, _ = _scram_connect(raw_clients, broker.port, "alice", "wonderland",
+                                   client_id="alice-phone")
+    assert connack.reason_code == 0x8A
+    _, connack, _ = _scram_connect(raw_clients, broker.port, "root", "toor", client_id="r")
+    assert connack.reason_code == 0  # another user is not touched
+
+
+def test_failed_reauthentications_count_towards_the_ban(start_broker, raw_clients, users):
+    broker = start_broker(config=BANS, auth_methods=[ScramSha256(users)])
+    for attempt in range(3):
+        client, connack, _ = _scram_connect(raw_clients, broker.port, "alice", "wonderland",
+                                            client_id=f"alice-{attempt}")
+        assert connack.reason_code == 0
+        _reauthenticate(client, "alice", "not her password")
+        assert client.closing_reasons() == [0x86]
+    _, connack, _ = _scram_connect(raw_clients, broker.port, "alice", "wonderland")
+    assert connack.reason_code == 0x8A
+
+
+def test_an_unknown_users_failures_are_not_counted_against_its_client_id(
+        start_broker, raw_clients, users):
+    broker = start_broker(config=BANS, auth_methods=[ScramSha256(users)])
+    for attempt in range(5):
+        _, connack, _ = _scram_connect(raw_clients, broker.port, "nobody", "x",
+                                       client_id="dev-1")
+        assert connack.reason_code == 0x86
+    users.add("dev", "device", iterations=4096)
+    _, connack, _ = _scram_connect(raw_clients, broker.port, "dev", "device", client_id="dev-1")
+    assert connack.reason_code == 0

@@ -168,3 +168,29 @@ def test_missing_password_is_no_match_and_missing_salt_is_empty():
 def test_invalid_algorithms_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         PasswordHash(**options)
+
+
+def test_login_bans_forget_what_has_aged_out_at_no_cost_per_failure():
+    from bastionmq.auth.ban import LoginBans
+    from bastionmq.broker.ports import AuthRequest, PeerInfo
+    now = [0.0]
+    bans = LoginBans(max_failures=3, window=10, ban_time=60, clock=lambda: now[0])
+
+    def request(name: str, listener: str = "tcp:default") -> AuthRequest:
+        return AuthRequest(client_id=f"c-{name}", username=name, password=b"x",
+                           peer=PeerInfo(listener=listener), protocol_level=5, properties={})
+
+    for n in range(10_000):  # a flood of distinct names: each fails once
+        bans.failed(request(f"user{n}"))
+    assert len(bans._failures) == 20_000  # by client id and by username
+    for _ in range(3):
+        bans.failed(request("target"))
+    assert bans.banned(request("target")) == ("clientid", "c-target")
+    assert bans.banned(request("target", "ssl:default")) is None  # per listener
+    now[0] = 11.0
+    bans.failed(request("late"))
+    assert set(bans._failures) == {("tcp:default", "clientid", "c-late"),
+                                   ("tcp:default", "username", "late")}
+    now[0] = 61.0
+    assert bans.banned(request("target")) is None
+    assert not bans._banned
