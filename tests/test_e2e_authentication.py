@@ -132,17 +132,22 @@ def test_with_a_chain_a_certificate_authenticates_only_through_cert(start_broker
     assert _tls(broker, pki, "dev-1", None) == 0x87
 
 
+def _alice_guesses_and_is_banned(raw_clients, port: int, failures: int) -> None:
+    """``failures`` wrong passwords for alice, each from a new client id; then
+    even the right one is refused (0x8A), without being checked."""
+    for attempt in range(failures):
+        guesser = raw_clients(port, MQTT_5)
+        assert guesser.connect(f"g{attempt}", username="alice",
+                               password=b"guess").reason_code == 0x86
+    banned = raw_clients(port, MQTT_5)
+    assert banned.connect("g9", username="alice", password=b"wonderland").reason_code == 0x8A
+
+
 def test_repeated_failures_ban_the_username_for_a_while(start_broker, raw_clients, passwd):
     broker = start_broker(config=_password_chain(passwd) + """
 authn_ban { max_failures = 3, window = 1m, ban_time = 500ms }
 """)
-    for attempt in range(3):
-        guesser = raw_clients(broker.port, MQTT_5)
-        assert guesser.connect(f"g{attempt}", username="alice",
-                               password=b"guess").reason_code == 0x86
-    # Banned now: even the right password is refused, without being checked.
-    banned = raw_clients(broker.port, MQTT_5)
-    assert banned.connect("g9", username="alice", password=b"wonderland").reason_code == 0x8A
+    _alice_guesses_and_is_banned(raw_clients, broker.port, 3)
     other = raw_clients(broker.port, MQTT_5)
     assert other.connect("o", username="bob", password=b"builder").reason_code == 0
     import time
@@ -168,12 +173,7 @@ def test_bans_are_per_listener(start_broker, raw_clients, passwd):
 listeners.tcp.other { bind = "127.0.0.1:0" }
 authn_ban { max_failures = 2, window = 1m, ban_time = 1h }
 """)
-    for attempt in range(2):
-        guesser = raw_clients(broker.port, MQTT_5)
-        assert guesser.connect(f"g{attempt}", username="alice",
-                               password=b"guess").reason_code == 0x86
-    banned = raw_clients(broker.port, MQTT_5)
-    assert banned.connect("a", username="alice", password=b"wonderland").reason_code == 0x8A
+    _alice_guesses_and_is_banned(raw_clients, broker.port, 2)
     elsewhere = raw_clients(broker.port_of("tcp:other"), MQTT_5)
     assert elsewhere.connect("a", username="alice", password=b"wonderland").reason_code == 0
 
