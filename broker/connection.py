@@ -459,6 +459,12 @@ class Connection:
                                 "username with control characters")
         self.client_id = client_id
         self.username = packet.username
+        limit = settings.max_user_properties
+        if (len(packet.properties.get("user_property", ())) > limit or (
+                packet.will is not None
+                and len(packet.will.properties.get("user_property", ())) > limit)):
+            return self._refuse(Reason.QUOTA_EXCEEDED,
+                                f"more than {limit} user properties (mqtt.max_user_properties)")
         will = packet.will
         if will is not None:
             try:
@@ -615,6 +621,10 @@ class Connection:
         core.stats.messages_received += 1
         props = packet.properties
         if props:
+            if len(props.get("user_property", ())) > core.settings.max_user_properties:
+                return self._violation(MalformedPacket(
+                    f"more than {core.settings.max_user_properties} user properties "
+                    "(mqtt.max_user_properties)", Reason.QUOTA_EXCEEDED))
             if "subscription_identifier" in props:
                 # [MQTT-3.3.4-6]: only the server sends subscription identifiers.
                 return self._violation(MalformedPacket(

@@ -55,6 +55,10 @@ class MqttSettings:
     #: client can make the broker read and decode is bounded by it.
     max_connect_size: int = attrs.field(
         default=64 * 1024, metadata=SIZE, validator=[v.ge(64), v.le(MAX_PACKET_SIZE_LIMIT)])
+    #: User properties one packet (a PUBLISH, a CONNECT or its will) may carry;
+    #: beyond it the packet is refused with 0x97 (quota exceeded). Each costs
+    #: memory wherever the message is kept (queues, the retained store).
+    max_user_properties: int = attrs.field(default=128, validator=[v.ge(0), v.le(65535)])
     #: Longest client identifier accepted (CONNACK 0x85 / 2 beyond it).
     max_clientid_len: int = attrs.field(default=256, validator=[v.ge(23), v.le(65535)])
     #: Most levels a topic name or filter may have.

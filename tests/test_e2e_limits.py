@@ -53,3 +53,18 @@ def test_topic_aliases_are_bounded_by_default(start_broker, raw_clients, setting
     broker = start_broker(setting)
     connack = raw_clients(broker.port, MQTT_5).connect("aliases")
     assert connack.properties["topic_alias_maximum"] == limit
+
+
+def test_user_properties_per_packet_are_bounded_by_default(start_broker, raw_clients):
+    broker = start_broker()
+    many = [("k", "")] * 129
+    refused = raw_clients(broker.port, MQTT_5)
+    assert refused.connect("props", properties={"user_property": many}).reason_code == 0x97
+    client = raw_clients(broker.port, MQTT_5)
+    assert client.connect("props").reason_code == 0
+    client.send(Subscribe(1, [Subscription("p", 0)]))
+    client.receive()
+    client.send(Publish("p", b"ok", properties={"user_property": many[:128]}))
+    assert len(client.receive().properties["user_property"]) == 128
+    client.send(Publish("p", b"too many", properties={"user_property": many}))
+    assert client.closing_reasons() == [0x97]
