@@ -9,6 +9,7 @@ specifications' wire rules raises ``MalformedPacket`` with the reason code a
 
 from __future__ import annotations
 
+import collections.abc
 import struct
 from typing import Any, Mapping, Union
 
@@ -677,8 +678,37 @@ def _binary(raw: bytes) -> bytes:
     return _pack_u16(len(raw)) + bytes(raw)
 
 
+class WireProperties(collections.abc.Mapping):
+    """A PUBLISH's properties kept as their encoded block (what
+    ``encode_properties`` makes), decoded at each read: a message that waits
+    long, in the retained store, then costs what its properties cost on the
+    wire rather than several times that in dicts, lists and tuples."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, wire: bytes) -> None:
+        self.wire = wire
+
+    def _decoded(self) -> Properties:
+        return decode_properties(self.wire, PUBLISH)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._decoded()[name]
+
+    def __iter__(self):
+        return iter(self._decoded())
+
+    def __len__(self) -> int:
+        return len(self._decoded())
+
+    def __repr__(self) -> str:
+        return f"WireProperties({dict(self._decoded())!r})"
+
+
 def encode_properties(props: Properties) -> bytes:
     """The property block (length prefix included) for a 5.0 packet."""
+    if isinstance(props, WireProperties):
+        return props.wire
     if not props:
         return b"\x00"
     out = bytearray()

@@ -17,7 +17,7 @@ from typing import Any, Callable, Coroutine, Mapping
 
 import attrs
 
-from .codec import MQTT_5, Subscription, Will
+from .codec import MQTT_5, Subscription, Will, WireProperties, encode_properties
 from .connection import Connection, release_ack
 from .logtext import shown
 from .message import Message
@@ -95,6 +95,19 @@ def _merge_routes(found: list[tuple[Session, SubscriptionEntry]]) -> list[Route]
             route[3] = route[3] or options.retain_as_published
             route[4] = tuple(sorted(set(route[4] + ids)))
     return [tuple(route) for route in routes.values()]
+
+
+def _compact(message: Message) -> Message:
+    """The message as the retained store keeps it: with user properties, its
+    properties as their wire encoding (WireProperties), which costs a small
+    fraction of the dicts and tuples they are decoded into."""
+    props = message.properties
+    if "user_property" not in props:
+        return message
+    kept = Message(message.topic, message.payload, message.qos, message.retain,
+                   WireProperties(encode_properties(props)))
+    kept.expires_at = message.expires_at
+    return kept
 
 
 class BrokerCore:
@@ -415,7 +428,7 @@ class BrokerCore:
     def retain(self, message: Message) -> None:
         # [MQTT-3.3.1-10/11]: an empty payload clears the topic and is not stored.
         if message.payload:
-            self.retained.set(message.topic, message)
+            self.retained.set(message.topic, _compact(message))
             if self.journal is not None and not message.topic.startswith(SYS_PREFIX):
                 # $SYS figures are the broker's own, made again after a restart.
                 self.journal.retained_saved(message)
@@ -790,7 +803,7 @@ class BrokerCore:
                 self.journal.retained_deleted(message.topic)
                 report.expired_messages += 1
             else:
-                self.retained.set(message.topic, message)
+                self.retained.set(message.topic, _compact(message))
         report.retained = len(self.retained)
         # What was restored is counted before any will is published into it.
         remaining = []

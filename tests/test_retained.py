@@ -153,3 +153,29 @@ def test_store_matches_what_brute_force_filter_matching_finds(ops, filters):
         assert store.delete(topic)
     assert store._root.children == {}
     assert len(store) == 0
+
+
+def test_retained_user_properties_are_kept_at_their_wire_size(broker, raw_clients):
+    import sys
+
+    from bastionmq.broker.codec import (
+        MQTT_5, Publish, Subscribe, Subscription, WireProperties, encode_properties,
+    )
+    pairs = [(f"key-{n}", f"value-{n}") for n in range(100)]
+    publisher = raw_clients(broker.port, MQTT_5)
+    publisher.connect("pub")
+    publisher.send(Publish("kept", b"x", qos=1, retain=True, packet_id=1,
+                           properties={"user_property": pairs}))
+    publisher.receive()
+    kept = broker.run(lambda: broker.core.retained.get("kept"))
+    assert isinstance(kept.properties, WireProperties)
+    wire = len(encode_properties({"user_property": pairs}))
+    assert sys.getsizeof(kept.properties.wire) < wire + 64
+    # Delivered unchanged, with the order of the pairs kept.
+    reader = raw_clients(broker.port, MQTT_5)
+    reader.connect("reader")
+    reader.send(Subscribe(1, [Subscription("kept", 1)], properties={"subscription_identifier": 7}))
+    reader.receive()
+    message = reader.receive()
+    assert message.properties["user_property"] == pairs
+    assert message.properties["subscription_identifier"] == [7]
