@@ -49,6 +49,9 @@ class MalformedPacket(Exception):
         super().__init__(message)
         self.reason_code = reason_code
         self.connack_v3 = connack_v3
+        #: The protocol level of a CONNECT refused after its level was read:
+        #: a 5.0 client is then told ``reason_code`` in a CONNACK (4.13.1).
+        self.connect_level: int | None = None
         #: Complete packets decoded from the same read before this error.
         self.packets: list = []
 
@@ -322,8 +325,9 @@ def _read_properties(data, pos: int, end: int, packet_type: int) -> tuple[Proper
 
 def _check_topic_name(topic: str, version: int, has_alias: bool) -> None:
     if "+" in topic or "#" in topic:
+        # Malformed, not a name refused by policy (0x90): Protocol Error.
         raise MalformedPacket(f"wildcard in PUBLISH topic {shown(topic)}",
-                              Reason.TOPIC_NAME_INVALID)
+                              Reason.PROTOCOL_ERROR)
     if not topic and not has_alias:
         if version == MQTT_5:
             raise _protocol_error("empty topic name without a topic alias")
@@ -497,6 +501,13 @@ class Decoder:
             # [MQTT-3.1.2-2]: answer with return code 1 and close.
             raise MalformedPacket(f"unsupported protocol {shown(name)} level {level}",
                                   Reason.UNSUPPORTED_PROTOCOL_VERSION, connack_v3=1)
+        try:
+            return self._decode_connect_rest(data, pos, end, level)
+        except MalformedPacket as exc:
+            exc.connect_level = level
+            raise
+
+    def _decode_connect_rest(self, data, pos: int, end: int, level: int) -> Connect:
         flags, pos = _read_u8(data, pos, end)
         if flags & 0x01:
             raise MalformedPacket("reserved CONNECT flag set")  # [MQTT-3.1.2-3]

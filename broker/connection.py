@@ -154,7 +154,6 @@ class Connection:
         if self.state == CLOSED:
             return
         core = self.core
-        self.last_seen = core.loop.time()
         core.stats.bytes_received += len(data)
         if self.holders:
             self.held_bytes += len(data)
@@ -167,6 +166,11 @@ class Connection:
             self._handle_packets(exc.packets)
             self._violation(exc)
         else:
+            if packets:
+                # [MQTT-3.1.2-24] speaks of Control Packets: bytes that complete
+                # none are no sign of life, so a packet trickled in slower than
+                # the keep alive allows ends the connection.
+                self.last_seen = core.loop.time()
             self._handle_packets(packets)
         self.core.flush()
 
@@ -399,6 +403,10 @@ class Connection:
         if self.state == NEW and exc.connack_v3 is not None:
             # An unknown protocol level: answer in the 3.1.1 form every client reads.
             self.write(encode(Connack(exc.connack_v3), 4))
+        elif self.state == NEW and exc.connect_level == MQTT_5:
+            # A 5.0 CONNECT refused for its content: say why (4.13.1).
+            self.version = MQTT_5
+            self.send_explained(Connack(exc.reason_code), str(exc)[:MAX_LOGGED_REASON])
         self.close(exc.reason_code, str(exc))
 
     def _describe(self) -> str:
@@ -437,6 +445,16 @@ class Connection:
             props = packet.properties
             self.max_packet_size_out = props.get("maximum_packet_size", 0)
             self.problem_info = props.get("request_problem_information", 1) == 1
+            if "authentication_data" in props and "authentication_method" not in props:
+                # 3.1.2.11.10: Authentication Data without a method is a Protocol Error.
+                return self._refuse(Reason.PROTOCOL_ERROR,
+                                    "authentication data without an authentication method")
+        elif (settings.max_keepalive is not None and settings.max_keepalive_refuse_v3
+              and not 0 < packet.keepalive <= settings.max_keepalive):
+            # Mosquitto's rule: a 3.1.1 client cannot be told another keep alive.
+            return self._refuse(Reason.CLIENT_IDENTIFIER_NOT_VALID,
+                                f"keep alive {packet.keepalive} beyond mqtt.max_keepalive "
+                                f"({settings.max_keepalive})")
         client_id = packet.client_id
         assigned = False
         if not client_id:
@@ -604,6 +622,15 @@ class Connection:
                 # [MQTT-3.2.2-21]: the client must use the server's keep alive.
                 self.keepalive = settings.server_keepalive
                 connack_props["server_keep_alive"] = settings.server_keepalive
+            elif settings.max_keepalive is not None and not 0 < self.keepalive <= settings.max_keepalive:
+                # More than the cap (or 0, never): the cap, as Server Keep Alive.
+                self.keepalive = settings.max_keepalive
+                connack_props["server_keep_alive"] = settings.max_keepalive
+        elif settings.max_keepalive is not None and not 0 < self.keepalive <= settings.max_keepalive:
+            log.warning("%s: keep alive %d beyond mqtt.max_keepalive (%d): a 3.1.1 client "
+                        "cannot be told otherwise; served with its own "
+                        "(mqtt.max_keepalive_refuse_v3 refuses it)", self._describe(),
+                        self.keepalive, settings.max_keepalive)
         self.send(Connack(0, present, connack_props))
         if self.keepalive:
             self._keepalive_handle = core.loop.call_later(
@@ -798,6 +825,16 @@ class Connection:
         first = ""
         for sub in packet.subscriptions:
             refusal, why = self._refuse_filter(sub.filter)
+            if refusal == Reason.TOPIC_FILTER_INVALID and self.version != MQTT_5:
+                # [MQTT-4.8.0-1]: a filter malformed by 3.1.1's own rules is a
+                # protocol violation ([MQTT-4.7.1-2], [MQTT-4.7.1-3],
+                # [MQTT-4.7.3-1]); 0x80 stays for filters refused by policy
+                # (a $share form 3.1.1 does not know, ACL, quotas).
+                try:
+                    validate_filter(sub.filter, settings.max_topic_levels)
+                except InvalidTopic as exc:
+                    return self._violation(MalformedPacket(
+                        f"invalid topic filter {shown(sub.filter)}: {exc}", refusal))
             if not refusal and sub.no_local and sub.filter.startswith("$share/"):
                 # [MQTT-3.8.3-4]
                 return self._violation(MalformedPacket(

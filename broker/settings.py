@@ -113,6 +113,17 @@ class MqttSettings:
     server_keepalive: int | None = attrs.field(
         default=None, metadata=DISABLED,
         validator=v.optional([v.ge(1), v.le(65535)]))
+    #: The longest keep alive a client may have, in seconds (Mosquitto's
+    #: max_keepalive); "disabled": any. A 5.0 client asking for more, or for
+    #: 0, is given this one as Server Keep Alive; one asking for less keeps
+    #: its own. server_keepalive, when set, imposes one value on every 5.0
+    #: client instead.
+    max_keepalive: int | None = attrs.field(
+        default=None, metadata=DISABLED, validator=v.optional([v.ge(1), v.le(65535)]))
+    #: With max_keepalive: refuse a 3.1.1 client asking for more (or 0) with
+    #: CONNACK 2 (Mosquitto's behaviour); otherwise it is served with its own
+    #: value and a warning is logged.
+    max_keepalive_refuse_v3: bool = False
     #: Incoming QoS 2 messages waiting for PUBREL, at most, per client.
     max_awaiting_rel: int = attrs.field(default=100, validator=[v.ge(1), v.le(65535)])
     #: Take the username / client id from the client's verified certificate

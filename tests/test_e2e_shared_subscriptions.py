@@ -205,7 +205,10 @@ def test_no_local_on_a_shared_subscription_is_a_protocol_error(broker, raw_clien
 def test_malformed_share_filters_are_refused(broker, raw_clients, version, code):
     client = raw_clients(broker.port, version)
     client.connect("bad")
-    bad = ["$share/g", "$share//t", "$share/g+/t", "$share/g#/t", "$share/g/", "$share/g/a/#/b"]
+    bad = ["$share/g", "$share//t", "$share/g/"]
+    if version == MQTT_5:
+        # Malformed as 3.1.1 filters too: a 3.1.1 connection is closed for them.
+        bad += ["$share/g+/t", "$share/g#/t", "$share/g/a/#/b"]
     client.send(Subscribe(1, [Subscription(f, 0) for f in bad] + [Subscription("$share/g/a", 0)]))
     assert client.receive().reason_codes == [code] * len(bad) + [0]
 
