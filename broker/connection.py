@@ -44,6 +44,10 @@ NEW, AUTHENTICATING, CONNECTED, CLOSED = range(4)
 
 _MAX_U16 = 65535
 
+#: A lingering close reads and discards for at most this long, and this much.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 * 1024
+
 #: Seconds between two log lines about one connection's refused requests.
 REFUSAL_LOG_INTERVAL = 10.0
 #: Characters of a protocol violation's explanation a log line shows.
@@ -82,6 +86,7 @@ class Connection:
         "aliases_out", "alias_out_max", "auth_method", "_exchange", "client_info",
         "access_cache", "acks_held", "mark", "will_stored", "holders", "held_since",
         "held_bytes", "reading_paused", "refusal_log_at", "refusals_unlogged",
+        "linger_handle", "linger_bytes",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -120,6 +125,9 @@ class Connection:
         #: Refusals are logged at most once per interval (see _log_refusal).
         self.refusal_log_at = 0.0
         self.refusals_unlogged = 0
+        #: A lingering close (see close): its timer, and the bytes discarded.
+        self.linger_handle: Any = None
+        self.linger_bytes = 0
         self.close_reason = ""
         #: Inbound topic aliases of a 5.0 client: alias -> topic name.
         self.topic_aliases: dict[int, str] | None = None
@@ -152,6 +160,10 @@ class Connection:
 
     def data_received(self, data: bytes) -> None:
         if self.state == CLOSED:
+            if self.linger_handle is not None:  # lingering: discarded, up to a bound
+                self.linger_bytes += len(data)
+                if self.linger_bytes > LINGER_BYTES:
+                    self.transport.close()
             return
         core = self.core
         core.stats.bytes_received += len(data)
@@ -179,6 +191,10 @@ class Connection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state == CLOSED:
+            if self.linger_handle is not None:
+                self.linger_handle.cancel()
+                self.linger_handle = None
+                self.core.lingering.discard(self.transport)
             return
         if self._held and self.state == CONNECTED:
             # The client has gone: what it sent while held back is handled
@@ -340,8 +356,17 @@ class Connection:
         return True
 
     def close(self, reason: int = Reason.UNSPECIFIED_ERROR, message: str = "",
-              send_disconnect: bool = True, publish_will: bool = True) -> None:
-        """Close from the server side; a 5.0 client is told why first."""
+              send_disconnect: bool = True, publish_will: bool = True,
+              linger: bool = True) -> None:
+        """Close from the server side; a 5.0 client is told why first.
+
+        With ``linger`` (not at shutdown) the close lingers, as HTTP servers
+        do it: the write side is shut after the last bytes (the DISCONNECT or
+        refusing CONNACK), and what the client still sends is read and
+        discarded for LINGER_SECONDS or LINGER_BYTES at most, or until it
+        closes. Closing at once would make the kernel answer the client's
+        next write with a reset, and a client that was still writing would
+        lose the reason before it read it."""
         if self.state == CLOSED:
             return
         if not self.close_reason:
@@ -354,7 +379,14 @@ class Connection:
         # Also writes what the teardown caused elsewhere (the will), since a
         # close from a timer has no read pass that would flush afterwards.
         self.core.flush()
-        self.transport.close()
+        transport = self.transport
+        can_write_eof = getattr(transport, "can_write_eof", None)
+        if linger and can_write_eof is not None and can_write_eof():
+            transport.write_eof()
+            self.linger_handle = self.core.loop.call_later(LINGER_SECONDS, transport.close)
+            self.core.lingering.add(transport)
+        else:
+            transport.close()
 
     # ------------------------------------------------------- packets
 

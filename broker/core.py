@@ -132,6 +132,9 @@ class BrokerCore:
         self.sessions: dict[str, Session] = {}
         #: Every open connection, CONNECT received or not.
         self.connections: set[Connection] = set()
+        #: Transports of connections closed with a lingering close, until
+        #: the client closes or the linger ends (see Connection.close).
+        self.lingering: set[Any] = set()
         self.trie: SubscriptionTrie[Session] = SubscriptionTrie(merge=self._routes)
         self.retained: RetainedStore[Message] = RetainedStore()
         #: Shared subscriptions: (share name, filter) -> group, and a trie of
@@ -772,7 +775,9 @@ class BrokerCore:
     def close_all(self, reason: int, message: str) -> None:
         """Disconnect every client (5.0: with ``reason``); wills are not published."""
         for connection in list(self.connections):
-            connection.close(reason, message, publish_will=False)
+            connection.close(reason, message, publish_will=False, linger=False)
+        for transport in list(self.lingering):
+            transport.close()
         for session in self.sessions.values():
             for handle in (session.expiry_handle, session.will_handle):
                 if handle is not None:

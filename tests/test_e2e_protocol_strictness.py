@@ -9,7 +9,8 @@ import time
 import pytest
 
 from bastionmq.broker.codec import (
-    MQTT_3_1_1, MQTT_5, Connect, Publish, Subscribe, Subscription, Will, encode,
+    MQTT_3_1_1, MQTT_5, Connect, Disconnect, Publish, Pubrec, Pubrel, Subscribe, Subscription, Will,
+    encode,
 )
 
 
@@ -125,3 +126,38 @@ def test_max_keepalive_for_a_3_1_1_client(start_broker, raw_clients, refuse, cod
                           f"mqtt.max_keepalive_refuse_v3 = {str(refuse).lower()}")
     assert raw_clients(broker.port, MQTT_3_1_1).connect("k", keepalive=120).reason_code == code
     assert raw_clients(broker.port, MQTT_3_1_1).connect("ok", keepalive=60).reason_code == 0
+
+
+def test_a_client_still_writing_reads_the_reason_it_is_closed_for(start_broker, raw_clients):
+    # A 5.0 client pipelines 101 QoS 2 PUBLISH past a Receive Maximum of 100,
+    # then answers the PUBRECs with PUBRELs. Closed at once, the broker's
+    # socket would answer those writes with a reset, and the client's kernel
+    # would drop the DISCONNECT 0x93 it had not read yet: the close lingers.
+    broker = start_broker("mqtt.max_awaiting_rel = 100")
+    client = raw_clients(broker.port, MQTT_5)
+    client.connect("eager")
+    client.send(b"".join(encode(Publish("t", b"x", qos=2, packet_id=n), MQTT_5)
+                         for n in range(1, 102)))
+    time.sleep(0.3)  # the broker has refused the 101st and closed by now
+    for n in range(1, 101):
+        client.send(encode(Pubrel(n), MQTT_5))
+    time.sleep(0.3)
+    packets = client.receive_until_closed()
+    assert [p.reason_code for p in packets if isinstance(p, Disconnect)] == [0x93]
+    assert sum(isinstance(p, Pubrec) for p in packets) == 100
+
+
+def test_a_lingering_close_is_bounded(start_broker, raw_clients):
+    # A client that keeps writing after its DISCONNECT cannot hold the socket:
+    # after 64 KiB (or 2 s) the broker closes it for good.
+    broker = start_broker()
+    client = raw_clients(broker.port, MQTT_5)
+    client.connect("stubborn")
+    client.send(Connect("again", MQTT_5))  # [MQTT-3.1.0-2]: a second CONNECT
+    assert [p.reason_code for p in client.receive_until_closed(timeout=0.5)] == [0x82]
+    deadline = time.monotonic() + 5
+    with pytest.raises(OSError):
+        while time.monotonic() < deadline:
+            client.sock.sendall(b"\x00" * 16384)
+            time.sleep(0.01)
+    assert time.monotonic() < deadline
