@@ -223,9 +223,6 @@ class BrokerCore:
         present = session is not None
         if session is None:
             session = self.sessions[client_id] = Session(client_id)
-            session.owner = owner_of(client)
-        elif session.owner is None:
-            session.owner = owner_of(client)  # now known in full
         else:
             if session.expiry_handle is not None:
                 session.expiry_handle.cancel()
@@ -236,6 +233,9 @@ class BrokerCore:
                 session.will_handle = session.pending_will = session.will_due = None
                 if self.journal is not None:
                     self.journal.will_deleted(client_id)
+        if session.owner is None:
+            # A new session, or one of an old store known by username only.
+            session.owner = owner_of(client)
         session.expiry_interval = expiry
         session.connection = connection
         if present and self.access is not None and session.subscriptions \

@@ -156,10 +156,19 @@ def test_a_store_of_the_first_layout_is_brought_up_to_date(start_broker, raw_cli
     with db:
         db.execute("INSERT INTO sessions VALUES (1, 'alice-phone', 3600, ?, 'alice')",
                    (time.time(),))
+        # A will held back by its delay: alice's return cancels it.
+        db.execute("INSERT INTO wills VALUES ('alice-phone', 'alice', 'status/alice', "
+                   "X'676f6e65', 0, 0, NULL, ?)", (time.time() + 1.0,))
     db.close()
     config = _config(passwd, f'durable_sessions {{ enable = true, data_dir = "{tmp_path}" }}')
     broker = start_broker(config=config)
+    watcher = raw_clients(broker.port, MQTT_5)
+    watcher.connect("watcher", username="bob", password=b"builder")
+    watcher.send(Subscribe(1, [Subscription("status/#", 0)]))
+    watcher.receive()
     _only_alice_resumes(broker, raw_clients)
+    with pytest.raises(OSError):
+        watcher.receive(timeout=1.5)  # past the will's due time: nothing
     db = sqlite3.connect(tmp_path / "sessions.sqlite3")
     assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
     db.close()
