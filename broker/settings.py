@@ -51,8 +51,8 @@ class MqttSettings:
         default=1024 * 1024, metadata=SIZE,
         validator=[v.ge(16), v.le(MAX_PACKET_SIZE_LIMIT)])
     #: Largest packet accepted from a client that has not authenticated yet
-    #: (its CONNECT, and AUTH packets before CONNACK): what an unauthenticated
-    #: client can make the broker read and decode is bounded by it.
+    #: (its CONNECT, AUTH packets, anything sent before its CONNACK): what an
+    #: unauthenticated client can make the broker read and decode is bounded.
     max_connect_size: int = attrs.field(
         default=64 * 1024, metadata=SIZE, validator=[v.ge(64), v.le(MAX_PACKET_SIZE_LIMIT)])
     #: User properties one packet (a PUBLISH, a CONNECT or its will) may carry;
