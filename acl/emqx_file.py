@@ -39,6 +39,8 @@ in Erlang: ``"\\\\d"`` is a backslash and a d, ``"\\d"`` is DEL) or binaries
 (``<<"...">>``, ``<<"é"/utf8>>``). Regular expressions are searched anywhere
 in the value (``re:run`` without anchoring) with Python's ``re``, which
 reads the PCRE syntax EMQX documents except for a few PCRE-only constructs.
+A final ``$`` matches only at the very end of the value, not before a
+trailing newline as in PCRE and Python.
 
 Matching: a publish matches a rule's filter when the filter matches the
 topic name; a subscribe when the rule's filter covers every topic the
@@ -525,7 +527,7 @@ class _Compiler:
         if tag == "re" and len(arguments) == 1:
             pattern = _text(arguments[0], "a regular expression")
             try:
-                search = re.compile(pattern).search
+                search = re.compile(_anchored_end(pattern)).search
             except re.error as exc:
                 raise _RuleError(f"invalid regular expression {pattern!r}: {exc}",
                                  arguments[0]) from None
@@ -662,6 +664,16 @@ class _Compiler:
         # every rendering is a valid filter.
         self.topic_filter("".join(part if isinstance(part, str) else "x" for part in parts), node)
         return TopicTemplate(tuple(part for part in parts if part != ""))
+
+
+def _anchored_end(pattern: str) -> str:
+    """``pattern`` with a final ``$`` made to match at the true end only
+    (``\\Z``): a ``$`` also matches before a trailing newline, so
+    ``^dashboard$`` would pass "dashboard\\n" (control characters are
+    refused at CONNECT as well)."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        return pattern[:-1] + "\\Z"
+    return pattern
 
 
 def _all_of(parts: list[Predicate | None]) -> Predicate | None:

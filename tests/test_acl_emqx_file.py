@@ -592,3 +592,16 @@ def test_client_conditions_are_evaluated_once_per_client():
     assert counted.check(AccessRequest(client=other, action=PUBLISH_ACTION,
                                        topic="t/1")) == DENY_ACCESS
     assert len(calls) == 4
+
+
+def test_a_final_dollar_in_a_regular_expression_matches_only_at_the_true_end():
+    source = parse_acl_text('{allow, {username, {re, "^dashboard$"}}, publish, ["t"]}.\n'
+                            '{allow, {username, {re, "cost\\\\$"}}, publish, ["t"]}.\n')
+
+    def check(username):
+        client = ClientInfo(client_id="c", username=username, peer=PeerInfo(listener="tcp:x"))
+        return source.check(AccessRequest(client=client, action=PUBLISH_ACTION, topic="t"))
+
+    assert check("dashboard") == ALLOW_ACCESS
+    assert check("dashboard\n") is None
+    assert check("the cost$") == ALLOW_ACCESS  # an escaped $ is a dollar sign
