@@ -818,6 +818,21 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
         self._ssl.write(data)
         self.transport.write(self._out.read())
 
+    def can_write_eof(self) -> bool:
+        transport = self.transport
+        return transport is not None and not self._closing and transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        """The half of a lingering close (see Connection.close): close_notify,
+        then the socket's write side shut; what the client still sends is
+        read and handed up (and discarded there) until ``close``."""
+        try:
+            self._ssl.unwrap()  # close_notify; the client's may follow or not
+        except ssl.SSLError:
+            pass
+        self._send_records()
+        self.transport.write_eof()
+
     def close(self) -> None:
         if self.transport is None or self._closing:
             return

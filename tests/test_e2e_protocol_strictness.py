@@ -161,3 +161,25 @@ def test_a_lingering_close_is_bounded(start_broker, raw_clients):
             client.sock.sendall(b"\x00" * 16384)
             time.sleep(0.01)
     assert time.monotonic() < deadline
+
+
+def test_the_close_lingers_over_tls_too(start_broker, tmp_path):
+    import ssl
+
+    from bastionmq.pki import init_pki
+    from conftest import RawClient
+    from tls_helpers import ssl_listener, tls_socket
+    init_pki(tmp_path)
+    broker = start_broker(config=ssl_listener(tmp_path, "allow_anonymous = true\n"
+                                                        "mqtt.max_awaiting_rel = 100"))
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    client = RawClient(0, MQTT_5, sock=tls_socket(broker.port_of("ssl:default"), context))
+    client.connect("eager")
+    client.send(b"".join(encode(Publish("t", b"x", qos=2, packet_id=n), MQTT_5)
+                         for n in range(1, 102)))
+    time.sleep(0.3)
+    for n in range(1, 101):
+        client.send(encode(Pubrel(n), MQTT_5))
+    time.sleep(0.3)
+    packets = client.receive_until_closed()
+    assert [p.reason_code for p in packets if isinstance(p, Disconnect)] == [0x93]
