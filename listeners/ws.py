@@ -56,7 +56,9 @@ from .tls import TlsListener, TlsProtocol
 log = logging.getLogger("bastionmq.listener")
 
 # Layer states.
-UPGRADING, OPEN, CLOSING = range(3)
+#: LINGERING: closed by the broker, its Close frame and the write side's end
+#: sent, what the client still sends read and discarded (Connection.close).
+UPGRADING, OPEN, CLOSING, LINGERING = range(4)
 
 _BINARY = 0x82  # FIN + binary opcode
 _HEADER_16 = struct.Struct("!BBH")
@@ -224,6 +226,8 @@ class WebSocketLayer(UpperLayer):
         if self._state != OPEN:
             if self._state == UPGRADING:
                 self._receive_upgrade(data)
+            elif self._state == LINGERING and self.connection is not None:
+                self.connection.data_received(data)  # counted there, and discarded
             return
         if self._deflate is None:
             return self._receive_frames(data)
@@ -495,6 +499,20 @@ class WebSocketLayer(UpperLayer):
             packets = [data]
         self.transport.write(b"".join(ws.send(BytesMessage(data=bytes(packet)))
                                   for packet in packets))
+
+    def can_write_eof(self) -> bool:
+        transport = self.transport
+        return (self._state == OPEN and transport is not None
+                and getattr(transport, "can_write_eof", None) is not None
+                and transport.can_write_eof())
+
+    def write_eof(self) -> None:
+        """The half of a lingering close (see Connection.close): the Close
+        frame, then the write side below shut; the client's frames are read
+        and discarded until ``close``."""
+        self.transport.write(self._ws.send(CloseConnection(code=CloseReason.NORMAL_CLOSURE)))
+        self._state = LINGERING
+        self.transport.write_eof()
 
     def close(self) -> None:
         if self._state == CLOSING or self.transport is None:

@@ -26,9 +26,12 @@ def _stalled_subscriber(port: int) -> socket.socket:
 
 def test_stalled_subscriber_loses_qos0_queues_qos1_and_stays_bounded(start_broker, clients,
                                                                      raw_clients):
+    # It holds the flooder back for 200 ms, then is a slow subscriber: from
+    # then on its own bounds apply.
     broker = start_broker("""
         listeners.tcp.default.tcp_options.high_watermark = 16KB
         mqtt.max_mqueue_len = 50
+        mqtt.slow_subscriber_timeout = 200ms
     """)
     stalled = _stalled_subscriber(broker.port)
     healthy = clients(broker.port, client_id="healthy")

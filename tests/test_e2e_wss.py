@@ -219,3 +219,12 @@ def test_check_config_reports_the_wss_listeners_tls_policy(pki):
     assert "wss:default 127.0.0.1:0" in report.lines
     assert "  identity (replace): username from the certificate's cn, client id from what " \
            "the client sends" in report.lines
+
+
+def test_the_close_lingers_over_wss_too(start_broker, pki):
+    from test_e2e_ws import pipeline_past_the_receive_maximum
+    broker = start_broker(config=_config(pki) + "mqtt.max_awaiting_rel = 100\n")
+    client = _wss_client(broker, pki, version=MQTT_5)
+    client.connect("eager")
+    assert pipeline_past_the_receive_maximum(client) == [0x93]
+    client.close()
