@@ -31,6 +31,7 @@ from bastionmq.broker.codec import (
 # Shared test helpers (mqtt_strategies) import by name; there is no tests package.
 sys.path.insert(0, str(Path(__file__).parent))
 import tls_helpers  # noqa: E402
+from mosquitto_peer import tool  # noqa: E402
 
 TIMEOUT = 10.0
 
@@ -315,8 +316,8 @@ def passwd(tmp_path) -> Path:
     """A password file written by Debian's mosquitto_passwd, unchanged:
     alice (wonderland) and bob (builder)."""
     path = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-c", "-b", str(path), "alice", "wonderland"],
+    subprocess.run([tool("mosquitto_passwd"), "-c", "-b", str(path), "alice", "wonderland"],
                    check=True, capture_output=True)
-    subprocess.run(["mosquitto_passwd", "-b", str(path), "bob", "builder"],
+    subprocess.run([tool("mosquitto_passwd"), "-b", str(path), "bob", "builder"],
                    check=True, capture_output=True)
     return path

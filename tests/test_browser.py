@@ -33,6 +33,7 @@ import pytest
 from bastionmq.listeners.ws import BoundedDeflate
 from bastionmq.pki import init_pki
 from conftest import Client
+from mosquitto_peer import missing, tool
 
 TIMEOUT = 20.0
 PAGE_DIR = Path(__file__).parent / "browser"
@@ -44,15 +45,13 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 @pytest.fixture(autouse=True)
 def _browser_installed() -> None:
     """Like the mosquitto peers, these are installed by .ci/run: a missing one
-    fails the test (never a silent skip)."""
+    fails the test in CI and skips it, with the reason, elsewhere."""
     if not os.path.exists(CHROMIUM):
-        pytest.fail("Debian's chromium is not installed: apt-get install chromium")
+        missing("Debian's chromium is not installed: apt-get install chromium")
     if not MQTT_JS.exists():
         # The pinned copy (package-lock.json) from the npm registry, as
         # .ci/run installs it, so that a plain ``pytest`` works too.
-        npm = shutil.which("npm")
-        if npm is None:
-            pytest.fail("npm is not installed (apt-get install npm): it installs MQTT.js")
+        npm = tool("npm")  # it installs MQTT.js
         subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
                        cwd=PAGE_DIR, check=True, timeout=300)
 
@@ -302,9 +301,7 @@ def test_browser_over_wss(start_broker, page_origin, open_browser, tmp_path):
     home = tmp_path / "home"
     nssdb = home / ".pki" / "nssdb"
     nssdb.mkdir(parents=True)
-    certutil = shutil.which("certutil")
-    if certutil is None:
-        pytest.fail("certutil is not installed: apt-get install libnss3-tools")
+    certutil = tool("certutil")
     subprocess.run([certutil, "-N", "-d", f"sql:{nssdb}", "--empty-password"], check=True,
                    capture_output=True, timeout=TIMEOUT)
     subprocess.run([certutil, "-A", "-d", f"sql:{nssdb}", "-n", "bastionmq development CA",

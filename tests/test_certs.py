@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bastionmq import pki
 from bastionmq.cli import main
+from mosquitto_peer import tool
 
 TIMEOUT = 10.0
 NOW = datetime.now(timezone.utc)
@@ -60,7 +61,7 @@ def common_name(cert: x509.Certificate) -> str:
 
 
 def openssl(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["openssl", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([tool("openssl"), *map(str, args)], capture_output=True, text=True,
                           timeout=TIMEOUT)
 
 

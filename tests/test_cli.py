@@ -17,6 +17,7 @@ import pytest
 
 from bastionmq.broker.codec import MQTT_5
 from bastionmq.broker.store.sqlite import SCHEMA, SCHEMA_VERSION
+from mosquitto_peer import tool
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "etc" / "bastionmq.conf"
@@ -302,12 +303,12 @@ def test_first_start_makes_a_development_pki_and_a_client_certificate_is_all_a_n
     assert issued.returncode == 0, issued.stderr
     tls = ["-h", "localhost", "-p", str(tls_port), "--cafile", str(certs / "ca.pem")]
     publish = ["-t", "test", "-m", "hello", "-q", "1"]
-    sent = subprocess.run(["mosquitto_pub", *tls, "--cert", str(certs / "sensor-7.pem"),
+    sent = subprocess.run([tool("mosquitto_pub"), *tls, "--cert", str(certs / "sensor-7.pem"),
                            "--key", str(certs / "sensor-7.key"), *publish],
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert sent.returncode == 0, sent.stderr
     # Without a certificate the TLS listener refuses (verify_peer, fail_if_no_peer_cert).
-    refused = subprocess.run(["mosquitto_pub", *tls, *publish], capture_output=True,
+    refused = subprocess.run([tool("mosquitto_pub"), *tls, *publish], capture_output=True,
                              text=True, timeout=TIMEOUT)
     assert refused.returncode != 0
     # The wss listener takes the same development PKI and the same certificate.

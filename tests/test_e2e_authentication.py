@@ -13,6 +13,7 @@ from bastionmq.broker.codec import MQTT_3_1_1, MQTT_5
 from bastionmq.pki import init_pki, issue_client
 from startup import startup_error
 from tls_helpers import ssl_listener
+from mosquitto_peer import tool
 
 
 def _password_chain(passwd: Path, anonymous: bool = False) -> str:
@@ -158,7 +159,7 @@ authn_ban { max_failures = 3, window = 1m, ban_time = 500ms }
 
 def test_reload_reads_the_password_file_again(start_broker, raw_clients, passwd):
     broker = start_broker(config=_password_chain(passwd))
-    subprocess.run(["mosquitto_passwd", "-b", str(passwd), "carol", "new"], check=True,
+    subprocess.run([tool("mosquitto_passwd"), "-b", str(passwd), "carol", "new"], check=True,
                    capture_output=True)
     refused = raw_clients(broker.port, MQTT_5)
     # Unknown until the reload (answered as a wrong password: hide_unknown_users).

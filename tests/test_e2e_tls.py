@@ -18,6 +18,7 @@ from bastionmq.broker.codec import MQTT_3_1_1, Connect, Decoder, encode
 from bastionmq.pki import init_pki, issue_client
 from startup import startup_error
 from tls_helpers import plain_socket, ssl_listener, tls_socket
+from mosquitto_peer import tool
 
 TIMEOUT = 10.0
 NOW = datetime.datetime.now(datetime.timezone.utc)
@@ -243,7 +244,7 @@ def test_openssl_s_client_completes_mutual_tls(start_broker, pki):
     broker = start_broker(config=_ssl_config(pki, verify="verify_peer",
                                              fail_if_no_peer_cert="true"))
     result = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{broker.port_of('ssl:default')}",
+        [tool("openssl"), "s_client", "-connect", f"127.0.0.1:{broker.port_of('ssl:default')}",
          "-CAfile", str(pki / "ca.pem"), "-cert", str(pki / "dev-1.pem"),
          "-key", str(pki / "dev-1.key"), "-verify_return_error", "-brief"],
         input=encode(Connect("s-client", MQTT_3_1_1), MQTT_3_1_1), capture_output=True,
@@ -259,14 +260,14 @@ def test_mosquitto_clients_over_mutual_tls(start_broker, pki):
     tls = ["--cafile", str(pki / "ca.pem"), "--cert", str(pki / "dev-1.pem"),
            "--key", str(pki / "dev-1.key")]
     subscriber = subprocess.Popen(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-t", "greetings", "-C", "1",
+        [tool("mosquitto_sub"), "-h", "127.0.0.1", "-p", port, "-t", "greetings", "-C", "1",
          "-W", "10", "-q", "1", *tls], stdout=subprocess.PIPE)
     try:
         deadline = time.monotonic() + TIMEOUT
         while broker.run(lambda: len(broker.core.trie)) == 0:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-t", "greetings",
+        subprocess.run([tool("mosquitto_pub"), "-h", "127.0.0.1", "-p", port, "-t", "greetings",
                         "-m", "hello over mutual TLS", "-q", "1", "-V", "mqttv5", *tls],
                        check=True, timeout=TIMEOUT)
         out, _ = subscriber.communicate(timeout=TIMEOUT)
@@ -274,7 +275,7 @@ def test_mosquitto_clients_over_mutual_tls(start_broker, pki):
         subscriber.kill()
     assert out == b"hello over mutual TLS\n"
     # Without a certificate mosquitto_pub is refused by the handshake.
-    refused = subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-t", "x",
+    refused = subprocess.run([tool("mosquitto_pub"), "-h", "127.0.0.1", "-p", port, "-t", "x",
                               "-m", "x", "--cafile", str(pki / "ca.pem")],
                              capture_output=True, timeout=TIMEOUT)
     assert refused.returncode != 0

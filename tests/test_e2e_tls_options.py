@@ -20,6 +20,7 @@ from bastionmq.broker.codec import MQTT_3_1_1, Connect, Decoder, encode
 from bastionmq.pki import init_pki, issue_client, issue_server
 from startup import startup_error
 from tls_helpers import ssl_listener, tls_socket
+from mosquitto_peer import tool
 
 TIMEOUT = 10.0
 PSK_KEY = "1a2b3c4d5e6f708192a3b4c5d6e7f801"
@@ -87,7 +88,7 @@ def test_a_wrong_psk_fails_the_handshake(psk_broker, identity, key):
 
 def test_mosquitto_pub_over_psk(psk_broker):
     result = subprocess.run(
-        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(psk_broker.port_of("ssl:default")),
+        [tool("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(psk_broker.port_of("ssl:default")),
          "--psk", PSK_KEY, "--psk-identity", "sensor-9", "--ciphers", "PSK-AES128-GCM-SHA256",
          "--tls-version", "tlsv1.2", "-t", "psk/hello", "-m", "hi", "-q", "1"],
         capture_output=True, text=True, timeout=TIMEOUT)

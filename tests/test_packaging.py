@@ -162,3 +162,15 @@ def test_the_wheel_installs_the_console_script(wheel):
     text = wheel.read(entry_points).decode()
     assert "[console_scripts]" in text
     assert "bastionmq = bastionmq.cli:main" in text
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", "fail"), ("", "skip")])
+def test_a_missing_outside_tool_fails_in_ci_and_skips_elsewhere(monkeypatch, tmp_path, ci,
+                                                                outcome):
+    from mosquitto_peer import tool
+    monkeypatch.setenv("PATH", str(tmp_path))  # no mosquitto_pub on it
+    monkeypatch.setenv("CI", ci)
+    expected = pytest.fail.Exception if outcome == "fail" else pytest.skip.Exception
+    with pytest.raises(expected) as info:
+        tool("mosquitto_pub")
+    assert "apt-get install mosquitto-clients" in str(info.value)
