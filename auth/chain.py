@@ -76,16 +76,13 @@ class AuthenticationChain:
         peer = request.peer
         if not self.enabled or peer.psk_identity is not None:
             return self._allowed(request, ALLOW)
-        # A certificate the listener verified is never banned: failed logins
-        # of others with its client id or username must not lock it out.
-        if self.bans is not None and peer.certificate is None:
-            banned = self.bans.banned(request)
-            if banned is not None:
-                self.stats.denied += 1
-                log.info("refusing client %s from %s on %s: %s %s is banned after failed "
-                         "logins", shown(request.client_id), peer.host, peer.listener,
-                         banned[0], shown(banned[1]))
-                return BANNED
+        banned = self._ban_of(request)
+        if banned is not None:
+            self.stats.denied += 1
+            log.info("refusing client %s from %s on %s: %s %s is banned after failed logins",
+                     shown(request.client_id), peer.host, peer.listener, banned[0],
+                     shown(banned[1]))
+            return BANNED
         if self.authenticators is None:
             if peer.certificate is not None:
                 # The listener verified this certificate against its CA (a peer
@@ -99,11 +96,19 @@ class AuthenticationChain:
         this listener's, and the client not banned."""
         if self.methods is not None and method not in self.methods:
             return AuthResult(Reason.BAD_AUTHENTICATION_METHOD)
-        if (self.bans is not None and request.peer.certificate is None
-                and self.bans.banned(request) is not None):
+        if self._ban_of(request) is not None:
             self.stats.denied += 1
             return BANNED
         return None
+
+    def _ban_of(self, request: AuthRequest,
+                identity: str | None = None) -> tuple[str, str] | None:
+        """The (kind, value) a ban refuses this client by, if any. A
+        certificate the listener verified is never banned: failed logins of
+        others with its client id or username must not lock it out."""
+        if self.bans is None or request.peer.certificate is not None:
+            return None
+        return self.bans.banned(request, identity)
 
     def method_finished(self, request: AuthRequest, result: AuthResult) -> AuthResult:
         """An enhanced authentication (at CONNECT or a re-authentication)
@@ -113,8 +118,7 @@ class AuthenticationChain:
         meanwhile is refused, unless a verified certificate vouches for the
         client."""
         if result.allowed:
-            if (self.bans is not None and request.peer.certificate is None
-                    and self.bans.banned(request, result.identity) is not None):
+            if self._ban_of(request, result.identity) is not None:
                 self.stats.denied += 1
                 log.info("refusing client %s on %s: user %s is banned after failed logins",
                          shown(request.client_id), request.peer.listener,

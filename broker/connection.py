@@ -509,12 +509,10 @@ class Connection:
                                 "username with control characters")
         self.client_id = client_id
         self.username = packet.username
-        limit = settings.max_user_properties
-        if (len(packet.properties.get("user_property", ())) > limit or (
-                packet.will is not None
-                and len(packet.will.properties.get("user_property", ())) > limit)):
-            return self._refuse(Reason.QUOTA_EXCEEDED,
-                                f"more than {limit} user properties (mqtt.max_user_properties)")
+        if self._too_many_user_properties(packet.properties) or (
+                packet.will is not None and self._too_many_user_properties(packet.will.properties)):
+            return self._refuse(Reason.QUOTA_EXCEEDED, f"more than {settings.max_user_properties} "
+                                "user properties (mqtt.max_user_properties)")
         will = packet.will
         if will is not None:
             try:
@@ -680,7 +678,7 @@ class Connection:
         core.stats.messages_received += 1
         props = packet.properties
         if props:
-            if len(props.get("user_property", ())) > core.settings.max_user_properties:
+            if self._too_many_user_properties(props):
                 return self._violation(MalformedPacket(
                     f"more than {core.settings.max_user_properties} user properties "
                     "(mqtt.max_user_properties)", Reason.QUOTA_EXCEEDED))
@@ -742,6 +740,9 @@ class Connection:
         if qos:
             self.ack(0x40 if qos == 1 else 0x50, packet.packet_id,
                      0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
+
+    def _too_many_user_properties(self, props) -> bool:
+        return len(props.get("user_property", ())) > self.core.settings.max_user_properties
 
     def _publish_denied(self, packet: Publish, topic: str) -> None:
         """A PUBLISH the authorization chain denies: refused (5.0: reason

@@ -411,14 +411,11 @@ class BrokerCore:
             return  # 4.8.2: a new shared subscription gets no retained messages
         ids = (identifier,) if identifier else ()
         now = self.loop.time()
-        access = self.access
-        cache = session.connection.access_cache if session.connection is not None else None
         for message in self.retained.match(options.filter):
             if message.expired(now):
                 self._forget_retained(message.topic)
                 continue
-            if access is not None and session.client is not None and not access.permits(
-                    session.client, cache, SUBSCRIBE_ACTION, message.topic, options.qos):
+            if not self._may_read(session, message.topic, options.qos):
                 continue  # a topic this client may not read, under a filter it may
             qos = min(message.qos, options.qos)
             # [MQTT-3.3.1-8]: retained messages sent on subscribe carry RETAIN 1.
@@ -464,6 +461,17 @@ class BrokerCore:
             else:
                 self.stats.read_denied += 1
         return readable
+
+    def _may_read(self, session: Session, topic: str, qos: int) -> bool:
+        """Whether the session's client may read ``topic`` (its connection's
+        decision cache used, when it has one)."""
+        access = self.access
+        client = session.client
+        if access is None or client is None:
+            return True
+        connection = session.connection
+        return access.permits(client, connection.access_cache if connection is not None else None,
+                              SUBSCRIBE_ACTION, topic, qos)
 
     def access_changed(self) -> None:
         """The rules, or the identity of a subscriber, changed: read access is
@@ -511,10 +519,7 @@ class BrokerCore:
                         retain: bool, sender: Session | None = None) -> None:
         entry = group.members[member]
         options = entry.options
-        access = self.access
-        if access is not None and member.client is not None and not access.permits(
-                member.client, member.connection.access_cache if member.connection else None,
-                SUBSCRIBE_ACTION, message.topic, options.qos):
+        if not self._may_read(member, message.topic, options.qos):
             self.stats.read_denied += 1
             return  # the member picked may not read this topic
         qos = min(message.qos, options.qos)
