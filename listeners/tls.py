@@ -579,13 +579,15 @@ class TlsListener(Listener):
             certificate=PeerCertificate(der, certificate_facts) if der else None,
             sni=protocol.sni, psk_identity=protocol.psk_identity)
 
-    def refuse_peer(self, peer: PeerInfo) -> str | None:
-        """Why a verified peer may not connect, for checks OpenSSL does not make."""
+    def refuse_peer(self, peer: PeerInfo, resumed: bool = False) -> str | None:
+        """Why a verified peer may not connect, for checks OpenSSL does not
+        make (``resumed``: the handshake resumed a TLS session)."""
         wanted = self.options.verify_peer_ext_key_usage
         certificate = peer.certificate
-        if certificate is not None:
+        if certificate is not None and resumed:
             # OpenSSL checks the validity period in a full handshake only: a
             # resumed TLS session would let a certificate in after it expired.
+            # (A full handshake is not made to parse the certificate for it.)
             now = _now()
             if now > certificate.not_after:
                 return "client certificate expired"
@@ -718,7 +720,7 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
         self._timer = None
         self._verified = True
         peer = listener.tls_peer_info(self)
-        refusal = listener.refuse_peer(peer)
+        refusal = listener.refuse_peer(peer, self._ssl.session_reused)
         if refusal is not None:
             self._fail(refusal)
             return False
