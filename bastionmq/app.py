@@ -23,6 +23,7 @@ from bastionmq.auth.identity import IdentityRule, PeerIdentity
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import AuthMethod
 from bastionmq.broker.properties import Reason
+from bastionmq.broker.restore import restore
 from bastionmq.broker.store import RestoreReport, SqliteStore, StoreError
 from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.config import TLS_KINDS, Config, ConfigError, load_config
@@ -312,8 +313,8 @@ class Broker:
             snapshot = await self.store.load(core.loop.time() - time.time())
         except StoreError as exc:
             raise ConfigError([("durable_sessions.data_dir", str(exc))]) from None
-        core.journal = self.store.start(core.loop, core.release_acks)
-        report = core.restore(snapshot)
+        core.use_journal(self.store.start(core.loop, core.outboxes.release_acks))
+        report = restore(core, snapshot)
         log.info("%s", describe_restore(report, durable.database, snapshot.messages))
 
     async def __aenter__(self) -> Broker:

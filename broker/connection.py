@@ -2,8 +2,8 @@
 
 A listener creates a ``Connection`` for each accepted transport and forwards
 the asyncio Protocol callbacks to it. All packets of one read are handled in
-one pass and everything they cause is written with one vectored write per
-connection at the end of the pass (``BrokerCore.flush``): a broker pays per
+one pass; what they cause is written into outboxes (``broker.outbox``), and
+each touched outbox is written once at the end of the pass: a broker pays per
 read, not per packet.
 """
 
@@ -21,6 +21,7 @@ from .codec import (
     Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback, Unsubscribe, encode,
 )
 from .message import Message
+from .outbox import Outbox
 from .ports import (
     PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthConversation, AuthRequest, AuthResult, AuthStep,
     ClientInfo, PeerInfo,
@@ -73,23 +74,22 @@ class _AuthExchange:
     #: A step is being computed: the client must wait for its answer.
     busy: bool = False
 
-#: Characters of an explanation sent as a Reason String, at most.
-_MAX_REASON_STRING = 200
 
 
 class Connection:
     __slots__ = (
         "core", "transport", "peer", "decoder", "version", "state", "client_id",
         "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
-        "_idle_handle", "will", "out", "paused", "send_window", "max_packet_size_out",
-        "_held", "close_reason", "topic_aliases", "problem_info",
-        "aliases_out", "alias_out_max", "auth_method", "_exchange", "client_info",
-        "access_cache", "acks_held", "mark", "will_stored", "holders", "held_since",
+        "_idle_handle", "will", "outbox", "_held", "close_reason", "topic_aliases",
+        "problem_info", "auth_method", "_exchange", "client_info",
+        "access_cache", "will_stored", "holders", "held_since",
         "held_bytes", "reading_paused", "refusal_log_at", "refusals_unlogged",
         "linger_handle", "linger_bytes",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
+        """A connection of ``core`` on ``transport``, as a listener makes one
+        for each client it admits."""
         self.core = core
         self.transport = transport
         self.peer = peer
@@ -108,10 +108,7 @@ class Connection:
         self._keepalive_handle = None
         self._idle_handle = core.loop.call_later(core.settings.idle_timeout, self._idle_expired)
         self.will = None
-        self.out: list[bytes] = []
-        self.paused = False
-        self.send_window = core.settings.max_inflight
-        self.max_packet_size_out = 0
+        self.outbox = Outbox(transport, core.outboxes, core.settings.max_inflight)
         #: Packets that arrived while an asynchronous authentication was
         #: pending, or while publisher flow control holds this client back.
         self._held: list[Packet] | None = None
@@ -134,10 +131,6 @@ class Connection:
         #: 5.0 Request Problem Information: whether reason strings may go on
         #: packets other than CONNACK and DISCONNECT ([MQTT-3.1.2-29]).
         self.problem_info = True
-        #: Outbound topic aliases (topic -> alias) when the 5.0 client accepts
-        #: them; None otherwise, which keeps the shared wire forms in use.
-        self.aliases_out: dict[str, int] | None = None
-        self.alias_out_max = 0
         #: The enhanced authentication method the client connected with, if any.
         self.auth_method: str | None = None
         self._exchange: _AuthExchange | None = None
@@ -145,13 +138,9 @@ class Connection:
         self.client_info: ClientInfo | None = None
         #: Recent authorization decisions for this client (see broker.access).
         self.access_cache: dict | None = None
-        #: Acknowledgements waiting for the durable store to commit.
-        self.acks_held = 0
-        #: The durable store journal's change count when the packet being
-        #: handled arrived (see write_stored).
-        self.mark = -1
         #: Whether the durable store holds this connection's will.
         self.will_stored = False
+        core.connections.add(self)
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -184,7 +173,7 @@ class Connection:
                 # the keep alive allows ends the connection.
                 self.last_seen = core.loop.time()
             self._handle_packets(packets)
-        self.core.flush()
+        self.core.outboxes.flush()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -205,15 +194,15 @@ class Connection:
             held, self._held, self.holders = self._held, None, -1
             self._handle_packets(held)
             if self.state == CLOSED:
-                self.core.flush()
+                self.core.outboxes.flush()
                 return
         if not self.close_reason:
             self.close_reason = "connection lost" if exc is None else f"connection lost: {exc}"
         self._teardown()
-        self.core.flush()
+        self.core.outboxes.flush()
 
     def pause_writing(self) -> None:
-        self.paused = True
+        self.outbox.paused = True
 
     # ------------------------------------------------------- flow control
 
@@ -254,106 +243,13 @@ class Connection:
             self.transport.resume_reading()
         # Holding back again part way leaves the rest, in order, in a new _held.
         self._handle_packets(held)
-        self.core.flush()
+        self.core.outboxes.flush()
 
     def resume_writing(self) -> None:
-        self.paused = False
+        self.outbox.paused = False
         if self.state == CONNECTED and self.session is not None:
             self.core.drain(self.session)
-            self.core.flush()
-
-    # ------------------------------------------------------- writing
-
-    def write(self, data: bytes) -> None:
-        out = self.out
-        if not out:
-            self.core.dirty.append(self)
-        out.append(data)
-
-    def send(self, packet: Packet) -> None:
-        self.write(encode(packet, self.version))
-
-    def send_explained(self, packet: Packet, why: str) -> None:
-        """Send a CONNACK, SUBACK or DISCONNECT with ``why`` as its 5.0 Reason
-        String, unless that would exceed the client's Maximum Packet Size
-        ([MQTT-3.2.2-19], [MQTT-3.14.2-3])."""
-        self.write(self._explained(packet, why))
-
-    def _explained(self, packet: Packet, why: str) -> bytes:
-        data = encode(packet, self.version)
-        if why and self.version == MQTT_5:
-            packet.properties = {**packet.properties, "reason_string": why[:_MAX_REASON_STRING]}
-            explained = encode(packet, self.version)
-            if not self.max_packet_size_out or len(explained) <= self.max_packet_size_out:
-                data = explained
-        return data
-
-    def write_stored(self, data: bytes, earlier: bool = False) -> None:
-        """Write an acknowledgement that tells the client something is kept.
-
-        With a durable store it waits for the commit of what handling the
-        current packet recorded (or, with ``earlier``, of anything not yet
-        committed, for a promise an earlier packet made), and never goes
-        ahead of an earlier acknowledgement ([MQTT-4.6.0-2]: they keep the
-        order of the packets they answer). What changed nothing durable (a
-        QoS 1 message no persistent session takes) is acknowledged at once.
-        """
-        journal = self.core.journal
-        if journal is not None and (self.acks_held or journal.changes != self.mark
-                                    or (earlier and journal.unsettled())):
-            self.acks_held += 1
-            journal.hold(self, data)
-        else:
-            self.write(data)
-
-    def ack(self, first: int, packet_id: int, reason: int = 0, earlier: bool = False) -> None:
-        """PUBACK (0x40), PUBREC (0x50), PUBREL (0x62) or PUBCOMP (0x70): the
-        two-byte short form, or with its reason code for a 5.0 client (3.4.2.1)."""
-        if reason and self.version == MQTT_5:
-            data = bytes((first, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,))
-        else:
-            data = bytes((first, 2)) + packet_id.to_bytes(2, "big")
-        self.write_stored(data, earlier)
-
-    def send_publish(self, message: Message, qos: int, retain: bool,
-                     subscription_ids: tuple[int, ...], packet_id: int = 0,
-                     dup: bool = False) -> bool:
-        """Queue a PUBLISH for writing; False when the client's limit forbids it."""
-        now = self.core.loop.time() if message.expires_at is not None else 0.0
-        aliases = self.aliases_out
-        alias = 0
-        if aliases is not None:
-            alias = aliases.get(message.topic, 0)
-            new_alias = not alias and len(aliases) < self.alias_out_max
-            if new_alias:
-                alias = len(aliases) + 1
-            head, tail = message.wire_form(True, qos, retain, subscription_ids, now,
-                                           alias, with_topic=not alias or new_alias)
-        else:
-            head, tail = message.wire_form(
-                self.version == MQTT_5, qos, retain, subscription_ids, now)
-        if self.max_packet_size_out and len(head) + len(tail) + (2 if qos else 0) > self.max_packet_size_out:
-            # [MQTT-3.1.2-25]: discard what the client said it cannot take.
-            self.core.stats.dropped_too_large += 1
-            return False
-        if alias and new_alias:
-            # Set up only by a packet the client receives (3.3.2.3.4).
-            aliases[message.topic] = alias
-        out = self.out
-        core = self.core
-        if not out:
-            core.dirty.append(self)
-        core.stats.messages_sent += 1
-        if dup:
-            head = bytes((head[0] | 0x08,)) + head[1:]
-        if qos:
-            out.append(head)
-            out.append(packet_id.to_bytes(2, "big"))
-            if tail:
-                out.append(tail)
-        else:
-            out.append(head)
-        return True
+            self.core.outboxes.flush()
 
     def close(self, reason: int = Reason.UNSPECIFIED_ERROR, message: str = "",
               send_disconnect: bool = True, publish_will: bool = True,
@@ -372,13 +268,13 @@ class Connection:
         if not self.close_reason:
             self.close_reason = message or reason_name(reason)
         if send_disconnect and self.state == CONNECTED and self.version == MQTT_5:
-            self.send_explained(Disconnect(reason), message)
+            self.outbox.send_explained(Disconnect(reason), message)
         if not publish_will:
             self.will = None
         self._teardown()
         # Also writes what the teardown caused elsewhere (the will), since a
         # close from a timer has no read pass that would flush afterwards.
-        self.core.flush()
+        self.core.outboxes.flush()
         transport = self.transport
         can_write_eof = getattr(transport, "can_write_eof", None)
         if linger and can_write_eof is not None and can_write_eof():
@@ -396,7 +292,7 @@ class Connection:
             if self.state == CLOSED:
                 return
             if journal is not None:
-                self.mark = journal.changes
+                self.outbox.mark = journal.changes
             ptype = packet.type
             if self._held is not None:
                 if not (self.holders > 0 and ptype in _ANSWERS):
@@ -434,11 +330,11 @@ class Connection:
         self.core.stats.protocol_errors += 1
         if self.state == NEW and exc.connack_v3 is not None:
             # An unknown protocol level: answer in the 3.1.1 form every client reads.
-            self.write(encode(Connack(exc.connack_v3), 4))
+            self.outbox.write(encode(Connack(exc.connack_v3), 4))
         elif self.state == NEW and exc.connect_level == MQTT_5:
             # A 5.0 CONNECT refused for its content: say why (4.13.1).
-            self.version = MQTT_5
-            self.send_explained(Connack(exc.reason_code), str(exc)[:MAX_LOGGED_REASON])
+            self.version = self.outbox.version = MQTT_5
+            self.outbox.send_explained(Connack(exc.reason_code), str(exc)[:MAX_LOGGED_REASON])
         self.close(exc.reason_code, str(exc))
 
     def _describe(self) -> str:
@@ -472,10 +368,10 @@ class Connection:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
-        self.version = packet.protocol_level
+        self.version = self.outbox.version = packet.protocol_level
         if self.version == MQTT_5:
             props = packet.properties
-            self.max_packet_size_out = props.get("maximum_packet_size", 0)
+            self.outbox.max_packet_size = props.get("maximum_packet_size", 0)
             self.problem_info = props.get("request_problem_information", 1) == 1
             if "authentication_data" in props and "authentication_method" not in props:
                 # 3.1.2.11.10: Authentication Data without a method is a Protocol Error.
@@ -580,15 +476,15 @@ class Connection:
         if self.state == CONNECTED:
             self.transport.resume_reading()
             self._handle_packets(held or ())
-        self.core.flush()
+        self.core.outboxes.flush()
 
     def _refuse(self, reason: int, why: str) -> None:
         log.info("refusing %s: %s (%s)", self._describe(), why, reason_name(reason))
         self.core.stats.connections_refused += 1
         if self.version == MQTT_5:
-            self.send_explained(Connack(reason), why)
+            self.outbox.send_explained(Connack(reason), why)
         else:
-            self.send(Connack(CONNACK_V3_CODES.get(reason, 3)))
+            self.outbox.send(Connack(CONNACK_V3_CODES.get(reason, 3)))
         self.close(reason, why, send_disconnect=False, publish_will=False)
 
     def _finish_connect(self, result: AuthResult, packet: Connect, assigned: bool,
@@ -605,10 +501,11 @@ class Connection:
             # mqtt.session_expiry_interval caps what the client asks for (even "never").
             expiry = min(props.get("session_expiry_interval", 0),
                          int(settings.session_expiry_interval))
-            self.send_window = min(settings.max_inflight, props.get("receive_maximum", _MAX_U16))
-            self.alias_out_max = min(settings.max_topic_alias, props.get("topic_alias_maximum", 0))
-            if self.alias_out_max:
-                self.aliases_out = {}
+            outbox = self.outbox
+            outbox.send_window = min(settings.max_inflight, props.get("receive_maximum", _MAX_U16))
+            outbox.alias_max = min(settings.max_topic_alias, props.get("topic_alias_maximum", 0))
+            if outbox.alias_max:
+                outbox.aliases = {}
         else:
             expiry = 0 if packet.clean_start else int(settings.session_expiry_interval)
         self.client_info = ClientInfo(client_id=self.client_id, username=self.username,
@@ -661,7 +558,7 @@ class Connection:
                         "cannot be told otherwise; served with its own "
                         "(mqtt.max_keepalive_refuse_v3 refuses it)", self._describe(),
                         self.keepalive, settings.max_keepalive)
-        self.send(Connack(0, present, connack_props))
+        self.outbox.send(Connack(0, present, connack_props))
         if self.keepalive:
             self._keepalive_handle = core.loop.call_later(
                 self.keepalive * settings.keepalive_multiplier, self._keepalive_check)
@@ -716,7 +613,7 @@ class Connection:
                 if packet.packet_id in awaiting:
                     # A resend of a message already accepted: acknowledge, don't
                     # route again; the acceptance may not have committed yet.
-                    self.ack(0x50, packet.packet_id, earlier=True)
+                    self.outbox.pubrec(packet.packet_id, after_commit=True)
                     return
             if awaiting and len(awaiting) >= core.settings.max_awaiting_rel:
                 return self._violation(MalformedPacket(
@@ -738,7 +635,7 @@ class Connection:
         if packet.retain:
             core.retain(message)
         if qos:
-            self.ack(0x40 if qos == 1 else 0x50, packet.packet_id,
+            (self.outbox.puback if qos == 1 else self.outbox.pubrec)(packet.packet_id,
                      0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
 
     def _too_many_user_properties(self, props) -> bool:
@@ -755,12 +652,12 @@ class Connection:
         qos = packet.qos
         if self.version == MQTT_5:
             if qos:
-                self.ack(0x40 if qos == 1 else 0x50, packet.packet_id, Reason.NOT_AUTHORIZED)
+                (self.outbox.puback if qos == 1 else self.outbox.pubrec)(packet.packet_id, Reason.NOT_AUTHORIZED)
         elif qos == 1:
-            self.ack(0x40, packet.packet_id)  # 3.1.1 has no refusal: drop, but acknowledge
+            self.outbox.puback(packet.packet_id)  # 3.1.1 has no refusal: drop, but acknowledge
         elif qos == 2:
             self._awaiting_release(packet.packet_id)  # so that PUBREL gets PUBCOMP
-            self.ack(0x50, packet.packet_id)
+            self.outbox.pubrec(packet.packet_id)
 
     def _awaiting_release(self, packet_id: int) -> None:
         session = self.session
@@ -817,7 +714,7 @@ class Connection:
         session = self.session
         entry = session.inflight.get(packet.packet_id) if session.inflight else None
         if entry is None or entry.qos != 2:
-            self.ack(0x62, packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND)
+            self.outbox.pubrel(packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND)
             return
         if packet.reason_code >= 0x80:
             # [MQTT-4.4.0-2]: a PUBREC with a failure code acknowledges the message.
@@ -828,7 +725,7 @@ class Connection:
             # PUBREL goes once this is stored: after a restart the message must
             # not be sent again as a PUBLISH the client already released.
             self.core.journal.inflight_saved(session, packet.packet_id, entry, False)
-        self.ack(0x62, packet.packet_id)
+        self.outbox.pubrel(packet.packet_id)
 
     def _on_pubrel(self, packet: Pubrel) -> None:
         session = self.session
@@ -839,9 +736,9 @@ class Connection:
                 # PUBCOMP goes once this is stored: the client may reuse the
                 # packet id then, and a restart must not take it for a resend.
                 self.core.journal.awaiting_deleted(session, packet.packet_id)
-            self.ack(0x70, packet.packet_id)
+            self.outbox.pubcomp(packet.packet_id)
         else:
-            self.ack(0x70, packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND)
+            self.outbox.pubcomp(packet.packet_id, Reason.PACKET_IDENTIFIER_NOT_FOUND)
 
     def _on_pubcomp(self, packet: Pubcomp) -> None:
         self.core.acknowledge(self.session, packet.packet_id, PUBCOMP)
@@ -905,7 +802,8 @@ class Connection:
             self._log_refusal("%s: refusing %d of %d filters: %s", self._describe(), refused,
                               len(packet.subscriptions), explanation)
         suback = Suback(packet.packet_id, codes)
-        self.write_stored(self._explained(suback, explanation if self.problem_info else ""))
+        outbox = self.outbox
+        outbox.write_stored(outbox.explained(suback, explanation if self.problem_info else ""))
         # Retained messages follow the SUBACK, unless the SUBACK waits for the
         # durable store: a server may send them first (3.8.4).
         for sub, existed in granted:
@@ -934,13 +832,13 @@ class Connection:
         for topic_filter in packet.filters:
             removed = self.core.unsubscribe(self.session, topic_filter)
             codes.append(Reason.SUCCESS if removed else Reason.NO_SUBSCRIPTION_EXISTED)
-        self.write_stored(encode(Unsuback(packet.packet_id, codes if self.version == MQTT_5 else []),
-                                 self.version))
+        unsuback = Unsuback(packet.packet_id, codes if self.version == MQTT_5 else [])
+        self.outbox.write_stored(encode(unsuback, self.version))
 
     # PINGREQ / DISCONNECT --------------------------------------------------
 
     def _on_pingreq(self, packet) -> None:
-        self.write(PINGRESP_BYTES)
+        self.outbox.write(PINGRESP_BYTES)
 
     def _on_disconnect(self, packet: Disconnect) -> None:
         session = self.session
@@ -1008,14 +906,14 @@ class Connection:
             return
         self._exchange.busy = False
         self._auth_answer(step)
-        self.core.flush()
+        self.core.outboxes.flush()
 
     def _auth_answer(self, step: AuthStep) -> None:
         props: dict[str, Any] = {"authentication_method": self.auth_method}
         if step.data is not None:
             props["authentication_data"] = step.data
         if step.result is None:
-            self.send(Auth(Reason.CONTINUE_AUTHENTICATION, props))
+            self.outbox.send(Auth(Reason.CONTINUE_AUTHENTICATION, props))
             return
         exchange, self._exchange = self._exchange, None
         result = step.result
@@ -1038,7 +936,7 @@ class Connection:
             if self.access_cache is not None:
                 self.access_cache.clear()
             self.core.access_changed()
-            self.send(Auth(Reason.SUCCESS, props))
+            self.outbox.send(Auth(Reason.SUCCESS, props))
         else:
             log.info("closing %s: re-authentication failed (%s)", self._describe(),
                      reason_name(result.reason_code))
@@ -1073,6 +971,7 @@ class Connection:
             return
         was_connected = self.state == CONNECTED
         self.state = CLOSED
+        self.outbox.closed = True
         for handle in (self._idle_handle, self._keepalive_handle):
             if handle is not None:
                 handle.cancel()
@@ -1083,13 +982,6 @@ class Connection:
             log.debug("%s disconnected: %s", self._describe(), self.close_reason)
             will, self.will = self.will, None
             core.end_connection(self, will)
-
-
-def release_ack(connection: Connection, data: bytes) -> None:
-    """Write an acknowledgement the durable store held back until its commit."""
-    connection.acks_held -= 1
-    if connection.state != CLOSED:
-        connection.write(data)
 
 
 #: What a client held back by flow control still gets handled: the answers

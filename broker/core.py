@@ -1,9 +1,11 @@
 """The broker core: sessions, takeover, routing a publish to its subscribers.
 
 Routing is the hot path. A publish is matched through the trie (cached per
-topic), and each subscriber's bytes are appended to its connection's output
-list; ``flush`` then writes every touched connection once. Callers that enter
-the core from outside a read (timers, the embedding API) flush themselves.
+topic), and each subscriber's bytes go into its session's outbox
+(``broker.outbox``); ``outboxes.flush`` then writes every touched outbox once.
+Callers that enter the core from outside a read (timers, the embedding API)
+flush themselves. The core sees a connection only as a ``Client``
+(broker.ports): to close it, to hold it back, and to ask who it is.
 """
 
 from __future__ import annotations
@@ -11,28 +13,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections import deque
 from typing import Any, Callable, Coroutine, Mapping
 
-import attrs
 
-from .codec import MQTT_5, Subscription, Will, WireProperties, encode_properties
-from .connection import Connection, release_ack
+from .codec import MQTT_5, Subscription, Will
 from .logtext import shown
-from .message import Message
+from .message import Message, retained_form
+from .outbox import Outbox, Outboxes
 from .access import AccessControl, Authorizer
 from .ports import (
-    PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, CertificateFacts, ClientInfo,
-    IdentityPolicy, PeerInfo,
+    PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, CertificateFacts, Client,
+    ClientInfo, IdentityPolicy,
 )
-from .ownership import client_from_record, owner_of, same_owner
-from .store import Journal, RestoreReport, Snapshot, StoredSession, StoredWill
+from .ownership import owner_of, same_owner
+from .store import Journal
 from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, Reason
 from .retained import RetainedStore
 from .sessions import NEVER_EXPIRES, Inflight, QueuedMessage, Session, SubscriptionEntry
 from .settings import MqttSettings
 from .shared import SharedGroup, split_shared
+from .stats import Stats
 from .topics import SubscriptionTrie, validate_topic_name
 
 log = logging.getLogger("bastionmq.core")
@@ -44,38 +45,6 @@ SYS_PREFIX = "$SYS/"
 
 #: Seconds between two log lines about slow subscribers, at the least.
 SLOW_LOG_INTERVAL = 10.0
-
-
-@attrs.define(slots=True)
-class Stats:
-    """Counters an operator needs to see what the broker dropped or refused."""
-
-    connections_refused: int = 0
-    protocol_errors: int = 0
-    #: PUBLISH packets received from clients, and sent to them.
-    messages_received: int = 0
-    messages_sent: int = 0
-    bytes_received: int = 0
-    bytes_sent: int = 0
-    #: QoS 0 messages not written because the subscriber was over its high-water mark.
-    dropped_qos0_backpressure: int = 0
-    #: Messages pushed out of a full session queue (the oldest goes).
-    dropped_queue_full: int = 0
-    #: Messages larger than the subscriber's Maximum Packet Size.
-    dropped_too_large: int = 0
-    #: Messages whose Message Expiry Interval ran out before delivery.
-    dropped_expired: int = 0
-    #: PUBLISH and SUBSCRIBE requests the authorization chain denied.
-    publish_denied: int = 0
-    subscribe_denied: int = 0
-    #: Subscribers left out of a topic's routes because their client may not
-    #: read it (counted once per subscriber and topic, when the routes are made).
-    read_denied: int = 0
-    #: Publisher flow control: how often a publisher was held back, for how
-    #: long in all, and how often a subscriber was declared slow.
-    publisher_pauses: int = 0
-    publisher_paused_seconds: float = 0.0
-    slow_subscribers: int = 0
 
 
 def _merge_routes(found: list[tuple[Session, SubscriptionEntry]]) -> list[Route]:
@@ -95,19 +64,6 @@ def _merge_routes(found: list[tuple[Session, SubscriptionEntry]]) -> list[Route]
             route[3] = route[3] or options.retain_as_published
             route[4] = tuple(sorted(set(route[4] + ids)))
     return [tuple(route) for route in routes.values()]
-
-
-def _compact(message: Message) -> Message:
-    """The message as the retained store keeps it: with user properties, its
-    properties as their wire encoding (WireProperties), which costs a small
-    fraction of the dicts and tuples they are decoded into."""
-    props = message.properties
-    if "user_property" not in props:
-        return message
-    kept = Message(message.topic, message.payload, message.qos, message.retain,
-                   WireProperties(encode_properties(props)))
-    kept.expires_at = message.expires_at
-    return kept
 
 
 class BrokerCore:
@@ -131,7 +87,7 @@ class BrokerCore:
         self.stats = Stats()
         self.sessions: dict[str, Session] = {}
         #: Every open connection, CONNECT received or not.
-        self.connections: set[Connection] = set()
+        self.connections: set[Client] = set()
         #: Transports of connections closed with a lingering close, until
         #: the client closes or the linger ends (see Connection.close).
         self.lingering: set[Any] = set()
@@ -141,8 +97,8 @@ class BrokerCore:
         #: the groups by filter (its subscribers are the groups themselves).
         self.groups: dict[tuple[str, str], SharedGroup] = {}
         self.shared_trie: SubscriptionTrie[SharedGroup] = SubscriptionTrie()
-        #: Connections with output waiting for the next flush.
-        self.dirty: list[Connection] = []
+        #: The write side of every connection (see broker.outbox).
+        self.outboxes = Outboxes(self.stats, loop.time)
         #: Publisher flow control: an online subscriber's queue length that
         #: holds its publishers back, and the length that lets them go.
         high = settings.mqueue_high_watermark
@@ -161,12 +117,11 @@ class BrokerCore:
 
     # ------------------------------------------------------- connections
 
-    def attach(self, transport: Any, peer: PeerInfo) -> Connection:
-        connection = Connection(self, transport, peer)
-        self.connections.add(connection)
-        return connection
+    def use_journal(self, journal: Journal) -> None:
+        """Record changes to durable state in ``journal`` from now on."""
+        self.journal = self.outboxes.journal = journal
 
-    def detach(self, connection: Connection) -> None:
+    def detach(self, connection: Client) -> None:
         self.connections.discard(connection)
 
     def assign_client_id(self) -> str:
@@ -201,11 +156,11 @@ class BrokerCore:
                 session.connection.close(Reason.SESSION_TAKEN_OVER, "session taken over")
             session = self.sessions.get(client.client_id)
             if session is not None:
-                self._end_session(session)
+                self.end_session(session)
             return False
         return True
 
-    def open_session(self, connection: Connection, clean_start: bool,
+    def open_session(self, connection: Client, clean_start: bool,
                      expiry: int, client: ClientInfo) -> tuple[Session, bool]:
         """Attach ``connection`` to its session; returns (session, session present)."""
         client_id = connection.client_id
@@ -218,7 +173,7 @@ class BrokerCore:
             old.close(Reason.SESSION_TAKEN_OVER, "session taken over")
             session = self.sessions.get(client_id)
         if session is not None and clean_start:
-            self._end_session(session)
+            self.end_session(session)
             session = None
         present = session is not None
         if session is None:
@@ -238,6 +193,7 @@ class BrokerCore:
             session.owner = owner_of(client)
         session.expiry_interval = expiry
         session.connection = connection
+        session.outbox = connection.outbox
         if present and self.access is not None and session.subscriptions \
                 and session.client != client:
             self.access_changed()  # its routes were decided for who it was before
@@ -253,28 +209,28 @@ class BrokerCore:
 
     def resume_session(self, session: Session) -> None:
         """Resend what was in flight (DUP set, [MQTT-4.4.0-1]), then the queue."""
-        connection = session.connection
+        outbox = session.outbox
         if session.inflight:
             now = self.loop.time()
             for packet_id, entry in list(session.inflight.items()):
                 if entry.released:
-                    connection.ack(0x62, packet_id, earlier=True)
+                    outbox.pubrel(packet_id, after_commit=True)
                 elif entry.message.expired(now):
                     del session.inflight[packet_id]
                     self.stats.dropped_expired += 1
                     if session.store_id:
                         self.journal.inflight_deleted(session, packet_id, entry)
                 else:
-                    connection.send_publish(entry.message, entry.qos, entry.retain,
-                                            entry.subscription_ids, packet_id, dup=True)
+                    outbox.send_publish(entry.message, entry.qos, entry.retain,
+                                        entry.subscription_ids, packet_id, dup=True)
         self.drain(session)
 
-    def end_connection(self, connection: Connection, will: Will | None) -> None:
+    def end_connection(self, connection: Client, will: Will | None) -> None:
         """The connection of a session has gone: publish its will, park or end the session."""
         session = connection.session
         if session is None or session.connection is not connection:
             return
-        session.connection = None
+        session.connection = session.outbox = None
         now = session.offline_since = self.loop.time()
         if session.waiters is not None or session.slow:
             self._release(session)  # offline sessions hold nobody back
@@ -288,26 +244,26 @@ class BrokerCore:
                 delay = min(delay, session.expiry_interval)
                 session.pending_will = will
                 session.will_due = now + delay
-                session.will_handle = self.loop.call_later(delay, self._publish_delayed_will,
+                session.will_handle = self.loop.call_later(delay, self.publish_delayed_will,
                                                            session)
                 if journal is not None:
                     journal.will_saved(connection.client_info, will, session.will_due)
             else:
-                self._publish_will(will, session.client)
+                self.publish_will(will, session.client)
                 if journal is not None:
                     journal.will_deleted(session.client_id)
         elif connection.will_stored:
             journal.will_deleted(session.client_id)  # discarded: DISCONNECT, or a stop
         if session.expiry_interval == 0:
-            self._end_session(session)
+            self.end_session(session)
             return
         if session.expiry_interval != NEVER_EXPIRES:
             session.expiry_handle = self.loop.call_later(
-                session.expiry_interval, self._expire_session, session)
+                session.expiry_interval, self.expire_session, session)
         if session.store_id:
             self.journal.session_saved(session)
 
-    def _publish_will(self, will: Will, client: ClientInfo | None) -> None:
+    def publish_will(self, will: Will, client: ClientInfo | None) -> None:
         access = self.access
         if access is not None and client is not None and not access.permits(
                 client, None, PUBLISH_ACTION, will.topic, will.qos, will.retain):
@@ -325,23 +281,23 @@ class BrokerCore:
         if will.retain:
             self.retain(message)
 
-    def _publish_delayed_will(self, session: Session) -> None:
+    def publish_delayed_will(self, session: Session) -> None:
         will, session.pending_will, session.will_handle = session.pending_will, None, None
         session.will_due = None
         if will is not None:
             if self.journal is not None:
                 self.journal.will_deleted(session.client_id)
-            self._publish_will(will, session.client)
-            self.flush()
+            self.publish_will(will, session.client)
+            self.outboxes.flush()
 
-    def _expire_session(self, session: Session) -> None:
+    def expire_session(self, session: Session) -> None:
         session.expiry_handle = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
             log.debug("session %s expired", shown(session.client_id))
-            self._end_session(session)
-            self.flush()
+            self.end_session(session)
+            self.outboxes.flush()
 
-    def _end_session(self, session: Session) -> None:
+    def end_session(self, session: Session) -> None:
         if session.shared_count:
             self._redispatch_shared(session, ending=True)
         if session.store_id:
@@ -356,7 +312,7 @@ class BrokerCore:
         if session.will_handle is not None:
             # The session ends before the will delay: the will goes now.
             session.will_handle.cancel()
-            self._publish_delayed_will(session)
+            self.publish_delayed_will(session)
 
     # ------------------------------------------------------- subscriptions
 
@@ -420,15 +376,15 @@ class BrokerCore:
             qos = min(message.qos, options.qos)
             # [MQTT-3.3.1-8]: retained messages sent on subscribe carry RETAIN 1.
             if qos == 0:
-                if session.connection is not None:
-                    session.connection.send_publish(message, 0, True, ids)
+                if session.outbox is not None:
+                    session.outbox.send_publish(message, 0, True, ids)
             else:
                 self.deliver(session, message, qos, True, ids)
 
     def retain(self, message: Message) -> None:
         # [MQTT-3.3.1-10/11]: an empty payload clears the topic and is not stored.
         if message.payload:
-            self.retained.set(message.topic, _compact(message))
+            self.retained.set(message.topic, retained_form(message))
             if self.journal is not None and not message.topic.startswith(SYS_PREFIX):
                 # $SYS figures are the broker's own, made again after a restart.
                 self.journal.retained_saved(message)
@@ -493,16 +449,16 @@ class BrokerCore:
                 qos = msg_qos
             # [MQTT-3.3.1-9/12]: live deliveries clear RETAIN unless asked to keep it.
             retain = msg_retain and as_published
-            connection = session.connection
+            outbox = session.outbox
             if qos:
                 self.deliver(session, message, qos, retain, ids, None, sender)
-            elif connection is None:
+            elif outbox is None:
                 if self.settings.mqueue_store_qos0:
                     self._enqueue(session, message, 0, retain, ids, None)
-            elif connection.paused:
+            elif outbox.paused:
                 self._qos0_to_paused(session, message, retain, ids, sender)
             else:
-                connection.send_publish(message, 0, retain, ids)
+                outbox.send_publish(message, 0, retain, ids)
         return matched + len(routes)
 
     def _route_shared(self, message: Message, sender: Session | None) -> int:
@@ -527,13 +483,13 @@ class BrokerCore:
         ids = (entry.identifier,) if entry.identifier else ()
         if qos:
             self.deliver(member, message, qos, retain, ids, group, sender)
-        elif member.connection is None:
+        elif member.outbox is None:
             if self.settings.mqueue_store_qos0:
                 self._enqueue(member, message, 0, retain, ids, group)
-        elif member.connection.paused:
+        elif member.outbox.paused:
             self._qos0_to_paused(member, message, retain, ids, sender)
         else:
-            member.connection.send_publish(message, 0, retain, ids)
+            member.outbox.send_publish(message, 0, retain, ids)
 
     def _qos0_to_paused(self, session: Session, message: Message, retain: bool,
                         ids: tuple[int, ...], sender: Session | None) -> None:
@@ -545,7 +501,7 @@ class BrokerCore:
         if session.slow or publisher is None:
             self.stats.dropped_qos0_backpressure += 1
         else:
-            session.connection.send_publish(message, 0, retain, ids)
+            session.outbox.send_publish(message, 0, retain, ids)
             self.hold_back(session, publisher)
 
     def _redispatch_shared(self, session: Session, ending: bool) -> None:
@@ -589,7 +545,7 @@ class BrokerCore:
                     kept.append(item)
                 else:
                     self._deliver_shared(group, member, item[0], item[2])
-                    self._unqueued(session, item)
+                    self.unqueued(session, item)
                     moved += 1
             session.queue = kept
         if moved:
@@ -601,18 +557,18 @@ class BrokerCore:
                 sender: Session | None = None) -> None:
         """Send a QoS 1/2 message now if the window allows, else queue it
         (``sender``, the publisher, may then be held back)."""
-        connection = session.connection
-        if (connection is not None and not connection.paused
-                and session.inflight_count() < connection.send_window):
-            self._send_inflight(session, connection, (message, qos, retain, ids, group, 0))
+        outbox = session.outbox
+        if (outbox is not None and not outbox.paused
+                and session.inflight_count() < outbox.send_window):
+            self._send_inflight(session, outbox, (message, qos, retain, ids, group, 0))
         else:
             self._enqueue(session, message, qos, retain, ids, group, sender)
 
-    def _send_inflight(self, session: Session, connection: Connection,
+    def _send_inflight(self, session: Session, outbox: Outbox,
                        item: QueuedMessage) -> None:
         message, qos, retain, ids, group, key = item
         packet_id = session.allocate_packet_id()
-        if connection.send_publish(message, qos, retain, ids, packet_id):
+        if outbox.send_publish(message, qos, retain, ids, packet_id):
             entry = session.inflight[packet_id] = Inflight(message, qos, retain, ids, group)
             if session.store_id:
                 # Recorded before the queue entry goes, so that the message
@@ -646,9 +602,9 @@ class BrokerCore:
         dropped = session.enqueue((message, qos, retain, ids, group, key), limit)
         if dropped is not None:
             self.stats.dropped_queue_full += 1
-            self._unqueued(session, dropped)
+            self.unqueued(session, dropped)
 
-    def _unqueued(self, session: Session, item: QueuedMessage) -> None:
+    def unqueued(self, session: Session, item: QueuedMessage) -> None:
         """``item`` left the queue other than into the window."""
         if item[5] and session.store_id:
             self.journal.unqueued(session, item[5], item[0])
@@ -656,26 +612,26 @@ class BrokerCore:
     def drain(self, session: Session) -> None:
         """Move queued messages into the window while the client can take them."""
         queue = session.queue
-        connection = session.connection
+        outbox = session.outbox
         now = self.loop.time()
-        while queue and connection is not None and not connection.paused:
+        while queue and outbox is not None and not outbox.paused:
             if queue[0][0].expired(now):
-                self._unqueued(session, queue.popleft())
+                self.unqueued(session, queue.popleft())
                 self.stats.dropped_expired += 1
             elif queue[0][1] == 0:
                 message, _, retain, ids, _, _ = queue.popleft()
-                connection.send_publish(message, 0, retain, ids)
-            elif session.inflight_count() < connection.send_window:
-                self._send_inflight(session, connection, queue.popleft())
+                outbox.send_publish(message, 0, retain, ids)
+            elif session.inflight_count() < outbox.send_window:
+                self._send_inflight(session, outbox, queue.popleft())
             else:
                 break
-        if ((session.waiters is not None or session.slow) and connection is not None
-                and not connection.paused and (len(queue) if queue else 0) <= self.flow_low):
+        if ((session.waiters is not None or session.slow) and outbox is not None
+                and not outbox.paused and (len(queue) if queue else 0) <= self.flow_low):
             self._release(session)
 
     # ------------------------------------------------------- flow control
 
-    def hold_back(self, session: Session, publisher: Connection) -> None:
+    def hold_back(self, session: Session, publisher: Client) -> None:
         """``session``, online and not slow, is over its high-water mark:
         stop reading new packets from ``publisher`` until it has drained
         (``drain`` releases it), or until it has been over the mark for
@@ -738,26 +694,6 @@ class BrokerCore:
         if session.queue:
             self.drain(session)
 
-    # ------------------------------------------------------- output
-
-    def flush(self) -> None:
-        dirty = self.dirty
-        if not dirty:
-            return
-        sent = 0
-        for connection in dirty:
-            out = connection.out
-            if out:
-                # One buffer per flush: the transport then queues one object
-                # however many packets it holds, which stays cheap when a slow
-                # socket makes it hold the data (joining costs one memcpy).
-                data = b"".join(out) if len(out) > 1 else out[0]
-                sent += len(data)
-                connection.transport.write(data)
-                out.clear()
-        dirty.clear()
-        self.stats.bytes_sent += sent
-
     # ------------------------------------------------------- embedding API
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
@@ -774,7 +710,7 @@ class BrokerCore:
         matched = self.route(message, None)
         if retain:
             self.retain(message)
-        self.flush()
+        self.outboxes.flush()
         return matched
 
     def close_all(self, reason: int, message: str) -> None:
@@ -792,125 +728,3 @@ class BrokerCore:
             task.cancel()
 
     # ------------------------------------------------------- durable store
-
-    def release_acks(self, acks: list[tuple[Connection, bytes]]) -> None:
-        """Write the acknowledgements a committed batch held back."""
-        for connection, data in acks:
-            release_ack(connection, data)
-        self.flush()
-
-    def restore(self, snapshot: Snapshot) -> RestoreReport:
-        """Rebuild the sessions and retained messages of a store at start-up
-        (``journal`` set): what expired while the broker was down goes, and
-        wills that fell due are published."""
-        report = RestoreReport()
-        now = self.loop.time()
-        wall_now = time.time()
-        restored = [(self._rebuild_session(stored, now, wall_now, report), stored)
-                    for stored in snapshot.sessions]
-        for message in snapshot.retained:
-            if message.expired(now):
-                self.journal.retained_deleted(message.topic)
-                report.expired_messages += 1
-            else:
-                self.retained.set(message.topic, _compact(message))
-        report.retained = len(self.retained)
-        # What was restored is counted before any will is published into it.
-        remaining = []
-        for session, stored in restored:
-            left = (NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES
-                    else stored.expiry - (now - session.offline_since))
-            remaining.append(left)
-            if left > 0:
-                report.sessions += 1
-                report.subscriptions += len(session.subscriptions)
-                report.queued += len(session.queue or ())
-                report.inflight += len(session.inflight or ())
-                report.awaiting_rel += len(session.awaiting_rel or ())
-        # Then wills and timers, now that every subscriber is back.
-        for stored_will in snapshot.wills:
-            self._restore_will(stored_will, now, wall_now, report)
-        for (session, stored), left in zip(restored, remaining):
-            self._resume_timers(session, left, now, report)
-        return report
-
-    def _restore_will(self, stored: StoredWill, now: float, wall_now: float,
-                      report: RestoreReport) -> None:
-        """Hold a stored will back again, or publish it now: the will of a
-        client that was connected when the broker stopped is due as if its
-        connection had ended then (an orderly stop discards those wills, so
-        only a crash leaves them)."""
-        session = self.sessions.get(stored.client_id)
-        will = stored.will
-        if stored.due is not None:
-            due = now + (stored.due - wall_now)
-        elif session is not None:
-            due = now + will.properties.get("will_delay_interval", 0)
-        else:
-            due = now  # its session ended with its connection
-        if session is not None:
-            session.pending_will, session.will_due = will, due  # see _resume_timers
-            return
-        client, _ = client_from_record(stored.client_id, stored.username, stored.client,
-                                       self.certificate_parser)
-        self._publish_will(will, client)
-        self.journal.will_deleted(stored.client_id)
-        report.wills_published += 1
-
-    def _rebuild_session(self, stored: StoredSession, now: float, wall_now: float,
-                         report: RestoreReport) -> Session:
-        session = self.sessions[stored.client_id] = Session(stored.client_id, stored.expiry)
-        # A session that was connected when the broker stopped counts as
-        # disconnected now: when it stopped exactly is not known.
-        since = stored.disconnected_at if stored.disconnected_at is not None else wall_now
-        session.offline_since = now - max(0.0, wall_now - since)
-        session.client, session.owner = client_from_record(
-            stored.client_id, stored.username, stored.client, self.certificate_parser)
-        for options, identifier in stored.subscriptions:
-            self.subscribe(session, options, identifier)
-        session.store_id = stored.sid  # from here on, changes are recorded
-        for packet_id, message, qos, retain, ids, share, released in stored.inflight:
-            entry = Inflight(message, qos, retain, ids, self._group_of(share), released)
-            if message.expired(now) and not released:
-                self.journal.inflight_deleted(session, packet_id, entry)
-                report.expired_messages += 1
-                continue
-            if session.inflight is None:
-                session.inflight = {}
-            session.inflight[packet_id] = entry
-            session.next_packet_id = packet_id % 65535 + 1
-        for key, message, qos, retain, ids, share in stored.queue:
-            item = (message, qos, retain, ids, self._group_of(share), key)
-            if message.expired(now):
-                self._unqueued(session, item)
-                report.expired_messages += 1
-                continue
-            if session.queue is None:
-                session.queue = deque()
-            session.queue.append(item)
-        if stored.awaiting_rel:
-            session.awaiting_rel = set(stored.awaiting_rel)
-        return session
-
-    def _resume_timers(self, session: Session, remaining: float, now: float,
-                       report: RestoreReport) -> None:
-        """Start a restored session's expiry and will timers, or end it and
-        publish its will when their time passed while the broker was down."""
-        if session.pending_will is not None:
-            if session.will_due <= now or remaining <= 0:
-                self._publish_delayed_will(session)
-                report.wills_published += 1
-            else:
-                session.will_handle = self.loop.call_later(
-                    session.will_due - now, self._publish_delayed_will, session)
-        if remaining <= 0:
-            self._end_session(session)
-            report.expired_sessions += 1
-        elif remaining != NEVER_EXPIRES:  # a finite expiry leaves less than "never"
-            session.expiry_handle = self.loop.call_later(remaining, self._expire_session, session)
-
-    def _group_of(self, share: str | None) -> SharedGroup | None:
-        """The shared subscription group a stored entry came through."""
-        if share is None:
-            return None
-        return self.groups.get(split_shared(share))

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import attrs
 
-from .codec import encode_properties, publish_header
+from .codec import WireProperties, encode_properties, publish_header
 from .properties import NO_PROPERTIES
 
 
@@ -100,3 +100,16 @@ class Message:
             cut = len(header) - (len(props) if props is not None else 0) - 2
             return header[:cut], header[cut + 2:] + payload
         return header + payload, b""
+
+
+def retained_form(message: Message) -> Message:
+    """The message as the retained store keeps it: with user properties, its
+    properties as their wire encoding (WireProperties), which costs a small
+    fraction of the dicts and tuples they are decoded into."""
+    props = message.properties
+    if "user_property" not in props:
+        return message
+    kept = Message(message.topic, message.payload, message.qos, message.retain,
+                   WireProperties(encode_properties(props)))
+    kept.expires_at = message.expires_at
+    return kept

@@ -2,7 +2,7 @@
 
 Listeners describe each connection with a ``PeerInfo``; the application hands
 the core an ``Authenticator``. The core imports no listener, authenticator or
-store: it only knows these shapes.
+store: it only knows these shapes. A connection is a ``Client`` to the core.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import datetime
 from typing import Any, Awaitable, Callable, Mapping, Protocol
 
 import attrs
+
+from .outbox import Outbox
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -204,4 +206,37 @@ class AclSource(Protocol):
 
     def check(self, request: AccessRequest) -> str | None:
         """ALLOW_ACCESS, DENY_ACCESS, or None when no rule matches."""
+        ...
+
+
+class Client(Protocol):
+    """A connection as the core sees it (broker.connection.Connection): the
+    core delivers into its ``outbox``, and otherwise only closes it (takeover,
+    shutdown), holds its reading back (publisher flow control) and asks who
+    it is."""
+
+    outbox: Outbox
+    #: The protocol level of its CONNECT (3, 4 or 5).
+    version: int
+    client_id: str
+    peer: PeerInfo
+    #: Set once CONNECT has succeeded.
+    client_info: ClientInfo | None
+    #: Its recent authorization decisions (broker.access), or None.
+    access_cache: dict | None
+    #: Whether the durable store holds its will.
+    will_stored: bool
+
+    def close(self, reason: int = ..., message: str = "", send_disconnect: bool = True,
+              publish_will: bool = True, linger: bool = True) -> None:
+        """Close from the server side (5.0: DISCONNECT with ``reason``);
+        without ``publish_will`` its will is dropped."""
+        ...
+
+    def hold(self) -> None:
+        """One more subscriber it publishes to is over its high-water mark."""
+        ...
+
+    def release(self) -> None:
+        """One subscriber no longer holds it back."""
         ...

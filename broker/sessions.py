@@ -62,8 +62,10 @@ class Session:
     next_packet_id: int = 1
     #: How many of ``subscriptions`` are shared ($share/...).
     shared_count: int = 0
-    #: The live connection, or None while the session waits offline.
+    #: The live connection (a ports.Client) and its outbox, or None while
+    #: the session waits offline.
     connection: Any = None
+    outbox: Any = None
     expiry_handle: Any = None
     #: Who the session's client is (a ClientInfo), for authorizing its will.
     client: Any = None

@@ -50,8 +50,8 @@ def shared_inner(topic_filter: str) -> str:
 
 
 def _available(session: Any) -> bool:
-    connection = session.connection
-    return connection is not None and not connection.paused
+    outbox = session.outbox
+    return outbox is not None and not outbox.paused
 
 
 def _connected(session: Any) -> bool:

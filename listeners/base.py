@@ -11,6 +11,7 @@ import logging
 import socket
 from typing import Any
 
+from bastionmq.broker.connection import Connection
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import PeerInfo
 
@@ -144,7 +145,7 @@ class ListenerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         listener = self.listener
         if listener.admit(transport):
-            self.connection = listener.core.attach(transport, listener.peer_info(transport))
+            self.connection = Connection(listener.core, transport, listener.peer_info(transport))
 
     def data_received(self, data: bytes) -> None:
         self.connection.data_received(data)

@@ -29,6 +29,7 @@ from sslpsk3 import SSLPSKContext
 
 import attrs
 
+from bastionmq.broker.connection import Connection
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import CertificateFacts, PeerCertificate, PeerInfo
 from bastionmq.broker.properties import Reason
@@ -476,7 +477,7 @@ class TlsListener(Listener):
         """What reads from ``protocol`` once its client is admitted: here the
         core's Connection; a listener stacking a layer over TLS (wss) makes
         that layer instead."""
-        return self.core.attach(protocol, peer)
+        return Connection(self.core, protocol, peer)
 
     # reload ----------------------------------------------------------------
 
@@ -743,7 +744,7 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
         self._attach(peer)
         self.transport.resume_reading()
         self._read()
-        self.listener.core.flush()
+        self.listener.core.outboxes.flush()
 
     def _attach(self, peer: PeerInfo) -> None:
         listener = self.listener

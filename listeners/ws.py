@@ -47,6 +47,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from bastionmq.broker.codec import read_varint
+from bastionmq.broker.connection import Connection
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import PeerInfo
 
@@ -405,7 +406,7 @@ class WebSocketLayer(UpperLayer):
         self._state = OPEN
         # A client sends nothing more before reading the 101 (RFC 6455 4.1),
         # so no frame waits behind the request.
-        self.connection = self.listener.core.attach(self, peer)
+        self.connection = Connection(self.listener.core, self, peer)
 
     def _refuse(self, status: int, why: str, headers: Any = ()) -> None:
         """Answer the upgrade request with an HTTP error and close."""

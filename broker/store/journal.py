@@ -90,7 +90,7 @@ class Batch:
         self.fresh_awaiting: set[tuple[int, int]] = set()
         #: Sessions whose rows all go, last.
         self.ended: list[int] = []
-        #: (connection, bytes) to write once the batch has committed, in order.
+        #: (outbox, bytes) to write once the batch has committed, in order.
         self.acks: list[tuple[Any, bytes]] = []
         #: Futures to resolve once the batch has committed.
         self.waiters: list[Any] = []
@@ -151,9 +151,9 @@ class Journal:
 
     # ------------------------------------------------------- acknowledgements
 
-    def hold(self, connection: Any, data: bytes) -> None:
-        """Write ``data`` to ``connection`` after the open batch commits."""
-        self.batch.acks.append((connection, data))
+    def hold(self, outbox: Any, data: bytes) -> None:
+        """Write ``data`` into ``outbox`` (broker.outbox) after the open batch commits."""
+        self.batch.acks.append((outbox, data))
 
     # ------------------------------------------------------- message bodies
 

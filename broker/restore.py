@@ -1,0 +1,143 @@
+"""Start-up restore: the sessions, retained messages and wills of a durable
+store, rebuilt into a core before any listener opens.
+
+What expired while the broker was down goes (and is deleted from the store),
+wills that fell due are published, and the timers of what remains start
+again. Times on disk are wall-clock; in memory they are the loop's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .message import retained_form
+from .ownership import client_from_record
+from .sessions import NEVER_EXPIRES, Inflight, Session
+from .shared import SharedGroup, split_shared
+from .store import RestoreReport, Snapshot, StoredSession, StoredWill
+
+if TYPE_CHECKING:
+    from .core import BrokerCore
+
+
+def restore(core: BrokerCore, snapshot: Snapshot) -> RestoreReport:
+    """Rebuild the sessions and retained messages of ``snapshot`` in ``core``,
+    whose journal is in use: what expired while the broker was down goes, and
+    wills that fell due are published."""
+    report = RestoreReport()
+    now = core.loop.time()
+    wall_now = time.time()
+    restored = [(_rebuild_session(core, stored, now, wall_now, report), stored)
+                for stored in snapshot.sessions]
+    for message in snapshot.retained:
+        if message.expired(now):
+            core.journal.retained_deleted(message.topic)
+            report.expired_messages += 1
+        else:
+            core.retained.set(message.topic, retained_form(message))
+    report.retained = len(core.retained)
+    # What was restored is counted before any will is published into it.
+    remaining = []
+    for session, stored in restored:
+        left = (NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES
+                else stored.expiry - (now - session.offline_since))
+        remaining.append(left)
+        if left > 0:
+            report.sessions += 1
+            report.subscriptions += len(session.subscriptions)
+            report.queued += len(session.queue or ())
+            report.inflight += len(session.inflight or ())
+            report.awaiting_rel += len(session.awaiting_rel or ())
+    # Then wills and timers, now that every subscriber is back.
+    for stored_will in snapshot.wills:
+        _restore_will(core, stored_will, now, wall_now, report)
+    for (session, stored), left in zip(restored, remaining):
+        _resume_timers(core, session, left, now, report)
+    return report
+
+
+def _restore_will(core: BrokerCore, stored: StoredWill, now: float, wall_now: float,
+                  report: RestoreReport) -> None:
+    """Hold a stored will back again, or publish it now: the will of a
+    client that was connected when the broker stopped is due as if its
+    connection had ended then (an orderly stop discards those wills, so
+    only a crash leaves them)."""
+    session = core.sessions.get(stored.client_id)
+    will = stored.will
+    if stored.due is not None:
+        due = now + (stored.due - wall_now)
+    elif session is not None:
+        due = now + will.properties.get("will_delay_interval", 0)
+    else:
+        due = now  # its session ended with its connection
+    if session is not None:
+        session.pending_will, session.will_due = will, due  # see _resume_timers
+        return
+    client, _ = client_from_record(stored.client_id, stored.username, stored.client,
+                                   core.certificate_parser)
+    core.publish_will(will, client)
+    core.journal.will_deleted(stored.client_id)
+    report.wills_published += 1
+
+
+def _rebuild_session(core: BrokerCore, stored: StoredSession, now: float, wall_now: float,
+                     report: RestoreReport) -> Session:
+    session = core.sessions[stored.client_id] = Session(stored.client_id, stored.expiry)
+    # A session that was connected when the broker stopped counts as
+    # disconnected now: when it stopped exactly is not known.
+    since = stored.disconnected_at if stored.disconnected_at is not None else wall_now
+    session.offline_since = now - max(0.0, wall_now - since)
+    session.client, session.owner = client_from_record(
+        stored.client_id, stored.username, stored.client, core.certificate_parser)
+    for options, identifier in stored.subscriptions:
+        core.subscribe(session, options, identifier)
+    session.store_id = stored.sid  # from here on, changes are recorded
+    for packet_id, message, qos, retain, ids, share, released in stored.inflight:
+        entry = Inflight(message, qos, retain, ids, _group_of(core, share), released)
+        if message.expired(now) and not released:
+            core.journal.inflight_deleted(session, packet_id, entry)
+            report.expired_messages += 1
+            continue
+        if session.inflight is None:
+            session.inflight = {}
+        session.inflight[packet_id] = entry
+        session.next_packet_id = packet_id % 65535 + 1
+    for key, message, qos, retain, ids, share in stored.queue:
+        item = (message, qos, retain, ids, _group_of(core, share), key)
+        if message.expired(now):
+            core.unqueued(session, item)
+            report.expired_messages += 1
+            continue
+        if session.queue is None:
+            session.queue = deque()
+        session.queue.append(item)
+    if stored.awaiting_rel:
+        session.awaiting_rel = set(stored.awaiting_rel)
+    return session
+
+
+def _resume_timers(core: BrokerCore, session: Session, remaining: float, now: float,
+                   report: RestoreReport) -> None:
+    """Start a restored session's expiry and will timers, or end it and
+    publish its will when their time passed while the broker was down."""
+    if session.pending_will is not None:
+        if session.will_due <= now or remaining <= 0:
+            core.publish_delayed_will(session)
+            report.wills_published += 1
+        else:
+            session.will_handle = core.loop.call_later(
+                session.will_due - now, core.publish_delayed_will, session)
+    if remaining <= 0:
+        core.end_session(session)
+        report.expired_sessions += 1
+    elif remaining != NEVER_EXPIRES:  # a finite expiry leaves less than "never"
+        session.expiry_handle = core.loop.call_later(remaining, core.expire_session, session)
+
+
+def _group_of(core: BrokerCore, share: str | None) -> SharedGroup | None:
+    """The shared subscription group a stored entry came through."""
+    if share is None:
+        return None
+    return core.groups.get(split_shared(share))
