@@ -10,7 +10,6 @@ import os
 import time
 from typing import Any, Iterable, Mapping
 
-import bastionmq
 from bastionmq.acl.chain import AclLoadError, AuthorizationChain, load_sources
 from bastionmq.auth.ban import LoginBans
 from bastionmq.auth.builtin_db import AuthDatabase, AuthDatabaseError, BuiltinAclSource, read_rules
@@ -31,6 +30,7 @@ from bastionmq.listeners.base import Listener
 from bastionmq.listeners.tls import TlsListener, TlsSetupError, certificate_facts, load_material
 from bastionmq.listeners.ws import WsListener, WssListener
 from bastionmq.pki import DEFAULT_DIR, init_pki
+from bastionmq.version import __version__
 
 log = logging.getLogger("bastionmq")
 
@@ -269,7 +269,7 @@ class Broker:
             await self._open_store(core)
         if config.sys_topics.sys_interval > 0:
             self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
-                                         f"bastionmq {bastionmq.__version__}")
+                                         f"bastionmq {__version__}")
             self._sys_topics.start()
         for cls, name, block, extra in listeners:
             listener = cls(

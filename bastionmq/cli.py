@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-import bastionmq
 from bastionmq import pki, tls_policy
+from bastionmq.version import __version__
 from bastionmq.auth import builtin_db
 from bastionmq.auth.passwords import NAMES as HASH_NAMES
 from bastionmq.auth.passwords import PasswordHash
@@ -53,7 +53,7 @@ def main() -> None:
 @main.command()
 def version() -> None:
     """Print the version."""
-    click.echo(f"bastionmq {bastionmq.__version__}")
+    click.echo(f"bastionmq {__version__}")
 
 
 @main.command("check-config")
@@ -97,7 +97,7 @@ def start(config_file: str | None) -> None:
     logging.basicConfig(
         level=config.log.level.upper(), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("bastionmq %s starting with %s", bastionmq.__version__, source)
+    log.info("bastionmq %s starting with %s", __version__, source)
     try:
         _run(_serve(Broker(config)))
     except ConfigError as exc:

@@ -20,16 +20,15 @@ from .codec import (
     MQTT_5, PINGRESP_BYTES, Auth, Connack, Connect, Decoder, Disconnect, MalformedPacket, Packet,
     Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback, Unsubscribe, encode,
 )
+from .enhanced_auth import EnhancedAuth
 from .message import Message
 from .outbox import Outbox
-from .ports import (
-    PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthConversation, AuthRequest, AuthResult, AuthStep,
-    ClientInfo, PeerInfo,
+from .ports import PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthRequest, AuthResult, ClientInfo, PeerInfo
+from .packet_types import (
+    AUTH, CONNECT, DISCONNECT, PACKET_NAMES, PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL,
+    SUBSCRIBE, UNSUBSCRIBE,
 )
-from .properties import (
-    CONNACK_V3_CODES, CONNECT, DISCONNECT, PACKET_NAMES, PINGREQ, PUBACK, PUBCOMP, PUBLISH,
-    PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE, AUTH, Reason, reason_name,
-)
+from .properties import CONNACK_V3_CODES, Reason, reason_name
 from .logtext import shown
 from .sessions import Session
 from .shared import shared_inner, split_shared
@@ -62,26 +61,12 @@ _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 HELD_BYTES_LIMIT = 256 * 1024
 
 
-@attrs.define(slots=True)
-class _AuthExchange:
-    """An enhanced authentication under way (4.12)."""
-
-    conversation: AuthConversation
-    #: The CONNECT being authenticated; None while re-authenticating.
-    connect: Connect | None
-    request: AuthRequest
-    assigned: bool = False
-    #: A step is being computed: the client must wait for its answer.
-    busy: bool = False
-
-
-
 class Connection:
     __slots__ = (
         "core", "transport", "peer", "decoder", "version", "state", "client_id",
         "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
         "_idle_handle", "will", "outbox", "_held", "close_reason", "topic_aliases",
-        "problem_info", "auth_method", "_exchange", "client_info",
+        "problem_info", "auth", "client_info",
         "access_cache", "will_stored", "holders", "held_since",
         "held_bytes", "reading_paused", "refusal_log_at", "refusals_unlogged",
         "linger_handle", "linger_bytes",
@@ -94,7 +79,7 @@ class Connection:
         self.transport = transport
         self.peer = peer
         # Until the client has authenticated, its packets are held to the
-        # smaller limit; _finish_connect lifts it.
+        # smaller limit; finish_connect lifts it.
         self.decoder = Decoder(max_packet_size=min(core.settings.max_packet_size,
                                                    core.settings.max_connect_size))
         self.version = 0
@@ -131,9 +116,8 @@ class Connection:
         #: 5.0 Request Problem Information: whether reason strings may go on
         #: packets other than CONNACK and DISCONNECT ([MQTT-3.1.2-29]).
         self.problem_info = True
-        #: The enhanced authentication method the client connected with, if any.
-        self.auth_method: str | None = None
-        self._exchange: _AuthExchange | None = None
+        #: Enhanced authentication, when the client connected with a method.
+        self.auth: EnhancedAuth | None = None
         #: Who the client is, for authorization; set when CONNECT succeeds.
         self.client_info: ClientInfo | None = None
         #: Recent authorization decisions for this client (see broker.access).
@@ -165,7 +149,7 @@ class Connection:
             packets = self.decoder.feed(data)
         except MalformedPacket as exc:
             self._handle_packets(exc.packets)
-            self._violation(exc)
+            self._malformed(exc)
         else:
             if packets:
                 # [MQTT-3.1.2-24] speaks of Control Packets: bytes that complete
@@ -301,43 +285,50 @@ class Connection:
             if ptype == PUBLISH:
                 self._on_publish(packet)
             elif self.state != CONNECTED:
-                if ptype == CONNECT and self.state == NEW and self._exchange is None:
+                auth = self.auth
+                if ptype == CONNECT and self.state == NEW and auth is None:
                     self._on_connect(packet)
-                elif ptype == AUTH and self._exchange is not None:
-                    self._on_auth(packet)
-                elif ptype == DISCONNECT and self._exchange is not None:
+                elif ptype == AUTH and auth is not None and auth.under_way:
+                    auth.on_auth(packet)
+                elif ptype == DISCONNECT and auth is not None and auth.under_way:
                     # The client gives up its authentication (4.12).
                     self.close_reason = "client abandoned its authentication"
                     self.close(send_disconnect=False, publish_will=False)
                 else:
                     # [MQTT-3.1.0-1]: the first packet must be CONNECT.
-                    self._violation(MalformedPacket(
-                        f"{PACKET_NAMES[ptype]} before CONNECT", Reason.PROTOCOL_ERROR))
+                    self.violation(Reason.PROTOCOL_ERROR, f"{PACKET_NAMES[ptype]} before CONNECT")
             else:
                 handler = _HANDLERS.get(ptype)
                 if handler is None:
-                    self._violation(MalformedPacket(
-                        f"unexpected {PACKET_NAMES[ptype]} from a client", Reason.PROTOCOL_ERROR))
+                    self.violation(Reason.PROTOCOL_ERROR,
+                                   f"unexpected {PACKET_NAMES[ptype]} from a client")
                 else:
                     handler(self, packet)
 
-    def _violation(self, exc: MalformedPacket) -> None:
-        """A protocol violation: log why and close this connection only."""
+    def violation(self, reason: int, why: str) -> None:
+        """A protocol violation: log why and close this connection only (5.0:
+        DISCONNECT with ``reason``)."""
         if self.state == CLOSED:
             return
-        log.info("closing %s: %s (%s)", self._describe(), str(exc)[:MAX_LOGGED_REASON],
-                 reason_name(exc.reason_code))
+        log.info("closing %s: %s (%s)", self.describe(), why[:MAX_LOGGED_REASON],
+                 reason_name(reason))
         self.core.stats.protocol_errors += 1
+        self.close(reason, why)
+
+    def _malformed(self, exc: MalformedPacket) -> None:
+        """Bytes the decoder refused: a violation, which a client still
+        connecting is told in a CONNACK."""
+        why = str(exc)
         if self.state == NEW and exc.connack_v3 is not None:
             # An unknown protocol level: answer in the 3.1.1 form every client reads.
             self.outbox.write(encode(Connack(exc.connack_v3), 4))
         elif self.state == NEW and exc.connect_level == MQTT_5:
             # A 5.0 CONNECT refused for its content: say why (4.13.1).
             self.version = self.outbox.version = MQTT_5
-            self.outbox.send_explained(Connack(exc.reason_code), str(exc)[:MAX_LOGGED_REASON])
-        self.close(exc.reason_code, str(exc))
+            self.outbox.send_explained(Connack(exc.reason_code), why[:MAX_LOGGED_REASON])
+        self.violation(exc.reason_code, why)
 
-    def _describe(self) -> str:
+    def describe(self) -> str:
         host = f"{self.peer.address[0]}:{self.peer.address[1]}" if self.peer.address else "?"
         return f"client {shown(self.client_id)} ({host} on {self.peer.listener})" \
             if self.client_id else f"connection {host} on {self.peer.listener}"
@@ -448,11 +439,10 @@ class Connection:
             if refusal is not None:
                 return self._refuse(refusal.reason_code,
                                     f"authentication method {method_name[:100]!r} refused")
-            self.auth_method = method_name
-            self._exchange = _AuthExchange(method.begin(request), packet, request, assigned)
+            self.auth = EnhancedAuth(self, method_name)
             # The exchange must finish within the time a CONNECT is given.
             self._idle_handle = core.loop.call_later(settings.idle_timeout, self._idle_expired)
-            return self._auth_step(packet.properties.get("authentication_data"))
+            return self.auth.begin(method, packet, request, assigned)
         result = core.authenticator.authenticate(request)
         if inspect.isawaitable(result):
             self.state = AUTHENTICATING
@@ -460,26 +450,26 @@ class Connection:
             self.transport.pause_reading()
             core.spawn(self._finish_connect_async(result, packet, assigned))
             return
-        self._finish_connect(result, packet, assigned)
+        self.finish_connect(result, packet, assigned)
 
     async def _finish_connect_async(self, pending, packet: Connect, assigned: bool) -> None:
         try:
             result = await pending
         except Exception:
-            log.exception("authentication of %s failed", self._describe())
+            log.exception("authentication of %s failed", self.describe())
             result = AuthResult(Reason.SERVER_UNAVAILABLE)
         if self.state == CLOSED:
             return
         self.state = NEW
         held, self._held = self._held, None
-        self._finish_connect(result, packet, assigned)
+        self.finish_connect(result, packet, assigned)
         if self.state == CONNECTED:
             self.transport.resume_reading()
             self._handle_packets(held or ())
         self.core.outboxes.flush()
 
     def _refuse(self, reason: int, why: str) -> None:
-        log.info("refusing %s: %s (%s)", self._describe(), why, reason_name(reason))
+        log.info("refusing %s: %s (%s)", self.describe(), why, reason_name(reason))
         self.core.stats.connections_refused += 1
         if self.version == MQTT_5:
             self.outbox.send_explained(Connack(reason), why)
@@ -487,8 +477,13 @@ class Connection:
             self.outbox.send(Connack(CONNACK_V3_CODES.get(reason, 3)))
         self.close(reason, why, send_disconnect=False, publish_will=False)
 
-    def _finish_connect(self, result: AuthResult, packet: Connect, assigned: bool,
-                        auth_props: dict[str, Any] | None = None) -> None:
+    def finish_connect(self, result: AuthResult, packet: Connect, assigned: bool,
+                       auth_props: dict[str, Any] | None = None) -> None:
+        """Answer CONNECT once authentication has decided (``auth_props``:
+        the last step of an enhanced authentication, for the CONNACK)."""
+        if self._idle_handle is not None:  # the time an exchange was given
+            self._idle_handle.cancel()
+            self._idle_handle = None
         if not result.allowed:
             return self._refuse(result.reason_code, "authentication failed")
         core = self.core
@@ -556,40 +551,39 @@ class Connection:
         elif settings.max_keepalive is not None and not 0 < self.keepalive <= settings.max_keepalive:
             log.warning("%s: keep alive %d beyond mqtt.max_keepalive (%d): a 3.1.1 client "
                         "cannot be told otherwise; served with its own "
-                        "(mqtt.max_keepalive_refuse_v3 refuses it)", self._describe(),
+                        "(mqtt.max_keepalive_refuse_v3 refuses it)", self.describe(),
                         self.keepalive, settings.max_keepalive)
         self.outbox.send(Connack(0, present, connack_props))
         if self.keepalive:
             self._keepalive_handle = core.loop.call_later(
                 self.keepalive * settings.keepalive_multiplier, self._keepalive_check)
         log.debug("%s connected (protocol %d, clean %s, session present %s)",
-                  self._describe(), self.version, packet.clean_start, present)
+                  self.describe(), self.version, packet.clean_start, present)
         core.resume_session(session)
 
     # PUBLISH ---------------------------------------------------------------
 
     def _on_publish(self, packet: Publish) -> None:
         if self.state != CONNECTED:
-            return self._violation(MalformedPacket("PUBLISH before CONNECT", Reason.PROTOCOL_ERROR))
+            return self.violation(Reason.PROTOCOL_ERROR, "PUBLISH before CONNECT")
         core = self.core
         core.stats.messages_received += 1
         props = packet.properties
         if props:
             if self._too_many_user_properties(props):
-                return self._violation(MalformedPacket(
-                    f"more than {core.settings.max_user_properties} user properties "
-                    "(mqtt.max_user_properties)", Reason.QUOTA_EXCEEDED))
+                return self.violation(
+                    Reason.QUOTA_EXCEEDED, f"more than {core.settings.max_user_properties} "
+                    "user properties (mqtt.max_user_properties)")
             if "subscription_identifier" in props:
                 # [MQTT-3.3.4-6]: only the server sends subscription identifiers.
-                return self._violation(MalformedPacket(
-                    "PUBLISH from a client with a subscription identifier", Reason.PROTOCOL_ERROR))
+                return self.violation(Reason.PROTOCOL_ERROR,
+                                      "PUBLISH from a client with a subscription identifier")
             if props.get("payload_format_indicator") == 1:
                 try:
                     packet.payload.decode("utf-8")
                 except UnicodeDecodeError:
-                    return self._violation(MalformedPacket(
-                        "payload is not UTF-8 as its format indicator says",
-                        Reason.PAYLOAD_FORMAT_INVALID))
+                    return self.violation(Reason.PAYLOAD_FORMAT_INVALID,
+                                          "payload is not UTF-8 as its format indicator says")
         topic = packet.topic
         if props and "topic_alias" in props:
             topic, props = self._resolve_alias(topic, props)
@@ -598,9 +592,9 @@ class Connection:
         if core.publish_restricted and self._refuse_publish(packet):
             return
         if topic.count("/") >= core.settings.max_topic_levels:
-            return self._violation(MalformedPacket(
-                f"topic with more than {core.settings.max_topic_levels} levels",
-                Reason.TOPIC_NAME_INVALID))
+            return self.violation(
+                Reason.TOPIC_NAME_INVALID,
+                f"topic with more than {core.settings.max_topic_levels} levels")
         qos = packet.qos
         if qos:
             # Receive Maximum (3.3.4): QoS 1 is acknowledged at once, so what
@@ -616,9 +610,9 @@ class Connection:
                     self.outbox.pubrec(packet.packet_id, after_commit=True)
                     return
             if awaiting and len(awaiting) >= core.settings.max_awaiting_rel:
-                return self._violation(MalformedPacket(
-                    f"more than {core.settings.max_awaiting_rel} unacknowledged QoS 1 and 2 "
-                    "messages (Receive Maximum)", Reason.RECEIVE_MAXIMUM_EXCEEDED))
+                return self.violation(
+                    Reason.RECEIVE_MAXIMUM_EXCEEDED, f"more than {core.settings.max_awaiting_rel} "
+                    "unacknowledged QoS 1 and 2 messages (Receive Maximum)")
         if topic.startswith("$SYS/"):
             # The broker's own figures: no client writes them (as Mosquitto).
             return self._publish_denied(packet, topic)
@@ -646,7 +640,7 @@ class Connection:
         0x87) and not routed, or the client disconnected (deny_action)."""
         core = self.core
         core.stats.publish_denied += 1
-        self._log_refusal("%s: not authorized to publish to %s", self._describe(), shown(topic))
+        self._log_refusal("%s: not authorized to publish to %s", self.describe(), shown(topic))
         if core.access is not None and core.access.disconnect_on_deny:
             return self.close(Reason.NOT_AUTHORIZED, f"not authorized to publish to {shown(topic)}")
         qos = packet.qos
@@ -671,13 +665,12 @@ class Connection:
         """Close for a PUBLISH beyond the announced Maximum QoS or Retain Available."""
         settings = self.core.settings
         if packet.qos > settings.max_qos_allowed:  # [MQTT-3.2.2-11]
-            self._violation(MalformedPacket(
-                f"PUBLISH with QoS {packet.qos} above the maximum of {settings.max_qos_allowed}",
-                Reason.QOS_NOT_SUPPORTED))
+            self.violation(Reason.QOS_NOT_SUPPORTED, f"PUBLISH with QoS {packet.qos} above "
+                           f"the maximum of {settings.max_qos_allowed}")
             return True
         if packet.retain and not settings.retain_available:  # [MQTT-3.2.2-14]
-            self._violation(MalformedPacket(
-                "retained PUBLISH while retain is not available", Reason.RETAIN_NOT_SUPPORTED))
+            self.violation(Reason.RETAIN_NOT_SUPPORTED,
+                           "retained PUBLISH while retain is not available")
             return True
         return False
 
@@ -689,8 +682,8 @@ class Connection:
         alias = props["topic_alias"]
         maximum = self.core.settings.max_topic_alias
         if alias > maximum:
-            self._violation(MalformedPacket(
-                f"topic alias {alias} above the maximum of {maximum}", Reason.TOPIC_ALIAS_INVALID))
+            self.violation(Reason.TOPIC_ALIAS_INVALID,
+                           f"topic alias {alias} above the maximum of {maximum}")
             return None, props
         aliases = self.topic_aliases
         if topic:
@@ -700,8 +693,7 @@ class Connection:
         else:
             topic = aliases.get(alias) if aliases else None
             if topic is None:
-                self._violation(MalformedPacket(
-                    f"topic alias {alias} was never set", Reason.PROTOCOL_ERROR))
+                self.violation(Reason.PROTOCOL_ERROR, f"topic alias {alias} was never set")
                 return None, props
         return topic, {k: v for k, v in props.items() if k != "topic_alias"}
 
@@ -763,12 +755,12 @@ class Connection:
                 try:
                     validate_filter(sub.filter, settings.max_topic_levels)
                 except InvalidTopic as exc:
-                    return self._violation(MalformedPacket(
-                        f"invalid topic filter {shown(sub.filter)}: {exc}", refusal))
+                    return self.violation(refusal,
+                                          f"invalid topic filter {shown(sub.filter)}: {exc}")
             if not refusal and sub.no_local and sub.filter.startswith("$share/"):
                 # [MQTT-3.8.3-4]
-                return self._violation(MalformedPacket(
-                    f"No Local on the shared subscription {sub.filter!r}", Reason.PROTOCOL_ERROR))
+                return self.violation(Reason.PROTOCOL_ERROR,
+                                      f"No Local on the shared subscription {sub.filter!r}")
             if not refusal and core.access is not None and not core.access.permits(
                     self.client_info, self.access_cache, SUBSCRIBE_ACTION,
                     shared_inner(sub.filter), sub.qos):
@@ -799,7 +791,7 @@ class Connection:
         if refused:
             # One line, and one reason string, for the whole packet.
             explanation = first if refused == 1 else f"{first}; and {refused - 1} more filters"
-            self._log_refusal("%s: refusing %d of %d filters: %s", self._describe(), refused,
+            self._log_refusal("%s: refusing %d of %d filters: %s", self.describe(), refused,
                               len(packet.subscriptions), explanation)
         suback = Suback(packet.packet_id, codes)
         outbox = self.outbox
@@ -846,8 +838,8 @@ class Connection:
         if new_expiry is not None:
             if session.expiry_interval == 0 and new_expiry != 0:
                 # [MQTT-3.14.2-2]
-                return self._violation(MalformedPacket(
-                    "session expiry set on DISCONNECT after 0 on CONNECT", Reason.PROTOCOL_ERROR))
+                return self.violation(
+                    Reason.PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 on CONNECT")
             session.expiry_interval = min(new_expiry, int(self.core.settings.session_expiry_interval))
         if packet.reason_code != Reason.DISCONNECT_WITH_WILL:
             self.will = None  # [MQTT-3.14.4-3]
@@ -857,97 +849,18 @@ class Connection:
     # AUTH (enhanced authentication, 4.12) ---------------------------------
 
     def _on_auth(self, packet: Auth) -> None:
-        method = packet.properties.get("authentication_method")
-        if self.auth_method is None:
-            return self._violation(MalformedPacket(
-                "AUTH from a client that connected without an authentication method",
-                Reason.PROTOCOL_ERROR))
-        if method != self.auth_method:  # [MQTT-4.12.1-1]
-            return self._violation(MalformedPacket(
-                f"AUTH with method {str(method)[:100]!r}, not {self.auth_method!r}",
-                Reason.PROTOCOL_ERROR))
-        exchange = self._exchange
-        reason = packet.reason_code
-        data = packet.properties.get("authentication_data")
-        if reason == Reason.CONTINUE_AUTHENTICATION and exchange is not None and not exchange.busy:
-            return self._auth_step(data)
-        if reason == Reason.RE_AUTHENTICATE and exchange is None and self.state == CONNECTED:
-            request = AuthRequest(client_id=self.client_id, username=self.username,
-                                  password=None, peer=self.peer, protocol_level=self.version,
-                                  properties=packet.properties)
-            conversation = self.core.auth_methods[method].begin(request)
-            self._exchange = _AuthExchange(conversation, None, request)
-            return self._auth_step(data)
-        self._violation(MalformedPacket(
-            f"AUTH {reason_name(reason)} out of turn", Reason.PROTOCOL_ERROR))
-
-    def _auth_step(self, data: bytes | None) -> None:
-        exchange = self._exchange
-        try:
-            step = exchange.conversation.step(data)
-        except Exception:
-            log.exception("authentication method %r failed for %s", self.auth_method,
-                          self._describe())
-            step = AuthStep(result=AuthResult(Reason.UNSPECIFIED_ERROR))
-        if inspect.isawaitable(step):
-            exchange.busy = True
-            self.core.spawn(self._auth_step_async(step))
-        else:
-            self._auth_answer(step)
-
-    async def _auth_step_async(self, pending) -> None:
-        try:
-            step = await pending
-        except Exception:
-            log.exception("authentication method %r failed for %s", self.auth_method,
-                          self._describe())
-            step = AuthStep(result=AuthResult(Reason.UNSPECIFIED_ERROR))
-        if self.state == CLOSED:
-            return
-        self._exchange.busy = False
-        self._auth_answer(step)
-        self.core.outboxes.flush()
-
-    def _auth_answer(self, step: AuthStep) -> None:
-        props: dict[str, Any] = {"authentication_method": self.auth_method}
-        if step.data is not None:
-            props["authentication_data"] = step.data
-        if step.result is None:
-            self.outbox.send(Auth(Reason.CONTINUE_AUTHENTICATION, props))
-            return
-        exchange, self._exchange = self._exchange, None
-        result = step.result
-        finished = getattr(self.core.authenticator, "method_finished", None)
-        if finished is not None:
-            # Failures count towards bans, at CONNECT and re-authentication alike.
-            result = finished(exchange.request, result)
-        if exchange.connect is not None:
-            if self._idle_handle is not None:
-                self._idle_handle.cancel()
-                self._idle_handle = None
-            self._finish_connect(result, exchange.connect, exchange.assigned, props)
-        elif result.allowed and result.identity not in (None, self.username):
-            # Re-authentication proves who the client already is, not someone else.
-            log.info("closing %s: re-authenticated as %s", self._describe(),
-                     shown(result.identity))
-            self.close(Reason.NOT_AUTHORIZED, "re-authenticated as another user")
-        elif result.allowed:
-            log.debug("%s re-authenticated", self._describe())
-            if self.access_cache is not None:
-                self.access_cache.clear()
-            self.core.access_changed()
-            self.outbox.send(Auth(Reason.SUCCESS, props))
-        else:
-            log.info("closing %s: re-authentication failed (%s)", self._describe(),
-                     reason_name(result.reason_code))
-            self.close(result.reason_code, "re-authentication failed")
+        if self.auth is None:
+            return self.violation(
+                Reason.PROTOCOL_ERROR,
+                "AUTH from a client that connected without an authentication method")
+        self.auth.on_auth(packet)
 
     # timers ----------------------------------------------------------------
 
     def _idle_expired(self) -> None:
         self._idle_handle = None
         if self.state == NEW:
-            log.info("closing %s: no CONNECT within %ss", self._describe(),
+            log.info("closing %s: no CONNECT within %ss", self.describe(),
                      self.core.settings.idle_timeout)
             self.close(message="no CONNECT in time")
 
@@ -958,7 +871,7 @@ class Connection:
         silent = self.core.loop.time() - self.last_seen
         if silent >= limit:
             self._keepalive_handle = None
-            log.info("closing %s: keep alive timeout (%ss silent)", self._describe(), round(silent, 1))
+            log.info("closing %s: keep alive timeout (%ss silent)", self.describe(), round(silent, 1))
             self.close(Reason.KEEP_ALIVE_TIMEOUT, "keep alive timeout")
         else:
             self._keepalive_handle = self.core.loop.call_later(limit - silent, self._keepalive_check)
@@ -979,7 +892,7 @@ class Connection:
         core = self.core
         core.detach(self)
         if was_connected:
-            log.debug("%s disconnected: %s", self._describe(), self.close_reason)
+            log.debug("%s disconnected: %s", self.describe(), self.close_reason)
             will, self.will = self.will, None
             core.end_connection(self, will)
 
@@ -998,6 +911,6 @@ _HANDLERS = {
     PINGREQ: Connection._on_pingreq,
     DISCONNECT: Connection._on_disconnect,
     AUTH: Connection._on_auth,
-    CONNECT: lambda self, packet: self._violation(
-        MalformedPacket("second CONNECT", Reason.PROTOCOL_ERROR)),  # [MQTT-3.1.0-2]
+    CONNECT: lambda self, packet: self.violation(  # [MQTT-3.1.0-2]
+        Reason.PROTOCOL_ERROR, "second CONNECT"),
 }

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import secrets
 from collections import deque
-from typing import Any, Callable, Coroutine, Mapping
+from typing import Any, Callable, Coroutine, Mapping, NamedTuple
 
 
 from .codec import MQTT_5, Subscription, Will
@@ -28,7 +28,8 @@ from .ports import (
 )
 from .ownership import owner_of, same_owner
 from .store import Journal
-from .properties import NO_PROPERTIES, PUBACK, PUBCOMP, Reason
+from .packet_types import PUBACK, PUBCOMP
+from .properties import NO_PROPERTIES, Reason
 from .retained import RetainedStore
 from .sessions import NEVER_EXPIRES, Inflight, QueuedMessage, Session, SubscriptionEntry
 from .settings import MqttSettings
@@ -38,8 +39,16 @@ from .topics import SubscriptionTrie, validate_topic_name
 
 log = logging.getLogger("bastionmq.core")
 
-# A route: (session, granted QoS, no local, retain as published, subscription ids).
-Route = tuple[Session, int, bool, bool, tuple[int, ...]]
+class Route(NamedTuple):
+    """Where a topic's messages go: one per subscribed session, as the trie
+    caches them per topic."""
+
+    session: Session
+    #: The highest QoS its matching subscriptions granted.
+    qos: int
+    no_local: bool
+    retain_as_published: bool
+    subscription_ids: tuple[int, ...]
 
 SYS_PREFIX = "$SYS/"
 
@@ -63,7 +72,7 @@ def _merge_routes(found: list[tuple[Session, SubscriptionEntry]]) -> list[Route]
             route[2] = route[2] and options.no_local
             route[3] = route[3] or options.retain_as_published
             route[4] = tuple(sorted(set(route[4] + ids)))
-    return [tuple(route) for route in routes.values()]
+    return [Route(*route) for route in routes.values()]
 
 
 class BrokerCore:
@@ -411,8 +420,8 @@ class BrokerCore:
             return routes
         readable = []
         for route in routes:
-            client = route[0].client
-            if client is None or access.permits(client, None, SUBSCRIBE_ACTION, topic, route[1]):
+            client = route.session.client
+            if client is None or access.permits(client, None, SUBSCRIBE_ACTION, topic, route.qos):
                 readable.append(route)
             else:
                 self.stats.read_denied += 1
@@ -539,12 +548,12 @@ class BrokerCore:
         if session.queue:
             kept = deque()
             for item in session.queue:
-                group = item[4]
-                member = new_member(group, item[0]) if group is not None else None
+                group = item.group
+                member = new_member(group, item.message) if group is not None else None
                 if member is None:
                     kept.append(item)
                 else:
-                    self._deliver_shared(group, member, item[0], item[2])
+                    self._deliver_shared(group, member, item.message, item.retain)
                     self.unqueued(session, item)
                     moved += 1
             session.queue = kept
@@ -560,13 +569,15 @@ class BrokerCore:
         outbox = session.outbox
         if (outbox is not None and not outbox.paused
                 and session.inflight_count() < outbox.send_window):
-            self._send_inflight(session, outbox, (message, qos, retain, ids, group, 0))
+            self._send_inflight(session, outbox, message, qos, retain, ids, group, 0)
         else:
             self._enqueue(session, message, qos, retain, ids, group, sender)
 
-    def _send_inflight(self, session: Session, outbox: Outbox,
-                       item: QueuedMessage) -> None:
-        message, qos, retain, ids, group, key = item
+    def _send_inflight(self, session: Session, outbox: Outbox, message: Message, qos: int,
+                       retain: bool, ids: tuple[int, ...], group: SharedGroup | None,
+                       store_key: int) -> None:
+        """Send a QoS 1/2 message into the window (``store_key``: it was
+        queued in the durable store)."""
         packet_id = session.allocate_packet_id()
         if outbox.send_publish(message, qos, retain, ids, packet_id):
             entry = session.inflight[packet_id] = Inflight(message, qos, retain, ids, group)
@@ -574,8 +585,8 @@ class BrokerCore:
                 # Recorded before the queue entry goes, so that the message
                 # body's row is not dropped and written again.
                 self.journal.inflight_saved(session, packet_id, entry, True)
-        if key and session.store_id:
-            self.journal.unqueued(session, key, message)
+        if store_key and session.store_id:
+            self.journal.unqueued(session, store_key, message)
 
     def _enqueue(self, session: Session, message: Message, qos: int, retain: bool,
                  ids: tuple[int, ...], group: SharedGroup | None,
@@ -599,15 +610,15 @@ class BrokerCore:
             if publisher is not None:
                 self.hold_back(session, publisher)
                 limit = 0
-        dropped = session.enqueue((message, qos, retain, ids, group, key), limit)
+        dropped = session.enqueue(QueuedMessage(message, qos, retain, ids, group, key), limit)
         if dropped is not None:
             self.stats.dropped_queue_full += 1
             self.unqueued(session, dropped)
 
     def unqueued(self, session: Session, item: QueuedMessage) -> None:
         """``item`` left the queue other than into the window."""
-        if item[5] and session.store_id:
-            self.journal.unqueued(session, item[5], item[0])
+        if item.store_key and session.store_id:
+            self.journal.unqueued(session, item.store_key, item.message)
 
     def drain(self, session: Session) -> None:
         """Move queued messages into the window while the client can take them."""
@@ -615,14 +626,15 @@ class BrokerCore:
         outbox = session.outbox
         now = self.loop.time()
         while queue and outbox is not None and not outbox.paused:
-            if queue[0][0].expired(now):
+            head = queue[0]
+            if head.message.expired(now):
                 self.unqueued(session, queue.popleft())
                 self.stats.dropped_expired += 1
-            elif queue[0][1] == 0:
-                message, _, retain, ids, _, _ = queue.popleft()
-                outbox.send_publish(message, 0, retain, ids)
+            elif head.qos == 0:
+                queue.popleft()
+                outbox.send_publish(head.message, 0, head.retain, head.subscription_ids)
             elif session.inflight_count() < outbox.send_window:
-                self._send_inflight(session, outbox, queue.popleft())
+                self._send_inflight(session, outbox, *queue.popleft())
             else:
                 break
         if ((session.waiters is not None or session.slow) and outbox is not None

@@ -13,31 +13,10 @@ import enum
 from types import MappingProxyType
 from typing import Any, Mapping
 
-# Packet types (fixed header, high nibble).
-CONNECT = 1
-CONNACK = 2
-PUBLISH = 3
-PUBACK = 4
-PUBREC = 5
-PUBREL = 6
-PUBCOMP = 7
-SUBSCRIBE = 8
-SUBACK = 9
-UNSUBSCRIBE = 10
-UNSUBACK = 11
-PINGREQ = 12
-PINGRESP = 13
-DISCONNECT = 14
-AUTH = 15
-#: Pseudo packet type for the will properties inside CONNECT.
-WILL = 0
-
-PACKET_NAMES = {
-    CONNECT: "CONNECT", CONNACK: "CONNACK", PUBLISH: "PUBLISH", PUBACK: "PUBACK",
-    PUBREC: "PUBREC", PUBREL: "PUBREL", PUBCOMP: "PUBCOMP", SUBSCRIBE: "SUBSCRIBE",
-    SUBACK: "SUBACK", UNSUBSCRIBE: "UNSUBSCRIBE", UNSUBACK: "UNSUBACK",
-    PINGREQ: "PINGREQ", PINGRESP: "PINGRESP", DISCONNECT: "DISCONNECT", AUTH: "AUTH",
-}
+from .packet_types import (
+    AUTH, CONNACK, CONNECT, DISCONNECT, PACKET_NAMES, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL,
+    SUBACK, SUBSCRIBE, UNSUBACK, WILL,
+)
 
 #: An empty, read-only property set shared by every packet that has none
 #: (all 3.1.1 traffic), so decoding does not allocate a dict per packet.

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .message import retained_form
 from .ownership import client_from_record
-from .sessions import NEVER_EXPIRES, Inflight, Session
+from .sessions import NEVER_EXPIRES, Inflight, QueuedMessage, Session
 from .shared import SharedGroup, split_shared
 from .store import RestoreReport, Snapshot, StoredSession, StoredWill
 
@@ -105,7 +105,7 @@ def _rebuild_session(core: BrokerCore, stored: StoredSession, now: float, wall_n
         session.inflight[packet_id] = entry
         session.next_packet_id = packet_id % 65535 + 1
     for key, message, qos, retain, ids, share in stored.queue:
-        item = (message, qos, retain, ids, _group_of(core, share), key)
+        item = QueuedMessage(message, qos, retain, ids, _group_of(core, share), key)
         if message.expired(now):
             core.unqueued(session, item)
             report.expired_messages += 1

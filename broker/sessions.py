@@ -9,7 +9,7 @@ connection should cost little memory.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -44,9 +44,18 @@ class Inflight:
     released: bool = False
 
 
-#: (message, QoS, retain flag, subscription ids, shared subscription group or
-#: None, the entry's key in the durable store or 0).
-QueuedMessage = tuple[Message, int, bool, tuple[int, ...], Any, int]
+class QueuedMessage(NamedTuple):
+    """A message waiting in a session's queue."""
+
+    message: Message
+    qos: int
+    #: The RETAIN flag it is to be sent with.
+    retain: bool
+    subscription_ids: tuple[int, ...]
+    #: The shared subscription group it came through (shared.SharedGroup), or None.
+    group: Any
+    #: The entry's key in the durable store, or 0.
+    store_key: int
 
 
 @attrs.define(slots=True, eq=False)

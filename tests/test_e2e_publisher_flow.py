@@ -19,7 +19,7 @@ import pytest
 from bastionmq.broker.codec import (
     MQTT_3_1_1, Connect, Decoder, Puback, Publish, Subscribe, Subscription, encode,
 )
-from bastionmq.broker.properties import PUBACK, PUBLISH
+from bastionmq.broker.packet_types import PUBACK, PUBLISH
 
 PUMP_LIMIT = 60.0
 

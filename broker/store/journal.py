@@ -207,8 +207,8 @@ class Journal:
                 self._unref(batch, entry.message)
         if session.queue:
             for item in session.queue:
-                if item[5]:
-                    self._unref(batch, item[0])
+                if item.store_key:
+                    self._unref(batch, item.message)
         self._changed(batch)
 
     def subscription_saved(self, session: Session, entry: SubscriptionEntry) -> None:

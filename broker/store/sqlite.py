@@ -29,7 +29,8 @@ import aiosqlite
 
 from ..codec import Subscription, Will, decode_properties
 from ..message import Message
-from ..properties import NO_PROPERTIES, PUBLISH, WILL
+from ..packet_types import PUBLISH, WILL
+from ..properties import NO_PROPERTIES
 from .journal import Batch, Journal, decode_ids
 from .records import Snapshot, StoredSession, StoredWill
 
