@@ -27,7 +27,9 @@ from bastionmq.broker.store import RestoreReport, SqliteStore, StoreError
 from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.config import TLS_KINDS, Config, ConfigError, load_config
 from bastionmq.listeners.base import Listener
-from bastionmq.listeners.tls import TlsListener, TlsSetupError, certificate_facts, load_material
+from bastionmq.listeners.certificates import certificate_facts
+from bastionmq.listeners.tls import TlsListener
+from bastionmq.listeners.tls_context import TlsSetupError, load_material
 from bastionmq.listeners.ws import WsListener, WssListener
 from bastionmq.pki import DEFAULT_DIR, init_pki
 from bastionmq.version import __version__

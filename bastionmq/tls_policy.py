@@ -8,7 +8,7 @@ from __future__ import annotations
 import attrs
 
 from bastionmq.config import DEV_PKI_DIR, TLS_KINDS, Config, SslListenerConfig
-from bastionmq.listeners.tls import TlsSetupError, expiry_warnings, load_material
+from bastionmq.listeners.tls_context import TlsSetupError, expiry_warnings, load_material
 
 
 

@@ -38,8 +38,8 @@ class CertificateFacts:
 
 class PeerCertificate:
     """A client certificate the TLS handshake verified: its DER encoding,
-    and its facts (``subject``, ``common_name``, ``san_dns``... as in
-    CertificateFacts), parsed on first use. Most connections never ask, and
+    and its facts (CertificateFacts, each also a property of its own),
+    parsed by ``parse`` on first use. Most connections never ask, and
     parsing is a noticeable part of a handshake's cost in Python."""
 
     __slots__ = ("der", "_parse", "_facts")
@@ -55,9 +55,53 @@ class PeerCertificate:
             self._facts = self._parse(self.der)
         return self._facts
 
-    def __getattr__(self, name: str) -> Any:
-        # Reached only for names that are not slots: the facts' fields.
-        return getattr(self.facts, name)
+    @property
+    def subject(self) -> str:
+        return self.facts.subject
+
+    @property
+    def common_name(self) -> str | None:
+        return self.facts.common_name
+
+    @property
+    def issuer(self) -> str:
+        return self.facts.issuer
+
+    @property
+    def serial(self) -> int:
+        return self.facts.serial
+
+    @property
+    def sha256(self) -> str:
+        return self.facts.sha256
+
+    @property
+    def not_before(self) -> datetime.datetime:
+        return self.facts.not_before
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        return self.facts.not_after
+
+    @property
+    def san_dns(self) -> tuple[str, ...]:
+        return self.facts.san_dns
+
+    @property
+    def san_uri(self) -> tuple[str, ...]:
+        return self.facts.san_uri
+
+    @property
+    def san_email(self) -> tuple[str, ...]:
+        return self.facts.san_email
+
+    @property
+    def san_ip(self) -> tuple[str, ...]:
+        return self.facts.san_ip
+
+    @property
+    def extended_key_usage(self) -> tuple[str, ...]:
+        return self.facts.extended_key_usage
 
     def __repr__(self) -> str:
         return f"<PeerCertificate {self.facts.subject}>"

@@ -1,6 +1,8 @@
 """TLS listeners (``listeners.ssl.<name>``, and under WebSocket
-``listeners.wss.<name>``): contexts from ``ssl_options``,
-the handshake, and what the peer's certificate says.
+``listeners.wss.<name>``): the handshake of each connection, the checks a
+verified client certificate still passes (extended key usage, CRLs,
+lifetime), and reloads. The contexts and files they use are made in
+``tls_context``; what a certificate says, in ``certificates``.
 
 TLS runs over ssl.MemoryBIO inside the listener's protocol rather than in the
 event loop's transport. That gives the listener what an operator needs and
@@ -15,391 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import datetime
-import hashlib
 import logging
-import os
 import ssl
-import warnings
 from typing import Any
-
-from cryptography import x509
-from cryptography.x509.oid import ExtensionOID, NameOID
-from sslpsk3 import SSLPSKContext
-
-import attrs
 
 from bastionmq.broker.connection import Connection
 from bastionmq.broker.core import BrokerCore
-from bastionmq.broker.ports import CertificateFacts, PeerCertificate, PeerInfo
+from bastionmq.broker.ports import PeerInfo
 from bastionmq.broker.properties import Reason
 
 from .base import Listener, UpperLayer
-from .crl import (
-    REVOKED, UNKNOWN, CrlError, CrlStore, distribution_points, load_ca_certificates,
-    load_crl_files,
-)
-from .openssl import (
-    OpenSSLUnavailable, disable_session_cache, set_tls13_ciphersuites, set_verify_depth,
+from .certificates import EKU_OIDS, TlsCertificate
+from .crl import REVOKED, UNKNOWN, distribution_points
+from .tls_context import (
+    TlsMaterial, TlsSetupError, describe_failure, expiry_warnings, load_material, mtimes, now_utc,
 )
 
 log = logging.getLogger("bastionmq.listener")
-
-_VERSIONS = {
-    "tlsv1": ssl.TLSVersion.TLSv1,
-    "tlsv1.1": ssl.TLSVersion.TLSv1_1,
-    "tlsv1.2": ssl.TLSVersion.TLSv1_2,
-    "tlsv1.3": ssl.TLSVersion.TLSv1_3,
-}
-_NO_VERSION_OPTION = {
-    "tlsv1": ssl.OP_NO_TLSv1,
-    "tlsv1.1": ssl.OP_NO_TLSv1_1,
-    "tlsv1.2": ssl.OP_NO_TLSv1_2,
-    "tlsv1.3": ssl.OP_NO_TLSv1_3,
-}
-_EKU_OIDS = {
-    "serverAuth": "1.3.6.1.5.5.7.3.1", "clientAuth": "1.3.6.1.5.5.7.3.2",
-    "codeSigning": "1.3.6.1.5.5.7.3.3", "emailProtection": "1.3.6.1.5.5.7.3.4",
-    "timeStamping": "1.3.6.1.5.5.7.3.8", "OCSPSigning": "1.3.6.1.5.5.7.3.9",
-}
-_TLS13_SUITES = frozenset({
-    "TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256",
-    "TLS_AES_128_CCM_SHA256", "TLS_AES_128_CCM_8_SHA256",
-})
-#: IANA names of TLS 1.2 and older suites, as OpenSSL names them.
-_IANA_TO_OPENSSL = {
-    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
-    "TLS_DHE_RSA_WITH_AES_256_GCM_SHA384": "DHE-RSA-AES256-GCM-SHA384",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
-    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
-    "TLS_DHE_RSA_WITH_AES_128_GCM_SHA256": "DHE-RSA-AES128-GCM-SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA384": "ECDHE-ECDSA-AES256-SHA384",
-    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA384": "ECDHE-RSA-AES256-SHA384",
-    "TLS_DHE_RSA_WITH_AES_256_CBC_SHA256": "DHE-RSA-AES256-SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256": "ECDHE-ECDSA-AES128-SHA256",
-    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256": "ECDHE-RSA-AES128-SHA256",
-    "TLS_DHE_RSA_WITH_AES_128_CBC_SHA256": "DHE-RSA-AES128-SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
-    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
-}
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-class TlsSetupError(ValueError):
-    """``ssl_options`` that cannot make a context; ``key`` names the option
-    (or, for the PSK file, the top-level key)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-
-    def key_path(self, kind: str, listener_name: str) -> str:
-        """The full key path, on listener ``kind`` (ssl, wss) ``listener_name``."""
-        if self.key.startswith("psk_authentication."):
-            return self.key
-        return f"listeners.{kind}.{listener_name}.ssl_options.{self.key}"
-
-
-# --------------------------------------------------------------------------
-# Contexts
-
-
-def build_context(options: Any, psk: bool = False) -> ssl.SSLContext:
-    """A server SSLContext from an SslOptions; raises TlsSetupError naming
-    the option (and file) at fault. ``psk``: a context that can serve TLS-PSK."""
-    context = PskContext(ssl.PROTOCOL_TLS_SERVER) if psk else ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _set_versions(context, options.versions)
-    _load_files(context, options)
-    if options.verify == "verify_peer":
-        context.verify_mode = ssl.CERT_REQUIRED if options.fail_if_no_peer_cert \
-            else ssl.CERT_OPTIONAL
-        try:
-            set_verify_depth(context, options.depth)
-        except OpenSSLUnavailable as exc:
-            raise TlsSetupError("depth", str(exc)) from None
-    else:
-        context.verify_mode = ssl.CERT_NONE
-    if options.ciphers:
-        _set_ciphers(context, options.ciphers, legacy="tlsv1" in options.versions
-                     or "tlsv1.1" in options.versions)
-    elif "tlsv1" in options.versions or "tlsv1.1" in options.versions:
-        # OpenSSL 3 refuses TLS 1.0/1.1 at its default security level; an
-        # operator who lists them wants them to work.
-        context.set_ciphers("DEFAULT:@SECLEVEL=0")
-    if options.partial_chain:
-        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    if options.honor_cipher_order:
-        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    else:
-        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE  # Python sets it by default
-    if not options.reuse_sessions:
-        # Neither tickets (TLS 1.2's, and TLS 1.3's which OP_NO_TICKET alone
-        # turns into cached session ids) nor a server-side cache.
-        context.options |= ssl.OP_NO_TICKET
-        context.num_tickets = 0
-        try:
-            disable_session_cache(context)
-        except OpenSSLUnavailable as exc:
-            raise TlsSetupError("reuse_sessions", str(exc)) from None
-    return context
-
-
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> bytes:
-    raise _EncryptedKey
-
-
-def _set_versions(context: ssl.SSLContext, versions: tuple[str, ...]) -> None:
-    chosen = sorted(_VERSIONS[name] for name in versions)
-    with warnings.catch_warnings():
-        # Python deprecates TLS 1.0/1.1; an operator who lists them has chosen
-        # them (check-config warns), so the choice is not repeated per start.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        context.minimum_version = chosen[0]
-        context.maximum_version = chosen[-1]
-        for name, version in _VERSIONS.items():
-            if chosen[0] < version < chosen[-1] and name not in versions:
-                context.options |= _NO_VERSION_OPTION[name]  # a gap in the list
-
-
-def _load_files(context: ssl.SSLContext, options: Any) -> None:
-    keys = ("certfile", "keyfile", "cacertfile") if options.verify == "verify_peer" \
-        else ("certfile", "keyfile")  # without verify_peer no CA file is used
-    for key in keys:
-        path = getattr(options, key)
-        if path and not os.path.isfile(path):
-            raise TlsSetupError(key, f"{path!r}: no such file")
-        if path and not os.access(path, os.R_OK):
-            raise TlsSetupError(key, f"{path!r}: not readable")
-    try:
-        # Without a configured password, an encrypted key must fail, not make
-        # OpenSSL ask for a pass phrase on the terminal.
-        context.load_cert_chain(options.certfile, options.keyfile,
-                                options.password if options.password is not None
-                                else _no_password)
-    except _EncryptedKey:
-        raise TlsSetupError("password", f"{options.keyfile!r} is encrypted: set "
-                                        "ssl_options.password") from None
-    except ssl.SSLError as exc:
-        if "KEY_VALUES_MISMATCH" in str(exc):
-            raise TlsSetupError("keyfile", f"{options.keyfile!r} is not the key of the "
-                                           f"certificate in {options.certfile!r}") from None
-        if options.password is not None and exc.library == "SSL" and not exc.reason:
-            raise TlsSetupError("password", f"cannot decrypt {options.keyfile!r} with the "
-                                            "password given") from None
-        raise TlsSetupError("certfile", f"cannot load {options.certfile!r} with "
-                                        f"{options.keyfile!r}: {exc.reason or exc}") from None
-    except OSError as exc:
-        raise TlsSetupError("certfile", f"cannot load {options.certfile!r}: {exc}") from None
-    if options.cacertfile and options.verify == "verify_peer":
-        try:
-            context.load_verify_locations(cafile=options.cacertfile)
-        except (ssl.SSLError, OSError) as exc:
-            raise TlsSetupError("cacertfile", f"cannot load {options.cacertfile!r}: "
-                                              f"{getattr(exc, 'reason', None) or exc}") from None
-
-
-def _set_ciphers(context: ssl.SSLContext, ciphers: tuple[str, ...], legacy: bool) -> None:
-    tls13 = [name for name in ciphers if name in _TLS13_SUITES]
-    older = [_IANA_TO_OPENSSL.get(name, name) for name in ciphers if name not in _TLS13_SUITES]
-    for name in older:
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(name + ":@SECLEVEL=0")
-        except ssl.SSLError:
-            raise TlsSetupError("ciphers", f"unknown cipher suite {name!r}") from None
-    if older:
-        context.set_ciphers(":".join(older) + (":@SECLEVEL=0" if legacy else ""))
-    elif context.minimum_version < ssl.TLSVersion.TLSv1_3:
-        # Only TLS 1.3 suites listed: no older suite is wanted either.
-        context.minimum_version = ssl.TLSVersion.TLSv1_3
-    if tls13:
-        try:
-            set_tls13_ciphersuites(context, tls13)
-        except (OpenSSLUnavailable, ssl.SSLError) as exc:
-            raise TlsSetupError("ciphers", str(exc)) from None
-    elif context.maximum_version > ssl.TLSVersion.TLSv1_2:
-        context.maximum_version = ssl.TLSVersion.TLSv1_2
-    if context.minimum_version > context.maximum_version:
-        raise TlsSetupError("ciphers", "no listed cipher suite belongs to a TLS version in "
-                                       "versions (TLS 1.3 suites are TLS_AES_* and "
-                                       "TLS_CHACHA20_POLY1305_SHA256)")
-
-
-# --------------------------------------------------------------------------
-# Certificate facts
-
-
-def certificate_facts(der: bytes) -> CertificateFacts:
-    cert = x509.load_der_x509_certificate(der)
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
-    except x509.ExtensionNotFound:
-        san = None
-    try:
-        usages = cert.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
-        eku = tuple(oid.dotted_string for oid in usages)
-    except x509.ExtensionNotFound:
-        eku = ()
-
-    def sans(kind: Any) -> tuple[str, ...]:
-        return tuple(str(value) for value in san.get_values_for_type(kind)) if san else ()
-
-    return CertificateFacts(
-        subject=cert.subject.rfc4514_string(),
-        common_name=str(names[0].value) if names else None,
-        issuer=cert.issuer.rfc4514_string(),
-        serial=cert.serial_number,
-        sha256=hashlib.sha256(der).hexdigest(),
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-        san_dns=sans(x509.DNSName),
-        san_uri=sans(x509.UniformResourceIdentifier),
-        san_email=sans(x509.RFC822Name),
-        san_ip=sans(x509.IPAddress),
-        extended_key_usage=eku,
-    )
-
-
-def describe_failure(exc: BaseException) -> str:
-    """Why a handshake failed, in an operator's words."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return {
-            9: "client certificate not yet valid",
-            10: "client certificate expired",
-            18: "self-signed client certificate",
-            19: "client certificate chain ends in an unknown CA",
-            20: "client certificate from an unknown CA",
-            21: "client certificate from an unknown CA",
-            22: "client certificate chain too long (depth)",
-            23: "client certificate revoked",
-            26: "client certificate not for client use (key usage)",
-            3: "no CRL for the client certificate's issuer",
-            12: "CRL expired",
-        }.get(exc.verify_code, f"client certificate refused: {exc.verify_message}")
-    reason = getattr(exc, "reason", None) or ""
-    if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"):
-        return "no client certificate"
-    if reason in ("UNSUPPORTED_PROTOCOL", "NO_PROTOCOLS_AVAILABLE", "WRONG_SSL_VERSION",
-                  "TLSV1_ALERT_PROTOCOL_VERSION"):
-        return "TLS version not enabled on this listener"
-    if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL",
-                  "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"):
-        return "not TLS (plain MQTT or another protocol sent to a TLS port?)"
-    if reason in ("NO_SHARED_CIPHER", "NO_SUITABLE_SIGNATURE_ALGORITHM"):
-        return "no cipher suite in common"
-    if reason == "PSK_IDENTITY_NOT_FOUND":
-        return "unknown PSK identity"
-    if reason in ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "BAD_RECORD_MAC", "DECRYPT_ERROR"):
-        return "wrong key (PSK) or corrupted handshake"
-    if reason.startswith("SSLV3_ALERT_") or reason.startswith("TLSV1_ALERT_"):
-        return "client aborted the handshake: " + reason.split("ALERT_", 1)[1].lower().replace("_", " ")
-    return f"TLS error: {reason or exc}"
-
-
-# --------------------------------------------------------------------------
-# The listener
-
-
-class PskContext(SSLPSKContext):
-    """A context serving TLS-PSK (through sslpsk3). Its callbacks are set up
-    once per connection by the listener: sslpsk3's own SSLObject would set
-    them again on every do_handshake call, restarting a handshake that
-    arrives in several reads."""
-
-    sslobject_class = ssl.SSLObject
-
-
-def _serves_psk(options: Any, psk: Any) -> bool:
-    return psk.enable and any("PSK" in name for name in options.ciphers)
-
-
-def load_psk_file(path: str, separator: str) -> dict[str, bytes]:
-    """identity -> key from lines ``identity<separator>hexkey``."""
-    keys = {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-    except OSError as exc:
-        raise TlsSetupError("psk_authentication.init_file", f"{path!r}: {exc.strerror or exc}") from None
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        identity, found, key = line.partition(separator)
-        try:
-            if not found or not identity:
-                raise ValueError(f"expected identity{separator}hexkey")
-            keys[identity] = bytes.fromhex(key.strip())
-            if not keys[identity]:
-                raise ValueError("empty key")
-        except ValueError as exc:
-            raise TlsSetupError("psk_authentication.init_file", f"{path}:{number}: {exc}") from None
-    return keys
-
-
-@attrs.define(slots=True)
-class TlsMaterial:
-    """What a listener loads from disk: its contexts, CRLs and PSK keys."""
-
-    context: ssl.SSLContext
-    revocation: CrlStore | None
-    #: Every file it was built from, with its modification time.
-    files: dict[str, float]
-    #: Host name (lowercase) -> the context with that name's certificate.
-    sni: dict[str, ssl.SSLContext] = attrs.field(factory=dict)
-    #: PSK identity -> key, when the listener serves PSK.
-    psk_keys: dict[str, bytes] | None = None
-
-
-def load_material(options: Any, crl_cache: Any, psk: Any = None) -> TlsMaterial:
-    """Build and check everything ``ssl_options`` names; raises TlsSetupError
-    naming the option and file at fault, leaving nothing half-loaded."""
-    serves_psk = psk is not None and _serves_psk(options, psk)
-    context = build_context(options, serves_psk)
-    revocation = None
-    paths = {"certfile": options.certfile, "keyfile": options.keyfile}
-    if options.cacertfile and options.verify == "verify_peer":
-        paths["cacertfile"] = options.cacertfile
-    sni = {}
-    for index, entry in enumerate(options.server_names):
-        try:
-            named = build_context(attrs.evolve(options, certfile=entry.certfile,
-                                               keyfile=entry.keyfile, password=entry.password),
-                                  serves_psk)
-        except TlsSetupError as exc:
-            raise TlsSetupError(f"server_names.{index}.{exc.key}", str(exc)) from None
-        sni.update((name.lower(), named) for name in entry.names)
-        paths[f"server_names.{index}.certfile"] = entry.certfile
-        paths[f"server_names.{index}.keyfile"] = entry.keyfile
-    psk_keys = None
-    if serves_psk:
-        psk_keys = load_psk_file(psk.init_file, psk.separator)
-        paths["psk"] = psk.init_file
-    if options.enable_crl_check:
-        try:
-            cas = load_ca_certificates(options.cacertfile)
-        except (OSError, ValueError) as exc:
-            raise TlsSetupError("cacertfile", f"{options.cacertfile!r}: {exc}") from None
-        revocation = CrlStore(cas, http_timeout=crl_cache.http_timeout,
-                              capacity=crl_cache.capacity)
-        try:
-            load_crl_files(revocation, options.crlfile)
-        except (CrlError, OSError) as exc:
-            raise TlsSetupError("crlfile", str(exc)) from None
-    watched = (*paths.values(), *(options.crlfile if options.enable_crl_check else ()))
-    return TlsMaterial(context, revocation, _mtimes(dict.fromkeys(watched, 0.0)), sni, psk_keys)
 
 
 class TlsListener(Listener):
@@ -490,7 +124,7 @@ class TlsListener(Listener):
             log.error("listener %s: not reloading TLS material (%s): %s: %s; "
                       "the previous certificates keep serving", self.id, why,
                       exc.key_path(self.kind, self.name), exc)
-            self.material.files = _mtimes(self.material.files)  # not again until it changes
+            self.material.files = mtimes(self.material.files)  # not again until it changes
             return False
         old = self.material.revocation
         if old is not None and material.revocation is not None:
@@ -509,7 +143,7 @@ class TlsListener(Listener):
     async def _watch_files(self) -> None:
         while True:
             await asyncio.sleep(self.options.watch_interval)
-            changed = [path for path, mtime in _mtimes(self.material.files).items()
+            changed = [path for path, mtime in mtimes(self.material.files).items()
                        if mtime != self.material.files[path]]
             if changed:
                 self.reload(f"changed: {', '.join(changed)}")
@@ -534,17 +168,17 @@ class TlsListener(Listener):
             return
         for connection in self.connections():
             certificate = connection.peer.certificate
-            if certificate is not None and \
-                    store.check(x509.load_der_x509_certificate(certificate.der)) == REVOKED:
+            if isinstance(certificate, TlsCertificate) \
+                    and store.check(certificate.parsed) == REVOKED:
                 log.info("listener %s: closing %r: its certificate (serial %x) is revoked",
                          self.id, connection.client_id, certificate.serial)
                 connection.close(Reason.ADMINISTRATIVE_ACTION, "client certificate revoked")
 
-    async def check_revocation(self, der: bytes) -> str | None:
-        """None when the certificate may connect, else why not. Fetches the
+    async def check_revocation(self, certificate: TlsCertificate) -> str | None:
+        """None when ``certificate`` may connect, else why not. Fetches the
         CRL of a distribution point when no current one is held."""
         store = self.material.revocation
-        cert = x509.load_der_x509_certificate(der)
+        cert = certificate.parsed
         verdict = store.check(cert)
         if verdict == UNKNOWN:
             for url in distribution_points(cert):
@@ -569,17 +203,6 @@ class TlsListener(Listener):
         host = f"{peer[0]}:{peer[1]}" if peer else "?"
         log.info("listener %s: TLS handshake with %s failed: %s", self.id, host, reason)
 
-    def tls_peer_info(self, protocol: TlsProtocol) -> PeerInfo:
-        peername = protocol.transport.get_extra_info("peername")
-        sslobj = protocol._ssl
-        der = sslobj.getpeercert(binary_form=True)
-        cipher = sslobj.cipher()
-        return PeerInfo(
-            listener=self.id, address=tuple(peername[:2]) if peername else None, tls=True,
-            tls_version=sslobj.version(), cipher=cipher[0] if cipher else None,
-            certificate=PeerCertificate(der, certificate_facts) if der else None,
-            sni=protocol.sni, psk_identity=protocol.psk_identity)
-
     def refuse_peer(self, peer: PeerInfo, resumed: bool = False) -> str | None:
         """Why a verified peer may not connect, for checks OpenSSL does not
         make (``resumed``: the handshake resumed a TLS session)."""
@@ -589,57 +212,16 @@ class TlsListener(Listener):
             # OpenSSL checks the validity period in a full handshake only: a
             # resumed TLS session would let a certificate in after it expired.
             # (A full handshake is not made to parse the certificate for it.)
-            now = _now()
+            now = now_utc()
             if now > certificate.not_after:
                 return "client certificate expired"
             if now < certificate.not_before:
                 return "client certificate not yet valid"
         if wanted and certificate is not None:
-            oid = _EKU_OIDS.get(wanted, wanted)
+            oid = EKU_OIDS.get(wanted, wanted)
             if oid not in certificate.extended_key_usage:
                 return f"client certificate lacks the extended key usage {wanted}"
         return None
-
-
-#: A server certificate expiring within this is warned about at start and daily.
-EXPIRY_WARNING = datetime.timedelta(days=30)
-
-
-def server_certificates(options: Any) -> list[tuple[str, x509.Certificate]]:
-    """(file, certificate) of each server certificate the listener presents:
-    certfile's and each SNI entry's (the first certificate of each file)."""
-    found = []
-    for path in (options.certfile, *(entry.certfile for entry in options.server_names)):
-        try:
-            with open(path, "rb") as handle:
-                found.append((path, x509.load_pem_x509_certificates(handle.read())[0]))
-        except (OSError, ValueError):
-            continue  # reported by whatever loads the file for real
-    return found
-
-
-def expiry_warnings(options: Any, now: datetime.datetime | None = None) -> list[str]:
-    """A line for each server certificate that has expired or expires soon."""
-    now = now or _now()
-    lines = []
-    for path, cert in server_certificates(options):
-        left = cert.not_valid_after_utc - now
-        if left <= datetime.timedelta(0):
-            lines.append(f"the certificate in {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
-        elif left <= EXPIRY_WARNING:
-            lines.append(f"the certificate in {path} expires on "
-                         f"{cert.not_valid_after_utc:%Y-%m-%d} (in {left.days} days)")
-    return lines
-
-
-def _mtimes(files: dict[str, float]) -> dict[str, float]:
-    mtimes = {}
-    for path in files:
-        try:
-            mtimes[path] = os.stat(path).st_mtime
-        except OSError:
-            mtimes[path] = 0.0
-    return mtimes
 
 
 class TlsProtocol(UpperLayer, asyncio.Protocol):
@@ -720,7 +302,7 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
         self._timer.cancel()
         self._timer = None
         self._verified = True
-        peer = listener.tls_peer_info(self)
+        peer = self.peer_info()
         refusal = listener.refuse_peer(peer, self._ssl.session_reused)
         if refusal is not None:
             self._fail(refusal)
@@ -734,8 +316,20 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
         self._attach(peer)
         return True
 
+    def peer_info(self) -> PeerInfo:
+        """What the finished handshake says of the client."""
+        peername = self.transport.get_extra_info("peername")
+        sslobj = self._ssl
+        der = sslobj.getpeercert(binary_form=True)
+        cipher = sslobj.cipher()
+        return PeerInfo(
+            listener=self.listener.id, address=tuple(peername[:2]) if peername else None,
+            tls=True, tls_version=sslobj.version(), cipher=cipher[0] if cipher else None,
+            certificate=TlsCertificate(der) if der else None,
+            sni=self.sni, psk_identity=self.psk_identity)
+
     async def _check_revocation(self, peer: PeerInfo) -> None:
-        refusal = await self.listener.check_revocation(peer.certificate.der)
+        refusal = await self.listener.check_revocation(peer.certificate)
         if self.transport is None or self._closing:
             return
         if refusal is not None:
@@ -758,7 +352,7 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
                       f"{cert.sha256} valid until {cert.not_after:%Y-%m-%d}" if cert else "")
         self.connection = listener.attach(self, peer)
         if peer.certificate is not None and listener.options.enforce_cert_lifetime:
-            remaining = (peer.certificate.not_after - _now()).total_seconds()
+            remaining = (peer.certificate.not_after - now_utc()).total_seconds()
             self._expiry = asyncio.get_running_loop().call_later(
                 max(remaining, 0.0), self._certificate_expired)
 

@@ -8,7 +8,7 @@ it forwards the lower layer's callbacks (data_received, connection_lost,
 pause_writing, resume_writing). The lower transport is anything with those
 five calls: the socket's transport for ``ws``; for ``wss``, a TlsProtocol,
 which offers exactly them, so TLS stacks under this layer without either
-knowing the other (``WebSocketLayer.start(tls_protocol, tls_peer_info)``).
+knowing the other (``WebSocketLayer.start(tls_protocol, tls_protocol.peer_info())``).
 
 wsproto (python-hyper) does the protocol work without I/O: h11 reads the
 HTTP upgrade, its frame decoder the client's frames. Binary messages are a
