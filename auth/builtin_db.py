@@ -56,9 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import enum
-import io
 import json
 import os
 import re
@@ -77,11 +75,11 @@ from bastionmq.broker.topics import InvalidTopic, filter_covers, filter_matches,
 
 from .passwords import PasswordHash, hash_password, verify_password
 from .scram import DEFAULT_ITERATIONS, ScramCredentials
+from .user_import import ImportUser, UserFileError, parse_user_file
 
 __all__ = [
     "AclRule", "AlreadyExists", "AuthDatabase", "AuthDatabaseError", "BuiltinAclSource",
-    "CheckOutcome", "ImportResult", "ImportUser", "NotFound", "PasswordCheck", "UserRecord",
-    "parse_user_file", "read_rules",
+    "CheckOutcome", "ImportResult", "NotFound", "PasswordCheck", "UserRecord", "read_rules",
 ]
 
 SCHEMA_VERSION = 1
@@ -177,17 +175,6 @@ class PasswordCheck:
     @property
     def ok(self) -> bool:
         return self.outcome is CheckOutcome.OK
-
-
-@attrs.define(slots=True, frozen=True)
-class ImportUser:
-    """One entry of an import file; exactly one of password_hash and password."""
-
-    user_id: str
-    is_superuser: bool = False
-    password_hash: str | None = attrs.field(default=None, repr=False)
-    salt: str = attrs.field(default="", repr=False)
-    password: str | None = attrs.field(default=None, repr=False)
 
 
 @attrs.define(slots=True, frozen=True)
@@ -391,7 +378,10 @@ class AuthDatabase:
                 data = file.read()
         except OSError as exc:
             raise AuthDatabaseError(f"cannot read {source}: {exc.strerror or exc}") from None
-        entries = parse_user_file(source, data, password_type)
+        try:
+            entries = parse_user_file(source, data, password_type)
+        except UserFileError as exc:
+            raise AuthDatabaseError(str(exc)) from None
         for entry in entries:
             _check_user_id(entry.user_id, user_id_type)
         records = await asyncio.to_thread(_import_records, entries, algorithm, user_id_type)
@@ -664,112 +654,6 @@ def _import_records(entries: Sequence[ImportUser], algorithm: PasswordHash,
         records.append(UserRecord(entry.user_id, user_id_type, entry.is_superuser, algorithm,
                                   password_hash, salt))
     return records
-
-
-# ------------------------------------------------------------------ import files
-
-
-_IMPORT_FIELDS = ("user_id", "password_hash", "salt", "is_superuser", "password")
-_PASSWORD_TYPES = ("hash", "plain")
-
-
-def parse_user_file(source: str, data: bytes, password_type: str | None = None
-                    ) -> list[ImportUser]:
-    """The users of an EMQX import file, read by its extension (.csv, .json).
-    Raises AuthDatabaseError naming ``source`` and the line or entry."""
-    if password_type not in (None, *_PASSWORD_TYPES):
-        raise ValueError(f"password type {password_type!r} is not hash or plain")
-    try:
-        text = data.decode("utf-8-sig")  # a spreadsheet's byte order mark is no field name
-    except UnicodeDecodeError:
-        raise AuthDatabaseError(f"{source}: not UTF-8 text") from None
-    extension = os.path.splitext(source)[1].lower()
-    if extension == ".csv":
-        entries = _csv_entries(source, text)
-    elif extension == ".json":
-        entries = _json_entries(source, text)
-    else:
-        raise AuthDatabaseError(f"{source}: unknown file type {extension or '(none)'!r}; "
-                                "EMQX's user files are .csv or .json")
-    users: list[ImportUser] = []
-    seen: dict[str, str] = {}
-    for where, fields in entries:
-        user = _import_user(f"{source}: {where}", fields, password_type)
-        if user.user_id in seen:
-            raise AuthDatabaseError(f"{source}: {where}: user_id {user.user_id!r} is given "
-                                    f"again (first at {seen[user.user_id]})")
-        seen[user.user_id] = where
-        users.append(user)
-    if not users:
-        raise AuthDatabaseError(f"{source}: no users in the file")
-    return users
-
-
-def _csv_entries(source: str, text: str) -> list[tuple[str, dict[str, Any]]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), restkey="\0extra")
-    header = reader.fieldnames or []
-    unknown = [name for name in header if name not in _IMPORT_FIELDS]
-    if unknown:
-        raise AuthDatabaseError(f"{source}: line 1: unknown column {unknown[0]!r} (known: "
-                                f"{', '.join(_IMPORT_FIELDS)})")
-    entries = []
-    try:
-        for row in reader:
-            where = f"line {reader.line_num}"
-            if "\0extra" in row:
-                raise AuthDatabaseError(f"{source}: {where}: more fields than the header names")
-            if not any(row.values()):
-                continue  # a blank line
-            # EMQX reads CSV with empty fields as absent ones.
-            entries.append((where, {key: value for key, value in row.items() if value}))
-    except csv.Error as exc:
-        raise AuthDatabaseError(f"{source}: line {reader.line_num}: {exc}") from None
-    return entries
-
-
-def _json_entries(source: str, text: str) -> list[tuple[str, dict[str, Any]]]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AuthDatabaseError(f"{source}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
-    if not isinstance(value, list):
-        raise AuthDatabaseError(f"{source}: the file must hold a JSON array of users")
-    entries = []
-    for index, item in enumerate(value, 1):
-        where = f"entry {index}"
-        if not isinstance(item, dict):
-            raise AuthDatabaseError(f"{source}: {where}: a user is an object"
-                                    " ({\"user_id\": ..., \"password_hash\": ...})")
-        unknown = [key for key in item if key not in _IMPORT_FIELDS]
-        if unknown:
-            raise AuthDatabaseError(f"{source}: {where}: unknown key {unknown[0]!r} (known: "
-                                    f"{', '.join(_IMPORT_FIELDS)})")
-        entries.append((where, {key: value for key, value in item.items() if value is not None}))
-    return entries
-
-
-def _import_user(where: str, fields: dict[str, Any], password_type: str | None) -> ImportUser:
-    for key, value in fields.items():
-        if key != "is_superuser" and not isinstance(value, str):
-            raise AuthDatabaseError(f"{where}: {key} must be a string")
-    user_id = fields.get("user_id")
-    if not user_id:
-        raise AuthDatabaseError(f"{where}: user_id is missing")
-    superuser = fields.get("is_superuser", False)
-    if isinstance(superuser, str) and superuser.lower() in ("true", "false"):
-        superuser = superuser.lower() == "true"
-    if not isinstance(superuser, bool):
-        raise AuthDatabaseError(f"{where}: is_superuser {superuser!r} is not true or false")
-    kind = password_type or ("hash" if "password_hash" in fields else "plain")
-    if kind == "hash":
-        if "password_hash" not in fields:
-            raise AuthDatabaseError(f"{where}: password_hash is missing (importing hashes)")
-        return ImportUser(user_id, superuser, password_hash=fields["password_hash"],
-                          salt=fields.get("salt", ""))
-    if "password" not in fields:
-        missing = "password" if password_type else "password_hash or password"
-        raise AuthDatabaseError(f"{where}: {missing} is missing")
-    return ImportUser(user_id, superuser, password=fields["password"])
 
 
 # ------------------------------------------------------------------ ACL rules

@@ -15,10 +15,11 @@ from bastionmq.auth.ban import LoginBans
 from bastionmq.auth.builtin_db import AuthDatabase, AuthDatabaseError, BuiltinAclSource, read_rules
 from bastionmq.auth.scram import ScramSha256
 from bastionmq.auth.chain import (
-    AuthenticationChain, AuthnLoadError, AuthStats, BuiltinPasswordAuthenticator,
+    AuthenticationChain, AuthnLoadError, AuthStats,
     ListenerAuthenticators, build_authenticators,
 )
 from bastionmq.auth.identity import IdentityRule, PeerIdentity
+from bastionmq.auth.mechanisms import BuiltinPasswordAuthenticator
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import AuthMethod
 from bastionmq.broker.properties import Reason

@@ -1,9 +1,14 @@
 """The configuration file: HOCON (pyhocon) structured onto attrs classes.
 
-Key names mirror EMQX 5 so that an operator's knowledge carries over. The
-``mqtt { ... }`` block is structured straight onto
-:class:`bastionmq.broker.settings.MqttSettings`, so each protocol setting is
-declared once, next to the code that uses it.
+Key names mirror EMQX 5 so that an operator's knowledge carries over. Each
+block is structured straight onto the settings class its package declares,
+next to the code that uses it: ``mqtt { ... }`` onto
+:class:`bastionmq.broker.settings.MqttSettings`, ``ssl_options``,
+``tcp_options``, ``websocket``, ``crl_cache`` and ``psk_authentication`` onto
+``listeners/settings.py``, ``authentication`` and its ban onto
+``auth/settings.py``, ``authorization`` onto ``acl/settings.py``. This module
+composes them, reads HOCON and applies environment overrides; sizes and
+durations in EMQX notation are read by ``bastionmq.units``.
 
 Every problem in a file is reported in one pass, each with its key path, what
 was given and what is allowed: an operator fixes the whole file at once
@@ -20,7 +25,6 @@ names themselves contain single ones.
 
 from __future__ import annotations
 
-import datetime
 import difflib
 import ipaddress
 import os
@@ -46,15 +50,13 @@ from pyhocon.config_tree import ConfigTree, NoneValue
 from pyhocon.exceptions import ConfigException
 from pyparsing import ParseBaseException
 
-from bastionmq.auth.passwords import PasswordHash
-from bastionmq.broker.settings import INFINITY, SIZE, MqttSettings, peer_cert_source
-
-try:
-    # pyhocon turns unquoted durations such as ``15s`` into relativedelta
-    # objects when python-dateutil is installed, and into timedelta otherwise.
-    from dateutil.relativedelta import relativedelta as _RelativeDelta
-except ImportError:  # pragma: no cover - depends on an optional package
-    _RelativeDelta = None
+from bastionmq.acl.settings import AclSourceConfig, AuthorizationConfig, AuthzCacheConfig
+from bastionmq.auth.settings import AuthenticatorConfig, AuthnBanConfig
+from bastionmq.broker.settings import INFINITY, MqttSettings, peer_cert_source
+from bastionmq.listeners.settings import (
+    CrlCacheConfig, PskConfig, SniCertificate, SslOptions, TcpOptions, WebSocketOptions,
+)
+from bastionmq.units import format_duration, format_size, parse_duration, parse_size, show_value
 
 __all__ = [
     "Bind",
@@ -82,8 +84,6 @@ __all__ = [
     "WssListenerConfig",
     "TLS_KINDS",
     "load_config",
-    "parse_duration",
-    "parse_size",
 ]
 
 #: Environment variables with this prefix override configuration keys.
@@ -110,125 +110,6 @@ class ConfigError(Exception):
 
     def __str__(self) -> str:
         return "\n".join(f"{where}: {message}" for where, message in self.errors)
-
-
-# --------------------------------------------------------------------------
-# Values in EMQX notation
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
-_SIZE_RE = re.compile(r"(\d+)\s*(b|kb|mb|gb)?", re.IGNORECASE)
-_SIZE_HINT = "is not a size (e.g. 1MB, 64KB, 512B; a bare integer is bytes)"
-
-_DURATION_MS = {"w": 604_800_000, "d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000, "ms": 1}
-# "ms" comes before "m" and "s" so that 100ms is not read as 100 minutes.
-_DURATION_PART = r"(\d+)\s*(ms|w|d|h|m|s)"
-_DURATION_RE = re.compile(rf"(?:{_DURATION_PART}\s*)+", re.IGNORECASE)
-_CALENDAR_RE = re.compile(r"\d+\s*(mo|mon|month|months|y|year|years)", re.IGNORECASE)
-_NOT_FIXED = "is not a fixed duration: months and years vary in length (use w, d, h, m, s or ms)"
-_DURATION_HINT = "is not a duration (e.g. 15s, 100ms, 2h, 1h30m; a bare integer is milliseconds)"
-
-
-def parse_size(value: int | str) -> int:
-    """Read a size in EMQX notation as bytes: ``1MB`` = 1048576, ``64KB``, ``512B``.
-
-    Units are case-insensitive and binary (1KB = 1024 bytes); a bare integer
-    is a number of bytes. Raises ValueError with a message for an operator.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{_show(value)} {_SIZE_HINT}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{_show(value)} {_SIZE_HINT}")
-        return value
-    if isinstance(value, str):
-        match = _SIZE_RE.fullmatch(value.strip())
-        if match:
-            return int(match[1]) * _SIZE_UNITS[(match[2] or "").lower()]
-    raise ValueError(f"{_show(value)} {_SIZE_HINT}")
-
-
-def parse_duration(value: int | str | datetime.timedelta | Any) -> float:
-    """Read a duration in EMQX notation as seconds: ``15s``, ``100ms``, ``2h``, ``1h30m``.
-
-    Units are ms, s, m, h, d, w (case-insensitive) and may be combined; a bare
-    integer is milliseconds, as in EMQX. Also takes the timedelta and
-    relativedelta objects pyhocon makes of unquoted durations. Raises
-    ValueError with a message for an operator.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{_show(value)} {_DURATION_HINT}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{_show(value)} {_DURATION_HINT}")
-        return value / 1000
-    if isinstance(value, datetime.timedelta):
-        if value < datetime.timedelta(0):
-            raise ValueError(f"{_show(value)} {_DURATION_HINT}")
-        return value.total_seconds()
-    if _RelativeDelta is not None and isinstance(value, _RelativeDelta):
-        if value.years or value.months:
-            raise ValueError(f"{_show(value)} {_NOT_FIXED}")
-        seconds = _relativedelta_seconds(value)
-        if seconds < 0:
-            raise ValueError(f"{_show(value)} {_DURATION_HINT}")
-        return seconds
-    if isinstance(value, str):
-        text = value.strip()
-        if text.isdigit():
-            return int(text) / 1000
-        if _DURATION_RE.fullmatch(text):
-            # Summed in whole milliseconds so that 100ms is exactly 0.1.
-            total_ms = sum(int(number) * _DURATION_MS[unit.lower()]
-                           for number, unit in re.findall(_DURATION_PART, text, re.IGNORECASE))
-            return total_ms / 1000
-        if _CALENDAR_RE.fullmatch(text):
-            # pyhocon turns "1 month" into a relativedelta only when dateutil is
-            # installed; the same words must get the same answer without it.
-            raise ValueError(f"{_show(value)} {_NOT_FIXED}")
-    raise ValueError(f"{_show(value)} {_DURATION_HINT}")
-
-
-def _relativedelta_seconds(delta: Any) -> float:
-    return (delta.days * 86_400 + delta.hours * 3_600 + delta.minutes * 60
-            + delta.seconds + delta.microseconds / 1_000_000)
-
-
-def _format_size(size: int) -> str:
-    for unit in ("GB", "MB", "KB"):
-        factor = _SIZE_UNITS[unit.lower()]
-        if size and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return f"{size}B"
-
-
-def _format_duration(seconds: float) -> str:
-    total_ms = round(seconds * 1000)
-    if total_ms == 0:
-        return "0s" if seconds == 0 else f"{seconds}s"
-    parts = []
-    for unit in ("d", "h", "m", "s", "ms"):
-        count, total_ms = divmod(total_ms, _DURATION_MS[unit])
-        if count:
-            parts.append(f"{count}{unit}")
-    return "".join(parts)
-
-
-def _show(value: Any) -> str:
-    """A value as the operator wrote it, for error messages."""
-    if value is None or isinstance(value, NoneValue):
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, datetime.timedelta):
-        return _format_duration(value.total_seconds())
-    if _RelativeDelta is not None and isinstance(value, _RelativeDelta):
-        if value.years or value.months:
-            return "".join(f"{count}{unit}" for count, unit in
-                           ((value.years, "y"), (value.months, "mo")) if count)
-        return _format_duration(_relativedelta_seconds(value))
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --------------------------------------------------------------------------
@@ -264,7 +145,7 @@ class Bind:
         operator.
         """
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"{_show(value)} {_BIND_HINT}")
+            raise ValueError(f"{show_value(value)} {_BIND_HINT}")
         if isinstance(value, int):
             return cls(_ALL_INTERFACES, _checked_port(value, value))
         text = value.strip()
@@ -273,30 +154,30 @@ class Bind:
         if text.startswith("["):
             match = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text)
             if not match:
-                raise ValueError(f"{_show(value)} {_BIND_HINT}")
+                raise ValueError(f"{show_value(value)} {_BIND_HINT}")
             host = match[1]
             try:
                 ipaddress.IPv6Address(host)
             except ValueError:
-                raise ValueError(f"{_show(value)} has an invalid IPv6 address: {host!r}") from None
+                raise ValueError(f"{show_value(value)} has an invalid IPv6 address: {host!r}") from None
             return cls(host, _checked_port(int(match[2]), value))
         host, separator, port = text.rpartition(":")
         if ":" in host:
             raise ValueError(
-                f"{_show(value)} {_BIND_HINT}; an IPv6 address goes in brackets, "
+                f"{show_value(value)} {_BIND_HINT}; an IPv6 address goes in brackets, "
                 'e.g. "[::1]:1883"')
         if not separator or not port.isdigit():
-            raise ValueError(f"{_show(value)} {_BIND_HINT}")
+            raise ValueError(f"{show_value(value)} {_BIND_HINT}")
         if not host:
             host = _ALL_INTERFACES
         elif not _valid_host(host):
-            raise ValueError(f"{_show(value)} has an invalid host: {host!r}")
+            raise ValueError(f"{show_value(value)} has an invalid host: {host!r}")
         return cls(host, _checked_port(int(port), value))
 
 
 def _checked_port(port: int, given: Any) -> int:
     if not 0 <= port <= 65535:
-        raise ValueError(f"{_show(given)} is out of range (allowed port: 0 to 65535)")
+        raise ValueError(f"{show_value(given)} is out of range (allowed port: 0 to 65535)")
     return port
 
 
@@ -310,20 +191,6 @@ def _valid_host(host: str) -> bool:
             return False
         return True
     return bool(_HOSTNAME_RE.fullmatch(host))
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class TcpOptions:
-    """Socket options of a listener (EMQX ``tcp_options``)."""
-
-    #: Pending connections the kernel queues before accept().
-    backlog: int = attrs.field(default=1024, validator=[v.ge(1), v.le(65535)])
-    #: TCP_NODELAY: send small packets at once instead of batching them.
-    nodelay: bool = True
-    #: Write buffer level above which a client's transport is full: QoS 1/2
-    #: messages to it are queued, QoS 0 hold their publisher back (dropped
-    #: once the client is a slow subscriber).
-    high_watermark: int = attrs.field(default=1024 * 1024, metadata=SIZE, validator=v.ge(1))
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -344,160 +211,6 @@ class TcpListenerConfig:
     enable_authn: bool = True
 
 
-#: TLS versions by EMQX's names, newest first.
-TLS_VERSIONS = ("tlsv1.3", "tlsv1.2", "tlsv1.1", "tlsv1")
-#: The development PKI ``bastionmq certs init`` writes, and the broker makes
-#: on first start when these defaults are configured and missing.
-DEV_PKI_DIR = "data/certs"
-
-
-def _tls_versions(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
-    if not value:
-        raise ValueError("at least one version is needed")
-    unknown = [version for version in value if version not in TLS_VERSIONS]
-    if unknown:
-        raise ValueError(f"unknown version {unknown[0]!r}; allowed: {', '.join(TLS_VERSIONS)}")
-
-
-_EKU_NAMES = ("clientAuth", "serverAuth", "codeSigning", "emailProtection", "timeStamping",
-              "OCSPSigning")
-
-
-def _eku(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
-    if value is not None and value not in _EKU_NAMES and \
-            not re.fullmatch(r"\d+(\.\d+)+", value):
-        raise ValueError(f"must be one of {', '.join(_EKU_NAMES)} or a dotted OID")
-
-
-_DEV_PKI_FILES = (f"{DEV_PKI_DIR}/ca.pem", f"{DEV_PKI_DIR}/server.pem",
-                  f"{DEV_PKI_DIR}/server.key")
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class SniCertificate:
-    """A server certificate for the host names a client asks for by SNI."""
-
-    names: tuple[str, ...] = attrs.field(validator=v.min_len(1))
-    certfile: str
-    keyfile: str
-    password: str | None = attrs.field(default=None, repr=False)
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class SslOptions:
-    """A TLS listener's ``ssl_options``, with EMQX's names and defaults.
-
-    Relative paths are relative to the directory the broker runs in.
-    """
-
-    #: CA certificates that client certificates must chain to (PEM, several allowed).
-    cacertfile: str | None = _DEV_PKI_FILES[0]
-    #: The server certificate, optionally followed by its intermediate CAs (PEM).
-    certfile: str = _DEV_PKI_FILES[1]
-    keyfile: str = _DEV_PKI_FILES[2]
-    #: Pass phrase of an encrypted keyfile.
-    password: str | None = attrs.field(default=None, repr=False)
-    #: verify_peer asks clients for a certificate and checks any they send;
-    #: verify_none asks for none.
-    verify: str = attrs.field(default="verify_none", validator=v.in_(("verify_peer", "verify_none")))
-    #: With verify_peer: refuse the handshake of a client without a certificate.
-    fail_if_no_peer_cert: bool = False
-    versions: tuple[str, ...] = attrs.field(default=("tlsv1.3", "tlsv1.2"), validator=_tls_versions)
-    #: Cipher suites by OpenSSL or IANA name, TLS 1.2 and 1.3 alike; empty
-    #: keeps OpenSSL's defaults.
-    ciphers: tuple[str, ...] = ()
-    #: Prefer the server's order of cipher suites to the client's.
-    honor_cipher_order: bool = True
-    #: Most intermediate certificates between a client certificate and a
-    #: trusted CA (EMQX's depth).
-    depth: int = attrs.field(default=10, validator=[v.ge(0), v.le(100)])
-    #: A client that has not completed the handshake by then is dropped.
-    handshake_timeout: float = attrs.field(default=15.0, metadata={"unit": "duration"},
-                                           validator=v.gt(0))
-    #: Whether clients may resume TLS sessions (session tickets).
-    reuse_sessions: bool = True
-    #: Check client certificates against CRLs: those in crlfile and those
-    #: fetched from the certificates' distribution points (see crl_cache).
-    enable_crl_check: bool = False
-    #: CRL files (PEM, several CRLs per file allowed, or DER): one or a list.
-    crlfile: tuple[str, ...] = ()
-    #: Close a client's connection when its certificate's validity ends.
-    enforce_cert_lifetime: bool = False
-    #: Accept a chain that ends at any certificate in cacertfile, an
-    #: intermediate CA included, not only at a self-signed root.
-    partial_chain: bool = False
-    #: An extended key usage client certificates must carry (clientAuth, or a
-    #: dotted OID); unset accepts any certificate fit for client use.
-    verify_peer_ext_key_usage: str | None = attrs.field(default=None, validator=_eku)
-    #: Further server certificates, each chosen when a client asks for one of
-    #: its names by SNI; other clients get certfile.
-    server_names: tuple[SniCertificate, ...] = ()
-    #: The PSK identity hint sent to clients (with psk_authentication).
-    psk_hint: str | None = None
-    #: How often certfile, keyfile, cacertfile and crlfile are checked for
-    #: changes, which are then loaded without a restart (also on SIGHUP); 0s
-    #: checks only on SIGHUP.
-    watch_interval: float = attrs.field(default=2.0, metadata={"unit": "duration"},
-                                        validator=v.ge(0))
-
-    def awaits_dev_pki(self) -> bool:
-        """Whether these options name the development PKI's default files and
-        none of them exists yet: the first start makes that PKI."""
-        files = (self.cacertfile, self.certfile, self.keyfile)
-        return files == _DEV_PKI_FILES and not any(os.path.exists(path) for path in files)
-
-    def __attrs_post_init__(self) -> None:
-        if self.fail_if_no_peer_cert and self.verify != "verify_peer":
-            raise ValueError("fail_if_no_peer_cert = true needs verify = verify_peer")
-        if self.enable_crl_check and self.verify != "verify_peer":
-            raise ValueError("enable_crl_check = true needs verify = verify_peer")
-        if self.verify == "verify_peer" and not self.cacertfile:
-            raise ValueError("verify = verify_peer needs a cacertfile to verify clients against")
-
-
-AUTHN_MECHANISMS = ("password_based", "cert", "scram")
-AUTHN_BACKENDS = ("built_in_database", "password_file")
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class AuthenticatorConfig:
-    """One entry of an ``authentication`` list (EMQX's names)."""
-
-    #: password_based (username and password), cert (the verified client
-    #: certificate) or scram (MQTT 5 enhanced authentication, SCRAM-SHA-256).
-    mechanism: str = attrs.field(validator=v.in_(AUTHN_MECHANISMS))
-    #: password_based: built_in_database (bastionmq users ...) or
-    #: password_file (Mosquitto's); scram: built_in_database.
-    backend: str | None = attrs.field(default=None, validator=v.optional(v.in_(AUTHN_BACKENDS)))
-    enable: bool = True
-    #: password_file: the file.
-    path: str | None = None
-    #: built_in_database: whether users are looked up by username or client id.
-    user_id_type: str = attrs.field(default="username",
-                                    validator=v.in_(("username", "clientid")))
-    #: built_in_database: how new passwords are hashed.
-    password_hash_algorithm: PasswordHash = attrs.field(factory=PasswordHash)
-    #: cert: the certificate value compared when must_match is set.
-    identity: str = attrs.field(default="cn", validator=peer_cert_source)
-    #: cert: none, or username / clientid: the client must have sent the
-    #: certificate's identity as that.
-    must_match: str = attrs.field(default="none",
-                                  validator=v.in_(("none", "username", "clientid")))
-    #: scram: the hash (sha256) and the iterations for new credentials.
-    algorithm: str = attrs.field(default="sha256", validator=v.in_(("sha256",)))
-    iteration_count: int = attrs.field(default=4096, validator=[v.ge(4096), v.le(10_000_000)])
-
-    def __attrs_post_init__(self) -> None:
-        if self.mechanism == "password_based" and self.backend is None:
-            raise ValueError("password_based needs a backend: built_in_database or password_file")
-        if self.mechanism == "scram" and self.backend not in (None, "built_in_database"):
-            raise ValueError("scram keeps its credentials in built_in_database")
-        if self.mechanism == "cert" and self.backend is not None:
-            raise ValueError("cert takes no backend")
-        if self.backend == "password_file" and not self.path:
-            raise ValueError("backend = password_file needs a path")
-
-
 @attrs.define(slots=True, frozen=True, kw_only=True)
 class SslListenerConfig(TcpListenerConfig):
     """One ``listeners.ssl.<name>`` block: MQTT over TLS."""
@@ -510,76 +223,6 @@ class SslListenerConfig(TcpListenerConfig):
     peer_cert_as_clientid: str | None = attrs.field(default=None, validator=peer_cert_source)
     peer_cert_identity: str | None = attrs.field(
         default=None, validator=v.optional(v.in_(("replace", "enforce"))))
-
-
-#: What a WebSocket client may name in Sec-WebSocket-Protocol (EMQX's default).
-WS_SUBPROTOCOLS = ("mqtt", "mqtt-v3", "mqtt-v3.1.1", "mqtt-v5")
-
-
-def _url_path(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if not value.startswith("/") or any(c in value for c in "?# ") or not value.isascii():
-        raise ValueError('must be a URL path starting with "/" (e.g. "/mqtt")')
-
-
-def _networks(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
-    for item in value:
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ValueError(f"{item!r} is not an IP address or network "
-                             '(e.g. "10.0.0.5", "10.0.0.0/8", "::1")') from None
-
-
-def _subprotocols(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
-    if not value:
-        raise ValueError("at least one subprotocol is needed (MQTT clients name mqtt)")
-
-
-def _header_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
-        raise ValueError("must be an HTTP header name (or empty to ignore the header)")
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class WebSocketOptions:
-    """A WebSocket listener's ``websocket`` block, with EMQX's names and defaults."""
-
-    #: The URL path clients connect to (ws://host:8083/mqtt); other paths get 404.
-    mqtt_path: str = attrs.field(default="/mqtt", validator=_url_path)
-    #: multiple: a WebSocket message the broker sends may hold several MQTT
-    #: packets (one message per write); single: one packet per message.
-    #: Messages from clients may hold any number either way.
-    mqtt_piggyback: str = attrs.field(default="multiple",
-                                      validator=v.in_(("single", "multiple")))
-    #: Refuse (HTTP 400) an upgrade that names no subprotocol.
-    fail_if_no_subprotocol: bool = True
-    #: Subprotocols accepted; the first the client names among them is echoed.
-    supported_subprotocols: tuple[str, ...] = attrs.field(default=WS_SUBPROTOCOLS,
-                                                          validator=_subprotocols)
-    #: Refuse (HTTP 403) a browser whose Origin is not in allowed_origins.
-    #: Not set: on for a listener that allows anonymous access, so that no
-    #: web page can use its visitors' browsers to reach it.
-    check_origin_enable: bool | None = None
-    #: With check_origin_enable: whether a client sending no Origin (not a
-    #: browser) is let in.
-    allow_origin_absence: bool = True
-    #: Origins allowed with check_origin_enable, e.g. "https://app.example.com";
-    #: empty: pages served from this machine (localhost, 127.0.0.1, [::1]).
-    allowed_origins: tuple[str, ...] = ()
-    #: Headers a reverse proxy puts the client's address and port in; read
-    #: only from trusted_proxies. Empty ignores the header.
-    proxy_address_header: str = attrs.field(default="x-forwarded-for", validator=_header_name)
-    proxy_port_header: str = attrs.field(default="x-forwarded-port", validator=_header_name)
-    #: Addresses or networks (CIDR) of the proxies whose headers are believed;
-    #: empty believes none.
-    trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_networks)
-    #: Largest frame payload accepted (inflated, with compress); a larger one
-    #: closes the connection with 1009. None (infinity in the file): no limit.
-    max_frame_size: int | None = attrs.field(
-        default=None, metadata={"unit": "size", "none_word": "infinity"},
-        validator=v.optional(v.ge(1)))
-    #: permessage-deflate, for clients that offer it.
-    compress: bool = False
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -627,38 +270,6 @@ class SysTopicsConfig:
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
-class CrlCacheConfig:
-    """CRLs fetched from distribution points (EMQX ``crl_cache``)."""
-
-    #: How often fetched CRLs are fetched again.
-    refresh_interval: float = attrs.field(default=900.0, metadata={"unit": "duration"},
-                                          validator=v.gt(0))
-    #: Time allowed for one fetch.
-    http_timeout: float = attrs.field(default=15.0, metadata={"unit": "duration"},
-                                      validator=v.gt(0))
-    #: Issuers whose CRLs are held per listener, at most.
-    capacity: int = attrs.field(default=100, validator=v.ge(1))
-    #: When no current CRL can be had for a client certificate's issuer:
-    #: false refuses the client (hard fail), true lets it in with a warning.
-    soft_fail: bool = False
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class PskConfig:
-    """TLS-PSK identities (EMQX ``psk_authentication``), served on TLS
-    listeners whose ``ciphers`` include PSK suites."""
-
-    enable: bool = False
-    #: Lines of identity, separator, key in hex; # starts a comment.
-    init_file: str | None = None
-    separator: str = attrs.field(default=":", validator=v.min_len(1))
-
-    def __attrs_post_init__(self) -> None:
-        if self.enable and not self.init_file:
-            raise ValueError("enable = true needs an init_file of identities and keys")
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
 class NodeConfig:
     """This broker's place on disk (EMQX's ``node``)."""
 
@@ -697,71 +308,6 @@ class DurableSessionsConfig:
     @property
     def database(self) -> str:
         return os.path.join(self.data_dir, "sessions.sqlite3")
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class AuthnBanConfig:
-    """A short ban after repeated failed logins (brute-force protection)."""
-
-    enable: bool = True
-    #: Failed logins within window that trigger a ban.
-    max_failures: int = attrs.field(default=5, validator=v.ge(1))
-    window: float = attrs.field(default=60.0, metadata={"unit": "duration"}, validator=v.gt(0))
-    #: How long a ban lasts.
-    ban_time: float = attrs.field(default=300.0, metadata={"unit": "duration"},
-                                  validator=v.gt(0))
-    #: What failures are counted by: clientid, username, peerhost (an
-    #: address may be a whole network behind NAT, hence not by default).
-    by: tuple[str, ...] = attrs.field(default=("clientid", "username"),
-                                      validator=v.deep_iterable(
-                                          v.in_(("clientid", "username", "peerhost"))))
-
-
-ACL_SOURCE_TYPES = ("file", "mosquitto_acl", "built_in_database")
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class AclSourceConfig:
-    """One entry of ``authorization.sources``."""
-
-    #: file (EMQX's acl.conf), mosquitto_acl (Mosquitto's acl_file) or
-    #: built_in_database (rules kept by ``bastionmq acl``).
-    type: str = attrs.field(validator=v.in_(ACL_SOURCE_TYPES))
-    enable: bool = True
-    #: The rules file, for file and mosquitto_acl.
-    path: str | None = None
-
-    def __attrs_post_init__(self) -> None:
-        if self.type != "built_in_database" and not self.path:
-            raise ValueError(f"a {self.type} source needs a path")
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class AuthzCacheConfig:
-    """Each client's recent authorization decisions, kept to spare the rules."""
-
-    enable: bool = True
-    max_size: int = attrs.field(default=32, validator=[v.ge(1), v.le(1_000_000)])
-    ttl: float = attrs.field(default=60.0, metadata={"unit": "duration"}, validator=v.gt(0))
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class AuthorizationConfig:
-    """Who may publish and subscribe to what (EMQX's ``authorization``)."""
-
-    #: What happens when no source has a rule for the case.
-    no_match: str = attrs.field(default="allow", validator=v.in_(("allow", "deny")))
-    #: ignore: a denied PUBLISH or SUBSCRIBE is refused (reason 0x87) and the
-    #: client stays; disconnect: the client is disconnected.
-    deny_action: str = attrs.field(default="ignore", validator=v.in_(("ignore", "disconnect")))
-    cache: AuthzCacheConfig = attrs.field(factory=AuthzCacheConfig)
-    #: Consulted in order until one says allow or deny.
-    sources: tuple[AclSourceConfig, ...] = ()
-
-    @property
-    def active(self) -> bool:
-        """Whether anything can be denied at all."""
-        return bool(self.sources) or self.no_match == "deny"
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -836,14 +382,14 @@ _Format = Callable[[Any], str]
 
 def _parse_int(raw: Any) -> int:
     if isinstance(raw, bool):
-        raise ValueError(f"{_show(raw)} is not an integer")
+        raise ValueError(f"{show_value(raw)} is not an integer")
     if isinstance(raw, int):
         return raw
     if isinstance(raw, float) and raw.is_integer():
         return int(raw)
     if isinstance(raw, str) and re.fullmatch(r"[+-]?\d+", raw.strip()):
         return int(raw)
-    raise ValueError(f"{_show(raw)} is not an integer")
+    raise ValueError(f"{show_value(raw)} is not an integer")
 
 
 def _parse_float(raw: Any) -> float:
@@ -854,7 +400,7 @@ def _parse_float(raw: Any) -> float:
             return float(raw)
         except ValueError:
             pass
-    raise ValueError(f"{_show(raw)} is not a number")
+    raise ValueError(f"{show_value(raw)} is not a number")
 
 
 def _parse_bool(raw: Any) -> bool:
@@ -862,7 +408,7 @@ def _parse_bool(raw: Any) -> bool:
         return raw
     if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
         return raw.strip().lower() == "true"
-    raise ValueError(f"{_show(raw)} is not a boolean (true or false)")
+    raise ValueError(f"{show_value(raw)} is not a boolean (true or false)")
 
 
 def _parse_optional_bool(raw: Any) -> bool | None:
@@ -874,7 +420,7 @@ def _parse_optional_bool(raw: Any) -> bool | None:
 def _parse_str(raw: Any) -> str:
     if isinstance(raw, str):
         return raw
-    raise ValueError(f"{_show(raw)} is not a string")
+    raise ValueError(f"{show_value(raw)} is not a string")
 
 
 def _parse_str_list(raw: Any) -> tuple[str, ...]:
@@ -884,7 +430,7 @@ def _parse_str_list(raw: Any) -> tuple[str, ...]:
         return tuple(item.strip() for item in raw.split(",") if item.strip())
     if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
         return tuple(raw)
-    raise ValueError(f"{_show(raw)} is not a list of strings")
+    raise ValueError(f"{show_value(raw)} is not a list of strings")
 
 
 def _parse_optional_str(raw: Any) -> str | None:
@@ -899,7 +445,7 @@ def _limit_parser(none_word: str) -> _Parse:
         try:
             return _parse_int(raw)
         except ValueError:
-            raise ValueError(f"{_show(raw)} is not an integer or {none_word}") from None
+            raise ValueError(f"{show_value(raw)} is not an integer or {none_word}") from None
     return parse
 
 
@@ -970,13 +516,13 @@ def _check(field: attrs.Attribute, value: Any, raw: Any, fmt: _Format) -> None:
         bounds, choices = _bounds(field.validator)
         if choices is not None:
             allowed = ", ".join(str(choice) for choice in choices)
-            raise _Invalid(f"{_show(raw)} is not one of: {allowed}") from None
+            raise _Invalid(f"{show_value(raw)} is not one of: {allowed}") from None
         if bounds:
             allowed = _describe_bounds(bounds, fmt)
             if field.metadata.get("none_word"):
                 allowed += f", or {field.metadata['none_word']}"
-            raise _Invalid(f"{_show(raw)} is out of range (allowed: {allowed})") from None
-        raise _Invalid(f"{_show(raw)} is not allowed ({exc})") from None
+            raise _Invalid(f"{show_value(raw)} is out of range (allowed: {allowed})") from None
+        raise _Invalid(f"{show_value(raw)} is not allowed ({exc})") from None
 
 
 def _field_hook(converter: cattrs.Converter, field: attrs.Attribute,
@@ -985,11 +531,11 @@ def _field_hook(converter: cattrs.Converter, field: attrs.Attribute,
     fmt: _Format = str
     parse: _Parse
     if unit == "size" and field.metadata.get("none_word"):
-        parse, fmt = _size_or(field.metadata["none_word"]), _format_size
+        parse, fmt = _size_or(field.metadata["none_word"]), format_size
     elif unit == "size":
-        parse, fmt = parse_size, _format_size
+        parse, fmt = parse_size, format_size
     elif unit == "duration":
-        parse, fmt = parse_duration, _format_duration
+        parse, fmt = parse_duration, format_duration
     elif field.metadata.get("none_word"):
         parse = _limit_parser(field.metadata["none_word"])
     elif field_type in _PARSERS:
@@ -1020,7 +566,7 @@ def _mapping_parser(converter: cattrs.Converter, value_type: Any) -> _Parse:
 
     def parse(raw: Any) -> dict[str, Any]:
         if not isinstance(raw, Mapping):
-            raise _Invalid(f"{_show(raw)} is not a block of named entries ({{ name {{ ... }} }})")
+            raise _Invalid(f"{show_value(raw)} is not a block of named entries ({{ name {{ ... }} }})")
         result: dict[str, Any] = {}
         errors: list[Exception] = []
         for name, item in raw.items():
@@ -1050,7 +596,7 @@ def _class_hook(converter: cattrs.Converter, cls: type) -> Callable[[Any, Any], 
 
     def structure(raw: Any, _type: Any = None) -> Any:
         if not isinstance(raw, Mapping):
-            raise _Invalid(f"{_show(raw)} is not a block ({{ key = value ... }})")
+            raise _Invalid(f"{show_value(raw)} is not a block ({{ key = value ... }})")
         return inner(raw, cls)
 
     return structure

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from bastionmq.config import DEV_PKI_DIR
+from bastionmq.listeners.settings import DEV_PKI_DIR
 
 __all__ = [
     "CA_CERT",

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import attrs
 
-from bastionmq.config import DEV_PKI_DIR, TLS_KINDS, Config, SslListenerConfig
+from bastionmq.config import TLS_KINDS, Config, SslListenerConfig
+from bastionmq.listeners.settings import DEV_PKI_DIR
 from bastionmq.listeners.tls_context import TlsSetupError, expiry_warnings, load_material
 
 

@@ -29,6 +29,7 @@ from bastionmq.broker.properties import Reason
 from .base import Listener, UpperLayer
 from .certificates import EKU_OIDS, TlsCertificate
 from .crl import REVOKED, UNKNOWN, distribution_points
+from .settings import CrlCacheConfig, PskConfig, SslOptions
 from .tls_context import (
     TlsMaterial, TlsSetupError, describe_failure, expiry_warnings, load_material, mtimes, now_utc,
 )
@@ -40,7 +41,7 @@ class TlsListener(Listener):
     kind = "ssl"
 
     def __init__(self, name: str, host: str, port: int, core: BrokerCore, *,
-                 options: Any, crl_cache: Any, psk: Any = None,
+                 options: SslOptions, crl_cache: CrlCacheConfig, psk: PskConfig | None = None,
                  material: TlsMaterial | None = None, **socket_options: Any) -> None:
         super().__init__(name, host, port, core, **socket_options)
         self.options = options

@@ -14,7 +14,6 @@ import datetime
 import os
 import ssl
 import warnings
-from typing import Any
 
 import attrs
 from cryptography import x509
@@ -24,6 +23,7 @@ from .crl import CrlError, CrlStore, load_ca_certificates, load_crl_files
 from .openssl import (
     OpenSSLUnavailable, disable_session_cache, set_tls13_ciphersuites, set_verify_depth,
 )
+from .settings import CrlCacheConfig, PskConfig, SslOptions
 
 _VERSIONS = {
     "tlsv1": ssl.TLSVersion.TLSv1,
@@ -86,7 +86,7 @@ class TlsSetupError(ValueError):
 # Contexts
 
 
-def build_context(options: Any, psk: bool = False) -> ssl.SSLContext:
+def build_context(options: SslOptions, psk: bool = False) -> ssl.SSLContext:
     """A server SSLContext from an SslOptions; raises TlsSetupError naming
     the option (and file) at fault. ``psk``: a context that can serve TLS-PSK."""
     context = PskContext(ssl.PROTOCOL_TLS_SERVER) if psk else ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -147,7 +147,7 @@ def _set_versions(context: ssl.SSLContext, versions: tuple[str, ...]) -> None:
                 context.options |= _NO_VERSION_OPTION[name]  # a gap in the list
 
 
-def _load_files(context: ssl.SSLContext, options: Any) -> None:
+def _load_files(context: ssl.SSLContext, options: SslOptions) -> None:
     keys = ("certfile", "keyfile", "cacertfile") if options.verify == "verify_peer" \
         else ("certfile", "keyfile")  # without verify_peer no CA file is used
     for key in keys:
@@ -257,7 +257,7 @@ class PskContext(SSLPSKContext):
     sslobject_class = ssl.SSLObject
 
 
-def _serves_psk(options: Any, psk: Any) -> bool:
+def _serves_psk(options: SslOptions, psk: PskConfig) -> bool:
     return psk.enable and any("PSK" in name for name in options.ciphers)
 
 
@@ -299,7 +299,8 @@ class TlsMaterial:
     psk_keys: dict[str, bytes] | None = None
 
 
-def load_material(options: Any, crl_cache: Any, psk: Any = None) -> TlsMaterial:
+def load_material(options: SslOptions, crl_cache: CrlCacheConfig,
+                  psk: PskConfig | None = None) -> TlsMaterial:
     """Build and check everything ``ssl_options`` names; raises TlsSetupError
     naming the option and file at fault, leaving nothing half-loaded."""
     serves_psk = psk is not None and _serves_psk(options, psk)
@@ -342,7 +343,7 @@ def load_material(options: Any, crl_cache: Any, psk: Any = None) -> TlsMaterial:
 EXPIRY_WARNING = datetime.timedelta(days=30)
 
 
-def server_certificates(options: Any) -> list[tuple[str, x509.Certificate]]:
+def server_certificates(options: SslOptions) -> list[tuple[str, x509.Certificate]]:
     """(file, certificate) of each server certificate the listener presents:
     certfile's and each SNI entry's (the first certificate of each file)."""
     found = []
@@ -355,7 +356,7 @@ def server_certificates(options: Any) -> list[tuple[str, x509.Certificate]]:
     return found
 
 
-def expiry_warnings(options: Any, now: datetime.datetime | None = None) -> list[str]:
+def expiry_warnings(options: SslOptions, now: datetime.datetime | None = None) -> list[str]:
     """A line for each server certificate that has expired or expires soon."""
     now = now or now_utc()
     lines = []

@@ -52,6 +52,7 @@ from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import PeerInfo
 
 from .base import Listener, UpperLayer
+from .settings import WebSocketOptions
 from .tls import TlsListener, TlsProtocol
 
 log = logging.getLogger("bastionmq.listener")
@@ -113,7 +114,7 @@ class WebSocketSettings:
     one_packet_per_frame: bool
 
     @classmethod
-    def from_options(cls, options: Any, max_packet_size: int) -> WebSocketSettings:
+    def from_options(cls, options: WebSocketOptions, max_packet_size: int) -> WebSocketSettings:
         return cls(
             path=options.mqtt_path,
             subprotocols=frozenset(options.supported_subprotocols),
@@ -601,7 +602,7 @@ class WebSocketServing:
     websocket: WebSocketSettings
     refused_upgrades: collections.Counter[int | None]
 
-    def serve_websocket(self, options: Any) -> None:
+    def serve_websocket(self, options: WebSocketOptions) -> None:
         self.websocket = WebSocketSettings.from_options(options,
                                                         self.core.settings.max_packet_size)
         #: Refused upgrades by HTTP status (None: no upgrade request in time),
@@ -620,7 +621,7 @@ class WsListener(WebSocketServing, Listener):
     kind = "ws"
 
     def __init__(self, name: str, host: str, port: int, core: BrokerCore, *,
-                 options: Any, **socket_options: Any) -> None:
+                 options: WebSocketOptions, **socket_options: Any) -> None:
         super().__init__(name, host, port, core, **socket_options)
         self.serve_websocket(options)
 
@@ -638,7 +639,7 @@ class WssListener(WebSocketServing, TlsListener):
     kind = "wss"
 
     def __init__(self, name: str, host: str, port: int, core: BrokerCore, *,
-                 websocket: Any, **tls_options: Any) -> None:
+                 websocket: WebSocketOptions, **tls_options: Any) -> None:
         super().__init__(name, host, port, core, **tls_options)
         self.serve_websocket(websocket)
 

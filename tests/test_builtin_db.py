@@ -18,10 +18,11 @@ from scramp import ScramClient
 
 from bastionmq.auth.builtin_db import (
     AlreadyExists, AuthDatabase, AuthDatabaseError, BuiltinAclSource, CheckOutcome, NotFound,
-    parse_user_file, read_rules,
+    read_rules,
 )
 from bastionmq.auth.passwords import PasswordHash, hash_password
 from bastionmq.auth.scram import ScramSha256
+from bastionmq.auth.user_import import UserFileError, parse_user_file
 from bastionmq.broker.ports import (
     AccessRequest, AuthRequest, CertificateFacts, ClientInfo, PeerCertificate, PeerInfo,
 )
@@ -240,7 +241,7 @@ def test_import_plain_csv_the_bootstrap_way():
     ("u.txt", "user_id\n", None, "unknown file type '.txt'"),
 ])
 def test_import_file_errors_name_the_place(name, text, password_type, message):
-    with pytest.raises(AuthDatabaseError) as caught:
+    with pytest.raises(UserFileError) as caught:
         parse_user_file(name, text.encode(), password_type)
     assert str(caught.value).startswith(f"{name}: ")
     assert message in str(caught.value)

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from bastionmq.acl.emqx_file import parse_acl_text
 from bastionmq.acl.mosquitto_file import parse_mosquitto_acl_text
-from bastionmq.auth.builtin_db import parse_user_file
+from bastionmq.auth.user_import import parse_user_file
 from bastionmq.auth.mosquitto_passwd import hash_mosquitto
 from bastionmq.auth.passwords import PasswordHash
 from bastionmq.cli import main

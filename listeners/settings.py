@@ -1,0 +1,244 @@
+"""The settings of listeners, beside the code that uses them: socket options
+(``tcp_options``), TLS (``ssl_options``, ``crl_cache``, ``psk_authentication``)
+and WebSocket (``websocket``), with EMQX's names and defaults.
+bastionmq.config composes them into the listener blocks of the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Any
+
+import attrs
+from attrs import validators as v
+
+from bastionmq.broker.settings import SIZE
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class TcpOptions:
+    """Socket options of a listener (EMQX ``tcp_options``)."""
+
+    #: Pending connections the kernel queues before accept().
+    backlog: int = attrs.field(default=1024, validator=[v.ge(1), v.le(65535)])
+    #: TCP_NODELAY: send small packets at once instead of batching them.
+    nodelay: bool = True
+    #: Write buffer level above which a client's transport is full: QoS 1/2
+    #: messages to it are queued, QoS 0 hold their publisher back (dropped
+    #: once the client is a slow subscriber).
+    high_watermark: int = attrs.field(default=1024 * 1024, metadata=SIZE, validator=v.ge(1))
+
+
+#: TLS versions by EMQX's names, newest first.
+TLS_VERSIONS = ("tlsv1.3", "tlsv1.2", "tlsv1.1", "tlsv1")
+#: The development PKI ``bastionmq certs init`` writes, and the broker makes
+#: on first start when these defaults are configured and missing.
+DEV_PKI_DIR = "data/certs"
+
+
+def _tls_versions(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    if not value:
+        raise ValueError("at least one version is needed")
+    unknown = [version for version in value if version not in TLS_VERSIONS]
+    if unknown:
+        raise ValueError(f"unknown version {unknown[0]!r}; allowed: {', '.join(TLS_VERSIONS)}")
+
+
+_EKU_NAMES = ("clientAuth", "serverAuth", "codeSigning", "emailProtection", "timeStamping",
+              "OCSPSigning")
+
+
+def _eku(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and value not in _EKU_NAMES and \
+            not re.fullmatch(r"\d+(\.\d+)+", value):
+        raise ValueError(f"must be one of {', '.join(_EKU_NAMES)} or a dotted OID")
+
+
+_DEV_PKI_FILES = (f"{DEV_PKI_DIR}/ca.pem", f"{DEV_PKI_DIR}/server.pem",
+                  f"{DEV_PKI_DIR}/server.key")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class SniCertificate:
+    """A server certificate for the host names a client asks for by SNI."""
+
+    names: tuple[str, ...] = attrs.field(validator=v.min_len(1))
+    certfile: str
+    keyfile: str
+    password: str | None = attrs.field(default=None, repr=False)
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class SslOptions:
+    """A TLS listener's ``ssl_options``, with EMQX's names and defaults.
+
+    Relative paths are relative to the directory the broker runs in.
+    """
+
+    #: CA certificates that client certificates must chain to (PEM, several allowed).
+    cacertfile: str | None = _DEV_PKI_FILES[0]
+    #: The server certificate, optionally followed by its intermediate CAs (PEM).
+    certfile: str = _DEV_PKI_FILES[1]
+    keyfile: str = _DEV_PKI_FILES[2]
+    #: Pass phrase of an encrypted keyfile.
+    password: str | None = attrs.field(default=None, repr=False)
+    #: verify_peer asks clients for a certificate and checks any they send;
+    #: verify_none asks for none.
+    verify: str = attrs.field(default="verify_none", validator=v.in_(("verify_peer", "verify_none")))
+    #: With verify_peer: refuse the handshake of a client without a certificate.
+    fail_if_no_peer_cert: bool = False
+    versions: tuple[str, ...] = attrs.field(default=("tlsv1.3", "tlsv1.2"), validator=_tls_versions)
+    #: Cipher suites by OpenSSL or IANA name, TLS 1.2 and 1.3 alike; empty
+    #: keeps OpenSSL's defaults.
+    ciphers: tuple[str, ...] = ()
+    #: Prefer the server's order of cipher suites to the client's.
+    honor_cipher_order: bool = True
+    #: Most intermediate certificates between a client certificate and a
+    #: trusted CA (EMQX's depth).
+    depth: int = attrs.field(default=10, validator=[v.ge(0), v.le(100)])
+    #: A client that has not completed the handshake by then is dropped.
+    handshake_timeout: float = attrs.field(default=15.0, metadata={"unit": "duration"},
+                                           validator=v.gt(0))
+    #: Whether clients may resume TLS sessions (session tickets).
+    reuse_sessions: bool = True
+    #: Check client certificates against CRLs: those in crlfile and those
+    #: fetched from the certificates' distribution points (see crl_cache).
+    enable_crl_check: bool = False
+    #: CRL files (PEM, several CRLs per file allowed, or DER): one or a list.
+    crlfile: tuple[str, ...] = ()
+    #: Close a client's connection when its certificate's validity ends.
+    enforce_cert_lifetime: bool = False
+    #: Accept a chain that ends at any certificate in cacertfile, an
+    #: intermediate CA included, not only at a self-signed root.
+    partial_chain: bool = False
+    #: An extended key usage client certificates must carry (clientAuth, or a
+    #: dotted OID); unset accepts any certificate fit for client use.
+    verify_peer_ext_key_usage: str | None = attrs.field(default=None, validator=_eku)
+    #: Further server certificates, each chosen when a client asks for one of
+    #: its names by SNI; other clients get certfile.
+    server_names: tuple[SniCertificate, ...] = ()
+    #: The PSK identity hint sent to clients (with psk_authentication).
+    psk_hint: str | None = None
+    #: How often certfile, keyfile, cacertfile and crlfile are checked for
+    #: changes, which are then loaded without a restart (also on SIGHUP); 0s
+    #: checks only on SIGHUP.
+    watch_interval: float = attrs.field(default=2.0, metadata={"unit": "duration"},
+                                        validator=v.ge(0))
+
+    def awaits_dev_pki(self) -> bool:
+        """Whether these options name the development PKI's default files and
+        none of them exists yet: the first start makes that PKI."""
+        files = (self.cacertfile, self.certfile, self.keyfile)
+        return files == _DEV_PKI_FILES and not any(os.path.exists(path) for path in files)
+
+    def __attrs_post_init__(self) -> None:
+        if self.fail_if_no_peer_cert and self.verify != "verify_peer":
+            raise ValueError("fail_if_no_peer_cert = true needs verify = verify_peer")
+        if self.enable_crl_check and self.verify != "verify_peer":
+            raise ValueError("enable_crl_check = true needs verify = verify_peer")
+        if self.verify == "verify_peer" and not self.cacertfile:
+            raise ValueError("verify = verify_peer needs a cacertfile to verify clients against")
+
+
+#: What a WebSocket client may name in Sec-WebSocket-Protocol (EMQX's default).
+WS_SUBPROTOCOLS = ("mqtt", "mqtt-v3", "mqtt-v3.1.1", "mqtt-v5")
+
+
+def _url_path(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not value.startswith("/") or any(c in value for c in "?# ") or not value.isascii():
+        raise ValueError('must be a URL path starting with "/" (e.g. "/mqtt")')
+
+
+def _networks(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network "
+                             '(e.g. "10.0.0.5", "10.0.0.0/8", "::1")') from None
+
+
+def _subprotocols(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    if not value:
+        raise ValueError("at least one subprotocol is needed (MQTT clients name mqtt)")
+
+
+def _header_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
+        raise ValueError("must be an HTTP header name (or empty to ignore the header)")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class WebSocketOptions:
+    """A WebSocket listener's ``websocket`` block, with EMQX's names and defaults."""
+
+    #: The URL path clients connect to (ws://host:8083/mqtt); other paths get 404.
+    mqtt_path: str = attrs.field(default="/mqtt", validator=_url_path)
+    #: multiple: a WebSocket message the broker sends may hold several MQTT
+    #: packets (one message per write); single: one packet per message.
+    #: Messages from clients may hold any number either way.
+    mqtt_piggyback: str = attrs.field(default="multiple",
+                                      validator=v.in_(("single", "multiple")))
+    #: Refuse (HTTP 400) an upgrade that names no subprotocol.
+    fail_if_no_subprotocol: bool = True
+    #: Subprotocols accepted; the first the client names among them is echoed.
+    supported_subprotocols: tuple[str, ...] = attrs.field(default=WS_SUBPROTOCOLS,
+                                                          validator=_subprotocols)
+    #: Refuse (HTTP 403) a browser whose Origin is not in allowed_origins.
+    #: Not set: on for a listener that allows anonymous access, so that no
+    #: web page can use its visitors' browsers to reach it.
+    check_origin_enable: bool | None = None
+    #: With check_origin_enable: whether a client sending no Origin (not a
+    #: browser) is let in.
+    allow_origin_absence: bool = True
+    #: Origins allowed with check_origin_enable, e.g. "https://app.example.com";
+    #: empty: pages served from this machine (localhost, 127.0.0.1, [::1]).
+    allowed_origins: tuple[str, ...] = ()
+    #: Headers a reverse proxy puts the client's address and port in; read
+    #: only from trusted_proxies. Empty ignores the header.
+    proxy_address_header: str = attrs.field(default="x-forwarded-for", validator=_header_name)
+    proxy_port_header: str = attrs.field(default="x-forwarded-port", validator=_header_name)
+    #: Addresses or networks (CIDR) of the proxies whose headers are believed;
+    #: empty believes none.
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), validator=_networks)
+    #: Largest frame payload accepted (inflated, with compress); a larger one
+    #: closes the connection with 1009. None (infinity in the file): no limit.
+    max_frame_size: int | None = attrs.field(
+        default=None, metadata={"unit": "size", "none_word": "infinity"},
+        validator=v.optional(v.ge(1)))
+    #: permessage-deflate, for clients that offer it.
+    compress: bool = False
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class CrlCacheConfig:
+    """CRLs fetched from distribution points (EMQX ``crl_cache``)."""
+
+    #: How often fetched CRLs are fetched again.
+    refresh_interval: float = attrs.field(default=900.0, metadata={"unit": "duration"},
+                                          validator=v.gt(0))
+    #: Time allowed for one fetch.
+    http_timeout: float = attrs.field(default=15.0, metadata={"unit": "duration"},
+                                      validator=v.gt(0))
+    #: Issuers whose CRLs are held per listener, at most.
+    capacity: int = attrs.field(default=100, validator=v.ge(1))
+    #: When no current CRL can be had for a client certificate's issuer:
+    #: false refuses the client (hard fail), true lets it in with a warning.
+    soft_fail: bool = False
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class PskConfig:
+    """TLS-PSK identities (EMQX ``psk_authentication``), served on TLS
+    listeners whose ``ciphers`` include PSK suites."""
+
+    enable: bool = False
+    #: Lines of identity, separator, key in hex; # starts a comment.
+    init_file: str | None = None
+    separator: str = attrs.field(default=":", validator=v.min_len(1))
+
+    def __attrs_post_init__(self) -> None:
+        if self.enable and not self.init_file:
+            raise ValueError("enable = true needs an init_file of identities and keys")
