@@ -3,8 +3,6 @@ client's Receive Maximum, with raw 5.0 packets."""
 
 from __future__ import annotations
 
-import time
-
 from bastionmq.broker.codec import (
     MQTT_5, Puback, Publish, Subscribe, Subscription, Unsubscribe, Will,
 )
@@ -72,24 +70,6 @@ def test_will_delay_sends_the_will_after_the_delay(broker, raw_clients):
     assert will.payload == b"late will"
     assert will.properties["content_type"] == "text/plain"
     assert "will_delay_interval" not in will.properties
-
-
-def test_reconnect_within_the_will_delay_cancels_the_will(broker, raw_clients):
-    watcher = _client(raw_clients, broker.port, "watcher")
-    watcher.send(Subscribe(1, [Subscription("w/#", 1)]))
-    watcher.receive()
-    session = {"session_expiry_interval": 60}
-    dying = _client(raw_clients, broker.port, "flaky", clean_start=False, properties=session,
-                    will=Will("w/flaky", b"should not appear", 1,
-                              properties={"will_delay_interval": 2}))
-    dying.close()
-    back = raw_clients(broker.port, MQTT_5)
-    assert back.connect("flaky", clean_start=False, properties=session).session_present
-    # Past the delay now only the marker arrives.
-    time.sleep(2.5)
-    pub = _client(raw_clients, broker.port, "pub")
-    pub.send(Publish("w/marker", b"marker", qos=1, packet_id=1))
-    assert watcher.receive().payload == b"marker"
 
 
 def test_clients_receive_maximum_limits_unacknowledged_messages(broker, raw_clients):
