@@ -11,21 +11,17 @@ import logging
 from typing import Any, Callable, Sequence
 
 from bastionmq.broker.ports import ALLOW_ACCESS, AccessRequest, AclSource
+from bastionmq.broker.settings import SettingError
 
 log = logging.getLogger("bastionmq.acl")
 
 
-class AclLoadError(ValueError):
-    """A source that cannot be loaded; ``index`` is its place in ``sources``."""
+class AclLoadError(SettingError):
+    """A source that cannot be loaded: its key is its place in ``sources``
+    and the field at fault."""
 
     def __init__(self, index: int, key: str, message: str) -> None:
-        super().__init__(message)
-        self.index = index
-        self.key = key
-
-    @property
-    def key_path(self) -> str:
-        return f"authorization.sources.{self.index}.{self.key}"
+        super().__init__(f"{index}.{key}", message)
 
 
 def load_sources(configs: Sequence[Any], loaders: dict[str, Callable[[Any], AclSource]]

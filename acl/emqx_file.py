@@ -197,6 +197,7 @@ def _tokenize(text: str) -> list[_Token]:
             position += 1
             continue
         kind = match.lastgroup
+        assert kind is not None  # every alternative of _TOKEN is a named group
         end = match.end()
         if kind == "quote":
             try:
@@ -478,6 +479,7 @@ class _Compiler:
             raise _RuleError("a rule is {Permission, Who, Action, Topics} or {Permission, all}",
                              node)
         permission, *arguments = node.value
+        action: tuple[frozenset[int] | None, bool | None, frozenset[int] | None]
         if _atom(permission) not in ("allow", "deny"):
             raise _RuleError(f"unknown permission {self.show(permission)} (allow or deny)",
                              permission)
@@ -686,7 +688,7 @@ def _all_of(parts: list[Predicate | None]) -> Predicate | None:
 def _any_of(parts: list[Predicate | None]) -> Predicate | None:
     if any(part is None for part in parts):
         return None
-    tests = tuple(parts)
+    tests = tuple(part for part in parts if part is not None)  # all of them, as mypy can't tell
     return lambda client: any(test(client) for test in tests)
 
 
@@ -741,6 +743,7 @@ class EmqxAclFile:
 
     def check(self, request: AccessRequest) -> str | None:
         """ALLOW_ACCESS or DENY_ACCESS from the first rule that matches; None when none does."""
+        matches: Callable[[str, str], bool]  # filter_matches or filter_covers
         if request.action == PUBLISH_ACTION:
             candidates, matches = self._publish, filter_matches
         elif request.action == SUBSCRIBE_ACTION:

@@ -237,6 +237,8 @@ def _filters_overlap(rule: str, subscription: str) -> bool:
 
 def _decide(denies: Iterable[str | None], grants: Iterable[str | None],
             action: str, topic: str) -> str | None:
+    denied_by: Callable[[str, str], bool]
+    granted_by: Callable[[str, str], bool]
     if action == PUBLISH_ACTION:
         denied_by = granted_by = filter_matches
     else:

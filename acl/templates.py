@@ -50,7 +50,7 @@ class TopicTemplate:
         """The filter for ``client``; None when a value is missing or unsafe."""
         rendered = []
         for part in self.parts:
-            if part.__class__ is str:
+            if isinstance(part, str):
                 rendered.append(part)
                 continue
             value = part(client)

@@ -52,7 +52,7 @@ class LoginBans:
                   "username": identity if identity is not None else request.username,
                   "peerhost": request.peer.host}
         listener = request.peer.listener
-        return [(listener, kind, values[kind]) for kind in self.by if values[kind]]
+        return [(listener, kind, value) for kind in self.by if (value := values[kind])]
 
     def banned(self, request: AuthRequest, identity: str | None = None) -> tuple[str, str] | None:
         """The (kind, value) that bans this CONNECT, if any."""

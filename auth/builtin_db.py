@@ -485,6 +485,7 @@ class AuthDatabase:
             row = await self._fetchone(
                 "SELECT COALESCE(MAX(position), 0) FROM acl_rules WHERE who_type = ? AND who = ?",
                 (who_type, key))
+            assert row is not None  # an aggregate gives one row
             last = row[0]
             if position is None or position > last:
                 position = last + 1
@@ -500,6 +501,7 @@ class AuthDatabase:
                  None if levels is None else json.dumps(list(levels)),
                  None if retain is None else int(retain)))
             rule_id = cursor.lastrowid
+            assert rule_id is not None  # set by the INSERT
         return attrs.evolve(rule, id=rule_id, position=position)
 
     async def delete_rule(self, rule_id: int) -> AclRule:
@@ -571,7 +573,9 @@ async def _prepare_schema(connection: aiosqlite.Connection, path: str) -> None:
             version = None
             if "schema_version" in tables:
                 async with connection.execute(_VERSION_SQL) as cursor:
-                    (version,) = await cursor.fetchone()
+                    row = await cursor.fetchone()
+                    assert row is not None  # MAX gives one row (NULL for no rows)
+                    (version,) = row
             _check_schema(path, tables, version)
     except BaseException:
         await connection.execute("ROLLBACK")
@@ -650,6 +654,8 @@ def _import_records(entries: Sequence[ImportUser], algorithm: PasswordHash,
         if entry.password is not None:
             password_hash, salt = hash_password(entry.password, algorithm)
         else:
+            # An ImportUser has a password or a hash (parse_user_file makes sure).
+            assert entry.password_hash is not None
             password_hash, salt = entry.password_hash, entry.salt
         records.append(UserRecord(entry.user_id, user_id_type, entry.is_superuser, algorithm,
                                   password_hash, salt))
@@ -801,6 +807,7 @@ class BuiltinAclSource:
                 self._all.append(compiled)
             else:
                 owners = self._clientid if rule.who_type == "clientid" else self._username
+                assert rule.who is not None  # _compile refuses a rule for nobody but "all"
                 owners.setdefault(rule.who, []).append(compiled)
             count += 1
         self.count = count

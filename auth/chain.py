@@ -23,6 +23,7 @@ import attrs
 from bastionmq.broker.logtext import shown
 from bastionmq.broker.ports import ALLOW, AuthRequest, AuthResult
 from bastionmq.broker.properties import Reason
+from bastionmq.broker.settings import SettingError
 
 from .ban import LoginBans
 from .mechanisms import CertAuthenticator, PasswordFileAuthenticator
@@ -131,6 +132,7 @@ class AuthenticationChain:
 
     def _run(self, request: AuthRequest, start: int) -> AuthResult | Awaitable[AuthResult]:
         authenticators = self.authenticators
+        assert authenticators is not None  # authenticate() runs only a configured chain
         for index in range(start, len(authenticators)):
             answer = authenticators[index].authenticate(request)
             if inspect.isawaitable(answer):
@@ -142,7 +144,9 @@ class AuthenticationChain:
     async def _continue(self, request: AuthRequest, index: int, pending) -> AuthResult:
         answer = await pending
         if answer is not None:
-            return self._decided(request, self.authenticators[index].name, answer)
+            authenticators = self.authenticators
+            assert authenticators is not None  # _run was running them
+            return self._decided(request, authenticators[index].name, answer)
         result = self._run(request, index + 1)
         return await result if inspect.isawaitable(result) else result
 
@@ -189,12 +193,11 @@ class ListenerAuthenticators:
         return self._chains[request.peer.listener].method_finished(request, result)
 
 
-class AuthnLoadError(ValueError):
-    """An authenticator that cannot be set up; ``index`` is its place in the list."""
+class AuthnLoadError(SettingError):
+    """An authenticator that cannot be set up; its key is its place in the list."""
 
     def __init__(self, index: int, message: str) -> None:
-        super().__init__(message)
-        self.index = index
+        super().__init__(str(index), message)
 
 
 def build_authenticators(configs: Sequence[Any], extra: Mapping[tuple, Any] | None = None

@@ -25,7 +25,7 @@ import base64
 import hashlib
 import logging
 import ssl
-from typing import Mapping
+from typing import Any, Mapping
 
 import attrs
 
@@ -103,7 +103,7 @@ class PeerIdentity:
         certificate = peer.certificate
         if rule is None or certificate is None:
             return request
-        changes = {}
+        changes: dict[str, Any] = {}
         for field, source, refusal in (
                 ("username", rule.username, Reason.BAD_USER_NAME_OR_PASSWORD),
                 ("client_id", rule.clientid, Reason.CLIENT_IDENTIFIER_NOT_VALID)):

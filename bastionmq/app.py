@@ -26,11 +26,11 @@ from bastionmq.broker.properties import Reason
 from bastionmq.broker.restore import restore
 from bastionmq.broker.store import RestoreReport, SqliteStore, StoreError
 from bastionmq.broker.sys_topics import SysTopics
-from bastionmq.config import TLS_KINDS, Config, ConfigError, load_config
+from bastionmq.config import TLS_KINDS, Config, ConfigError, SslListenerConfig, load_config
 from bastionmq.listeners.base import Listener
 from bastionmq.listeners.certificates import certificate_facts
 from bastionmq.listeners.tls import TlsListener
-from bastionmq.listeners.tls_context import TlsSetupError, load_material
+from bastionmq.listeners.tls_context import TlsSetupError, load_material, ssl_options_path
 from bastionmq.listeners.ws import WsListener, WssListener
 from bastionmq.pki import DEFAULT_DIR, init_pki
 from bastionmq.version import __version__
@@ -65,7 +65,7 @@ def _listener_plan(config: Config, kind: str, name: str,
     try:
         material = load_material(options, config.crl_cache, config.psk_authentication)
     except TlsSetupError as exc:
-        raise ConfigError([(exc.key_path(kind, name), str(exc))]) from None
+        raise ConfigError([(exc.key_path(ssl_options_path(kind, name)), str(exc))]) from None
     tls = {"options": options, "crl_cache": config.crl_cache,
            "psk": config.psk_authentication, "material": material}
     if kind == "wss":
@@ -99,7 +99,7 @@ def _authenticators(config: Config, kind: str, name: str, block: Any,
     except AuthnLoadError as exc:
         where = (f"listeners.{kind}.{name}.authentication" if block.authentication is not None
                  else "authentication")
-        raise ConfigError([(f"{where}.{exc.index}", str(exc))]) from None
+        raise ConfigError([(exc.key_path(where), str(exc))]) from None
 
 
 def _load_emqx_acl(source: Any) -> Any:
@@ -136,7 +136,7 @@ def _acl_sources(config: Config) -> list:
     try:
         return load_sources(config.authorization.sources, _acl_loaders(config))
     except AclLoadError as exc:
-        raise ConfigError([(exc.key_path, str(exc))]) from None
+        raise ConfigError([(exc.key_path("authorization.sources"), str(exc))]) from None
 
 
 def _authorization(config: Config) -> AuthorizationChain | None:
@@ -171,7 +171,10 @@ def _make_dev_pki_on_first_start(config: Config) -> None:
     """When a TLS listener uses the development PKI's default paths and none
     of its files exists yet, make that PKI, so the shipped config starts."""
     for kind, _name, block in config.enabled_listeners():
-        if kind in TLS_KINDS and block.ssl_options.awaits_dev_pki():
+        if kind not in TLS_KINDS:
+            continue
+        assert isinstance(block, SslListenerConfig)  # the block of an ssl or wss listener
+        if block.ssl_options.awaits_dev_pki():
             init_pki(DEFAULT_DIR)
             log.warning(
                 "made a development PKI in %s (CA, server certificate for localhost, "
@@ -261,6 +264,7 @@ class Broker:
                 config.hide_unknown_users)
             listeners.append(_listener_plan(config, kind, name, block))
             if kind in TLS_KINDS:
+                assert isinstance(block, SslListenerConfig)  # the block of an ssl or wss listener
                 rules[f"{kind}:{name}"] = IdentityRule(*config.peer_cert_identity_of(block))
         self.authorization = _authorization(config)
         self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop,

@@ -9,7 +9,7 @@ import shlex
 import signal
 import sqlite3
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +123,9 @@ async def _serve(broker: Broker) -> None:
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, broker.reload, "SIGHUP")
     await stopping.wait()
-    log.info("stopping: closing listeners and disconnecting %d clients",
-             len(broker.core.connections))
+    core = broker.core
+    assert core is not None  # made by start(), dropped by stop()
+    log.info("stopping: closing listeners and disconnecting %d clients", len(core.connections))
     await broker.stop()
     log.info("stopped")
 
@@ -333,7 +334,7 @@ def _no_scram_clientid(scram: bool, clientid: bool | None) -> None:
         raise click.UsageError("SCRAM credentials belong to a username, not a --clientid")
 
 
-def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def _table(headers: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(row[column]) for row in (headers, *rows)) for column in range(len(headers))]
     for row in (headers, *rows):
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -471,7 +472,8 @@ def acl() -> None:
 def _who(username: str | None, clientid: str | None, everyone: bool,
          required: bool) -> tuple[str | None, str | None]:
     given = [(kind, value) for kind, value in
-             (("username", username), ("clientid", clientid), ("all", everyone or None))
+             (("username", username), ("clientid", clientid),
+              ("all", "all" if everyone else None))
              if value is not None]
     if len(given) > 1 or (required and not given):
         raise click.UsageError("give one of --username U, --clientid C or --all")
@@ -574,7 +576,7 @@ def _on_store(action: Any, config_file: str | None, path: str | None) -> tuple[s
         raise click.ClickException(str(exc)) from None
 
 
-def _bytes(size: int) -> str:
+def _bytes(size: float) -> str:  # a byte count; float: it is divided below
     for unit in ("bytes", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"

@@ -590,9 +590,11 @@ def _class_hook(converter: cattrs.Converter, cls: type) -> Callable[[Any, Any], 
         field.name: override(struct_hook=_field_hook(converter, field, hints[field.name]))
         for field in attrs.fields(cls)
     }
-    inner = make_dict_structure_fn(
+    inner: Callable[[Mapping[str, Any], Any], Any] = make_dict_structure_fn(
         cls, converter, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True,
-        **overrides)
+        # mypy matches **overrides against every _cattrs_* flag as well (it cannot know the
+        # keys are field names); naming those flags would pin values left to cattrs here.
+        **overrides)  # type: ignore[arg-type]
 
     def structure(raw: Any, _type: Any = None) -> Any:
         if not isinstance(raw, Mapping):

@@ -65,6 +65,7 @@ CRL_DAYS = 30
 BACKDATE = timedelta(minutes=5)
 
 _PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+_PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 _RSA_BITS = {"rsa2048": 2048, "rsa3072": 3072, "rsa4096": 4096}
 _RESERVED = frozenset({"ca", SERVER_NAME, "crl"})
@@ -308,8 +309,18 @@ def _authority_key_identifier(ca_cert: x509.Certificate) -> x509.AuthorityKeyIde
     try:
         ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(_ca_public_key(ca_cert))
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski.value)
+
+
+def _ca_public_key(ca_cert: x509.Certificate) -> _PublicKey:
+    """The CA certificate's key, which signs: the CA key's half, so EC or RSA
+    (_load_authority refuses any other CA key)."""
+    key = ca_cert.public_key()
+    if not isinstance(key, _PublicKey):
+        raise PkiError(f"the CA certificate holds a {type(key).__name__}; "
+                       "the CA key must be EC or RSA")
+    return key
 
 
 def _subject(common_name: str, extra: Mapping[str, str] | None = None) -> x509.Name:
@@ -409,7 +420,7 @@ def _load_crl(path: Path, ca: _Authority) -> x509.CertificateRevocationList:
         crl = x509.load_pem_x509_crl(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise PkiError(f"cannot read the CRL {path}: {exc}") from None
-    if not crl.is_signature_valid(ca.cert.public_key()):
+    if not crl.is_signature_valid(_ca_public_key(ca.cert)):
         raise PkiError(f"{path} is not signed by the CA next to it; "
                        "remove it to start a new, empty CRL")
     return crl

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import attrs
 
-from bastionmq.config import TLS_KINDS, Config, SslListenerConfig
+from bastionmq.config import (
+    TLS_KINDS, Config, SslListenerConfig, WsListenerConfig, WssListenerConfig,
+)
 from bastionmq.listeners.settings import DEV_PKI_DIR
-from bastionmq.listeners.tls_context import TlsSetupError, expiry_warnings, load_material
+from bastionmq.listeners.tls_context import (
+    TlsSetupError, expiry_warnings, load_material, ssl_options_path,
+)
 
 
 
@@ -25,12 +29,15 @@ def report(config: Config) -> TlsReport:
     result = TlsReport()
     for kind, name, block in config.enabled_listeners():
         if kind in TLS_KINDS:
+            assert isinstance(block, SslListenerConfig)  # the block of an ssl or wss listener
             _describe(config, kind, name, block, result)
-        if (kind in ("ws", "wss") and block.websocket.check_origin_enable is False
-                and config.anonymous_allowed(block)):
-            result.warnings.append(
-                f"{kind}:{name}: anonymous access without an Origin check: any web page in a "
-                "browser that can reach the listener may use it (websocket.check_origin_enable)")
+        if kind in ("ws", "wss"):
+            assert isinstance(block, (WsListenerConfig, WssListenerConfig))
+            if block.websocket.check_origin_enable is False and config.anonymous_allowed(block):
+                result.warnings.append(
+                    f"{kind}:{name}: anonymous access without an Origin check: any web page in "
+                    "a browser that can reach the listener may use it "
+                    "(websocket.check_origin_enable)")
     return result
 
 
@@ -89,7 +96,7 @@ def _describe(config: Config, kind: str, name: str, block: SslListenerConfig,
     try:
         load_material(options, config.crl_cache, config.psk_authentication)
     except TlsSetupError as exc:
-        result.errors.append((exc.key_path(kind, name), str(exc)))
+        result.errors.append((exc.key_path(ssl_options_path(kind, name)), str(exc)))
         return
     for line in expiry_warnings(options):
         warn(line)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import struct
-from typing import Any, Mapping, Union
+from typing import Any, Callable, Mapping, Union
 
 import attrs
 
@@ -207,7 +207,8 @@ class Auth:
 Packet = Union[Connect, Connack, Publish, Puback, Pubrec, Pubrel, Pubcomp, Subscribe,
                Suback, Unsubscribe, Unsuback, Pingreq, Pingresp, Disconnect, Auth]
 
-_ACK_CLASSES = {PUBACK: Puback, PUBREC: Pubrec, PUBREL: Pubrel, PUBCOMP: Pubcomp}
+_ACK_CLASSES: dict[int, type[Puback | Pubrec | Pubrel | Pubcomp]] = {
+    PUBACK: Puback, PUBREC: Pubrec, PUBREL: Pubrel, PUBCOMP: Pubcomp}
 PINGREQ_BYTES = b"\xc0\x00"
 PINGRESP_BYTES = b"\xd0\x00"
 
@@ -291,6 +292,7 @@ def _read_properties(data, pos: int, end: int, packet_type: int) -> tuple[Proper
     if not length:
         return NO_PROPERTIES, pos
     props: dict[str, Any] = {}
+    value: Any  # an int, str or bytes, as the property's wire type says
     while pos < stop:
         prop_id, pos = read_varint(data, pos, stop)
         spec = PROPERTIES.get(prop_id)
@@ -325,7 +327,7 @@ def _read_properties(data, pos: int, end: int, packet_type: int) -> tuple[Proper
     return props, pos
 
 
-def _check_topic_name(topic: str, version: int, has_alias: bool) -> None:
+def _check_topic_name(topic: str, version: int | None, has_alias: bool) -> None:
     if "+" in topic or "#" in topic:
         # Malformed, not a name refused by policy (0x90): Protocol Error.
         raise MalformedPacket(f"wildcard in PUBLISH topic {shown(topic)}",
@@ -629,7 +631,7 @@ def _decode_unsuback(data, pos: int, end: int, version: int) -> Unsuback:
 
 
 def _read_reason_tail(data, pos: int, end: int, ptype: int,
-                      version: int) -> tuple[int, Properties]:
+                      version: int | None) -> tuple[int, Properties]:
     """The reason code and properties that end a 5.0 PUBACK, PUBREC, PUBREL,
     PUBCOMP, DISCONNECT or AUTH; either may be left off the end, meaning
     success and none (3.4.2.1, 3.14.2.1, 3.15.2.1). 3.1.1 packets have neither."""
@@ -830,7 +832,7 @@ def _encode_publish(p: Publish, version: int) -> bytes:
     return head + p.payload
 
 
-def _encode_ack(p: _Ack, version: int) -> bytes:
+def _encode_ack(p: Puback | Pubrec | Pubrel | Pubcomp, version: int) -> bytes:
     first = (p.type << 4) | (2 if p.type == PUBREL else 0)
     if version != MQTT_5 or (not p.reason_code and not p.properties):
         # The short form (3.4.2.1): a success without properties is two bytes.
@@ -891,7 +893,8 @@ def _encode_reason_only(p: Disconnect | Auth, version: int) -> bytes:
     return _frame(first, body)
 
 
-_ENCODERS = {
+#: Packet type -> its encoder, which takes a packet of that type.
+_ENCODERS: dict[int, Callable[[Any, int], bytes]] = {
     CONNECT: _encode_connect,
     CONNACK: _encode_connack,
     PUBLISH: _encode_publish,

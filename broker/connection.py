@@ -14,11 +14,12 @@ import logging
 import re
 
 import attrs
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .codec import (
     MQTT_5, PINGRESP_BYTES, Auth, Connack, Connect, Decoder, Disconnect, MalformedPacket, Packet,
-    Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback, Unsubscribe, encode,
+    Puback, Pubcomp, Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback, Unsubscribe, Will,
+    encode,
 )
 from .enhanced_auth import EnhancedAuth
 from .message import Message
@@ -35,6 +36,8 @@ from .shared import shared_inner, split_shared
 from .topics import InvalidTopic, validate_filter, validate_topic_name
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .core import BrokerCore
 
 log = logging.getLogger("bastionmq.connection")
@@ -87,12 +90,16 @@ class Connection:
         self.client_id = ""
         self.username: str | None = None
         self.superuser = False
-        self.session: Session | None = None
+        # None until CONNECT succeeds, yet typed without None: nothing reads it
+        # before then (packet handlers run once CONNECTED, or refuse the
+        # packet), so the hot path needs no check to satisfy the type checker.
+        self.session: Session = None  # type: ignore[assignment]
         self.keepalive = 0
         self.last_seen = core.loop.time()
-        self._keepalive_handle = None
-        self._idle_handle = core.loop.call_later(core.settings.idle_timeout, self._idle_expired)
-        self.will = None
+        self._keepalive_handle: asyncio.TimerHandle | None = None
+        self._idle_handle: asyncio.TimerHandle | None = core.loop.call_later(
+            core.settings.idle_timeout, self._idle_expired)
+        self.will: Will | None = None
         self.outbox = Outbox(transport, core.outboxes, core.settings.max_inflight)
         #: Packets that arrived while an asynchronous authentication was
         #: pending, or while publisher flow control holds this client back.
@@ -422,12 +429,13 @@ class Connection:
             request = settled
             self.client_id = client_id = request.client_id
             self.username = request.username
-        if settings.use_username_as_clientid and request.username:
-            if len(request.username) > settings.max_clientid_len:
+        username = request.username
+        if settings.use_username_as_clientid and username:
+            if len(username) > settings.max_clientid_len:
                 return self._refuse(Reason.CLIENT_IDENTIFIER_NOT_VALID,
                                     f"username (the client id) longer than {settings.max_clientid_len}")
-            request = attrs.evolve(request, client_id=request.username)
-            self.client_id = client_id = request.username
+            request = attrs.evolve(request, client_id=username)
+            self.client_id = client_id = username
         method_name = packet.properties.get("authentication_method") if self.version == MQTT_5 else None
         if method_name is not None:
             method = core.auth_methods.get(method_name)
@@ -584,6 +592,7 @@ class Connection:
                 except UnicodeDecodeError:
                     return self.violation(Reason.PAYLOAD_FORMAT_INVALID,
                                           "payload is not UTF-8 as its format indicator says")
+        topic: str | None  # None after a bad topic alias, which has closed the connection
         topic = packet.topic
         if props and "topic_alias" in props:
             topic, props = self._resolve_alias(topic, props)
@@ -595,6 +604,9 @@ class Connection:
             return self.violation(
                 Reason.TOPIC_NAME_INVALID,
                 f"topic with more than {core.settings.max_topic_levels} levels")
+        # Where qos is 1 or 2 below, packet.packet_id is an int (the decoder
+        # refuses such a PUBLISH without one); the type checker is told so by
+        # ignores, not by checks that the hot path would pay for.
         qos = packet.qos
         if qos:
             # Receive Maximum (3.3.4): QoS 1 is acknowledged at once, so what
@@ -618,10 +630,11 @@ class Connection:
             return self._publish_denied(packet, topic)
         access = core.access
         if access is not None and not access.permits(
-                self.client_info, self.access_cache, PUBLISH_ACTION, topic, qos, packet.retain):
+                self.client_info,  # type: ignore[arg-type]  # set before the state is CONNECTED
+                self.access_cache, PUBLISH_ACTION, topic, qos, packet.retain):
             return self._publish_denied(packet, topic)
         if qos == 2:
-            self._awaiting_release(packet.packet_id)
+            self._awaiting_release(packet.packet_id)  # type: ignore[arg-type]
         message = Message(topic, packet.payload, qos, packet.retain, props)
         if props:
             message.stamp_expiry(core.loop.time())
@@ -629,8 +642,9 @@ class Connection:
         if packet.retain:
             core.retain(message)
         if qos:
-            (self.outbox.puback if qos == 1 else self.outbox.pubrec)(packet.packet_id,
-                     0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
+            (self.outbox.puback if qos == 1 else self.outbox.pubrec)(
+                packet.packet_id,  # type: ignore[arg-type]
+                0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
 
     def _too_many_user_properties(self, props) -> bool:
         return len(props.get("user_property", ())) > self.core.settings.max_user_properties
@@ -644,21 +658,28 @@ class Connection:
         if core.access is not None and core.access.disconnect_on_deny:
             return self.close(Reason.NOT_AUTHORIZED, f"not authorized to publish to {shown(topic)}")
         qos = packet.qos
+        if not qos:
+            return  # nothing to answer
+        packet_id = packet.packet_id
+        assert packet_id is not None  # a QoS 1/2 PUBLISH has one (the decoder checks it)
         if self.version == MQTT_5:
-            if qos:
-                (self.outbox.puback if qos == 1 else self.outbox.pubrec)(packet.packet_id, Reason.NOT_AUTHORIZED)
+            answer = self.outbox.puback if qos == 1 else self.outbox.pubrec
+            answer(packet_id, Reason.NOT_AUTHORIZED)
         elif qos == 1:
-            self.outbox.puback(packet.packet_id)  # 3.1.1 has no refusal: drop, but acknowledge
+            self.outbox.puback(packet_id)  # 3.1.1 has no refusal: drop, but acknowledge
         elif qos == 2:
-            self._awaiting_release(packet.packet_id)  # so that PUBREL gets PUBCOMP
-            self.outbox.pubrec(packet.packet_id)
+            self._awaiting_release(packet_id)  # so that PUBREL gets PUBCOMP
+            self.outbox.pubrec(packet_id)
 
     def _awaiting_release(self, packet_id: int) -> None:
         session = self.session
-        session.awaiting_rel.add(packet_id)
+        awaiting = session.awaiting_rel
+        assert awaiting is not None  # _on_publish made it for this QoS 2 message
+        awaiting.add(packet_id)
         if session.store_id:
             # Kept across a restart, so that a resend after it is known for
             # one and not delivered twice ([MQTT-4.3.3-9]).
+            assert self.core.journal is not None  # a stored session implies a journal
             self.core.journal.awaiting_saved(session, packet_id)
 
     def _refuse_publish(self, packet: Publish) -> bool:
@@ -674,7 +695,8 @@ class Connection:
             return True
         return False
 
-    def _resolve_alias(self, topic: str, props) -> tuple[str | None, Any]:
+    def _resolve_alias(self, topic: str | None,
+                       props: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
         """Apply an inbound topic alias (3.3.2.3.4); the alias is not forwarded.
 
         Returns (None, _) after closing the connection for a bad alias.
@@ -716,6 +738,7 @@ class Connection:
         if session.store_id:
             # PUBREL goes once this is stored: after a restart the message must
             # not be sent again as a PUBLISH the client already released.
+            assert self.core.journal is not None  # a stored session implies a journal
             self.core.journal.inflight_saved(session, packet.packet_id, entry, False)
         self.outbox.pubrel(packet.packet_id)
 
@@ -727,6 +750,7 @@ class Connection:
             if session.store_id:
                 # PUBCOMP goes once this is stored: the client may reuse the
                 # packet id then, and a restart must not take it for a resend.
+                assert self.core.journal is not None  # a stored session implies a journal
                 self.core.journal.awaiting_deleted(session, packet.packet_id)
             self.outbox.pubcomp(packet.packet_id)
         else:
@@ -739,6 +763,7 @@ class Connection:
 
     def _on_subscribe(self, packet: Subscribe) -> None:
         core = self.core
+        assert self.client_info is not None  # set before the state is CONNECTED
         codes = []
         identifier = packet.properties.get("subscription_identifier")
         granted = []
@@ -820,7 +845,7 @@ class Connection:
         return reason, why
 
     def _on_unsubscribe(self, packet: Unsubscribe) -> None:
-        codes = []
+        codes: list[int] = []
         for topic_filter in packet.filters:
             removed = self.core.unsubscribe(self.session, topic_filter)
             codes.append(Reason.SUCCESS if removed else Reason.NO_SUBSCRIPTION_EXISTED)
@@ -901,7 +926,8 @@ class Connection:
 #: to what the broker sends it, and keep-alive.
 _ANSWERS = frozenset((PUBACK, PUBREC, PUBCOMP, PINGREQ))
 
-_HANDLERS = {
+#: Packet type -> its handler, which takes a packet of that type.
+_HANDLERS: dict[int, Callable[[Connection, Any], None]] = {
     PUBACK: Connection._on_puback,
     PUBREC: Connection._on_pubrec,
     PUBREL: Connection._on_pubrel,

@@ -50,6 +50,7 @@ class Route(NamedTuple):
     retain_as_published: bool
     subscription_ids: tuple[int, ...]
 
+
 SYS_PREFIX = "$SYS/"
 
 #: Seconds between two log lines about slow subscribers, at the least.
@@ -228,6 +229,7 @@ class BrokerCore:
                     del session.inflight[packet_id]
                     self.stats.dropped_expired += 1
                     if session.store_id:
+                        assert self.journal is not None  # a stored session implies a journal
                         self.journal.inflight_deleted(session, packet_id, entry)
                 else:
                     outbox.send_publish(entry.message, entry.qos, entry.retain,
@@ -262,6 +264,7 @@ class BrokerCore:
                 if journal is not None:
                     journal.will_deleted(session.client_id)
         elif connection.will_stored:
+            assert journal is not None  # only a journal stores wills
             journal.will_deleted(session.client_id)  # discarded: DISCONNECT, or a stop
         if session.expiry_interval == 0:
             self.end_session(session)
@@ -270,7 +273,8 @@ class BrokerCore:
             session.expiry_handle = self.loop.call_later(
                 session.expiry_interval, self.expire_session, session)
         if session.store_id:
-            self.journal.session_saved(session)
+            assert journal is not None  # a stored session implies a journal
+            journal.session_saved(session)
 
     def publish_will(self, will: Will, client: ClientInfo | None) -> None:
         access = self.access
@@ -310,6 +314,7 @@ class BrokerCore:
         if session.shared_count:
             self._redispatch_shared(session, ending=True)
         if session.store_id:
+            assert self.journal is not None  # a stored session implies a journal
             self.journal.session_deleted(session)
         for topic_filter in list(session.subscriptions):
             self.unsubscribe(session, topic_filter)
@@ -334,6 +339,7 @@ class BrokerCore:
         entry = SubscriptionEntry(options, identifier)
         session.subscriptions[options.filter] = entry
         if session.store_id:
+            assert self.journal is not None  # a stored session implies a journal
             self.journal.subscription_saved(session, entry)
         shared = split_shared(options.filter)
         if shared is None:
@@ -351,6 +357,7 @@ class BrokerCore:
         if session.subscriptions.pop(topic_filter, None) is None:
             return False
         if session.store_id:
+            assert self.journal is not None  # a stored session implies a journal
             self.journal.subscription_deleted(session, topic_filter)
         shared = split_shared(topic_filter)
         if shared is None:
@@ -543,10 +550,11 @@ class BrokerCore:
                     del session.inflight[packet_id]
                     self._deliver_shared(group, member, entry.message, entry.retain)
                     if session.store_id:
+                        assert self.journal is not None  # a stored session implies a journal
                         self.journal.inflight_deleted(session, packet_id, entry)
                     moved += 1
         if session.queue:
-            kept = deque()
+            kept: deque[QueuedMessage] = deque()
             for item in session.queue:
                 group = item.group
                 member = new_member(group, item.message) if group is not None else None
@@ -578,15 +586,20 @@ class BrokerCore:
                        store_key: int) -> None:
         """Send a QoS 1/2 message into the window (``store_key``: it was
         queued in the durable store)."""
+        # Hot path, so the type checker gets ignores rather than checks:
+        # allocate_packet_id has made the in-flight table, and store_id is set
+        # only while a journal is in use.
         packet_id = session.allocate_packet_id()
         if outbox.send_publish(message, qos, retain, ids, packet_id):
-            entry = session.inflight[packet_id] = Inflight(message, qos, retain, ids, group)
+            entry = session.inflight[packet_id] = Inflight(  # type: ignore[index]
+                message, qos, retain, ids, group)
             if session.store_id:
                 # Recorded before the queue entry goes, so that the message
                 # body's row is not dropped and written again.
-                self.journal.inflight_saved(session, packet_id, entry, True)
+                self.journal.inflight_saved(  # type: ignore[union-attr]
+                    session, packet_id, entry, True)
         if store_key and session.store_id:
-            self.journal.unqueued(session, store_key, message)
+            self.journal.unqueued(session, store_key, message)  # type: ignore[union-attr]
 
     def _enqueue(self, session: Session, message: Message, qos: int, retain: bool,
                  ids: tuple[int, ...], group: SharedGroup | None,
@@ -601,6 +614,7 @@ class BrokerCore:
         """
         key = 0
         if qos and session.store_id:
+            assert self.journal is not None  # a stored session implies a journal
             key = self.journal.queued(session, message, qos, retain, ids,
                                       group.share_filter if group is not None else None)
         limit = self.settings.max_mqueue_len
@@ -618,6 +632,7 @@ class BrokerCore:
     def unqueued(self, session: Session, item: QueuedMessage) -> None:
         """``item`` left the queue other than into the window."""
         if item.store_key and session.store_id:
+            assert self.journal is not None  # a stored session implies a journal
             self.journal.unqueued(session, item.store_key, item.message)
 
     def drain(self, session: Session) -> None:
@@ -693,16 +708,21 @@ class BrokerCore:
 
     def acknowledge(self, session: Session, packet_id: int, kind: int) -> None:
         inflight = session.inflight
-        entry = inflight.get(packet_id) if inflight else None
-        if entry is None:
+        if not inflight:
             return  # an unknown id: nothing to release (4.3.2, duplicates are harmless)
+        entry = inflight.get(packet_id)
+        if entry is None:
+            return  # likewise
         if kind == PUBACK and entry.qos != 1:
             return
         if kind == PUBCOMP and not entry.released:
             return
         del inflight[packet_id]
         if session.store_id:
-            self.journal.inflight_deleted(session, packet_id, entry)
+            # Hot path, so an ignore rather than a check: store_id is set only
+            # while a journal is in use.
+            self.journal.inflight_deleted(  # type: ignore[union-attr]
+                session, packet_id, entry)
         if session.queue:
             self.drain(session)
 

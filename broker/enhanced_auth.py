@@ -111,6 +111,7 @@ class EnhancedAuth:
 
     def _step(self, data: bytes | None) -> None:
         exchange = self._exchange
+        assert exchange is not None  # begun by begin() or a re-authenticating on_auth
         try:
             step = exchange.conversation.step(data)
         except Exception:
@@ -133,6 +134,8 @@ class EnhancedAuth:
             step = AuthStep(result=AuthResult(Reason.UNSPECIFIED_ERROR))
         if client.outbox.closed:
             return
+        # Still the exchange that awaited: an AUTH while it was busy closed the connection.
+        assert self._exchange is not None
         self._exchange.busy = False
         self._answer(step)
         client.core.outboxes.flush()
@@ -146,6 +149,7 @@ class EnhancedAuth:
             client.outbox.send(Auth(Reason.CONTINUE_AUTHENTICATION, props))
             return
         exchange, self._exchange = self._exchange, None
+        assert exchange is not None  # the one _step took this step of
         result = step.result
         finished = getattr(client.core.authenticator, "method_finished", None)
         if finished is not None:

@@ -82,7 +82,8 @@ class Message:
         if not with_topic:
             topic = b""
         payload = self.payload
-        props = None
+        # The 5.0 property block as it goes on the wire (3.1.1 has none).
+        wire_props = None
         if v5:
             props = self.properties
             if subscription_ids or remaining is not None or alias:
@@ -93,11 +94,11 @@ class Message:
                     props["message_expiry_interval"] = remaining
                 if alias:
                     props["topic_alias"] = alias
-            props = encode_properties(props)
-        header = publish_header(topic, qos, retain, False, len(payload), props)
+            wire_props = encode_properties(props)
+        header = publish_header(topic, qos, retain, False, len(payload), wire_props)
         if qos:
             # Split around the packet identifier placeholder.
-            cut = len(header) - (len(props) if props is not None else 0) - 2
+            cut = len(header) - (len(wire_props) if wire_props is not None else 0) - 2
             return header[:cut], header[cut + 2:] + payload
         return header + payload, b""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .codec import MQTT_5, Packet, encode
+from .codec import MQTT_5, Connack, Disconnect, Packet, Suback, encode
 from .message import Message
 from .stats import Stats
 
@@ -107,13 +107,13 @@ class Outbox:
     def send(self, packet: Packet) -> None:
         self.write(encode(packet, self.version))
 
-    def send_explained(self, packet: Packet, why: str) -> None:
+    def send_explained(self, packet: Connack | Suback | Disconnect, why: str) -> None:
         """Send a CONNACK, SUBACK or DISCONNECT with ``why`` as its 5.0 Reason
         String, unless that would exceed the client's Maximum Packet Size
         ([MQTT-3.2.2-19], [MQTT-3.14.2-3])."""
         self.write(self.explained(packet, why))
 
-    def explained(self, packet: Packet, why: str) -> bytes:
+    def explained(self, packet: Connack | Suback | Disconnect, why: str) -> bytes:
         """``packet`` encoded, with ``why`` as its Reason String where it fits."""
         data = encode(packet, self.version)
         if why and self.version == MQTT_5:
@@ -190,7 +190,7 @@ class Outbox:
             # [MQTT-3.1.2-25]: discard what the client said it cannot take.
             outboxes.stats.dropped_too_large += 1
             return False
-        if alias and new_alias:
+        if aliases is not None and new_alias:  # new_alias is set only when aliases is
             # Set up only by a packet the client receives (3.3.2.3.4).
             aliases[message.topic] = alias
         buffer = self.buffer

@@ -271,6 +271,11 @@ class Client(Protocol):
     #: Whether the durable store holds its will.
     will_stored: bool
 
+    @property
+    def session(self) -> Any:
+        """The session (sessions.Session) CONNECT attached it to; None before."""
+        ...
+
     def close(self, reason: int = ..., message: str = "", send_disconnect: bool = True,
               publish_will: bool = True, linger: bool = True) -> None:
         """Close from the server side (5.0: DISCONNECT with ``reason``);

@@ -80,7 +80,7 @@ def reason_name(code: int) -> str:
 
 #: 3.1.1 CONNACK return codes for the 5.0 reasons a server refuses with
 #: (3.2.2.3); anything without a closer match becomes "server unavailable".
-CONNACK_V3_CODES = {
+CONNACK_V3_CODES: dict[int, int] = {
     Reason.SUCCESS: 0,
     Reason.UNSUPPORTED_PROTOCOL_VERSION: 1,
     Reason.CLIENT_IDENTIFIER_NOT_VALID: 2,

@@ -33,6 +33,7 @@ def restore(core: BrokerCore, snapshot: Snapshot) -> RestoreReport:
                 for stored in snapshot.sessions]
     for message in snapshot.retained:
         if message.expired(now):
+            assert core.journal is not None  # restoring is for a core with a journal
             core.journal.retained_deleted(message.topic)
             report.expired_messages += 1
         else:
@@ -41,6 +42,7 @@ def restore(core: BrokerCore, snapshot: Snapshot) -> RestoreReport:
     # What was restored is counted before any will is published into it.
     remaining = []
     for session, stored in restored:
+        assert session.offline_since is not None  # set by _rebuild_session
         left = (NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES
                 else stored.expiry - (now - session.offline_since))
         remaining.append(left)
@@ -78,6 +80,7 @@ def _restore_will(core: BrokerCore, stored: StoredWill, now: float, wall_now: fl
     client, _ = client_from_record(stored.client_id, stored.username, stored.client,
                                    core.certificate_parser)
     core.publish_will(will, client)
+    assert core.journal is not None  # restoring is for a core with a journal
     core.journal.will_deleted(stored.client_id)
     report.wills_published += 1
 
@@ -97,6 +100,7 @@ def _rebuild_session(core: BrokerCore, stored: StoredSession, now: float, wall_n
     for packet_id, message, qos, retain, ids, share, released in stored.inflight:
         entry = Inflight(message, qos, retain, ids, _group_of(core, share), released)
         if message.expired(now) and not released:
+            assert core.journal is not None  # restoring is for a core with a journal
             core.journal.inflight_deleted(session, packet_id, entry)
             report.expired_messages += 1
             continue
@@ -123,6 +127,7 @@ def _resume_timers(core: BrokerCore, session: Session, remaining: float, now: fl
     """Start a restored session's expiry and will timers, or end it and
     publish its will when their time passed while the broker was down."""
     if session.pending_will is not None:
+        assert session.will_due is not None  # set with pending_will (see _restore_will)
         if session.will_due <= now or remaining <= 0:
             core.publish_delayed_will(session)
             report.wills_published += 1
@@ -140,4 +145,5 @@ def _group_of(core: BrokerCore, share: str | None) -> SharedGroup | None:
     """The shared subscription group a stored entry came through."""
     if share is None:
         return None
-    return core.groups.get(split_shared(share))
+    shared = split_shared(share)
+    return core.groups.get(shared) if shared is not None else None

@@ -13,19 +13,19 @@ from .topics import find_path, prune
 M = TypeVar("M")
 
 
-class _Level:
+class _Level(Generic[M]):
     __slots__ = ("children", "message")
 
     def __init__(self) -> None:
-        self.children: dict[str, _Level] = {}
-        self.message = None
+        self.children: dict[str, _Level[M]] = {}
+        self.message: M | None = None
 
 
 class RetainedStore(Generic[M]):
     __slots__ = ("_root", "_count")
 
     def __init__(self) -> None:
-        self._root = _Level()
+        self._root: _Level[M] = _Level()
         self._count = 0
 
     def __len__(self) -> int:
@@ -43,6 +43,7 @@ class RetainedStore(Generic[M]):
         node.message = message
 
     def get(self, topic: str) -> M | None:
+        node: _Level[M] | None  # None once the topic leads nowhere
         node = self._root
         for level in topic.split("/"):
             node = node.children.get(level)
@@ -66,7 +67,7 @@ class RetainedStore(Generic[M]):
         self._walk(self._root, topic_filter.split("/"), 0, found)
         return found
 
-    def _walk(self, node: _Level, levels: list[str], index: int, found: list) -> None:
+    def _walk(self, node: _Level[M], levels: list[str], index: int, found: list[M]) -> None:
         if index == len(levels):
             if node.message is not None:
                 found.append(node.message)
@@ -83,11 +84,11 @@ class RetainedStore(Generic[M]):
                     continue  # [MQTT-4.7.2-1]
                 self._walk(child, levels, index + 1, found)
         else:
-            child = node.children.get(level)
-            if child is not None:
-                self._walk(child, levels, index + 1, found)
+            exact = node.children.get(level)
+            if exact is not None:
+                self._walk(exact, levels, index + 1, found)
 
-    def _collect_all(self, node: _Level, found: list, skip_dollar: bool) -> None:
+    def _collect_all(self, node: _Level[M], found: list[M], skip_dollar: bool) -> None:
         stack = [child for name, child in node.children.items()
                  if not (skip_dollar and name.startswith("$"))]
         while stack:

@@ -36,6 +36,27 @@ def peer_cert_source(instance: object, attribute: attrs.Attribute, value: str | 
                          "(a san_* may take an index: san_dns:1)")
 
 
+#: The default of ``max_subscriptions``, declared with the field's type:
+#: attrs' stubs take a field's type from its default, and an ``int`` one would
+#: refuse the validator that also lets the field be None ("infinity").
+_DEFAULT_MAX_SUBSCRIPTIONS: int | None = 10_000
+
+class SettingError(ValueError):
+    """A setting that cannot be used as given, raised where it is used
+    (a listener's TLS files, an authenticator, an ACL source). ``key`` is its
+    path below the block its user was given; ``top_level`` keys are paths
+    from the top of the file. The caller, who knows where that block sits,
+    makes the full key path with ``key_path``."""
+
+    def __init__(self, key: str, message: str, *, top_level: bool = False) -> None:
+        super().__init__(message)
+        self.key = key
+        self.top_level = top_level
+
+    def key_path(self, block: str) -> str:
+        return self.key if self.top_level else f"{block}.{self.key}"
+
+
 #: The largest packet MQTT can express: a remaining length of 268,435,455
 #: plus a five-byte fixed header.
 MAX_PACKET_SIZE_LIMIT = 268_435_460
@@ -102,7 +123,7 @@ class MqttSettings:
     #: Subscriptions one session may hold; a SUBSCRIBE beyond it is refused
     #: for that filter with 0x97 (quota exceeded). None: no limit.
     max_subscriptions: int | None = attrs.field(
-        default=10_000, metadata=INFINITY, validator=v.optional(v.ge(1)))
+        default=_DEFAULT_MAX_SUBSCRIPTIONS, metadata=INFINITY, validator=v.optional(v.ge(1)))
     #: Topic aliases a 5.0 client may set up (CONNACK Topic Alias Maximum), and
     #: the most the broker sets up toward a client that accepts them. Each
     #: holds a topic name for the connection's life, so the bound is also a

@@ -140,7 +140,10 @@ class ListenerProtocol(asyncio.Protocol):
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
-        self.connection = None
+        # The core's Connection once admitted; None before that and after the loss, when
+        # the transport makes no call. Any, like UpperLayer.connection: the hot callbacks
+        # below use it without a check, which an Optional type would ask for.
+        self.connection: Any = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         listener = self.listener

@@ -8,7 +8,7 @@ import hashlib
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from bastionmq.broker.ports import CertificateFacts, PeerCertificate
 
@@ -29,11 +29,12 @@ def facts_of(cert: x509.Certificate, der: bytes) -> CertificateFacts:
     """The facts of ``cert``, whose encoding is ``der``."""
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san: x509.SubjectAlternativeName | None = \
+            cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         san = None
     try:
-        usages = cert.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         eku = tuple(oid.dotted_string for oid in usages)
     except x509.ExtensionNotFound:
         eku = ()

@@ -26,7 +26,6 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtensionOID
 
 log = logging.getLogger("bastionmq.listener")
 
@@ -73,8 +72,7 @@ def load_ca_certificates(path: str | None) -> list[x509.Certificate]:
 def distribution_points(cert: x509.Certificate) -> list[str]:
     """The http(s) URLs of the certificate's CRL distribution points."""
     try:
-        points = cert.extensions.get_extension_for_oid(
-            ExtensionOID.CRL_DISTRIBUTION_POINTS).value
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
     except x509.ExtensionNotFound:
         return []
     urls = []

@@ -31,7 +31,8 @@ from .certificates import EKU_OIDS, TlsCertificate
 from .crl import REVOKED, UNKNOWN, distribution_points
 from .settings import CrlCacheConfig, PskConfig, SslOptions
 from .tls_context import (
-    TlsMaterial, TlsSetupError, describe_failure, expiry_warnings, load_material, mtimes, now_utc,
+    PskContext, TlsMaterial, TlsSetupError, describe_failure, expiry_warnings, load_material,
+    mtimes, now_utc, ssl_options_path,
 )
 
 log = logging.getLogger("bastionmq.listener")
@@ -66,6 +67,8 @@ class TlsListener(Listener):
         for context in (material.context, *material.sni.values()):
             context.sni_callback = self._on_sni
             if material.psk_keys is not None:
+                # load_material makes every context a PskContext when it loads PSK keys.
+                assert isinstance(context, PskContext)
                 context.set_psk_server_callback(self._on_psk, self.options.psk_hint)
         self.material = material
 
@@ -79,16 +82,20 @@ class TlsListener(Listener):
                 sslobj.context = named
 
     def _on_psk(self, identity: str | None) -> bytes:
-        key = self.material.psk_keys.get(identity or "", b"")
+        keys = self.material.psk_keys
+        # None: a reload turned PSK off while this handshake ran on an old PSK context.
+        key = keys.get(identity or "", b"") if keys is not None else b""
         if key and self.handshaking is not None:
             self.handshaking.psk_identity = identity
         return key
 
     def new_tls(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> ssl.SSLObject:
         material = self.material
-        sslobj = material.context.wrap_bio(incoming, outgoing, server_side=True)
+        context = material.context
+        sslobj = context.wrap_bio(incoming, outgoing, server_side=True)
         if material.psk_keys is not None:
-            material.context.setup_psk_callbacks(sslobj)
+            assert isinstance(context, PskContext)  # as in _install
+            context.setup_psk_callbacks(sslobj)
         return sslobj
 
     async def start(self) -> None:
@@ -124,7 +131,7 @@ class TlsListener(Listener):
         except TlsSetupError as exc:
             log.error("listener %s: not reloading TLS material (%s): %s: %s; "
                       "the previous certificates keep serving", self.id, why,
-                      exc.key_path(self.kind, self.name), exc)
+                      exc.key_path(ssl_options_path(self.kind, self.name)), exc)
             self.material.files = mtimes(self.material.files)  # not again until it changes
             return False
         old = self.material.revocation
@@ -179,6 +186,8 @@ class TlsListener(Listener):
         """None when ``certificate`` may connect, else why not. Fetches the
         CRL of a distribution point when no current one is held."""
         store = self.material.revocation
+        if store is None:
+            return None  # a reload turned the CRL check off since the handshake asked for it
         cert = certificate.parsed
         verdict = store.check(cert)
         if verdict == UNKNOWN:
@@ -300,7 +309,10 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
         finally:
             listener.handshaking = None
         self._send_records()
-        self._timer.cancel()
+        timer = self._timer
+        # Armed by connection_made; a timeout would have closed (_closing) the connection.
+        assert timer is not None
+        timer.cancel()
         self._timer = None
         self._verified = True
         peer = self.peer_info()
@@ -330,7 +342,9 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
             sni=self.sni, psk_identity=self.psk_identity)
 
     async def _check_revocation(self, peer: PeerInfo) -> None:
-        refusal = await self.listener.check_revocation(peer.certificate)
+        certificate = peer.certificate
+        assert isinstance(certificate, TlsCertificate)  # peer_info made it; _handshake checked
+        refusal = await self.listener.check_revocation(certificate)
         if self.transport is None or self._closing:
             return
         if refusal is not None:

@@ -19,6 +19,8 @@ import attrs
 from cryptography import x509
 from sslpsk3 import SSLPSKContext
 
+from bastionmq.broker.settings import SettingError
+
 from .crl import CrlError, CrlStore, load_ca_certificates, load_crl_files
 from .openssl import (
     OpenSSLUnavailable, disable_session_cache, set_tls13_ciphersuites, set_verify_depth,
@@ -68,19 +70,14 @@ def now_utc() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-class TlsSetupError(ValueError):
-    """``ssl_options`` that cannot make a context; ``key`` names the option
-    (or, for the PSK file, the top-level key)."""
+class TlsSetupError(SettingError):
+    """``ssl_options`` that cannot make a context; ``key`` is the option's
+    path below ``ssl_options`` (the PSK file's is a top-level key)."""
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
 
-    def key_path(self, kind: str, listener_name: str) -> str:
-        """The full key path, on listener ``kind`` (ssl, wss) ``listener_name``."""
-        if self.key.startswith("psk_authentication."):
-            return self.key
-        return f"listeners.{kind}.{listener_name}.ssl_options.{self.key}"
+def ssl_options_path(kind: str, name: str) -> str:
+    """The key path of the ``ssl_options`` of listener ``kind`` (ssl, wss) ``name``."""
+    return f"listeners.{kind}.{name}.ssl_options"
 
 
 # Contexts
@@ -268,7 +265,8 @@ def load_psk_file(path: str, separator: str) -> dict[str, bytes]:
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
     except OSError as exc:
-        raise TlsSetupError("psk_authentication.init_file", f"{path!r}: {exc.strerror or exc}") from None
+        raise TlsSetupError("psk_authentication.init_file", f"{path!r}: {exc.strerror or exc}",
+                            top_level=True) from None
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -281,7 +279,8 @@ def load_psk_file(path: str, separator: str) -> dict[str, bytes]:
             if not keys[identity]:
                 raise ValueError("empty key")
         except ValueError as exc:
-            raise TlsSetupError("psk_authentication.init_file", f"{path}:{number}: {exc}") from None
+            raise TlsSetupError("psk_authentication.init_file", f"{path}:{number}: {exc}",
+                                top_level=True) from None
     return keys
 
 
@@ -309,7 +308,7 @@ def load_material(options: SslOptions, crl_cache: CrlCacheConfig,
     paths = {"certfile": options.certfile, "keyfile": options.keyfile}
     if options.cacertfile and options.verify == "verify_peer":
         paths["cacertfile"] = options.cacertfile
-    sni = {}
+    sni: dict[str, ssl.SSLContext] = {}
     for index, entry in enumerate(options.server_names):
         try:
             named = build_context(attrs.evolve(options, certfile=entry.certfile,
@@ -322,6 +321,8 @@ def load_material(options: SslOptions, crl_cache: CrlCacheConfig,
         paths[f"server_names.{index}.keyfile"] = entry.keyfile
     psk_keys = None
     if serves_psk:
+        # serves_psk needs a psk with enable set, and PskConfig refuses enable without init_file.
+        assert psk is not None and psk.init_file is not None
         psk_keys = load_psk_file(psk.init_file, psk.separator)
         paths["psk"] = psk.init_file
     if options.enable_crl_check:

@@ -42,7 +42,7 @@ from wsproto.events import (
     AcceptConnection, BytesMessage, CloseConnection, Ping, RejectConnection, RejectData, Request,
     TextMessage,
 )
-from wsproto.extensions import PerMessageDeflate
+from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
@@ -149,6 +149,11 @@ class BoundedDeflate(PerMessageDeflate):
     before inflating it whole: a few kilobytes of deflate data can otherwise
     become gigabytes in one call."""
 
+    # None until a compressed message starts (and between messages without context
+    # takeover), but read only inside one, which frame_inbound_header gave a
+    # decompressor: typed as it is read, so the per-frame path needs no check.
+    _decompressor: zlib._Decompress
+
     def __init__(self, limit: int) -> None:
         super().__init__()
         self._limit = limit
@@ -249,7 +254,7 @@ class WebSocketLayer(UpperLayer):
         if self._pending:
             data = self._pending + data
             self._pending = b""
-        chunks: list[bytes] = []
+        chunks: list[bytes | bytearray] = []
         limit = self.listener.websocket.max_frame_size
         position, end = 0, len(data)
         while end - position >= 2:
@@ -305,7 +310,7 @@ class WebSocketLayer(UpperLayer):
         self._pending = data[position:]
         self._deliver(chunks)
 
-    def _receive_wsproto(self, data: bytes, chunks: list[bytes]) -> bool:
+    def _receive_wsproto(self, data: bytes, chunks: list[bytes | bytearray]) -> bool:
         """Let wsproto read ``data``; False once the connection is failing."""
         ws = self._ws
         ws.receive_data(data)
@@ -349,6 +354,7 @@ class WebSocketLayer(UpperLayer):
 
     def _receive_upgrade(self, data: bytes) -> None:
         handshake = self._handshake
+        assert handshake is not None  # made by start(), dropped when the upgrade is done
         try:
             handshake.receive_data(data)
             for event in handshake.events():
@@ -393,16 +399,21 @@ class WebSocketLayer(UpperLayer):
             return self._refuse(400, "no subprotocol asked for (Sec-WebSocket-Protocol; "
                                      "fail_if_no_subprotocol = true)")
         peer = self.peer
+        assert peer is not None  # set by start()
         if peer.address is not None and settings.trusts(peer.address[0]):
             peer = _forwarded(peer, headers, settings)
         handshake, self._handshake = self._handshake, None
-        extensions = [BoundedDeflate(settings.inflate_limit)] if settings.compress else []
+        assert handshake is not None  # made by start(), dropped here
+        deflate = BoundedDeflate(settings.inflate_limit) if settings.compress else None
+        extensions: list[Extension] = [deflate] if deflate is not None else []
         self.transport.write(handshake.send(AcceptConnection(subprotocol=subprotocol,
                                                          extensions=extensions)))
         self._ws = handshake.connection
-        if extensions and extensions[0].enabled():
-            self._deflate = extensions[0]
-        self._timer.cancel()
+        if deflate is not None and deflate.enabled():
+            self._deflate = deflate
+        timer = self._timer
+        assert timer is not None  # armed by start(); firing would have ended UPGRADING
+        timer.cancel()
         self._timer = None
         self._state = OPEN
         # A client sends nothing more before reading the 101 (RFC 6455 4.1),
@@ -413,6 +424,7 @@ class WebSocketLayer(UpperLayer):
         """Answer the upgrade request with an HTTP error and close."""
         self.listener.upgrade_refused(self.peer, status, why)
         handshake = self._handshake
+        assert handshake is not None  # refusals answer the upgrade request, before it is done
         self._state = CLOSING
         body = f"{why}\n".encode()
         try:
@@ -435,7 +447,7 @@ class WebSocketLayer(UpperLayer):
 
     # frames --------------------------------------------------------------------
 
-    def _deliver(self, chunks: list[bytes]) -> None:
+    def _deliver(self, chunks: list[bytes | bytearray]) -> None:
         if chunks and self.connection is not None:
             self.connection.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
@@ -468,7 +480,7 @@ class WebSocketLayer(UpperLayer):
         self.transport.write(self._ws.send(CloseConnection(code=code, reason=why)))
         self.transport.close()
 
-    def _log_close(self, code: int, why: str) -> None:
+    def _log_close(self, code: int, why: str | None) -> None:
         address = self.peer.address if self.peer is not None else None
         host = f"{address[0]}:{address[1]}" if address else "?"
         log.info("listener %s: closing the WebSocket of %s: %s (%d)", self.listener.id, host,
@@ -539,6 +551,7 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
 def _forwarded(peer: PeerInfo, headers: list[tuple[bytes, bytes]],
                settings: WebSocketSettings) -> PeerInfo:
     """``peer`` with the address a trusted proxy reports, if it reports one."""
+    assert peer.address is not None  # only a peer from a trusted proxy's address gets here
     host, port = peer.address
     forwarded_for = _header(headers, settings.address_header) if settings.address_header else None
     if forwarded_for is not None:

@@ -204,7 +204,8 @@ def _describe(exc: BaseException) -> str:
 async def _connect(path: str, synchronous: str) -> aiosqlite.Connection:
     db = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT)
     try:
-        mode = (await db.execute_fetchall("PRAGMA journal_mode = WAL"))[0][0]
+        # list(): the rows are a list, but aiosqlite's types promise only an Iterable.
+        mode = list(await db.execute_fetchall("PRAGMA journal_mode = WAL"))[0][0]
         if mode.lower() != "wal":
             raise StoreError(f"{path}: cannot use write-ahead logging (journal mode {mode})")
         await db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
@@ -223,7 +224,7 @@ async def _schema_version(db: aiosqlite.Connection, path: str) -> int | None:
     if "schema_version" not in tables:
         raise StoreError(f"{path} is an SQLite database but not a bastionmq store "
                          f"(it has tables {', '.join(sorted(tables))})")
-    rows = await db.execute_fetchall("SELECT version FROM schema_version")
+    rows = list(await db.execute_fetchall("SELECT version FROM schema_version"))  # see _connect
     if len(rows) != 1:
         raise StoreError(f"{path}: the schema_version table should hold one row, not {len(rows)}")
     return rows[0][0]
@@ -307,7 +308,7 @@ class SqliteStore:
             raise StoreError(f"{self.path} is damaged: {'; '.join(verdict[:5])}. "
                              "`bastionmq data check` tells more")
         problems = [f"{count} {what}" for what, query in INCONSISTENCIES
-                    for count in [(await db.execute_fetchall(query))[0][0]] if count]
+                    for count in [list(await db.execute_fetchall(query))[0][0]] if count]
         if problems:
             raise StoreError(f"{self.path} is inconsistent: {'; '.join(problems)}. "
                              "`bastionmq data compact` removes such rows")
@@ -374,6 +375,7 @@ class SqliteStore:
 
     def _on_first(self) -> None:
         if self._committing is None and self._timer is None:
+            assert self._loop is not None  # set by start(), which makes the journal calling this
             self._timer = self._loop.call_later(self.commit_interval, self._commit_now)
 
     def _on_full(self) -> None:
@@ -384,6 +386,7 @@ class SqliteStore:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        assert self.journal is not None and self._loop is not None  # set by start()
         batch = self.journal.take()
         if batch:
             self.journal.committing = True
@@ -408,14 +411,17 @@ class SqliteStore:
                           len(batch.acks), RETRY_INTERVAL)
                 await asyncio.sleep(RETRY_INTERVAL)
         if batch.acks:
+            assert self._release is not None  # set by start(), before any batch
             self._release(batch.acks)
         self._settled(batch, None)
         # What arrived during this commit has waited long enough.
+        assert self.journal is not None  # set by start(), before any batch
         if self.journal.batch:
             self._commit_now()
 
     def _settled(self, batch: Batch, error: StoreError | None) -> None:
         self._committing = None
+        assert self.journal is not None  # set by start(), before any batch
         self.journal.committing = False
         for waiter in batch.waiters:
             if not waiter.done():
@@ -449,6 +455,7 @@ class SqliteStore:
     async def committed(self) -> None:
         """Return once every change recorded so far has committed."""
         journal = self.journal
+        assert journal is not None and self._loop is not None  # for a started store only
         if journal.batch.size or self._committing is not None:
             waiter = self._loop.create_future()
             journal.batch.waiters.append(waiter)
