@@ -109,7 +109,7 @@ def _rebuild_session(core: BrokerCore, stored: StoredSession, now: float, wall_n
         session.inflight[packet_id] = entry
         session.next_packet_id = packet_id % 65535 + 1
     for key, message, qos, retain, ids, share in stored.queue:
-        item = QueuedMessage(message, qos, retain, ids, _group_of(core, share), key)
+        item: QueuedMessage = (message, qos, retain, ids, _group_of(core, share), key)
         if message.expired(now):
             core.unqueued(session, item)
             report.expired_messages += 1

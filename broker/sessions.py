@@ -9,7 +9,7 @@ connection should cost little memory.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, NamedTuple
+from typing import Any
 
 import attrs
 
@@ -44,18 +44,14 @@ class Inflight:
     released: bool = False
 
 
-class QueuedMessage(NamedTuple):
-    """A message waiting in a session's queue."""
-
-    message: Message
-    qos: int
-    #: The RETAIN flag it is to be sent with.
-    retain: bool
-    subscription_ids: tuple[int, ...]
-    #: The shared subscription group it came through (shared.SharedGroup), or None.
-    group: Any
-    #: The entry's key in the durable store, or 0.
-    store_key: int
+#: A message waiting in a session's queue: (message, QoS, the RETAIN flag
+#: it is to be sent with, subscription ids, the shared subscription group it
+#: came through or None, the entry's key in the durable store or 0). Read by
+#: unpacking it whole, never by index. A plain tuple, not a NamedTuple: one
+#: is made for each message queued and unpacked on its way out, and a tuple
+#: subclass costs several times as much to make and to unpack (CPython
+#: specialises both for exact tuples only).
+QueuedMessage = tuple[Message, int, bool, tuple[int, ...], Any, int]
 
 
 @attrs.define(slots=True, eq=False)

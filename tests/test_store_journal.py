@@ -10,7 +10,7 @@ from collections import deque
 
 from bastionmq.broker.codec import Subscription
 from bastionmq.broker.message import Message
-from bastionmq.broker.sessions import Inflight, QueuedMessage, Session, SubscriptionEntry
+from bastionmq.broker.sessions import Inflight, Session, SubscriptionEntry
 from bastionmq.broker.store import SqliteStore
 from bastionmq.broker.store.journal import DELETE, Journal
 from bastionmq.broker.store.sqlite import SCHEMA_VERSION
@@ -105,7 +105,7 @@ def test_an_ended_session_sweeps_its_rows_and_lets_go_of_bodies():
     session = durable_session(j)
     message = Message("t", b"body", 1)
     key = j.queued(session, message, 1, False, (), None)
-    session.queue = deque([QueuedMessage(message, 1, False, (), None, key)])
+    session.queue = deque([(message, 1, False, (), None, key)])
     sid = session.store_id
     j.session_deleted(session)
     batch = j.take()

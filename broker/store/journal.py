@@ -206,9 +206,9 @@ class Journal:
             for entry in session.inflight.values():
                 self._unref(batch, entry.message)
         if session.queue:
-            for item in session.queue:
-                if item.store_key:
-                    self._unref(batch, item.message)
+            for message, _, _, _, _, store_key in session.queue:
+                if store_key:
+                    self._unref(batch, message)
         self._changed(batch)
 
     def subscription_saved(self, session: Session, entry: SubscriptionEntry) -> None:
