@@ -36,7 +36,8 @@ SCRAM credentials (``mechanism = scram``)
     Per username: salt, StoredKey, ServerKey, iterations, is_superuser; never
     a password. ``AuthDatabase.get_scram`` is a lookup ScramSha256 accepts.
 
-Authorization rules (``authorization.sources``, ``type = built_in_database``)
+Authorization rules (``authorization.sources``, ``type = built_in_database``;
+acl/builtin_db.py compiles and checks them)
     Each rule belongs to a username, a client id, or all clients, and has a
     place in its owner's ordered list: permission (allow, deny), action
     (publish, subscribe, all), one topic filter, and optionally the QoS levels
@@ -59,7 +60,6 @@ import contextlib
 import enum
 import json
 import os
-import re
 import sqlite3
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
@@ -67,19 +67,14 @@ import aiosqlite
 import attrs
 from scramp import ScramException
 
-from bastionmq.acl.templates import PLACEHOLDER_VALUES, TopicTemplate
-from bastionmq.broker.ports import (
-    ALLOW_ACCESS, DENY_ACCESS, PUBLISH_ACTION, SUBSCRIBE_ACTION, AccessRequest, ClientInfo,
-)
-from bastionmq.broker.topics import InvalidTopic, filter_covers, filter_matches, validate_filter
+from bastionmq.broker.ports import ALLOW_ACCESS, DENY_ACCESS, PUBLISH_ACTION, SUBSCRIBE_ACTION
 
 from .passwords import PasswordHash, hash_password, verify_password
 from .scram import DEFAULT_ITERATIONS, ScramCredentials
 from .user_import import ImportUser, UserFileError, parse_user_file
 
 __all__ = [
-    "AclRule", "AlreadyExists", "AuthDatabase", "AuthDatabaseError", "BuiltinAclSource",
-    "CheckOutcome", "ImportResult", "NotFound", "PasswordCheck", "UserRecord", "read_rules",
+    "AclRule", "AlreadyExists", "AuthDatabase", "AuthDatabaseError", "CheckOutcome", "ImportResult", "NotFound", "PasswordCheck", "UserRecord", "read_rules",
 ]
 
 SCHEMA_VERSION = 1
@@ -222,18 +217,23 @@ class AuthDatabase:
     """The built-in database, open. ``await AuthDatabase.open(path)``; close
     with ``await db.close()`` or use it as ``async with``."""
 
-    def __init__(self, connection: aiosqlite.Connection, path: str) -> None:
+    def __init__(self, connection: aiosqlite.Connection, path: str,
+                 rule_check: Callable[[AclRule], None] | None = None) -> None:
         self._db = connection
         self.path = path
+        #: Refuses (ValueError) a rule authorization could not use; the
+        #: rules' meaning is authorization's (acl.builtin_db.check_rule).
+        self._rule_check = rule_check
         # One connection serves every coroutine: a transaction must not
         # interleave with another's statements.
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str]) -> AuthDatabase:
+    async def open(cls, path: str | os.PathLike[str], *,
+                   rule_check: Callable[[AclRule], None] | None = None) -> AuthDatabase:
         """Open the database at ``path``, creating it (and its directory) when
         missing. A file that is not a bastionmq auth database raises
-        AuthDatabaseError naming it."""
+        AuthDatabaseError naming it. Adding rules needs ``rule_check``."""
         path = os.fspath(path)
         if os.path.isdir(path):
             # Checked here: aiosqlite leaves its worker thread behind when
@@ -260,7 +260,7 @@ class AuthDatabase:
         except BaseException:
             await connection.close()
             raise
-        return cls(connection, path)
+        return cls(connection, path, rule_check)
 
     async def close(self) -> None:
         await self._db.close()
@@ -477,7 +477,10 @@ class AuthDatabase:
         (1-based), moving the rules from there on down one place."""
         levels = None if qos is None else tuple(sorted(set(qos)))
         rule = AclRule(0, who_type, who, position or 1, permission, action, topic, levels, retain)
-        _compile(rule)  # raises ValueError for a rule that could never be checked
+        if self._rule_check is None:
+            raise RuntimeError("rules are added to a database opened with a rule_check "
+                               "(acl.builtin_db.check_rule)")
+        self._rule_check(rule)  # raises ValueError for a rule that could never be checked
         if position is not None and (type(position) is not int or position < 1):
             raise ValueError(f"position {position!r} is not a whole number from 1")
         key = "" if who is None else who
@@ -691,145 +694,3 @@ def read_rules(path: str | os.PathLike[str]) -> list[AclRule]:
     except sqlite3.Error as exc:
         raise AuthDatabaseError(f"{source}: not a usable auth database ({exc})") from None
     return [_rule_from_row(row) for row in rows]
-
-
-_PLACEHOLDER = re.compile(r"\$\{(\$|[A-Za-z0-9._]+)\}")
-# A topic filter in one of three forms: the exact string of an ``eq`` topic,
-# a plain filter, or the parts of one with placeholders.
-_EXACT, _FILTER, _TEMPLATE = 0, 1, 2
-
-
-@attrs.define(slots=True, frozen=True)
-class _CompiledRule:
-    permission: str
-    #: QoS levels for publishes and for subscribes; None where the action
-    #: does not cover that kind of request.
-    publish_qos: frozenset[int] | None
-    subscribe_qos: frozenset[int] | None
-    retain: bool | None
-    form: int
-    #: The string for _EXACT and _FILTER, the parts for _TEMPLATE.
-    topic: Any
-
-    def decides(self, request: AccessRequest, is_publish: bool) -> bool:
-        levels = self.publish_qos if is_publish else self.subscribe_qos
-        if levels is None or request.qos not in levels:
-            return False
-        if is_publish and self.retain is not None and self.retain != request.retain:
-            return False
-        if self.form == _EXACT:
-            return request.topic == self.topic
-        topic_filter = self.topic if self.form == _FILTER else self.topic.render(request.client)
-        if topic_filter is None:
-            return False
-        matches = filter_matches if is_publish else filter_covers
-        return matches(topic_filter, request.topic)
-
-
-def _compile(rule: AclRule) -> _CompiledRule:
-    """The rule ready to check; ValueError (for an operator) when it is not valid."""
-    if rule.who_type not in WHO_TYPES:
-        raise ValueError(f"a rule is for a username, a clientid or all, not {rule.who_type!r}")
-    if (rule.who_type == "all") != (rule.who is None):
-        raise ValueError("a rule for all names nobody; one for a username or clientid names it")
-    if rule.who is not None and not rule.who:
-        raise ValueError(f"the {rule.who_type} of a rule must not be empty")
-    if rule.permission not in PERMISSIONS:
-        raise ValueError(f"permission {rule.permission!r} is not allow or deny")
-    if rule.action not in ACTIONS:
-        raise ValueError(f"action {rule.action!r} is not publish, subscribe or all")
-    if rule.qos is not None and (not rule.qos or any(level not in ALL_QOS for level in rule.qos)):
-        raise ValueError(f"qos {list(rule.qos)} must list levels from 0, 1 and 2")
-    if rule.retain is not None and rule.action == SUBSCRIBE_ACTION:
-        raise ValueError("retain applies to publish (and all), not subscribe")
-    levels = frozenset(rule.qos if rule.qos is not None else ALL_QOS)
-    form, topic = _compile_topic(rule.topic)
-    return _CompiledRule(
-        permission=rule.permission,
-        publish_qos=levels if rule.action != SUBSCRIBE_ACTION else None,
-        subscribe_qos=levels if rule.action != PUBLISH_ACTION else None,
-        retain=rule.retain, form=form, topic=topic)
-
-
-def _compile_topic(topic: str) -> tuple[int, Any]:
-    if topic.startswith("eq "):
-        _valid_filter(topic[3:], topic)
-        return _EXACT, topic[3:]
-    parts: list[str | Callable[[ClientInfo], str | None]] = []
-    literal: list[str] = []
-    position = 0
-    for match in _PLACEHOLDER.finditer(topic):
-        literal.append(topic[position:match.start()])
-        position = match.end()
-        name = match.group(1)
-        if name == "$":
-            literal.append("$")
-            continue
-        if name not in PLACEHOLDER_VALUES:
-            known = ", ".join(f"${{{known}}}" for known in PLACEHOLDER_VALUES)
-            raise ValueError(f"unknown placeholder ${{{name}}} in topic {topic!r} (known: "
-                             f"{known}; write ${{$}} for a literal '$')")
-        parts += ["".join(literal), PLACEHOLDER_VALUES[name]]
-        literal = []
-    literal.append(topic[position:])
-    if not parts:
-        _valid_filter("".join(literal), topic)
-        return _FILTER, "".join(literal)
-    parts.append("".join(literal))
-    # Values never hold '/', '+' or '#': one stand-in shows whether every
-    # rendering is a valid filter.
-    _valid_filter("".join(part if isinstance(part, str) else "x" for part in parts), topic)
-    return _TEMPLATE, TopicTemplate(tuple(part for part in parts if part != ""))
-
-
-def _valid_filter(topic_filter: str, spelling: str) -> None:
-    try:
-        validate_filter(topic_filter)
-    except InvalidTopic as exc:
-        raise ValueError(f"invalid topic filter {spelling!r}: {exc}") from None
-
-
-class BuiltinAclSource:
-    """The built-in database's rules, held in memory (an AclSource).
-
-    Build it from ``await db.all_rules()`` (or ``read_rules(path)``); build a
-    new one to take changes in.
-    """
-
-    def __init__(self, rules: Iterable[AclRule]) -> None:
-        self._clientid: dict[str, list[_CompiledRule]] = {}
-        self._username: dict[str, list[_CompiledRule]] = {}
-        self._all: list[_CompiledRule] = []
-        count = 0
-        for rule in sorted(rules, key=lambda rule: (rule.position, rule.id)):
-            compiled = _compile(rule)
-            if rule.who_type == "all":
-                self._all.append(compiled)
-            else:
-                owners = self._clientid if rule.who_type == "clientid" else self._username
-                assert rule.who is not None  # _compile refuses a rule for nobody but "all"
-                owners.setdefault(rule.who, []).append(compiled)
-            count += 1
-        self.count = count
-
-    def __repr__(self) -> str:
-        return f"<BuiltinAclSource ({self.count} rules)>"
-
-    def check(self, request: AccessRequest) -> str | None:
-        """ALLOW_ACCESS or DENY_ACCESS from the first matching rule among the
-        client id's, the username's, then all's; None when none matches."""
-        if request.action == PUBLISH_ACTION:
-            is_publish = True
-        elif request.action == SUBSCRIBE_ACTION:
-            is_publish = False
-        else:
-            return None
-        client = request.client
-        for rules in (self._clientid.get(client.client_id, ()),
-                      self._username.get(client.username, ()) if client.username is not None
-                      else (),
-                      self._all):
-            for rule in rules:
-                if rule.decides(request, is_publish):
-                    return rule.permission
-        return None

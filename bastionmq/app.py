@@ -12,7 +12,8 @@ from typing import Any, Iterable, Mapping
 
 from bastionmq.acl.chain import AclLoadError, AuthorizationChain, load_sources
 from bastionmq.auth.ban import LoginBans
-from bastionmq.auth.builtin_db import AuthDatabase, AuthDatabaseError, BuiltinAclSource, read_rules
+from bastionmq.acl.builtin_db import BuiltinAclSource
+from bastionmq.auth.builtin_db import AuthDatabase, AuthDatabaseError, read_rules
 from bastionmq.auth.scram import ScramSha256
 from bastionmq.auth.chain import (
     AuthenticationChain, AuthnLoadError, AuthStats,

@@ -16,13 +16,14 @@ from typing import Any
 import click
 
 from bastionmq import pki, tls_policy
-from bastionmq.version import __version__
+from bastionmq.acl.builtin_db import check_rule
 from bastionmq.auth import builtin_db
 from bastionmq.auth.passwords import NAMES as HASH_NAMES
 from bastionmq.auth.passwords import PasswordHash
 from bastionmq.auth.scram import DEFAULT_ITERATIONS
 from bastionmq.app import Broker, check_rule_files
 from bastionmq.config import Config, ConfigError, load_config
+from bastionmq.version import __version__
 
 DEFAULT_CONFIG = Path("etc/bastionmq.conf")
 
@@ -274,7 +275,7 @@ def _database_action(config: Config, action: Any) -> Any:
     """Run ``await action(db)`` on the configured database, errors as one line."""
 
     async def run() -> Any:
-        db = await builtin_db.AuthDatabase.open(config.node.auth_database)
+        db = await builtin_db.AuthDatabase.open(config.node.auth_database, rule_check=check_rule)
         try:
             return await action(db)
         finally:

@@ -1,7 +1,8 @@
 """The boundaries the folders stand for, read from the source's imports:
-``broker/`` imports nothing outward, and no two of its modules import each
+``broker/`` imports nothing outward, no two of its modules import each
 other, however indirectly (the core delivers into outboxes and sees
-connections as ``ports.Client``)."""
+connections as ``ports.Client``), and authentication does not depend on
+authorization (the built-in database's ACL source lives in ``acl/``)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,16 @@ BROKER = REPO / "broker"
 OUTWARD = ("bastionmq.listeners", "bastionmq.auth", "bastionmq.acl")
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(BROKER).with_suffix("").parts
+def module_name(path: Path, folder: Path = BROKER) -> str:
+    parts = path.relative_to(folder).with_suffix("").parts
     if parts[-1] == "__init__":
         parts = parts[:-1]
-    return ".".join(("bastionmq.broker", *parts))
+    return ".".join((f"bastionmq.{folder.name}", *parts))
 
 
-def imports_of(path: Path) -> set[str]:
+def imports_of(path: Path, folder: Path = BROKER) -> set[str]:
     """Every module ``path`` imports, absolute, type-checking imports included."""
-    package = module_name(path)
+    package = module_name(path, folder)
     if path.name != "__init__.py":
         package = package.rpartition(".")[0]
     found = set()
@@ -111,3 +112,10 @@ def test_broker_imports_nothing_outward(path):
                      if target == "bastionmq" or target.startswith(OUTWARD)
                      or target.startswith(("bastionmq.app", "bastionmq.config", "bastionmq.cli")))
     assert outward == []
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "auth").rglob("*.py")),
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_authentication_does_not_import_authorization(path):
+    assert sorted(target for target in imports_of(path, REPO / "auth")
+                  if target.startswith("bastionmq.acl")) == []

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from scramp import ScramClient
 
+from bastionmq.acl.builtin_db import BuiltinAclSource, check_rule
 from bastionmq.auth.builtin_db import (
-    AlreadyExists, AuthDatabase, AuthDatabaseError, BuiltinAclSource, CheckOutcome, NotFound,
-    read_rules,
+    AlreadyExists, AuthDatabase, AuthDatabaseError, CheckOutcome, NotFound, read_rules,
 )
 from bastionmq.auth.passwords import PasswordHash, hash_password
 from bastionmq.auth.scram import ScramSha256
@@ -74,7 +74,7 @@ def run_async(test):
 
 
 def open_db(tmp_path: Path) -> Any:
-    return AuthDatabase.open(tmp_path / "data" / "auth.sqlite3")
+    return AuthDatabase.open(tmp_path / "data" / "auth.sqlite3", rule_check=check_rule)
 
 
 # ------------------------------------------------------------------ users
@@ -449,7 +449,7 @@ async def test_invalid_rules_are_refused(tmp_path, arguments, options, message):
 async def test_read_rules_without_the_event_loop(tmp_path):
     path = tmp_path / "data" / "auth.sqlite3"
     assert read_rules(path) == []  # no database yet: no rules
-    async with await AuthDatabase.open(path) as db:
+    async with await AuthDatabase.open(path, rule_check=check_rule) as db:
         await db.add_rule("username", "alice", "allow", "publish", "a")
         await db.add_rule("all", None, "deny", "all", "#", qos=[2])
         assert read_rules(path) == await db.all_rules()
@@ -461,7 +461,8 @@ async def test_read_rules_without_the_event_loop(tmp_path):
 @run_async
 async def test_the_file_is_private_in_wal_mode_and_shared(tmp_path):
     path = tmp_path / "data" / "auth.sqlite3"
-    async with await AuthDatabase.open(path) as broker, await AuthDatabase.open(path) as tool:
+    async with await AuthDatabase.open(path) as broker, \
+            await AuthDatabase.open(path, rule_check=check_rule) as tool:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         with sqlite3.connect(path) as raw:
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from bastionmq.auth.builtin_db import AuthDatabase, BuiltinAclSource
+from bastionmq.acl.builtin_db import BuiltinAclSource
+from bastionmq.auth.builtin_db import AuthDatabase
 from bastionmq.broker.ports import AccessRequest, ClientInfo, PeerInfo
 from bastionmq.cli import main
 
