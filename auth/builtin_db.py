@@ -74,7 +74,8 @@ from .scram import DEFAULT_ITERATIONS, ScramCredentials
 from .user_import import ImportUser, UserFileError, parse_user_file
 
 __all__ = [
-    "AclRule", "AlreadyExists", "AuthDatabase", "AuthDatabaseError", "CheckOutcome", "ImportResult", "NotFound", "PasswordCheck", "UserRecord", "read_rules",
+    "AclRule", "AlreadyExists", "AuthDatabase", "AuthDatabaseError", "CheckOutcome",
+    "ImportResult", "NotFound", "PasswordCheck", "UserRecord", "read_rules",
 ]
 
 SCHEMA_VERSION = 1

@@ -30,7 +30,6 @@ class ImportUser:
     password: str | None = attrs.field(default=None, repr=False)
 
 
-
 _IMPORT_FIELDS = ("user_id", "password_hash", "salt", "is_superuser", "password")
 _PASSWORD_TYPES = ("hash", "plain")
 
@@ -52,14 +51,14 @@ def parse_user_file(source: str, data: bytes, password_type: str | None = None
         entries = _json_entries(source, text)
     else:
         raise UserFileError(f"{source}: unknown file type {extension or '(none)'!r}; "
-                                "EMQX's user files are .csv or .json")
+                            "EMQX's user files are .csv or .json")
     users: list[ImportUser] = []
     seen: dict[str, str] = {}
     for where, fields in entries:
         user = _import_user(f"{source}: {where}", fields, password_type)
         if user.user_id in seen:
             raise UserFileError(f"{source}: {where}: user_id {user.user_id!r} is given "
-                                    f"again (first at {seen[user.user_id]})")
+                                f"again (first at {seen[user.user_id]})")
         seen[user.user_id] = where
         users.append(user)
     if not users:
@@ -73,7 +72,7 @@ def _csv_entries(source: str, text: str) -> list[tuple[str, dict[str, Any]]]:
     unknown = [name for name in header if name not in _IMPORT_FIELDS]
     if unknown:
         raise UserFileError(f"{source}: line 1: unknown column {unknown[0]!r} (known: "
-                                f"{', '.join(_IMPORT_FIELDS)})")
+                            f"{', '.join(_IMPORT_FIELDS)})")
     entries = []
     try:
         for row in reader:
@@ -101,11 +100,11 @@ def _json_entries(source: str, text: str) -> list[tuple[str, dict[str, Any]]]:
         where = f"entry {index}"
         if not isinstance(item, dict):
             raise UserFileError(f"{source}: {where}: a user is an object"
-                                    " ({\"user_id\": ..., \"password_hash\": ...})")
+                                " ({\"user_id\": ..., \"password_hash\": ...})")
         unknown = [key for key in item if key not in _IMPORT_FIELDS]
         if unknown:
             raise UserFileError(f"{source}: {where}: unknown key {unknown[0]!r} (known: "
-                                    f"{', '.join(_IMPORT_FIELDS)})")
+                                f"{', '.join(_IMPORT_FIELDS)})")
         entries.append((where, {key: value for key, value in item.items() if value is not None}))
     return entries
 

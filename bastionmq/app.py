@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping
 
 from bastionmq.acl.chain import AclLoadError, AuthorizationChain, load_sources
 from bastionmq.auth.ban import LoginBans
-from bastionmq.acl.builtin_db import BuiltinAclSource
+from bastionmq.acl.builtin_db import BuiltinAclSource, check_rule
 from bastionmq.auth.builtin_db import AuthDatabase, AuthDatabaseError, read_rules
 from bastionmq.auth.scram import ScramSha256
 from bastionmq.auth.chain import (
@@ -243,7 +243,8 @@ class Broker:
         embedded = frozenset(self.auth_methods)
         if _uses_database(config):
             try:
-                self.database = await AuthDatabase.open(config.node.auth_database)
+                self.database = await AuthDatabase.open(config.node.auth_database,
+                                                        rule_check=check_rule)
             except AuthDatabaseError as exc:
                 raise ConfigError([("node.data_dir", str(exc))]) from None
         if self.database is not None and any(

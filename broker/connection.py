@@ -164,7 +164,7 @@ class Connection:
                 # the keep alive allows ends the connection.
                 self.last_seen = core.loop.time()
             self._handle_packets(packets)
-        self.core.outboxes.flush()
+        core.outboxes.flush()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -279,11 +279,12 @@ class Connection:
 
     def _handle_packets(self, packets) -> None:
         journal = self.core.journal
+        outbox = self.outbox
         for packet in packets:
             if self.state == CLOSED:
                 return
             if journal is not None:
-                self.outbox.mark = journal.changes
+                outbox.mark = journal.changes
             ptype = packet.type
             if self._held is not None:
                 if not (self.holders > 0 and ptype in _ANSWERS):
@@ -641,10 +642,12 @@ class Connection:
         delivered = core.route(message, self.session)
         if packet.retain:
             core.retain(message)
-        if qos:
-            (self.outbox.puback if qos == 1 else self.outbox.pubrec)(
-                packet.packet_id,  # type: ignore[arg-type]
-                0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
+        if qos == 1:
+            self.outbox.puback(packet.packet_id,  # type: ignore[arg-type]
+                               0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
+        elif qos:
+            self.outbox.pubrec(packet.packet_id,  # type: ignore[arg-type]
+                               0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
 
     def _too_many_user_properties(self, props) -> bool:
         return len(props.get("user_property", ())) > self.core.settings.max_user_properties
@@ -673,9 +676,7 @@ class Connection:
 
     def _awaiting_release(self, packet_id: int) -> None:
         session = self.session
-        awaiting = session.awaiting_rel
-        assert awaiting is not None  # _on_publish made it for this QoS 2 message
-        awaiting.add(packet_id)
+        session.awaiting_rel.add(packet_id)  # type: ignore[union-attr]  # _on_publish made it
         if session.store_id:
             # Kept across a restart, so that a resend after it is known for
             # one and not delivered twice ([MQTT-4.3.3-9]).

@@ -117,7 +117,8 @@ class BrokerCore:
         self._slow_logged_at = -SLOW_LOG_INTERVAL
         self._tasks: set[asyncio.Task] = set()
         #: Where changes to durable state are recorded; None keeps state in
-        #: memory only. Sessions are durable when ``store_id`` is set.
+        #: memory only. Sessions are durable when ``store_id`` is set. Set it
+        #: with use_journal only: the outboxes hold acknowledgements for it too.
         self.journal: Journal | None = None
         #: Reads a stored client certificate (DER) again for restored
         #: sessions and wills; the listeners' parser, set by the application.
@@ -759,5 +760,3 @@ class BrokerCore:
             session.expiry_handle = session.will_handle = None
         for task in list(self._tasks):
             task.cancel()
-
-    # ------------------------------------------------------- durable store

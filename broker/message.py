@@ -4,7 +4,8 @@ A message is encoded once per distinct wire form (protocol family, QoS,
 retain flag, subscription identifiers) and the same bytes go to every
 subscriber that takes that form; for QoS 1 and 2 only the packet identifier
 differs between subscribers, so the form is kept as the bytes before and after
-it and the connection writes the three pieces with one vectored write.
+it, and the subscriber's outbox joins the three pieces into the one buffer
+it writes per read pass.
 """
 
 from __future__ import annotations

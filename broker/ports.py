@@ -8,11 +8,12 @@ store: it only knows these shapes. A connection is a ``Client`` to the core.
 from __future__ import annotations
 
 import datetime
-from typing import Any, Awaitable, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol
 
 import attrs
 
-from .outbox import Outbox
+if TYPE_CHECKING:
+    from .outbox import Outbox
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)

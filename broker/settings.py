@@ -41,6 +41,7 @@ def peer_cert_source(instance: object, attribute: attrs.Attribute, value: str | 
 #: refuse the validator that also lets the field be None ("infinity").
 _DEFAULT_MAX_SUBSCRIPTIONS: int | None = 10_000
 
+
 class SettingError(ValueError):
     """A setting that cannot be used as given, raised where it is used
     (a listener's TLS files, an authenticator, an ACL source). ``key`` is its

@@ -60,14 +60,15 @@ def facts_of(cert: x509.Certificate, der: bytes) -> CertificateFacts:
 
 class TlsCertificate(PeerCertificate):
     """A client certificate a TLS handshake verified. Its DER is parsed on
-    first use, once, for its facts and for the CRL checks alike: most
+    first use, once for the handshake's CRL check and its facts alike: most
     connections never ask, and parsing is a noticeable part of a
-    handshake's cost in Python."""
+    handshake's cost in Python. The parsed certificate is let go once the
+    facts are made (a CRL refresh parses it again)."""
 
     __slots__ = ("_parsed",)
 
     def __init__(self, der: bytes) -> None:
-        super().__init__(der, certificate_facts)
+        super().__init__(der, certificate_facts)  # facts are made from parsed instead
         self._parsed: x509.Certificate | None = None
 
     @property
@@ -80,4 +81,5 @@ class TlsCertificate(PeerCertificate):
     def facts(self) -> CertificateFacts:
         if self._facts is None:
             self._facts = facts_of(self.parsed, self.der)
+            self._parsed = None
         return self._facts

@@ -9,8 +9,8 @@ event loop's transport. That gives the listener what an operator needs and
 the loop's TLS hides: every failed handshake with its reason, the handshake
 timeout, the verified certificate before the first MQTT byte, and a context
 that can be replaced for new connections while old ones carry on. Output
-stays batched: the core writes each connection once per read pass, and that
-write is encrypted and handed to the socket as one buffer.
+stays batched: each connection's outbox is written once per read pass, and
+that write is encrypted and handed to the socket as one buffer.
 """
 
 from __future__ import annotations

@@ -315,7 +315,8 @@ def load_material(options: SslOptions, crl_cache: CrlCacheConfig,
                                                keyfile=entry.keyfile, password=entry.password),
                                   serves_psk)
         except TlsSetupError as exc:
-            raise TlsSetupError(f"server_names.{index}.{exc.key}", str(exc)) from None
+            raise TlsSetupError(f"server_names.{index}.{exc.key}", str(exc),
+                                top_level=exc.top_level) from None
         sni.update((name.lower(), named) for name in entry.names)
         paths[f"server_names.{index}.certfile"] = entry.certfile
         paths[f"server_names.{index}.keyfile"] = entry.keyfile

@@ -9,7 +9,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import attrs
 import pytest
+
+from bastionmq.broker.ports import CertificateFacts, PeerCertificate
 
 REPO = Path(__file__).resolve().parent.parent
 BROKER = REPO / "broker"
@@ -119,3 +122,11 @@ def test_broker_imports_nothing_outward(path):
 def test_authentication_does_not_import_authorization(path):
     assert sorted(target for target in imports_of(path, REPO / "auth")
                   if target.startswith("bastionmq.acl")) == []
+
+
+def test_a_peer_certificate_names_every_fact():
+    """PeerCertificate spells out each CertificateFacts field as a property:
+    a field added to the facts must be added there too."""
+    missing = [field.name for field in attrs.fields(CertificateFacts)
+               if not isinstance(getattr(PeerCertificate, field.name, None), property)]
+    assert missing == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from bastionmq.broker.codec import MQTT_5, Publish, Subscribe, Subscription
 
+
 def _persistent(raw_clients, port, client_id="keeper", topic_filter="e/#", qos=1):
     client = raw_clients(port, MQTT_5)
     client.connect(client_id, clean_start=False, properties={"session_expiry_interval": 600})
