@@ -33,6 +33,7 @@ from bastionmq.listeners.certificates import certificate_facts
 from bastionmq.listeners.tls import TlsListener
 from bastionmq.listeners.tls_context import TlsSetupError, load_material, ssl_options_path
 from bastionmq.listeners.ws import WsListener, WssListener
+from bastionmq.ops.server import OpsServer
 from bastionmq.pki import DEFAULT_DIR, init_pki
 from bastionmq.version import __version__
 
@@ -225,6 +226,10 @@ class Broker:
         self.database: AuthDatabase | None = None
         #: The durable store, when ``durable_sessions.enable`` is set.
         self.store: SqliteStore | None = None
+        #: Authentication outcomes of every chain, once started.
+        self.authn_stats: AuthStats | None = None
+        #: The operations listener (metrics, health), when ``http_api.enable`` is set.
+        self.ops: OpsServer | None = None
 
     async def start(self) -> None:
         """Load everything the config names, then open the listeners; a
@@ -288,9 +293,15 @@ class Broker:
                 high_watermark=block.tcp_options.high_watermark, **extra)
             await listener.start()
             self.listeners[listener.id] = listener
+        if config.http_api.enable:
+            self.ops = OpsServer(self, config.http_api)
+            await self.ops.start()
 
     async def stop(self) -> None:
         """Stop accepting, disconnect every client (5.0: DISCONNECT 0x8B), close sockets."""
+        if self.ops is not None:
+            await self.ops.stop()
+            self.ops = None
         for listener in self.listeners.values():
             listener.stop_accepting()
         if self._sys_topics is not None:

@@ -26,7 +26,6 @@ names themselves contain single ones.
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 import re
 import typing
@@ -54,8 +53,9 @@ from bastionmq.acl.settings import AclSourceConfig, AuthorizationConfig, AuthzCa
 from bastionmq.auth.settings import AuthenticatorConfig, AuthnBanConfig
 from bastionmq.broker.settings import INFINITY, MqttSettings, peer_cert_source
 from bastionmq.listeners.settings import (
-    CrlCacheConfig, PskConfig, SniCertificate, SslOptions, TcpOptions, WebSocketOptions,
+    ALL_INTERFACES, Bind, CrlCacheConfig, PskConfig, SniCertificate, SslOptions, TcpOptions, WebSocketOptions,
 )
+from bastionmq.ops.settings import HttpApiConfig
 from bastionmq.units import format_duration, format_size, parse_duration, parse_size, show_value
 
 __all__ = [
@@ -116,89 +116,12 @@ class ConfigError(Exception):
 # The configuration classes
 
 
-_ALL_INTERFACES = "0.0.0.0"
-_BIND_HINT = 'is not HOST:PORT (e.g. "0.0.0.0:1883")'
-_HOSTNAME_RE = re.compile(
-    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
-
-
-@attrs.define(slots=True, frozen=True)
-class Bind:
-    """An address to listen on. The host is kept without IPv6 brackets."""
-
-    host: str
-    #: 0 asks the system for a free port (used by tests and embedding).
-    port: int = attrs.field(validator=[v.ge(0), v.le(65535)])
-
-    def __str__(self) -> str:
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-    @classmethod
-    def parse(cls, value: str | int) -> Bind:
-        """Read ``HOST:PORT``, ``[IPv6]:PORT``, ``:PORT`` or a bare port.
-
-        A bare port (integer or digits) and ``:PORT`` listen on all IPv4
-        interfaces, as in EMQX. Raises ValueError with a message for an
-        operator.
-        """
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"{show_value(value)} {_BIND_HINT}")
-        if isinstance(value, int):
-            return cls(_ALL_INTERFACES, _checked_port(value, value))
-        text = value.strip()
-        if text.isdigit():
-            return cls(_ALL_INTERFACES, _checked_port(int(text), value))
-        if text.startswith("["):
-            match = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text)
-            if not match:
-                raise ValueError(f"{show_value(value)} {_BIND_HINT}")
-            host = match[1]
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                raise ValueError(f"{show_value(value)} has an invalid IPv6 address: {host!r}") from None
-            return cls(host, _checked_port(int(match[2]), value))
-        host, separator, port = text.rpartition(":")
-        if ":" in host:
-            raise ValueError(
-                f"{show_value(value)} {_BIND_HINT}; an IPv6 address goes in brackets, "
-                'e.g. "[::1]:1883"')
-        if not separator or not port.isdigit():
-            raise ValueError(f"{show_value(value)} {_BIND_HINT}")
-        if not host:
-            host = _ALL_INTERFACES
-        elif not _valid_host(host):
-            raise ValueError(f"{show_value(value)} has an invalid host: {host!r}")
-        return cls(host, _checked_port(int(port), value))
-
-
-def _checked_port(port: int, given: Any) -> int:
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{show_value(given)} is out of range (allowed port: 0 to 65535)")
-    return port
-
-
-def _valid_host(host: str) -> bool:
-    # All-numeric dotted names must be real IPv4 addresses: "999.1.1.1" is a
-    # typo, not a host name.
-    if re.fullmatch(r"[0-9.]+", host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return False
-        return True
-    return bool(_HOSTNAME_RE.fullmatch(host))
-
-
 @attrs.define(slots=True, frozen=True, kw_only=True)
 class TcpListenerConfig:
     """One ``listeners.tcp.<name>`` block: plain MQTT over TCP."""
 
     enable: bool = True
-    bind: Bind = Bind(_ALL_INTERFACES, 1883)
+    bind: Bind = Bind(ALL_INTERFACES, 1883)
     #: Concurrent connections accepted; None (``infinity`` in the file) is no limit.
     max_connections: int | None = attrs.field(
         default=None, metadata=INFINITY, validator=v.optional(v.ge(1)))
@@ -215,7 +138,7 @@ class TcpListenerConfig:
 class SslListenerConfig(TcpListenerConfig):
     """One ``listeners.ssl.<name>`` block: MQTT over TLS."""
 
-    bind: Bind = Bind(_ALL_INTERFACES, 8883)
+    bind: Bind = Bind(ALL_INTERFACES, 8883)
     ssl_options: SslOptions = attrs.field(factory=SslOptions)
     #: This listener's own mqtt.peer_cert_as_username / _clientid /
     #: peer_cert_identity; None inherits the mqtt block's.
@@ -229,7 +152,7 @@ class SslListenerConfig(TcpListenerConfig):
 class WsListenerConfig(TcpListenerConfig):
     """One ``listeners.ws.<name>`` block: MQTT over WebSocket."""
 
-    bind: Bind = Bind(_ALL_INTERFACES, 8083)
+    bind: Bind = Bind(ALL_INTERFACES, 8083)
     websocket: WebSocketOptions = attrs.field(factory=WebSocketOptions)
 
 
@@ -239,7 +162,7 @@ class WssListenerConfig(SslListenerConfig):
     key of an ssl listener, plus the ws listener's ``websocket`` block (named
     again: two slotted attrs classes cannot be joined by multiple inheritance)."""
 
-    bind: Bind = Bind(_ALL_INTERFACES, 8084)
+    bind: Bind = Bind(ALL_INTERFACES, 8084)
     websocket: WebSocketOptions = attrs.field(factory=WebSocketOptions)
 
 
@@ -332,6 +255,8 @@ class Config:
     authn_ban: AuthnBanConfig = attrs.field(factory=AuthnBanConfig)
     authorization: AuthorizationConfig = attrs.field(factory=AuthorizationConfig)
     durable_sessions: DurableSessionsConfig = attrs.field(factory=DurableSessionsConfig)
+    #: The operations listener: metrics and health over HTTP.
+    http_api: HttpApiConfig = attrs.field(factory=HttpApiConfig)
 
     def enabled_listeners(self) -> list[tuple[str, str, TcpListenerConfig]]:
         """(kind, name, block) of every enabled listener: tcp, ssl, ws, then wss."""

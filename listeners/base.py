@@ -49,6 +49,11 @@ class Listener:
             return (self.host, self.port)
         return self._server.sockets[0].getsockname()[:2]
 
+    @property
+    def accepting(self) -> bool:
+        """Whether it is bound and accepts connections."""
+        return self._server is not None and self._server.is_serving()
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:

@@ -1,4 +1,5 @@
-"""The settings of listeners, beside the code that uses them: socket options
+"""The settings of listeners, beside the code that uses them: the address to
+listen on (``bind``), socket options
 (``tcp_options``), TLS (``ssl_options``, ``crl_cache``, ``psk_authentication``)
 and WebSocket (``websocket``), with EMQX's names and defaults.
 bastionmq.config composes them into the listener blocks of the file.
@@ -15,6 +16,84 @@ import attrs
 from attrs import validators as v
 
 from bastionmq.broker.settings import SIZE
+from bastionmq.units import show_value
+
+
+ALL_INTERFACES = "0.0.0.0"
+_BIND_HINT = 'is not HOST:PORT (e.g. "0.0.0.0:1883")'
+_HOSTNAME_RE = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+@attrs.define(slots=True, frozen=True)
+class Bind:
+    """An address to listen on. The host is kept without IPv6 brackets."""
+
+    host: str
+    #: 0 asks the system for a free port (used by tests and embedding).
+    port: int = attrs.field(validator=[v.ge(0), v.le(65535)])
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, value: str | int) -> Bind:
+        """Read ``HOST:PORT``, ``[IPv6]:PORT``, ``:PORT`` or a bare port.
+
+        A bare port (integer or digits) and ``:PORT`` listen on all IPv4
+        interfaces, as in EMQX. Raises ValueError with a message for an
+        operator.
+        """
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"{show_value(value)} {_BIND_HINT}")
+        if isinstance(value, int):
+            return cls(ALL_INTERFACES, _checked_port(value, value))
+        text = value.strip()
+        if text.isdigit():
+            return cls(ALL_INTERFACES, _checked_port(int(text), value))
+        if text.startswith("["):
+            match = re.fullmatch(r"\[([^\]]+)\]:(\d+)", text)
+            if not match:
+                raise ValueError(f"{show_value(value)} {_BIND_HINT}")
+            host = match[1]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{show_value(value)} has an invalid IPv6 address: {host!r}") from None
+            return cls(host, _checked_port(int(match[2]), value))
+        host, separator, port = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(
+                f"{show_value(value)} {_BIND_HINT}; an IPv6 address goes in brackets, "
+                'e.g. "[::1]:1883"')
+        if not separator or not port.isdigit():
+            raise ValueError(f"{show_value(value)} {_BIND_HINT}")
+        if not host:
+            host = ALL_INTERFACES
+        elif not _valid_host(host):
+            raise ValueError(f"{show_value(value)} has an invalid host: {host!r}")
+        return cls(host, _checked_port(int(port), value))
+
+
+def _checked_port(port: int, given: Any) -> int:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{show_value(given)} is out of range (allowed port: 0 to 65535)")
+    return port
+
+
+def _valid_host(host: str) -> bool:
+    # All-numeric dotted names must be real IPv4 addresses: "999.1.1.1" is a
+    # typo, not a host name.
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    return bool(_HOSTNAME_RE.fullmatch(host))
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)

@@ -247,7 +247,8 @@ def _shipped_config_env(port: int, tls_port: int, ws_port: int = 0,
     return clean_env(BASTIONMQ_LISTENERS__TCP__DEFAULT__BIND=f"127.0.0.1:{port}",
                      BASTIONMQ_LISTENERS__SSL__DEFAULT__BIND=f"127.0.0.1:{tls_port}",
                      BASTIONMQ_LISTENERS__WS__DEFAULT__BIND=f"127.0.0.1:{ws_port}",
-                     BASTIONMQ_LISTENERS__WSS__DEFAULT__BIND=f"127.0.0.1:{wss_port}")
+                     BASTIONMQ_LISTENERS__WSS__DEFAULT__BIND=f"127.0.0.1:{wss_port}",
+                     BASTIONMQ_HTTP_API__BIND="127.0.0.1:0")
 
 
 def test_environment_overrides_the_listener_of_the_shipped_config(start_process, clients, run,

@@ -40,6 +40,7 @@ from bastionmq.config import (
     parse_duration,
     parse_size,
 )
+from bastionmq.ops.settings import HttpApiConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "etc" / "bastionmq.conf"
@@ -126,7 +127,7 @@ def test_shipped_config_shows_every_key() -> None:
                 SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig, SniCertificate,
                 NodeConfig, AuthenticatorConfig, AuthorizationConfig, AuthzCacheConfig,
                 AclSourceConfig, PasswordHash, AuthnBanConfig, WsListenerConfig,
-                WebSocketOptions, WssListenerConfig, DurableSessionsConfig):
+                WebSocketOptions, WssListenerConfig, DurableSessionsConfig, HttpApiConfig):
         for field in attrs.fields(cls):
             assert re.search(rf"\b{field.name}\b", text), f"{cls.__name__}.{field.name}"
 
@@ -137,7 +138,8 @@ def test_reference_documents_every_key() -> None:
                 ListenersConfig, SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig,
                 SniCertificate, NodeConfig, AuthenticatorConfig, AuthorizationConfig,
                 AuthzCacheConfig, AclSourceConfig, PasswordHash, AuthnBanConfig,
-                WsListenerConfig, WebSocketOptions, WssListenerConfig, DurableSessionsConfig):
+                WsListenerConfig, WebSocketOptions, WssListenerConfig, DurableSessionsConfig,
+                HttpApiConfig):
         for field in attrs.fields(cls):
             # As a key in code quotes: `max_inflight`, `tcp_options.backlog`, ...
             assert re.search(rf"`[\w.<>]*\b{field.name}\b[\w.<>]*`", text), (
@@ -453,7 +455,7 @@ def test_unknown_key_with_a_hint() -> None:
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     assert errors_of("zzz = 1") == {
-        "zzz": "unknown key (known keys: node, mqtt, listeners, allow_anonymous, hide_unknown_users, log, sys_topics, crl_cache, psk_authentication, authentication, authn_ban, authorization, durable_sessions)"}
+        "zzz": "unknown key (known keys: node, mqtt, listeners, allow_anonymous, hide_unknown_users, log, sys_topics, crl_cache, psk_authentication, authentication, authn_ban, authorization, durable_sessions, http_api)"}
 
 
 def test_unknown_key_deep_inside_a_listener() -> None:

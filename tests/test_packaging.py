@@ -18,7 +18,7 @@ TOP = "bastionmq"
 #: Folders at the root that never install: tests, benchmarks, and build output.
 NOT_INSTALLED = {"tests", "benchmarks", "docs", "etc", "build", "dist"}
 #: Root folders that must not be importable on their own.
-FOLDER_NAMES = ("broker", "listeners", "auth", "acl")
+FOLDER_NAMES = ("broker", "listeners", "auth", "acl", "ops")
 TIMEOUT = 300
 
 
