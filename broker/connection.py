@@ -479,7 +479,9 @@ class Connection:
 
     def _refuse(self, reason: int, why: str) -> None:
         log.info("refusing %s: %s (%s)", self.describe(), why, reason_name(reason))
-        self.core.stats.connections_refused += 1
+        stats = self.core.stats
+        stats.connections_refused += 1
+        stats.connacks[reason] = stats.connacks.get(reason, 0) + 1
         if self.version == MQTT_5:
             self.outbox.send_explained(Connack(reason), why)
         else:
@@ -563,6 +565,8 @@ class Connection:
                         "(mqtt.max_keepalive_refuse_v3 refuses it)", self.describe(),
                         self.keepalive, settings.max_keepalive)
         self.outbox.send(Connack(0, present, connack_props))
+        connacks = core.stats.connacks
+        connacks[0] = connacks.get(0, 0) + 1
         if self.keepalive:
             self._keepalive_handle = core.loop.call_later(
                 self.keepalive * settings.keepalive_multiplier, self._keepalive_check)

@@ -36,3 +36,6 @@ class Stats:
     publisher_pauses: int = 0
     publisher_paused_seconds: float = 0.0
     slow_subscribers: int = 0
+    #: CONNACKs sent, by 5.0 reason code (a 3.1.1 client's return code is
+    #: counted by the reason it stands for); 0 is success.
+    connacks: dict[int, int] = attrs.field(factory=dict)

@@ -143,6 +143,13 @@ class CrlStore:
         self._by_issuer[key] = _Held(
             crl, source, frozenset(entry.serial_number for entry in crl))
 
+    def next_updates(self) -> list[tuple[str, str, float]]:
+        """(issuer, source, next update as a Unix time) of each CRL held that
+        names one: after it, the CRL is stale."""
+        return [(held.crl.issuer.rfc4514_string(), held.source,
+                 held.crl.next_update_utc.timestamp())
+                for held in self._by_issuer.values() if held.crl.next_update_utc is not None]
+
     def adopt_fetched(self, old: CrlStore) -> None:
         """Keep what ``old`` fetched from distribution points (a reload re-reads
         files, not URLs), where this store trusts the issuer and holds nothing newer."""

@@ -55,8 +55,11 @@ class TlsListener(Listener):
         self.material: TlsMaterial
         self._install(material if material is not None
                       else load_material(options, crl_cache, psk))
-        #: Failed handshakes by reason, for operators and metrics.
+        #: Failed handshakes by reason, and those that succeeded by TLS
+        #: version and cipher suite, for operators and metrics.
         self.handshake_failures: collections.Counter[str] = collections.Counter()
+        self.handshakes: collections.Counter[tuple[str | None, str | None]] = \
+            collections.Counter()
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -357,6 +360,7 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
 
     def _attach(self, peer: PeerInfo) -> None:
         listener = self.listener
+        listener.handshakes[(peer.tls_version, peer.cipher)] += 1
         if log.isEnabledFor(logging.DEBUG):
             cert = peer.certificate
             log.debug("listener %s: TLS with %s: %s %s%s%s%s", listener.id, peer.host,

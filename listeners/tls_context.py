@@ -296,6 +296,9 @@ class TlsMaterial:
     sni: dict[str, ssl.SSLContext] = attrs.field(factory=dict)
     #: PSK identity -> key, when the listener serves PSK.
     psk_keys: dict[str, bytes] | None = None
+    #: (role: server or ca, subject, expiry as a Unix time) of each
+    #: certificate it presents or trusts, for the operator's alerts.
+    certificates: tuple[tuple[str, str, float], ...] = ()
 
 
 def load_material(options: SslOptions, crl_cache: CrlCacheConfig,
@@ -338,7 +341,20 @@ def load_material(options: SslOptions, crl_cache: CrlCacheConfig,
         except (CrlError, OSError) as exc:
             raise TlsSetupError("crlfile", str(exc)) from None
     watched = (*paths.values(), *(options.crlfile if options.enable_crl_check else ()))
-    return TlsMaterial(context, revocation, mtimes(dict.fromkeys(watched, 0.0)), sni, psk_keys)
+    return TlsMaterial(context, revocation, mtimes(dict.fromkeys(watched, 0.0)), sni, psk_keys,
+                       _expiries(options))
+
+
+def _expiries(options: SslOptions) -> tuple[tuple[str, str, float], ...]:
+    """(role, subject, not after) of the server and CA certificates in use."""
+    found = [("server", cert) for _, cert in server_certificates(options)]
+    if options.cacertfile and options.verify == "verify_peer":
+        try:
+            found += [("ca", cert) for cert in load_ca_certificates(options.cacertfile)]
+        except (OSError, ValueError):
+            pass  # the context was built from it: it cannot fail here but by a race
+    return tuple((role, cert.subject.rfc4514_string(), cert.not_valid_after_utc.timestamp())
+                 for role, cert in found)
 
 
 #: A server certificate expiring within this is warned about at start and daily.

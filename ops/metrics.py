@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from bastionmq.broker.core import BrokerCore
+from bastionmq.broker.properties import reason_name
 
 #: Stats counters by metric name, with their help text. The drop reasons
 #: are one metric with a label.
@@ -70,6 +71,11 @@ class BrokerCollector(Collector):
         for action, field in _DENIALS:
             denied.add_metric([action], getattr(stats, field))
         yield denied
+        connacks = CounterMetricFamily("bastionmq_connack", "CONNACKs sent, by reason.",
+                                       labels=["reason"])
+        for code, count in sorted(stats.connacks.items()):
+            connacks.add_metric([reason_name(code)], count)
+        yield connacks
         authn = broker.authn_stats
         if authn is not None:
             outcomes = CounterMetricFamily("bastionmq_authentication",
@@ -87,17 +93,39 @@ class BrokerCollector(Collector):
         refused = CounterMetricFamily("bastionmq_connections_refused_over_limit",
                                       "Connections refused over max_connections, by listener.",
                                       labels=["listener"])
-        failures = CounterMetricFamily(
-            "bastionmq_tls_handshake_failures",
-            "Failed TLS handshakes, by listener and reason.", labels=["listener", "reason"])
+        handshakes = CounterMetricFamily(
+            "bastionmq_tls_handshakes", "TLS handshakes, by listener, result and reason "
+            "(empty for those that succeeded).", labels=["listener", "result", "reason"])
+        negotiated = CounterMetricFamily(
+            "bastionmq_tls_negotiated", "Successful TLS handshakes, by listener, TLS version "
+            "and cipher suite.", labels=["listener", "version", "cipher"])
+        expiry = GaugeMetricFamily(
+            "bastionmq_tls_certificate_expiry_timestamp_seconds",
+            "When each certificate a TLS listener presents (server) or trusts (ca) expires, "
+            "and when each CRL it holds is next updated (crl), as a Unix time.",
+            labels=["listener", "role", "subject"])
         for listener_id, listener in sorted(listeners.items()):
             current.add_metric([listener_id], listener.connection_count)
             refused.add_metric([listener_id], listener.refused_over_limit)
-            for reason, count in sorted(getattr(listener, "handshake_failures", {}).items()):
-                failures.add_metric([listener_id, reason], count)
+            material = getattr(listener, "material", None)
+            if material is None:
+                continue  # not a TLS listener
+            succeeded = listener.handshakes
+            handshakes.add_metric([listener_id, "ok", ""], sum(succeeded.values()))
+            for reason, count in sorted(listener.handshake_failures.items()):
+                handshakes.add_metric([listener_id, "failed", reason], count)
+            for (version, cipher), count in sorted(succeeded.items(), key=str):
+                negotiated.add_metric([listener_id, version or "", cipher or ""], count)
+            for role, subject, when in material.certificates:
+                expiry.add_metric([listener_id, role, subject], when)
+            if material.revocation is not None:
+                for issuer, _, when in material.revocation.next_updates():
+                    expiry.add_metric([listener_id, "crl", issuer], when)
         yield current
         yield refused
-        yield failures
+        yield handshakes
+        yield negotiated
+        yield expiry
 
     def _sessions(self, core: BrokerCore) -> Iterator[Metric]:
         sessions = core.sessions.values()

@@ -3,6 +3,7 @@ real MQTT and TLS traffic, and the health checks."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import socket
 import ssl
@@ -12,10 +13,14 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bastionmq.broker.codec import MQTT_5, Publish, Subscribe, Subscription
-from bastionmq.pki import init_pki
+from cryptography import x509
+
+from bastionmq.broker.codec import MQTT_5, Connect, Publish, Subscribe, Subscription, encode
+from bastionmq.pki import init_pki, issue_client
 
 # $SYS figures off: they are retained messages too, and would count.
+NOW = datetime.datetime.now(datetime.timezone.utc)
+
 OPS = """
 http_api { enable = true, bind = "127.0.0.1:0" }
 sys_topics.sys_interval = 0s
@@ -26,6 +31,9 @@ sys_topics.sys_interval = 0s
 def pki(tmp_path_factory):
     directory = tmp_path_factory.mktemp("pki")
     init_pki(directory)
+    issue_client(directory, "sensor-1")
+    issue_client(directory, "expired", not_before=NOW - datetime.timedelta(days=30),
+                 not_after=NOW - datetime.timedelta(days=1))
     return directory
 
 
@@ -70,6 +78,7 @@ def test_metrics_count_what_real_clients_did(start_broker, raw_clients):
     assert metrics[("bastionmq_messages_received_total", ())] == 4
     assert metrics[("bastionmq_messages_sent_total", ())] == 4
     assert metrics[("bastionmq_connections", (("listener", "tcp:default"),))] == 2
+    assert metrics[("bastionmq_connack_total", (("reason", "0x00 success"),))] == 2
     assert metrics[("bastionmq_sessions", (("state", "connected"),))] == 2
     assert metrics[("bastionmq_subscriptions", ())] == 1
     assert metrics[("bastionmq_retained_messages", ())] == 1
@@ -84,11 +93,12 @@ def test_a_refused_connection_and_a_protocol_error_are_counted(start_broker, raw
     assert refused.connect("nobody").reason_code == 0x87
     metrics = scrape(broker)
     assert metrics[("bastionmq_connections_refused_total", ())] == 1
+    assert metrics[("bastionmq_connack_total", (("reason", "0x87 not authorized"),))] == 1
     assert metrics[("bastionmq_authentication_total", (("outcome", "denied"),))] == 1
 
 
-def test_a_failed_tls_handshake_is_counted_with_its_reason(start_broker, pki):
-    broker = start_broker(OPS + f"""
+def tls_broker(start_broker, pki):
+    return start_broker(OPS + f"""
 listeners.ssl.default {{
   bind = "127.0.0.1:0"
   ssl_options {{
@@ -97,17 +107,50 @@ listeners.ssl.default {{
   }}
 }}
 """)
-    port = broker.port_of("ssl:default")
+
+
+def tls_connect(broker, pki, cert: str | None) -> None:
+    """A TLS handshake with the client certificate ``cert`` (None: none),
+    then a CONNECT; the broker's refusal, if any, comes out as an error."""
     context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if cert is not None:
+        context.load_cert_chain(pki / f"{cert}.pem", pki / f"{cert}.key")
+    port = broker.port_of("ssl:default")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(encode(Connect(f"c-{cert}", MQTT_5), MQTT_5))
+            assert tls.recv(1)  # TLS 1.3 reports a refused certificate here
+
+
+def test_tls_handshakes_are_counted_by_result_reason_and_version(start_broker, pki):
+    broker = tls_broker(start_broker, pki)
+    tls_connect(broker, pki, "sensor-1")
+    for refused in (None, "expired"):
         with pytest.raises((ssl.SSLError, ConnectionError)):
-            with context.wrap_socket(raw, server_hostname="localhost") as tls:
-                tls.sendall(b"\x10\x00")  # TLS 1.3 reports the refusal on first use
-                tls.recv(1)
+            tls_connect(broker, pki, refused)
     metrics = scrape(broker)
-    key = ("bastionmq_tls_handshake_failures_total",
-           (("listener", "ssl:default"), ("reason", "no client certificate")))
-    assert metrics[key] == 1
+
+    def handshakes(result, reason):
+        return metrics[("bastionmq_tls_handshakes_total",
+                        (("listener", "ssl:default"), ("reason", reason), ("result", result)))]
+    assert handshakes("ok", "") == 1
+    assert handshakes("failed", "no client certificate") == 1
+    assert handshakes("failed", "client certificate expired") == 1
+    negotiated = {labels: value for (name, labels), value in metrics.items()
+                  if name == "bastionmq_tls_negotiated_total"}
+    assert list(negotiated.values()) == [1]
+    assert dict(next(iter(negotiated)))["version"] == "TLSv1.3"
+
+
+def test_certificate_expiry_is_the_certificates_not_after(start_broker, pki):
+    broker = tls_broker(start_broker, pki)
+    metrics = scrape(broker)
+    for role, name in (("server", "server.pem"), ("ca", "ca.pem")):
+        cert = x509.load_pem_x509_certificate((pki / name).read_bytes())
+        key = ("bastionmq_tls_certificate_expiry_timestamp_seconds",
+               (("listener", "ssl:default"), ("role", role),
+                ("subject", cert.subject.rfc4514_string())))
+        assert metrics[key] == cert.not_valid_after_utc.timestamp()
 
 
 def test_health_and_readiness(start_broker):
