@@ -23,6 +23,7 @@ from bastionmq.auth.passwords import PasswordHash
 from bastionmq.auth.scram import DEFAULT_ITERATIONS
 from bastionmq.app import Broker, check_rule_files
 from bastionmq.config import Config, ConfigError, load_config
+from bastionmq.ops.logs import configure_logging
 from bastionmq.version import __version__
 
 DEFAULT_CONFIG = Path("etc/bastionmq.conf")
@@ -95,9 +96,10 @@ def start(config_file: str | None) -> None:
     config, source = _load(config_file)
     if not config.enabled_listeners():
         raise click.ClickException(f"{source}: no listener is enabled; nothing to serve")
-    logging.basicConfig(
-        level=config.log.level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configure_logging(config.log)
+    except OSError as exc:
+        raise click.ClickException(f"log.file.path: {exc}") from None
     log.info("bastionmq %s starting with %s", __version__, source)
     try:
         _run(_serve(Broker(config)))

@@ -55,6 +55,7 @@ from bastionmq.broker.settings import INFINITY, MqttSettings, peer_cert_source
 from bastionmq.listeners.settings import (
     ALL_INTERFACES, Bind, CrlCacheConfig, PskConfig, SniCertificate, SslOptions, TcpOptions, WebSocketOptions,
 )
+from bastionmq.ops.logs import LogConfig, LogFileConfig
 from bastionmq.ops.settings import HttpApiConfig
 from bastionmq.units import format_duration, format_size, parse_duration, parse_size, show_value
 
@@ -75,6 +76,7 @@ __all__ = [
     "ListenersConfig",
     "NodeConfig",
     "LogConfig",
+    "LogFileConfig",
     "TcpListenerConfig",
     "TcpOptions",
     "SslListenerConfig",
@@ -90,7 +92,6 @@ __all__ = [
 ENV_PREFIX = "BASTIONMQ_"
 _ENV_SEPARATOR = "__"
 
-_LOG_LEVELS = ("debug", "info", "warning", "error")
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -178,11 +179,6 @@ class ListenersConfig:
     ssl: dict[str, SslListenerConfig] = attrs.field(factory=dict)
     ws: dict[str, WsListenerConfig] = attrs.field(factory=dict)
     wss: dict[str, WssListenerConfig] = attrs.field(factory=dict)
-
-
-@attrs.define(slots=True, frozen=True, kw_only=True)
-class LogConfig:
-    level: str = attrs.field(default="info", validator=v.in_(_LOG_LEVELS))
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)

@@ -341,6 +341,14 @@ class Connection:
         return f"client {shown(self.client_id)} ({host} on {self.peer.listener})" \
             if self.client_id else f"connection {host} on {self.peer.listener}"
 
+    def _event(self, event: str, reason: str | None = None) -> dict[str, Any]:
+        """The fields of a logged event (see ops.logs): what, where, who, why."""
+        address = self.peer.address
+        return {"event": event, "listener": self.peer.listener,
+                "peer": f"{address[0]}:{address[1]}" if address else None,
+                "client_id": self.client_id or None, "username": self.username,
+                "reason": reason}
+
     def _log_refusal(self, message: str, *args: Any) -> None:
         """Log a refused request (a PUBLISH, SUBSCRIBE filters) at most once
         per REFUSAL_LOG_INTERVAL for this connection; those in between are
@@ -478,7 +486,8 @@ class Connection:
         self.core.outboxes.flush()
 
     def _refuse(self, reason: int, why: str) -> None:
-        log.info("refusing %s: %s (%s)", self.describe(), why, reason_name(reason))
+        log.info("refusing %s: %s (%s)", self.describe(), why, reason_name(reason),
+                 extra=self._event("refuse", f"{why} ({reason_name(reason)})"))
         stats = self.core.stats
         stats.connections_refused += 1
         stats.connacks[reason] = stats.connacks.get(reason, 0) + 1
@@ -570,8 +579,9 @@ class Connection:
         if self.keepalive:
             self._keepalive_handle = core.loop.call_later(
                 self.keepalive * settings.keepalive_multiplier, self._keepalive_check)
-        log.debug("%s connected (protocol %d, clean %s, session present %s)",
-                  self.describe(), self.version, packet.clean_start, present)
+        log.info("%s connected (protocol %d, clean start %s, session present %s)",
+                 self.describe(), self.version, packet.clean_start, present,
+                 extra=self._event("connect"))
         core.resume_session(session)
 
     # PUBLISH ---------------------------------------------------------------
@@ -922,7 +932,8 @@ class Connection:
         core = self.core
         core.detach(self)
         if was_connected:
-            log.debug("%s disconnected: %s", self.describe(), self.close_reason)
+            log.info("%s disconnected: %s", self.describe(), self.close_reason,
+                     extra=self._event("disconnect", self.close_reason))
             will, self.will = self.will, None
             core.end_connection(self, will)
 

@@ -214,7 +214,9 @@ class TlsListener(Listener):
     def handshake_failed(self, peer: tuple | None, reason: str) -> None:
         self.handshake_failures[reason] += 1
         host = f"{peer[0]}:{peer[1]}" if peer else "?"
-        log.info("listener %s: TLS handshake with %s failed: %s", self.id, host, reason)
+        log.info("listener %s: TLS handshake with %s failed: %s", self.id, host, reason,
+                 extra={"event": "tls_failure", "listener": self.id, "peer": host,
+                        "reason": reason})
 
     def refuse_peer(self, peer: PeerInfo, resumed: bool = False) -> str | None:
         """Why a verified peer may not connect, for checks OpenSSL does not

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -526,3 +527,49 @@ def test_data_check_names_a_damaged_or_missing_store(run, tmp_path):
     assert damaged.returncode == 1
     assert "is not a usable bastionmq store: file is not a database" in damaged.stderr
     assert "Traceback" not in damaged.stderr
+
+
+# ------------------------------------------------------------------ logging
+
+def test_the_log_is_json_lines_in_a_rotated_file(start_process, clients, tmp_path):
+    port = free_port()
+    log_file = tmp_path / "broker.log"
+    config = write_config(tmp_path, f"""
+listeners.tcp.default {{ bind = "127.0.0.1:{port}" }}
+allow_anonymous = true
+log {{
+  format = json
+  file {{ path = "{log_file}", max_size = 2KB, rotate = 2 }}
+}}
+""")
+    broker = start_process(config)
+    broker.wait_listening(port)
+    for index in range(12):
+        clients(port, client_id=f"logged-{index}").disconnect()
+    assert broker.stop(signal.SIGTERM) == 0, broker.stderr
+    files = sorted(tmp_path.glob("broker.log*"))
+    assert [path.name for path in files] == ["broker.log", "broker.log.1", "broker.log.2"]
+    assert all(path.stat().st_size <= 2048 for path in files)
+    events = [json.loads(line) for path in reversed(files)  # the oldest first
+              for line in path.read_text().splitlines()]
+    connects = [e for e in events if e.get("event") == "connect"]
+    disconnects = [e for e in events if e.get("event") == "disconnect"]
+    assert connects and disconnects
+    last = connects[-1]
+    assert (last["level"], last["listener"]) == ("info", "tcp:default")
+    assert last["client_id"].startswith("logged-") and last["peer"].startswith("127.0.0.1:")
+    assert disconnects[-1]["reason"] == "client disconnected"
+    assert "connected (protocol" in last["message"]
+
+
+def test_connects_and_refusals_are_logged_at_info_by_default(start_process, clients, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, f"""
+listeners.tcp.default {{ bind = "127.0.0.1:{port}" }}
+allow_anonymous = false
+""")
+    broker = start_process(config)
+    broker.wait_listening(port)
+    assert clients(port, client_id="stranger").reason_code != 0
+    assert broker.stop(signal.SIGTERM) == 0
+    assert "INFO bastionmq.connection: refusing client 'stranger'" in broker.stderr

@@ -25,6 +25,7 @@ from bastionmq.config import (
     DurableSessionsConfig,
     ListenersConfig,
     LogConfig,
+    LogFileConfig,
     NodeConfig,
     PskConfig,
     SniCertificate,
@@ -123,7 +124,8 @@ def test_defaults_shown_in_the_shipped_config_match_the_code() -> None:
 
 def test_shipped_config_shows_every_key() -> None:
     text = SHIPPED.read_text()
-    for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, SysTopicsConfig, Config,
+    for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, LogFileConfig,
+                SysTopicsConfig, Config,
                 SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig, SniCertificate,
                 NodeConfig, AuthenticatorConfig, AuthorizationConfig, AuthzCacheConfig,
                 AclSourceConfig, PasswordHash, AuthnBanConfig, WsListenerConfig,
@@ -134,7 +136,8 @@ def test_shipped_config_shows_every_key() -> None:
 
 def test_reference_documents_every_key() -> None:
     text = (ROOT / "docs" / "config.md").read_text()
-    for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, SysTopicsConfig, Config,
+    for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, LogFileConfig,
+                SysTopicsConfig, Config,
                 ListenersConfig, SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig,
                 SniCertificate, NodeConfig, AuthenticatorConfig, AuthorizationConfig,
                 AuthzCacheConfig, AclSourceConfig, PasswordHash, AuthnBanConfig,
