@@ -27,7 +27,9 @@ benchmark's clients is its last rule, with the decision cache on or off.
 bastionmq-durable (and bastionmq-durable-normal, with synchronous = normal)
 is bastionmq with durable_sessions on, mosquitto-persist is Mosquitto with
 persistence on; each start of one gets a fresh, empty data folder (under
---store-dir). Some scenarios add to every broker's configuration
+--store-dir). bastionmq-ops is bastionmq with its operations listener on,
+its /metrics scraped every second during the run. Some scenarios add to
+every broker's configuration
 (SCENARIO_CONFIG: qos1-durable lifts the offline queue limits).
 Ratios are shown for each pair in RATIOS whose two members ran.
 """
@@ -51,7 +53,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -134,6 +138,9 @@ durable_sessions {
   data_dir = "{data_dir}"
 {synchronous}}
 """
+# The operations listener the bastionmq-ops variant adds ({ops_port}: a free
+# port); the run scrapes its /metrics every second (scrape_metrics()).
+OPS = 'http_api { enable = true, bind = "127.0.0.1:{ops_port}" }\n'
 # Mosquitto's persistence: it writes its database at autosave_interval
 # (default 1800 s) and at shutdown, not before acknowledging.
 MOSQUITTO_PERSIST = "persistence true\npersistence_location {data_dir}/\n"
@@ -148,6 +155,7 @@ BROKERS = {
     "bastionmq-durable": ("bastionmq", DURABLE.replace("{synchronous}", "")),
     "bastionmq-durable-normal": ("bastionmq", DURABLE.replace("{synchronous}", "  synchronous = normal\n")),
     "mosquitto-persist": ("mosquitto", MOSQUITTO_PERSIST),
+    "bastionmq-ops": ("bastionmq", OPS),
     # another build of bastionmq (--baseline-cmd), e.g. the commit before a change
     "bastionmq-baseline": ("bastionmq", ""),
 }
@@ -172,6 +180,7 @@ RATIOS = (
     ("bastionmq-durable-normal", "mosquitto-persist"),
     ("bastionmq-durable-normal", "bastionmq"),
     ("mosquitto-persist", "mosquitto"),
+    ("bastionmq-ops", "bastionmq"),
 )
 ACL_RULES = 1000
 # Scenarios whose generator spins its event loop on purpose (its core is busy
@@ -290,6 +299,7 @@ def config(
     ws: bool = False,
     data_dir: str = "",
     scenario: str = "",
+    ops_port: int = 0,
 ) -> str:
     """A broker's configuration: plain TCP, or with `tls` (a make_pki entry
     plus "mutual") a TLS listener instead, or with `ws` a WebSocket listener;
@@ -297,6 +307,7 @@ def config(
     data folder) filled in, then what `scenario` adds (SCENARIO_CONFIG)."""
     name, added = BROKERS[name]
     added = added.replace("{acl}", acl).replace("{data_dir}", data_dir)
+    added = added.replace("{ops_port}", str(ops_port))
     added += SCENARIO_CONFIG.get(scenario, {}).get(name, "")
     if ws:
         spare = free_port()
@@ -380,15 +391,20 @@ class Broker:
         self.ws, self.store_root, self.scenario = ws, store_root or workdir, scenario
         self.data_dir = None
         self.store_bytes = self.stop_s = None
+        #: The operations listener's port, for variants that have one.
+        self.ops_port = 0
 
     def __enter__(self):
         self.port = free_port()
         program, added = BROKERS[self.name]
         if "{data_dir}" in added:
             self.data_dir = fresh_data_dir(self.store_root, f"{self.name}-{self.port}-", program)
+        if "{ops_port}" in added:
+            self.ops_port = free_port()
         conf = self.workdir / f"{self.name}-{self.port}.conf"
         conf.write_text(
-            config(self.name, self.port, self.tls, self.acl, self.ws, str(self.data_dir or ""), self.scenario)
+            config(self.name, self.port, self.tls, self.acl, self.ws, str(self.data_dir or ""), self.scenario,
+                   self.ops_port)
         )
         argv = ["taskset", "-c", str(self.cpu), *shlex.split(self.cmd.format(conf=conf, port=self.port))]
         self.logpath = self.workdir / f"{self.name}-{self.port}.log"
@@ -441,6 +457,15 @@ def background_load(cpus, seconds=0.3) -> float:
     return round(1 - (loadgen.idle_seconds(cpus) - a) / ((time.monotonic() - t) * len(cpus)), 3)
 
 
+def scrape_metrics(port: int, cpu: int, stop: threading.Event, scrapes: list) -> None:
+    """GET /metrics every second until ``stop``, on the generator's core (as
+    Prometheus would, from elsewhere); ``scrapes`` gets each one's size."""
+    os.sched_setaffinity(0, {cpu})  # this thread only
+    while not stop.wait(1.0):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            scrapes.append(len(response.read()))
+
+
 def run_scenario(args, scenario, broker: Broker, extra) -> dict:
     argv = [
         "taskset", "-c", str(args.gen_cpu), sys.executable, str(HERE / "loadgen.py"), scenario,
@@ -451,12 +476,25 @@ def run_scenario(args, scenario, broker: Broker, extra) -> dict:
         argv += ["--cafile", broker.tls["cafile"]]
         if broker.tls["mutual"]:
             argv += ["--certfile", broker.tls["client_certfile"], "--keyfile", broker.tls["client_keyfile"]]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=args.warmup + args.duration + 180)
+    stop, scrapes = threading.Event(), []
+    scraper = None
+    if broker.ops_port:
+        scraper = threading.Thread(target=scrape_metrics, args=(broker.ops_port, args.gen_cpu, stop, scrapes))
+        scraper.start()
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=args.warmup + args.duration + 180)
+    finally:
+        stop.set()
+        if scraper is not None:
+            scraper.join()
     if broker.proc.poll() is not None:
         raise RuntimeError(f"{broker.name} exited with {broker.proc.returncode}:\n{broker.log_tail()}")
     if out.returncode:
         raise RuntimeError(f"loadgen failed ({out.returncode}):\n{out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if scraper is not None:
+        result["metrics_scrapes"] = len(scrapes)
+    return result
 
 
 def version(cmd: str) -> str:
