@@ -22,7 +22,7 @@ TIMEOUT = 10.0
 PACKAGES = {"mosquitto": "mosquitto", "mosquitto_passwd": "mosquitto",
             "mosquitto_pub": "mosquitto-clients", "mosquitto_sub": "mosquitto-clients",
             "openssl": "openssl", "chromium": "chromium", "certutil": "libnss3-tools",
-            "npm": "npm"}
+            "npm": "npm", "promtool": "prometheus"}
 
 
 def missing(what: str) -> None:
