@@ -285,6 +285,7 @@ class Broker:
             self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
                                          f"bastionmq {__version__}")
             self._sys_topics.start()
+        ops = OpsServer(self, config.http_api) if config.http_api.enable else None
         for cls, name, block, extra in listeners:
             listener = cls(
                 name, block.bind.host, block.bind.port, core,
@@ -293,9 +294,9 @@ class Broker:
                 high_watermark=block.tcp_options.high_watermark, **extra)
             await listener.start()
             self.listeners[listener.id] = listener
-        if config.http_api.enable:
-            self.ops = OpsServer(self, config.http_api)
-            await self.ops.start()
+        if ops is not None:
+            self.ops = ops
+            await ops.start()
 
     async def stop(self) -> None:
         """Stop accepting, disconnect every client (5.0: DISCONNECT 0x8B), close sockets."""

@@ -14,6 +14,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
+from bastionmq.config import ConfigError
+from bastionmq.listeners.tls_context import TlsSetupError, build_context
+
 from .metrics import BrokerCollector
 from .settings import HttpApiConfig
 
@@ -32,8 +35,17 @@ class OpsServer:
         ProcessCollector(registry=self.registry)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        #: (host, port) bound, once started.
+        #: (host, port) bound, once started, and http or https.
         self.address: tuple[str, int] | None = None
+        # Made here, before any port opens: a bad ssl_options stops start-up.
+        self._context = None
+        options = settings.ssl_options
+        if options is not None:
+            try:
+                self._context = build_context(options)
+            except TlsSetupError as exc:
+                raise ConfigError([(exc.key_path("http_api.ssl_options"), str(exc))]) from None
+        self.scheme = "https" if self._context is not None else "http"
 
     async def start(self) -> None:
         app = web.Application()
@@ -43,7 +55,7 @@ class OpsServer:
         runner = self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         bind = self.settings.bind
-        self._site = web.TCPSite(runner, bind.host, bind.port)
+        self._site = web.TCPSite(runner, bind.host, bind.port, ssl_context=self._context)
         try:
             await self._site.start()
         except OSError as exc:
@@ -51,8 +63,8 @@ class OpsServer:
             raise OSError(exc.errno, f"http_api.bind {bind}: {exc.strerror or exc}") from None
         sockets = runner.addresses
         self.address = tuple(sockets[0][:2]) if sockets else (bind.host, bind.port)
-        log.info("operations listener on http://%s:%d (/metrics, /healthz, /readyz)",
-                 *self.address)
+        log.info("operations listener on %s://%s:%d (/metrics, /healthz, /readyz)",
+                 self.scheme, *self.address)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cryptography import x509
 
 from bastionmq.broker.codec import MQTT_5, Connect, Publish, Subscribe, Subscription, encode
+from bastionmq.config import ConfigError
 from bastionmq.pki import init_pki, issue_client
 
 # $SYS figures off: they are retained messages too, and would count.
@@ -167,3 +168,37 @@ def test_health_and_readiness(start_broker):
 
 def test_it_is_off_unless_enabled(broker):
     assert broker.run(lambda: broker.broker.ops) is None
+
+
+def test_the_operations_listener_over_tls_requires_a_client_certificate(start_broker, pki):
+    broker = start_broker(f"""
+http_api {{
+  enable = true
+  bind = "127.0.0.1:0"
+  ssl_options {{
+    cacertfile = "{pki / 'ca.pem'}", certfile = "{pki / 'server.pem'}",
+    keyfile = "{pki / 'server.key'}", verify = verify_peer, fail_if_no_peer_cert = true
+  }}
+}}
+""")
+    url = ops_url(broker, "/healthz").replace("http://", "https://")
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    context.check_hostname = False  # the URL names 127.0.0.1, the certificate localhost
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(url, timeout=10, context=context).read()
+    context.load_cert_chain(pki / "sensor-1.pem", pki / "sensor-1.key")
+    with urllib.request.urlopen(url, timeout=10, context=context) as response:
+        assert (response.status, json.loads(response.read())["status"]) == (200, "alive")
+
+
+def test_bad_ssl_options_stop_start_up_with_their_key_path(start_broker, pki, tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        start_broker(f"""
+http_api {{
+  enable = true
+  bind = "127.0.0.1:0"
+  ssl_options {{ certfile = "{tmp_path / 'missing.pem'}", keyfile = "{pki / 'server.key'}",
+                 cacertfile = "{pki / 'ca.pem'}" }}
+}}
+""")
+    assert "http_api.ssl_options.certfile" in str(caught.value)
