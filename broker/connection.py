@@ -30,7 +30,7 @@ from .packet_types import (
     SUBSCRIBE, UNSUBSCRIBE,
 )
 from .properties import CONNACK_V3_CODES, Reason, reason_name
-from .logtext import shown
+from .logtext import endpoint, shown
 from .sessions import Session
 from .shared import shared_inner, split_shared
 from .topics import InvalidTopic, validate_filter, validate_topic_name
@@ -66,7 +66,7 @@ HELD_BYTES_LIMIT = 256 * 1024
 
 class Connection:
     __slots__ = (
-        "core", "transport", "peer", "decoder", "version", "state", "client_id",
+        "core", "transport", "peer", "decoder", "state", "client_id",
         "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
         "_idle_handle", "will", "outbox", "_held", "close_reason", "topic_aliases",
         "problem_info", "auth", "client_info",
@@ -85,7 +85,6 @@ class Connection:
         # smaller limit; finish_connect lifts it.
         self.decoder = Decoder(max_packet_size=min(core.settings.max_packet_size,
                                                    core.settings.max_connect_size))
-        self.version = 0
         self.state = NEW
         self.client_id = ""
         self.username: str | None = None
@@ -132,6 +131,12 @@ class Connection:
         #: Whether the durable store holds this connection's will.
         self.will_stored = False
         core.connections.add(self)
+
+    @property
+    def version(self) -> int:
+        """The protocol level of the client's CONNECT (3, 4 or 5; 0 before
+        it): kept by the outbox, which encodes by it."""
+        return self.outbox.version
 
     def __repr__(self) -> str:
         return f"<Connection {self.client_id or '-'} {self.peer.listener} {self.peer.address}>"
@@ -332,20 +337,19 @@ class Connection:
             self.outbox.write(encode(Connack(exc.connack_v3), 4))
         elif self.state == NEW and exc.connect_level == MQTT_5:
             # A 5.0 CONNECT refused for its content: say why (4.13.1).
-            self.version = self.outbox.version = MQTT_5
+            self.outbox.version = MQTT_5
             self.outbox.send_explained(Connack(exc.reason_code), why[:MAX_LOGGED_REASON])
         self.violation(exc.reason_code, why)
 
     def describe(self) -> str:
-        host = f"{self.peer.address[0]}:{self.peer.address[1]}" if self.peer.address else "?"
+        host = endpoint(self.peer.address)
         return f"client {shown(self.client_id)} ({host} on {self.peer.listener})" \
             if self.client_id else f"connection {host} on {self.peer.listener}"
 
     def _event(self, event: str, reason: str | None = None) -> dict[str, Any]:
         """The fields of a logged event (see ops.logs): what, where, who, why."""
-        address = self.peer.address
         return {"event": event, "listener": self.peer.listener,
-                "peer": f"{address[0]}:{address[1]}" if address else None,
+                "peer": endpoint(self.peer.address) if self.peer.address else None,
                 "client_id": self.client_id or None, "username": self.username,
                 "reason": reason}
 
@@ -375,7 +379,7 @@ class Connection:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
-        self.version = self.outbox.version = packet.protocol_level
+        self.outbox.version = packet.protocol_level
         if self.version == MQTT_5:
             props = packet.properties
             self.outbox.max_packet_size = props.get("maximum_packet_size", 0)

@@ -35,8 +35,10 @@ class AuthenticatingClient(Protocol):
     client_id: str
     username: str | None
     peer: PeerInfo
-    version: int
     access_cache: dict | None
+
+    @property
+    def version(self) -> int: ...
 
     def describe(self) -> str: ...
 

@@ -21,3 +21,9 @@ def shown(value: str | bytes | None, limit: int = SHOWN) -> str:
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+def endpoint(address: tuple | None) -> str:
+    """A socket address as a log line shows it: ``host:port``, or ``?``
+    when the transport did not say."""
+    return f"{address[0]}:{address[1]}" if address else "?"

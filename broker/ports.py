@@ -261,8 +261,6 @@ class Client(Protocol):
     it is."""
 
     outbox: Outbox
-    #: The protocol level of its CONNECT (3, 4 or 5).
-    version: int
     client_id: str
     peer: PeerInfo
     #: Set once CONNECT has succeeded.
@@ -271,6 +269,11 @@ class Client(Protocol):
     access_cache: dict | None
     #: Whether the durable store holds its will.
     will_stored: bool
+
+    @property
+    def version(self) -> int:
+        """The protocol level of its CONNECT (3, 4 or 5)."""
+        ...
 
     @property
     def session(self) -> Any:

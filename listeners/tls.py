@@ -23,6 +23,7 @@ from typing import Any
 
 from bastionmq.broker.connection import Connection
 from bastionmq.broker.core import BrokerCore
+from bastionmq.broker.logtext import endpoint
 from bastionmq.broker.ports import PeerInfo
 from bastionmq.broker.properties import Reason
 
@@ -213,7 +214,7 @@ class TlsListener(Listener):
 
     def handshake_failed(self, peer: tuple | None, reason: str) -> None:
         self.handshake_failures[reason] += 1
-        host = f"{peer[0]}:{peer[1]}" if peer else "?"
+        host = endpoint(peer)
         log.info("listener %s: TLS handshake with %s failed: %s", self.id, host, reason,
                  extra={"event": "tls_failure", "listener": self.id, "peer": host,
                         "reason": reason})

@@ -49,6 +49,7 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from bastionmq.broker.codec import read_varint
 from bastionmq.broker.connection import Connection
 from bastionmq.broker.core import BrokerCore
+from bastionmq.broker.logtext import endpoint
 from bastionmq.broker.ports import PeerInfo
 
 from .base import Listener, UpperLayer
@@ -481,8 +482,7 @@ class WebSocketLayer(UpperLayer):
         self.transport.close()
 
     def _log_close(self, code: int, why: str | None) -> None:
-        address = self.peer.address if self.peer is not None else None
-        host = f"{address[0]}:{address[1]}" if address else "?"
+        host = endpoint(self.peer.address if self.peer is not None else None)
         log.info("listener %s: closing the WebSocket of %s: %s (%d)", self.listener.id, host,
                  why, code)
 
@@ -624,8 +624,7 @@ class WebSocketServing:
 
     def upgrade_refused(self, peer: PeerInfo | None, status: int | None, why: str) -> None:
         self.refused_upgrades[status] += 1
-        address = peer.address if peer is not None else None
-        host = f"{address[0]}:{address[1]}" if address else "?"
+        host = endpoint(peer.address if peer is not None else None)
         log.info("listener %s: no WebSocket for %s: %s%s", self.id, host, why,
                  f" (HTTP {status})" if status else "")
 
