@@ -49,8 +49,14 @@ class AuthorizationChain:
         self.cache_ttl = cache_ttl
 
     def authorize(self, request: AccessRequest) -> bool:
-        for _, source in self.sources:
+        return self.decide(request)[0]
+
+    def decide(self, request: AccessRequest) -> tuple[bool, str]:
+        """Whether ``request`` is allowed, and what decided: the type of the
+        source whose rule matched (``file``, ``mosquitto_acl``,
+        ``built_in_database``), or ``no_match``."""
+        for description, source in self.sources:
             decision = source.check(request)
             if decision is not None:
-                return decision == ALLOW_ACCESS
-        return self.no_match_allows
+                return decision == ALLOW_ACCESS, description.partition(" ")[0]
+        return self.no_match_allows, "no_match"

@@ -51,6 +51,14 @@ acl/builtin_db.py compiles and checks them)
     missing, empty, holds '/', '+', '#' or a control character, or would start
     the filter with '$', does not match (EMQX 6's default; the file source
     does the same).
+
+Management API keys (ops/keys.py makes them)
+    Per name: a role (admin, viewer) and the SHA-256 of the key; the key
+    itself is shown once when made and never stored.
+
+Bans (the operator's, auth/banned.py applies them)
+    By client id, username or peer address, with a reason, who set it, when,
+    and until when (none: until lifted), so that they outlive a restart.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ import enum
 import json
 import os
 import sqlite3
+import time
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import aiosqlite
@@ -74,16 +83,20 @@ from .scram import DEFAULT_ITERATIONS, ScramCredentials
 from .user_import import ImportUser, UserFileError, parse_user_file
 
 __all__ = [
-    "AclRule", "AlreadyExists", "AuthDatabase", "AuthDatabaseError", "CheckOutcome",
+    "API_ROLES", "AclRule", "AlreadyExists", "ApiKey", "AuthDatabase", "Ban", "AuthDatabaseError", "CheckOutcome",
     "ImportResult", "NotFound", "PasswordCheck", "UserRecord", "read_rules",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 USER_ID_TYPES = ("username", "clientid")
 WHO_TYPES = ("clientid", "username", "all")  # also the order rules are tried in
 PERMISSIONS = (ALLOW_ACCESS, DENY_ACCESS)
 ACTIONS = (PUBLISH_ACTION, SUBSCRIBE_ACTION, "all")
 ALL_QOS = (0, 1, 2)
+#: What an API key may do: admin everything, viewer only read.
+API_ROLES = ("admin", "viewer")
+#: What an operator's ban names (EMQX's "as").
+BAN_KINDS = ("clientid", "username", "peerhost")
 #: How long a command waits for the broker (or another command) to finish writing.
 BUSY_TIMEOUT_MS = 5000
 
@@ -120,6 +133,30 @@ CREATE TABLE acl_rules (
 );
 CREATE INDEX acl_rules_by_who ON acl_rules (who_type, who, position);
 """
+
+#: What each schema version adds to the one before; a database made by an
+#: older bastionmq is brought up to date when it is opened.
+_MIGRATIONS = {
+    2: """
+CREATE TABLE api_keys (
+    name       TEXT PRIMARY KEY,
+    role       TEXT NOT NULL CHECK (role IN ('admin', 'viewer')),
+    -- SHA-256 of the key: keys are 256 random bits, so a fast hash is safe,
+    -- and the key itself is shown once and never stored
+    key_hash   TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE banned (
+    kind       TEXT NOT NULL CHECK (kind IN ('clientid', 'username', 'peerhost')),
+    value      TEXT NOT NULL,
+    reason     TEXT NOT NULL DEFAULT '',
+    by         TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    until      REAL,  -- Unix time; NULL: until removed
+    PRIMARY KEY (kind, value)
+) WITHOUT ROWID;
+""",
+}
 
 _RULE_COLUMNS = "id, who_type, who, position, permission, action, topic, qos, retain"
 _RULE_ORDER = ("ORDER BY CASE who_type WHEN 'clientid' THEN 0 WHEN 'username' THEN 1 ELSE 2 END,"
@@ -209,6 +246,30 @@ class AclRule:
         if self.retain is not None:
             text += f" --retain {str(self.retain).lower()}"
         return text
+
+
+@attrs.define(slots=True, frozen=True)
+class ApiKey:
+    """A key of the management API, as stored: its name and role, never the key."""
+
+    name: str
+    role: str
+    created_at: float
+
+
+@attrs.define(slots=True, frozen=True)
+class Ban:
+    """An operator's ban: CONNECTs with this client id, username or peer
+    address are refused (CONNACK 0x8A) until ``until`` (Unix time; None:
+    until removed)."""
+
+    kind: str
+    value: str
+    reason: str = ""
+    #: Who set it: the API key's name, or "ctl".
+    by: str = ""
+    created_at: float = 0.0
+    until: float | None = None
 
 
 # ------------------------------------------------------------------ the database
@@ -544,6 +605,65 @@ class AuthDatabase:
     async def all_rules(self) -> list[AclRule]:
         return await self.list_rules()
 
+    # ------------------------------------------------------------- API keys
+
+    async def add_api_key(self, name: str, role: str, key_hash: str) -> ApiKey:
+        """Store a management API key by the hash of its secret; AlreadyExists
+        for a name in use."""
+        if role not in API_ROLES:
+            raise ValueError(f"role {role!r} is not one of {', '.join(API_ROLES)}")
+        if not name or not name.isprintable():
+            raise ValueError("an API key's name must be non-empty printable text")
+        key = ApiKey(name, role, time.time())
+        async with self._transaction() as db:
+            if await self._fetchone("SELECT 1 FROM api_keys WHERE name = ?", (name,)):
+                raise AlreadyExists(f"an API key named {name!r} exists")
+            await db.execute("INSERT INTO api_keys (name, role, key_hash, created_at)"
+                             " VALUES (?, ?, ?, ?)", (name, role, key_hash, key.created_at))
+        return key
+
+    async def delete_api_key(self, name: str) -> None:
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM api_keys WHERE name = ?", (name,))
+            if cursor.rowcount == 0:
+                raise NotFound(f"no API key named {name!r}")
+
+    async def list_api_keys(self) -> list[ApiKey]:
+        rows = await self._fetchall("SELECT name, role, created_at FROM api_keys ORDER BY name")
+        return [ApiKey(*row) for row in rows]
+
+    async def find_api_key(self, key_hash: str) -> ApiKey | None:
+        row = await self._fetchone(
+            "SELECT name, role, created_at FROM api_keys WHERE key_hash = ?", (key_hash,))
+        return None if row is None else ApiKey(*row)
+
+    # --------------------------------------------------------------- bans
+
+    async def add_ban(self, ban: Ban) -> Ban:
+        """Add or replace the ban of ``ban.kind``/``ban.value``."""
+        if ban.kind not in BAN_KINDS:
+            raise ValueError(f"a ban is by {', '.join(BAN_KINDS)}, not {ban.kind!r}")
+        if not ban.value:
+            raise ValueError(f"a ban needs the {ban.kind} it bans")
+        ban = attrs.evolve(ban, created_at=ban.created_at or time.time())
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO banned (kind, value, reason, by, created_at, until)"
+                " VALUES (?, ?, ?, ?, ?, ?)", attrs.astuple(ban))
+        return ban
+
+    async def delete_ban(self, kind: str, value: str) -> None:
+        async with self._transaction() as db:
+            cursor = await db.execute("DELETE FROM banned WHERE kind = ? AND value = ?",
+                                      (kind, value))
+            if cursor.rowcount == 0:
+                raise NotFound(f"no ban of {kind} {value!r}")
+
+    async def list_bans(self) -> list[Ban]:
+        rows = await self._fetchall(
+            "SELECT kind, value, reason, by, created_at, until FROM banned ORDER BY kind, value")
+        return [Ban(*row) for row in rows]
+
 
 _INSERT_USER = ("INSERT INTO users (user_id, user_id_type, is_superuser, algorithm, password_hash,"
                 " salt) VALUES (?, ?, ?, ?, ?, ?)")
@@ -567,12 +687,9 @@ async def _prepare_schema(connection: aiosqlite.Connection, path: str) -> None:
         async with connection.execute(_TABLES_SQL) as cursor:
             tables = {name for (name,) in await cursor.fetchall()}
         if not tables:
-            # One statement at a time: executescript would commit first.
-            for statement in _SCHEMA.split(";\n"):
-                if statement.strip():
-                    await connection.execute(statement)
-            await connection.execute("INSERT INTO schema_version (version) VALUES (?)",
-                                     (SCHEMA_VERSION,))
+            await _execute_script(connection, _SCHEMA)
+            await connection.execute("INSERT INTO schema_version (version) VALUES (1)")
+            version: int | None = 1
         else:
             version = None
             if "schema_version" in tables:
@@ -581,10 +698,21 @@ async def _prepare_schema(connection: aiosqlite.Connection, path: str) -> None:
                     assert row is not None  # MAX gives one row (NULL for no rows)
                     (version,) = row
             _check_schema(path, tables, version)
+        assert version is not None  # a new schema is 1; _check_schema refuses None
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            await _execute_script(connection, _MIGRATIONS[step])
+            await connection.execute("INSERT INTO schema_version (version) VALUES (?)", (step,))
     except BaseException:
         await connection.execute("ROLLBACK")
         raise
     await connection.execute("COMMIT")
+
+
+async def _execute_script(connection: aiosqlite.Connection, script: str) -> None:
+    # One statement at a time: executescript would commit first.
+    for statement in script.split(";\n"):
+        if statement.strip():
+            await connection.execute(statement)
 
 
 _TABLES_SQL = "SELECT name FROM sqlite_master WHERE type = 'table'"

@@ -38,19 +38,42 @@ BANNED = AuthResult(Reason.BANNED)
 
 
 class ChainAuthenticator(Protocol):
-    """One entry of the chain: a decision, or None to pass to the next."""
+    """One entry of the chain: a decision, or None to pass to the next.
+    One may also have ``source``, what its decisions count as in the
+    metrics (``password_based:built_in_database``); else its name is."""
 
     name: str
 
     def authenticate(self, request: AuthRequest) -> AuthResult | None | Awaitable[AuthResult | None]: ...
 
 
+#: What decided, for the decisions no authenticator of the chain made: a
+#: listener with authentication off, a TLS-PSK identity, a certificate the
+#: listener verified (no chain configured), a ban after failed logins, and
+#: ``allow_anonymous`` when no authenticator decided.
+DISABLED, PSK, PEER_CERTIFICATE, BAN, ANONYMOUS = (
+    "disabled", "psk", "peer_certificate", "ban", "anonymous")
+#: Enhanced authentication (4.12) counts as this and the method's name.
+ENHANCED = "enhanced_auth:"
+
+
 @attrs.define(slots=True)
 class AuthStats:
-    """Authentication outcomes, for operators and metrics."""
+    """Authentication outcomes, for operators and metrics: in all, and by
+    (what decided, ``allowed`` or ``denied``)."""
 
     allowed: int = 0
     denied: int = 0
+    by_source: dict[tuple[str, str], int] = attrs.field(factory=dict)
+
+    def count(self, source: str, allowed: bool) -> None:
+        """One decision, made by ``source``."""
+        if allowed:
+            self.allowed += 1
+        else:
+            self.denied += 1
+        key = (source, "allowed" if allowed else "denied")
+        self.by_source[key] = self.by_source.get(key, 0) + 1
 
 
 class AuthenticationChain:
@@ -69,16 +92,19 @@ class AuthenticationChain:
         #: None: no chain configured for the listener (a verified certificate
         #: then authenticates); a list, possibly empty: exactly these.
         self.authenticators = authenticators
+        #: What each authenticator's decisions count as (see ChainAuthenticator).
+        self.sources = [getattr(authenticator, "source", authenticator.name)
+                        for authenticator in authenticators or ()]
         self.enabled = enabled
         self.stats = stats if stats is not None else AuthStats()
 
     def authenticate(self, request: AuthRequest) -> AuthResult | Awaitable[AuthResult]:
         peer = request.peer
         if not self.enabled or peer.psk_identity is not None:
-            return self._allowed(request, ALLOW)
+            return self._allowed(request, ALLOW, DISABLED if not self.enabled else PSK)
         banned = self._ban_of(request)
         if banned is not None:
-            self.stats.denied += 1
+            self.stats.count(BAN, False)
             log.info("refusing client %s from %s on %s: %s %s is banned after failed logins",
                      shown(request.client_id), peer.host, peer.listener, banned[0],
                      shown(banned[1]))
@@ -87,7 +113,7 @@ class AuthenticationChain:
             if peer.certificate is not None:
                 # The listener verified this certificate against its CA (a peer
                 # certificate is only kept with verify_peer): that is who it is.
-                return self._allowed(request, ALLOW)
+                return self._allowed(request, ALLOW, PEER_CERTIFICATE)
             return self._fall_through(request)
         return self._run(request, 0)
 
@@ -97,7 +123,7 @@ class AuthenticationChain:
         if self.methods is not None and method not in self.methods:
             return AuthResult(Reason.BAD_AUTHENTICATION_METHOD)
         if self._ban_of(request) is not None:
-            self.stats.denied += 1
+            self.stats.count(BAN, False)
             return BANNED
         return None
 
@@ -119,16 +145,21 @@ class AuthenticationChain:
         client."""
         if result.allowed:
             if self._ban_of(request, result.identity) is not None:
-                self.stats.denied += 1
+                self.stats.count(BAN, False)
                 log.info("refusing client %s on %s: user %s is banned after failed logins",
                          shown(request.client_id), request.peer.listener,
                          shown(result.identity))
                 return BANNED
+            self.stats.count(self._method_source(request), True)
             return result
-        self.stats.denied += 1
+        self.stats.count(self._method_source(request), False)
         if self.bans is not None:
             self.bans.failed(request, result.identity, known=result.identity is not None)
         return result
+
+    @staticmethod
+    def _method_source(request: AuthRequest) -> str:
+        return ENHANCED + str(request.properties.get("authentication_method", ""))
 
     def _run(self, request: AuthRequest, start: int) -> AuthResult | Awaitable[AuthResult]:
         authenticators = self.authenticators
@@ -138,37 +169,39 @@ class AuthenticationChain:
             if inspect.isawaitable(answer):
                 return self._continue(request, index, answer)
             if answer is not None:
-                return self._decided(request, authenticators[index].name, answer)
+                return self._decided(request, index, answer)
         return self._fall_through(request)
 
     async def _continue(self, request: AuthRequest, index: int, pending) -> AuthResult:
         answer = await pending
         if answer is not None:
-            authenticators = self.authenticators
-            assert authenticators is not None  # _run was running them
-            return self._decided(request, authenticators[index].name, answer)
+            return self._decided(request, index, answer)
         result = self._run(request, index + 1)
         return await result if inspect.isawaitable(result) else result
 
-    def _decided(self, request: AuthRequest, name: str, answer: AuthResult) -> AuthResult:
+    def _decided(self, request: AuthRequest, index: int, answer: AuthResult) -> AuthResult:
+        """The authenticator at ``index`` decided."""
         if answer.allowed:
-            return self._allowed(request, answer)
-        self.stats.denied += 1
+            return self._allowed(request, answer, self.sources[index])
+        self.stats.count(self.sources[index], False)
         if self.bans is not None:
             self.bans.failed(request)
+        authenticators = self.authenticators
+        assert authenticators is not None  # _run was running them
         log.info("refusing client %s (user %s) from %s on %s: %s denied it (%s)",
                  shown(request.client_id), shown(request.username), request.peer.host, request.peer.listener,
-                 name, Reason(answer.reason_code).name.lower().replace("_", " "))
+                 authenticators[index].name,
+                 Reason(answer.reason_code).name.lower().replace("_", " "))
         return answer
 
-    def _allowed(self, request: AuthRequest, result: AuthResult) -> AuthResult:
-        self.stats.allowed += 1
+    def _allowed(self, request: AuthRequest, result: AuthResult, source: str) -> AuthResult:
+        self.stats.count(source, True)
         return result
 
     def _fall_through(self, request: AuthRequest) -> AuthResult:
         if self.allow_anonymous:
-            return self._allowed(request, ALLOW)
-        self.stats.denied += 1
+            return self._allowed(request, ALLOW, ANONYMOUS)
+        self.stats.count(ANONYMOUS, False)
         log.info("refusing client %s from %s on %s: no authenticator accepted it and "
                  "anonymous access is off", shown(request.client_id), request.peer.host,
                  request.peer.listener)

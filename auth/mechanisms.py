@@ -22,6 +22,7 @@ class CertAuthenticator:
     sent. No verified certificate: denied."""
 
     name = "cert"
+    source = "cert"
 
     def __init__(self, identity: str = "cn", must_match: str = "none") -> None:
         self.identity = identity
@@ -49,6 +50,7 @@ class PasswordFileAuthenticator:
     password_file. An unknown user (or no username) is passed on."""
 
     name = "password_file"
+    source = "password_based:password_file"
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -72,6 +74,7 @@ class BuiltinPasswordAuthenticator:
     database read, a hash that may take milliseconds) never blocks the loop."""
 
     name = "built_in_database"
+    source = "password_based:built_in_database"
 
     def __init__(self, database: Any, user_id_type: str) -> None:
         self.database = database

@@ -12,8 +12,9 @@ from typing import Any, Iterable, Mapping
 
 from bastionmq.acl.chain import AclLoadError, AuthorizationChain, load_sources
 from bastionmq.auth.ban import LoginBans
+from bastionmq.auth.banned import BannedFirst, OperatorBans
 from bastionmq.acl.builtin_db import BuiltinAclSource, check_rule
-from bastionmq.auth.builtin_db import AuthDatabase, AuthDatabaseError, read_rules
+from bastionmq.auth.builtin_db import AuthDatabase, AuthDatabaseError, Ban, read_rules
 from bastionmq.auth.scram import ScramSha256
 from bastionmq.auth.chain import (
     AuthenticationChain, AuthnLoadError, AuthStats,
@@ -22,6 +23,7 @@ from bastionmq.auth.chain import (
 from bastionmq.auth.identity import IdentityRule, PeerIdentity
 from bastionmq.auth.mechanisms import BuiltinPasswordAuthenticator
 from bastionmq.broker.core import BrokerCore
+from bastionmq.broker.logtext import shown
 from bastionmq.broker.ports import AuthMethod
 from bastionmq.broker.properties import Reason
 from bastionmq.broker.restore import restore
@@ -33,8 +35,10 @@ from bastionmq.listeners.certificates import certificate_facts
 from bastionmq.listeners.tls import TlsListener
 from bastionmq.listeners.tls_context import TlsSetupError, load_material, ssl_options_path
 from bastionmq.listeners.ws import WsListener, WssListener
+from bastionmq.ops.logs import configure_logging
 from bastionmq.ops.server import OpsServer
 from bastionmq.pki import DEFAULT_DIR, init_pki
+from bastionmq.reload import ReloadReport, plan_reload
 from bastionmq.version import __version__
 
 log = logging.getLogger("bastionmq")
@@ -50,9 +54,13 @@ def resolve_config(config: ConfigSource | None) -> Config:
         return config
     if isinstance(config, os.PathLike):
         return load_config(config)
-    if "\n" in config or "{" in config or "=" in config:
+    if _is_hocon_text(config):
         return load_config(text=config)
     return load_config(config)
+
+
+def _is_hocon_text(config: str | os.PathLike) -> bool:
+    return isinstance(config, str) and ("\n" in config or "{" in config or "=" in config)
 
 
 def _listener_plan(config: Config, kind: str, name: str,
@@ -128,6 +136,8 @@ def _has_scram(config: Config, block: Any) -> bool:
 
 
 def _uses_database(config: Config) -> bool:
+    if config.http_api.enable:
+        return True  # API keys and the operator's bans
     entries = [*config.authentication, *(entry for _, _, block in config.enabled_listeners()
                                          for entry in block.authentication or ())]
     return any(entry.enable and (entry.backend == "built_in_database" or entry.mechanism == "scram")
@@ -213,9 +223,22 @@ class Broker:
     """
 
     def __init__(self, config: ConfigSource | None = None,
-                 auth_methods: Iterable[AuthMethod] = ()) -> None:
+                 auth_methods: Iterable[AuthMethod] = (),
+                 config_file: str | os.PathLike | None = None) -> None:
         self.config = resolve_config(config)
+        #: The file ``reload_config`` reads again: ``config_file``, or
+        #: ``config`` when it is a path.
+        self.config_file = config_file
+        if config_file is None and isinstance(config, (str, os.PathLike)) \
+                and not _is_hocon_text(config):
+            self.config_file = config
+        #: Whether the broker owns the process's logging (the CLI's broker
+        #: does; an embedding application keeps its own), so that a reload
+        #: applies ``log``.
+        self.manages_logging = False
         self.auth_methods = {method.name: method for method in auth_methods}
+        #: The application's own methods, offered on every listener.
+        self._embedded_methods = frozenset(self.auth_methods)
         self.core: BrokerCore | None = None
         #: Listener id ("tcp:default") -> Listener, once started.
         self.listeners: dict[str, Listener] = {}
@@ -230,6 +253,9 @@ class Broker:
         self.authn_stats: AuthStats | None = None
         #: The operations listener (metrics, health), when ``http_api.enable`` is set.
         self.ops: OpsServer | None = None
+        #: The operator's bans (kept in the built-in database).
+        self.bans = OperatorBans()
+        self._login_bans: LoginBans | None = None
 
     async def start(self) -> None:
         """Load everything the config names, then open the listeners; a
@@ -245,7 +271,6 @@ class Broker:
         config = self.config
         loop = asyncio.get_running_loop()
         _make_dev_pki_on_first_start(config)
-        embedded = frozenset(self.auth_methods)
         if _uses_database(config):
             try:
                 self.database = await AuthDatabase.open(config.node.auth_database,
@@ -255,29 +280,16 @@ class Broker:
         if self.database is not None and any(
                 _has_scram(config, block) for _, _, block in config.enabled_listeners()):
             self.auth_methods.setdefault("SCRAM-SHA-256", ScramSha256(self.database.get_scram))
-        chains = {}
-        rules = {}
-        listeners: list[tuple[type[Listener], str, Any, dict[str, Any]]] = []
+        if self.database is not None:
+            for ban in await self.database.list_bans():
+                self.bans.add(ban)
         self.authn_stats = AuthStats()
-        ban = config.authn_ban
-        bans = LoginBans(ban.max_failures, ban.window, ban.ban_time, ban.by) if ban.enable else None
-        for kind, name, block in config.enabled_listeners():
-            authenticators = _authenticators(config, kind, name, block, self.database)
-            self._authenticators.extend(authenticators or ())
-            methods = embedded | ({"SCRAM-SHA-256"} if _has_scram(config, block) else set())
-            chains[f"{kind}:{name}"] = AuthenticationChain(
-                config.anonymous_allowed(block), authenticators,
-                block.enable_authn, self.authn_stats, bans, frozenset(methods),
-                config.hide_unknown_users)
-            listeners.append(_listener_plan(config, kind, name, block))
-            if kind in TLS_KINDS:
-                assert isinstance(block, SslListenerConfig)  # the block of an ssl or wss listener
-                rules[f"{kind}:{name}"] = IdentityRule(*config.peer_cert_identity_of(block))
+        authenticator, identity = self._authentication(config)
+        listeners = [_listener_plan(config, kind, name, block)
+                     for kind, name, block in config.enabled_listeners()]
         self.authorization = _authorization(config)
-        self.core = core = BrokerCore(config.mqtt, ListenerAuthenticators(chains), loop,
-                                      self.auth_methods,
-                                      PeerIdentity(rules) if rules else None,
-                                      self.authorization)
+        self.core = core = BrokerCore(config.mqtt, authenticator, loop, self.auth_methods,
+                                      identity, self.authorization)
         core.certificate_parser = certificate_facts
         if config.durable_sessions.enable:
             await self._open_store(core)
@@ -298,6 +310,41 @@ class Broker:
             self.ops = ops
             await ops.start()
 
+    def _authentication(self, config: Config) -> tuple[BannedFirst, PeerIdentity | None]:
+        """The authenticator the core asks (the operator's bans, then each
+        listener's chain) and the certificate identity rules, for ``config``."""
+        embedded = self._embedded_methods
+        ban = config.authn_ban
+        bans = self._login_bans
+        if not ban.enable:
+            bans = None
+        elif bans is None or (bans.max_failures, bans.window, bans.ban_time, bans.by) != (
+                ban.max_failures, ban.window, ban.ban_time, tuple(ban.by)):
+            bans = LoginBans(ban.max_failures, ban.window, ban.ban_time, ban.by)
+        chains = {}
+        rules = {}
+        authenticators_in_use: list[Any] = []
+        stats = self.authn_stats
+        assert stats is not None  # made by start()
+        for kind, name, block in config.enabled_listeners():
+            authenticators = _authenticators(config, kind, name, block, self.database)
+            authenticators_in_use.extend(authenticators or ())
+            methods = embedded | ({"SCRAM-SHA-256"} if _has_scram(config, block) else set())
+            chains[f"{kind}:{name}"] = AuthenticationChain(
+                config.anonymous_allowed(block), authenticators,
+                block.enable_authn, stats, bans, frozenset(methods),
+                config.hide_unknown_users)
+            if kind in TLS_KINDS:
+                assert isinstance(block, SslListenerConfig)  # the block of an ssl or wss listener
+                rules[f"{kind}:{name}"] = IdentityRule(*config.peer_cert_identity_of(block))
+        self._authenticators = authenticators_in_use
+        self._login_bans = bans
+
+        def refused() -> None:
+            stats.count("operator_ban", False)
+        return (BannedFirst(ListenerAuthenticators(chains), self.bans, refused),
+                PeerIdentity(rules) if rules else None)
+
     async def stop(self) -> None:
         """Stop accepting, disconnect every client (5.0: DISCONNECT 0x8B), close sockets."""
         if self.ops is not None:
@@ -316,6 +363,8 @@ class Broker:
                 if not core.connections:
                     break
                 await asyncio.sleep(0)
+        for listener in self.listeners.values():
+            await listener.close()
         self.core = None
         if self.store is not None:
             await self.store.close()
@@ -357,16 +406,131 @@ class Broker:
             log.error("not reloading the authorization sources: %s; the previous rules stay",
                       exc)
             return False
-        for connection in self.core.connections:
-            if connection.access_cache is not None:
-                connection.access_cache.clear()
-        self.core.access_changed()
+        self._authorization_changed()
         log.info("reloaded the authorization sources")
         return True
 
+    async def reload_config(self, why: str = "requested") -> ReloadReport:
+        """What SIGHUP and the management API's reload do: read the
+        configuration file again and apply what can change while running
+        (bastionmq.reload says which keys), then load TLS material, password
+        files and authorization rules again from disk. An invalid file
+        changes nothing; the report says why, or which keys wait for a
+        restart."""
+        if self.core is None:
+            raise RuntimeError("the broker is not started")
+        report = ReloadReport()
+        if self.config_file is not None:
+            try:
+                new = load_config(self.config_file)
+                effective, report = plan_reload(self.config, new)
+                self._apply(effective, why)
+            except ConfigError as exc:
+                report = ReloadReport(errors=[f"{path}: {message}" for path, message in exc.errors])
+                log.error("not reloading %s (%s): it is invalid, nothing changed:\n%s",
+                          self.config_file, why, exc)
+                return report
+            if report.restart_required:
+                log.warning("reloaded %s (%s); these keys changed but keep their running "
+                            "values until a restart: %s", self.config_file, why,
+                            ", ".join(report.restart_required))
+            log.info("reloaded %s (%s): %s", self.config_file, why,
+                     ", ".join(report.applied) if report.applied else "no live key changed")
+        self.reload(why)
+        return report
+
+    def _apply(self, config: Config, why: str) -> None:
+        """Run with ``config`` (a planned reload's effective config). What
+        can fail is made first: a ConfigError leaves everything as it was."""
+        core = self.core
+        assert core is not None  # reload_config checks
+        old = self.config
+        authenticator, identity = self._authentication(config)
+        authorization = _authorization(config)
+        tls_changed: list[tuple[TlsListener, Any]] = []
+        for listener in self.listeners.values():
+            if not isinstance(listener, TlsListener):
+                continue
+            options = getattr(config.listeners, listener.kind)[listener.name].ssl_options
+            if options != listener.options:
+                try:
+                    load_material(options, config.crl_cache, config.psk_authentication)
+                except TlsSetupError as exc:
+                    raise ConfigError([(exc.key_path(ssl_options_path(listener.kind,
+                                                                      listener.name)),
+                                        str(exc))]) from None
+                tls_changed.append((listener, options))
+        if self.manages_logging and config.log != old.log:
+            try:
+                configure_logging(config.log)
+            except OSError as exc:
+                raise ConfigError([("log.file.path", str(exc))]) from None
+        self.config = config
+        core.authenticator = authenticator
+        core.identity = identity
+        core.apply_settings(config.mqtt)
+        if authorization is not None and core.access is not None:
+            self.authorization = authorization
+            core.access.use(authorization)
+            self._authorization_changed()
+        for listener in self.listeners.values():
+            listener.max_connections = getattr(
+                config.listeners, listener.kind)[listener.name].max_connections
+        for listener, options in tls_changed:
+            listener.options = options  # reload() below loads and installs it
+
+    def _authorization_changed(self) -> None:
+        """Forget every cached decision: the rules, or who clients are, changed."""
+        core = self.core
+        assert core is not None
+        for connection in core.connections:
+            if connection.access_cache is not None:
+                connection.access_cache.clear()
+        core.access_changed()
+
+    def kick(self, client_id: str, why: str) -> bool:
+        """Disconnect a client (5.0: DISCONNECT 0x98, administrative action)
+        and end its session, as EMQX's kick does; False when there is none."""
+        core = self.core
+        if core is None:
+            raise RuntimeError("the broker is not started")
+        session = core.sessions.get(client_id)
+        if session is None:
+            return False
+        log.info("kicking client %s: %s", shown(client_id), why)
+        if session.connection is not None:
+            session.connection.close(Reason.ADMINISTRATIVE_ACTION, why)
+        session = core.sessions.get(client_id)
+        if session is not None:
+            core.end_session(session)
+        return True
+
+    async def ban(self, ban: Ban) -> Ban:
+        """Ban a client id, username or peer address (kept in the built-in
+        database) and disconnect the connected clients it names."""
+        if self.database is None or self.core is None:
+            raise RuntimeError("bans need the broker started with its built-in database")
+        ban = await self.database.add_ban(ban)
+        self.bans.add(ban)
+        log.info("banned %s %s%s (by %s)", ban.kind, shown(ban.value),
+                 f": {ban.reason}" if ban.reason else "", ban.by or "?")
+        for connection in list(self.core.connections):
+            client = connection.client_info
+            if client is not None and self.bans.ban_of(
+                    client.client_id, client.username, client.peer.host) is ban:
+                connection.close(Reason.ADMINISTRATIVE_ACTION, f"{ban.kind} banned")
+        return ban
+
+    async def unban(self, kind: str, value: str) -> None:
+        if self.database is None:
+            raise RuntimeError("bans need the broker started with its built-in database")
+        await self.database.delete_ban(kind, value)
+        self.bans.remove(kind, value)
+        log.info("lifted the ban of %s %s", kind, shown(value))
+
     def reload(self, why: str = "SIGHUP") -> None:
-        """What SIGHUP does: TLS material, password files and authorization
-        rules, again from disk; what does not load keeps its previous state."""
+        """TLS material, password files and authorization rules, again from
+        disk; what does not load keeps its previous state."""
         self.reload_tls(why)
         for authenticator in self._authenticators:
             reload = getattr(authenticator, "reload", None)

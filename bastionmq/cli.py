@@ -23,12 +23,16 @@ from bastionmq.auth.passwords import PasswordHash
 from bastionmq.auth.scram import DEFAULT_ITERATIONS
 from bastionmq.app import Broker, check_rule_files
 from bastionmq.config import Config, ConfigError, load_config
+from bastionmq.ctl import ctl_group
 from bastionmq.ops.logs import configure_logging
 from bastionmq.version import __version__
 
 DEFAULT_CONFIG = Path("etc/bastionmq.conf")
 
 log = logging.getLogger("bastionmq")
+
+
+BUILT_IN = "built-in defaults"
 
 
 def _load(config_file: str | None) -> tuple[Config, str]:
@@ -39,7 +43,7 @@ def _load(config_file: str | None) -> tuple[Config, str]:
         config = load_config(config_file)
     except ConfigError as exc:
         raise click.ClickException(f"invalid configuration:\n{exc}") from None
-    return config, config_file or "built-in defaults"
+    return config, config_file or BUILT_IN
 
 
 config_option = click.option(
@@ -102,7 +106,9 @@ def start(config_file: str | None) -> None:
         raise click.ClickException(f"log.file.path: {exc}") from None
     log.info("bastionmq %s starting with %s", __version__, source)
     try:
-        _run(_serve(Broker(config)))
+        broker = Broker(config, config_file=None if source == BUILT_IN else source)
+        broker.manages_logging = True
+        _run(_serve(broker))
     except ConfigError as exc:
         raise click.ClickException(f"invalid configuration:\n{exc}") from None
     except OSError as exc:
@@ -119,12 +125,22 @@ def _run(coroutine) -> None:
 
 
 async def _serve(broker: Broker) -> None:
-    await broker.start()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    # Before start-up, so that a SIGTERM while it runs stops cleanly after it.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, broker.reload, "SIGHUP")
+    reloads: set[asyncio.Task] = set()
+
+    def reload() -> None:
+        if broker.core is None:
+            log.warning("SIGHUP during start-up or shutdown: not reloading")
+            return
+        task = asyncio.ensure_future(broker.reload_config("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    await broker.start()
     await stopping.wait()
     core = broker.core
     assert core is not None  # made by start(), dropped by stop()
@@ -291,28 +307,17 @@ def _database_action(config: Config, action: Any) -> Any:
         raise click.ClickException(f"{config.node.auth_database}: {exc}") from None
 
 
-def _authenticator(config: Config, mechanism: str) -> Any:
-    """The first configured authenticator of ``mechanism`` on the built-in database."""
-    entries = list(config.authentication)
-    for _, _, block in config.enabled_listeners():
-        entries += block.authentication or ()
-    for entry in entries:
-        if entry.mechanism == mechanism and entry.backend in (None, "built_in_database"):
-            return entry
-    return None
-
-
 def _user_id_type(config: Config, clientid: bool | None) -> str:
     if clientid is not None:
         return "clientid" if clientid else "username"
-    configured = _authenticator(config, "password_based")
+    configured = config.builtin_authenticator("password_based")
     return configured.user_id_type if configured is not None else "username"
 
 
 def _hashing(config: Config, name: str | None) -> PasswordHash:
     """The configured password_hash_algorithm, or ``name`` (with the configured
     parameters when the configuration names the same algorithm)."""
-    configured = _authenticator(config, "password_based")
+    configured = config.builtin_authenticator("password_based")
     algorithm = configured.password_hash_algorithm if configured is not None else PasswordHash()
     if name is None or name == algorithm.name:
         return algorithm
@@ -320,7 +325,7 @@ def _hashing(config: Config, name: str | None) -> PasswordHash:
 
 
 def _scram_iterations(config: Config) -> int:
-    configured = _authenticator(config, "scram")
+    configured = config.builtin_authenticator("scram")
     return configured.iteration_count if configured is not None else DEFAULT_ITERATIONS
 
 
@@ -639,3 +644,6 @@ def data_compact(config_file: str | None, path: str | None) -> None:
     click.echo(f"{path}: {_bytes(report.size_before)} -> {_bytes(report.size_after)}; removed "
                f"{report.dangling_removed} rows that pointed at nothing and "
                f"{report.unreferenced_removed} unreferenced message bodies")
+
+
+main.add_command(ctl_group(_load, config_option, _database_action), "ctl")

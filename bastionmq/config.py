@@ -278,6 +278,18 @@ class Config:
             return listener.authentication
         return self.authentication or None
 
+    def builtin_authenticator(self, mechanism: str) -> AuthenticatorConfig | None:
+        """The first configured authenticator of ``mechanism`` on the built-in
+        database (its hashing, user id type and iterations apply to users
+        added by the CLI and the API)."""
+        entries = list(self.authentication)
+        for _, _, block in self.enabled_listeners():
+            entries += block.authentication or ()
+        for entry in entries:
+            if entry.mechanism == mechanism and entry.backend in (None, "built_in_database"):
+                return entry
+        return None
+
     def anonymous_allowed(self, listener: TcpListenerConfig) -> bool:
         """Whether ``listener`` lets clients connect without credentials."""
         if listener.allow_anonymous is None:

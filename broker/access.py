@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from .ports import AccessRequest, ClientInfo
+from .ports import PUBLISH_ACTION, SUBSCRIBE_ACTION, AccessRequest, ClientInfo
+
+#: The actions the authorizer is asked about, in the order of the counters.
+ACTIONS = (PUBLISH_ACTION, SUBSCRIBE_ACTION)
 
 
 class Authorizer(Protocol):
@@ -26,13 +29,33 @@ class Authorizer(Protocol):
 
     def authorize(self, request: AccessRequest) -> bool: ...
 
+    # An authorizer may also have ``decide(request) -> (allowed, source)``,
+    # which says what decided (acl.chain: a source's type, or "no_match");
+    # the decisions are counted by it. Without one they count as "authorizer".
+
 
 class AccessControl:
-    __slots__ = ("authorizer", "loop", "max_size", "ttl")
+    __slots__ = ("authorizer", "loop", "max_size", "ttl", "cache_hits", "superuser",
+                 "decided", "_decide")
 
     def __init__(self, authorizer: Authorizer, loop: asyncio.AbstractEventLoop) -> None:
-        self.authorizer = authorizer
         self.loop = loop
+        #: Decisions the caches answered, at ``2 * (index in ACTIONS) +
+        #: allowed``: each cache entry keeps its index, so counting a hit is
+        #: one addition (what the authorizer decides counts in ``decided``).
+        self.cache_hits = [0] * (2 * len(ACTIONS))
+        #: Requests of superusers, let through without asking, by action.
+        self.superuser = dict.fromkeys(ACTIONS, 0)
+        #: What the authorizer decided, by (action, allowed, source); kept
+        #: here so that the counts go on across a reload's new authorizer.
+        self.decided: dict[tuple[str, bool, str], int] = {}
+        self.use(authorizer)
+
+    def use(self, authorizer: Authorizer) -> None:
+        """Decide with ``authorizer`` from now on (a reload); the caller
+        clears the caches."""
+        self.authorizer = authorizer
+        self._decide = getattr(authorizer, "decide", None)
         self.max_size = authorizer.cache_max_size
         self.ttl = authorizer.cache_ttl
 
@@ -43,21 +66,35 @@ class AccessControl:
     def new_cache(self) -> dict | None:
         return {} if self.max_size else None
 
+    def cache_decisions(self) -> dict[tuple[str, bool], int]:
+        """The decisions the caches answered, by (action, allowed)."""
+        return {(action, bool(allowed)): self.cache_hits[2 * index + allowed]
+                for index, action in enumerate(ACTIONS) for allowed in (0, 1)}
+
     def permits(self, client: ClientInfo, cache: dict | None, action: str, topic: str,
                 qos: int = 0, retain: bool = False) -> bool:
         if client.superuser:
+            self.superuser[action] += 1
             return True
         key = (action, topic, qos, retain)
         if cache is not None:
             hit = cache.get(key)
             if hit is not None:
                 if hit[1] > self.loop.time():
+                    self.cache_hits[hit[2]] += 1
                     return hit[0]
                 del cache[key]
-        allowed = self.authorizer.authorize(
-            AccessRequest(client=client, action=action, topic=topic, qos=qos, retain=retain))
+        request = AccessRequest(client=client, action=action, topic=topic, qos=qos,
+                                retain=retain)
+        if self._decide is not None:
+            allowed, source = self._decide(request)
+        else:
+            allowed, source = self.authorizer.authorize(request), "authorizer"
+        decided = (action, allowed, source)
+        self.decided[decided] = self.decided.get(decided, 0) + 1
         if cache is not None:
             if len(cache) >= self.max_size:
                 del cache[next(iter(cache))]  # the oldest entry
-            cache[key] = (allowed, self.loop.time() + self.ttl)
+            cache[key] = (allowed, self.loop.time() + self.ttl,
+                          2 * ACTIONS.index(action) + allowed)
         return allowed

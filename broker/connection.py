@@ -72,7 +72,7 @@ class Connection:
         "problem_info", "auth", "client_info",
         "access_cache", "will_stored", "holders", "held_since",
         "held_bytes", "reading_paused", "refusal_log_at", "refusals_unlogged",
-        "linger_handle", "linger_bytes",
+        "linger_handle", "linger_bytes", "traffic",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -99,7 +99,9 @@ class Connection:
         self._idle_handle: asyncio.TimerHandle | None = core.loop.call_later(
             core.settings.idle_timeout, self._idle_expired)
         self.will: Will | None = None
-        self.outbox = Outbox(transport, core.outboxes, core.settings.max_inflight)
+        #: The byte counters of this connection's listener.
+        self.traffic = core.stats.traffic_of(peer.listener)
+        self.outbox = Outbox(transport, core.outboxes, core.settings.max_inflight, self.traffic)
         #: Packets that arrived while an asynchronous authentication was
         #: pending, or while publisher flow control holds this client back.
         self._held: list[Packet] | None = None
@@ -151,7 +153,7 @@ class Connection:
                     self.transport.close()
             return
         core = self.core
-        core.stats.bytes_received += len(data)
+        self.traffic.received += len(data)
         if self.holders:
             self.held_bytes += len(data)
             if self.held_bytes > HELD_BYTES_LIMIT and not self.reading_paused:
@@ -160,10 +162,12 @@ class Connection:
         try:
             packets = self.decoder.feed(data)
         except MalformedPacket as exc:
+            core.stats.packets_received += len(exc.packets)
             self._handle_packets(exc.packets)
             self._malformed(exc)
         else:
             if packets:
+                core.stats.packets_received += len(packets)
                 # [MQTT-3.1.2-24] speaks of Control Packets: bytes that complete
                 # none are no sign of life, so a packet trickled in slower than
                 # the keep alive allows ends the connection.
@@ -375,6 +379,7 @@ class Connection:
 
     def _on_connect(self, packet: Connect) -> None:
         core = self.core
+        core.stats.connects_received += 1
         settings = core.settings
         if self._idle_handle is not None:
             self._idle_handle.cancel()
@@ -594,7 +599,9 @@ class Connection:
         if self.state != CONNECTED:
             return self.violation(Reason.PROTOCOL_ERROR, "PUBLISH before CONNECT")
         core = self.core
-        core.stats.messages_received += 1
+        stats = core.stats
+        stats.received_by_qos[packet.qos] += 1
+        stats.publish_bytes_received += len(packet.payload)
         props = packet.properties
         if props:
             if self._too_many_user_properties(props):

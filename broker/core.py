@@ -80,16 +80,12 @@ class BrokerCore:
                  auth_methods: Mapping[str, AuthMethod] | None = None,
                  identity: IdentityPolicy | None = None,
                  authorizer: Authorizer | None = None) -> None:
-        self.settings = settings
         #: Authorization with its per-client cache; None lets everything through.
         self.access = AccessControl(authorizer, loop) if authorizer is not None else None
         #: Applied to every CONNECT before authentication, when given.
         self.identity = identity
         #: Enhanced authentication methods by the name clients give (4.12).
         self.auth_methods: Mapping[str, AuthMethod] = dict(auth_methods or {})
-        #: Whether a PUBLISH must be checked against QoS or retain limits; with
-        #: the defaults the hot path skips both checks.
-        self.publish_restricted = settings.max_qos_allowed < 2 or not settings.retain_available
         self.authenticator = authenticator
         self.loop = loop
         self.stats = Stats()
@@ -107,13 +103,7 @@ class BrokerCore:
         self.shared_trie: SubscriptionTrie[SharedGroup] = SubscriptionTrie()
         #: The write side of every connection (see broker.outbox).
         self.outboxes = Outboxes(self.stats, loop.time)
-        #: Publisher flow control: an online subscriber's queue length that
-        #: holds its publishers back, and the length that lets them go.
-        high = settings.mqueue_high_watermark
-        if settings.max_mqueue_len:
-            high = max(1, min(high, settings.max_mqueue_len // 2))
-        self.flow_high = high
-        self.flow_low = high // 4
+        self.apply_settings(settings)
         self._slow_logged_at = -SLOW_LOG_INTERVAL
         self._tasks: set[asyncio.Task] = set()
         #: Where changes to durable state are recorded; None keeps state in
@@ -123,6 +113,21 @@ class BrokerCore:
         #: Reads a stored client certificate (DER) again for restored
         #: sessions and wills; the listeners' parser, set by the application.
         self.certificate_parser: Callable[[bytes], CertificateFacts] | None = None
+
+    def apply_settings(self, settings: MqttSettings) -> None:
+        """Use ``settings`` from now on (a reload): connections made from
+        now on take them; those open keep what they agreed at CONNECT."""
+        self.settings = settings
+        #: Whether a PUBLISH must be checked against QoS or retain limits; with
+        #: the defaults the hot path skips both checks.
+        self.publish_restricted = settings.max_qos_allowed < 2 or not settings.retain_available
+        #: Publisher flow control: an online subscriber's queue length that
+        #: holds its publishers back, and the length that lets them go.
+        high = settings.mqueue_high_watermark
+        if settings.max_mqueue_len:
+            high = max(1, min(high, settings.max_mqueue_len // 2))
+        self.flow_high = high
+        self.flow_low = high // 4
 
     # ------------------------------------------------------- connections
 
@@ -187,6 +192,8 @@ class BrokerCore:
         present = session is not None
         if session is None:
             session = self.sessions[client_id] = Session(client_id)
+            if len(self.sessions) > self.stats.clients_maximum:
+                self.stats.clients_maximum = len(self.sessions)
         else:
             if session.expiry_handle is not None:
                 session.expiry_handle.cancel()
@@ -306,6 +313,7 @@ class BrokerCore:
         session.expiry_handle = None
         if session.connection is None and self.sessions.get(session.client_id) is session:
             log.debug("session %s expired", shown(session.client_id))
+            self.stats.clients_expired += 1
             self.end_session(session)
             self.outboxes.flush()
 
@@ -384,7 +392,7 @@ class BrokerCore:
         now = self.loop.time()
         for message in self.retained.match(options.filter):
             if message.expired(now):
-                self._forget_retained(message.topic)
+                self.forget_retained(message.topic)
                 continue
             if not self._may_read(session, message.topic, options.qos):
                 continue  # a topic this client may not read, under a filter it may
@@ -404,9 +412,10 @@ class BrokerCore:
                 # $SYS figures are the broker's own, made again after a restart.
                 self.journal.retained_saved(message)
         else:
-            self._forget_retained(message.topic)
+            self.forget_retained(message.topic)
 
-    def _forget_retained(self, topic: str) -> None:
+    def forget_retained(self, topic: str) -> None:
+        """Delete the retained message of ``topic``, without telling anyone."""
         if (self.retained.delete(topic) and self.journal is not None
                 and not topic.startswith(SYS_PREFIX)):
             self.journal.retained_deleted(topic)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from .codec import MQTT_5, Connack, Disconnect, Packet, Suback, encode
 from .message import Message
-from .stats import Stats
+from .stats import Stats, Traffic
 
 #: First bytes of the acknowledgements (3.4-3.7; PUBREL has flag bits 0010).
 PUBACK_BYTE, PUBREC_BYTE, PUBREL_BYTE, PUBCOMP_BYTE = 0x40, 0x50, 0x62, 0x70
@@ -46,7 +46,6 @@ class Outboxes:
         dirty = self.dirty
         if not dirty:
             return
-        sent = 0
         for outbox in dirty:
             buffer = outbox.buffer
             if buffer:
@@ -54,11 +53,10 @@ class Outboxes:
                 # however many packets it holds, which stays cheap when a slow
                 # socket makes it hold the data (joining costs one memcpy).
                 data = b"".join(buffer) if len(buffer) > 1 else buffer[0]
-                sent += len(data)
+                outbox.traffic.sent += len(data)
                 outbox.transport.write(data)
                 buffer.clear()
         dirty.clear()
-        self.stats.bytes_sent += sent
 
     def release_acks(self, acks: list[tuple[Outbox, bytes]]) -> None:
         """Write the acknowledgements a committed batch of the durable store
@@ -71,12 +69,16 @@ class Outboxes:
 class Outbox:
     __slots__ = (
         "transport", "outboxes", "buffer", "version", "paused", "send_window",
-        "max_packet_size", "aliases", "alias_max", "acks_held", "mark", "closed",
+        "max_packet_size", "aliases", "alias_max", "acks_held", "mark", "closed", "traffic",
     )
 
-    def __init__(self, transport: Any, outboxes: Outboxes, send_window: int) -> None:
+    def __init__(self, transport: Any, outboxes: Outboxes, send_window: int,
+                 traffic: Traffic | None = None) -> None:
+        """An outbox writing to ``transport``; the bytes written count in
+        ``traffic``, its listener's (by default those of no listener, "")."""
         self.transport = transport
         self.outboxes = outboxes
+        self.traffic = traffic if traffic is not None else outboxes.stats.traffic_of("")
         self.buffer: list[bytes] = []
         #: The client's protocol level, once its CONNECT has been read.
         self.version = 0
@@ -99,6 +101,8 @@ class Outbox:
         self.closed = False
 
     def write(self, data: bytes) -> None:
+        """Queue one packet other than PUBLISH, encoded (send_publish queues those)."""
+        self.outboxes.stats.control_packets_sent += 1
         buffer = self.buffer
         if not buffer:
             self.outboxes.dirty.append(self)
@@ -196,14 +200,17 @@ class Outbox:
         buffer = self.buffer
         if not buffer:
             outboxes.dirty.append(self)
-        outboxes.stats.messages_sent += 1
+        stats = outboxes.stats
+        stats.publish_bytes_sent += len(message.payload)
         if dup:
             head = bytes((head[0] | 0x08,)) + head[1:]
         if qos:
+            stats.sent_qos12[qos] += 1
             buffer.append(head)
             buffer.append(packet_id.to_bytes(2, "big"))
             if tail:
                 buffer.append(tail)
         else:
+            stats.sent_qos0 += 1
             buffer.append(head)
         return True

@@ -57,6 +57,8 @@ def restore(core: BrokerCore, snapshot: Snapshot) -> RestoreReport:
         _restore_will(core, stored_will, now, wall_now, report)
     for (session, stored), left in zip(restored, remaining):
         _resume_timers(core, session, left, now, report)
+    stats = core.stats
+    stats.clients_maximum = max(stats.clients_maximum, len(core.sessions))
     return report
 
 
@@ -137,6 +139,7 @@ def _resume_timers(core: BrokerCore, session: Session, remaining: float, now: fl
     if remaining <= 0:
         core.end_session(session)
         report.expired_sessions += 1
+        core.stats.clients_expired += 1
     elif remaining != NEVER_EXPIRES:  # a finite expiry leaves less than "never"
         session.expiry_handle = core.loop.call_later(remaining, core.expire_session, session)
 

@@ -76,6 +76,7 @@ class Listener:
     def admit(self, transport: asyncio.Transport) -> bool:
         """Count a new connection and set up its socket; False (and the
         connection dropped) when the listener is at max_connections."""
+        self.core.stats.sockets_opened += 1  # accepted, whatever follows (Mosquitto's count)
         if self.max_connections is not None and self.connection_count >= self.max_connections:
             self.refused_over_limit += 1
             if self.refused_over_limit == 1 or self.refused_over_limit % 1000 == 0:
@@ -93,6 +94,11 @@ class Listener:
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+
+    async def close(self) -> None:
+        """Stop accepting and release what the listener holds for its
+        lifetime (a TLS listener: its CRL fetching); connections stay."""
+        self.stop_accepting()
 
     def peer_info(self, transport: asyncio.Transport) -> PeerInfo:
         peername = transport.get_extra_info("peername")

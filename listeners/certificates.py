@@ -83,3 +83,13 @@ class TlsCertificate(PeerCertificate):
             self._facts = facts_of(self.parsed, self.der)
             self._parsed = None
         return self._facts
+
+    @property
+    def expires_at(self) -> float:
+        """When the certificate expires, as a Unix time. Read from the
+        parsed certificate without making the facts (cryptography decodes a
+        field when it is asked for: a few microseconds), nor keeping it."""
+        if self._facts is not None:
+            return self._facts.not_after.timestamp()
+        parsed = self._parsed or x509.load_der_x509_certificate(self.der)
+        return parsed.not_valid_after_utc.timestamp()

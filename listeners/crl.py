@@ -5,7 +5,8 @@ The check runs once the handshake has verified the chain, before the first
 MQTT byte is read. Keeping it here rather than in OpenSSL lets one code path
 serve both CRL sources, lets a CRL be fetched for a certificate seen for the
 first time without blocking anything (the connection waits, the loop does
-not), and lets a new CRL be held against the clients already connected.
+not: the fetch is aiohttp's, in the loop), and lets a new CRL be held
+against the clients already connected.
 
 Only the client (leaf) certificate is checked, as OpenSSL's crl_check does
 by default. A CRL counts when its issuer is the certificate's issuer and its
@@ -18,9 +19,9 @@ import asyncio
 import datetime
 import logging
 import os
-import urllib.request
 from typing import Iterable
 
+import aiohttp
 import attrs
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -31,6 +32,9 @@ log = logging.getLogger("bastionmq.listener")
 
 #: Verdicts of ``CrlStore.check``.
 GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
+
+#: Largest CRL taken from a distribution point (after any content decoding).
+MAX_CRL_SIZE = 16 * 1024 * 1024
 
 
 class CrlError(ValueError):
@@ -110,10 +114,85 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+class CrlFetchError(Exception):
+    """A distribution point that gave no CRL; the message says why."""
+
+
+class CrlClient:
+    """Fetches CRLs from distribution points over HTTP(S), in the event loop.
+
+    A listener holds one for its lifetime: one aiohttp session, made at the
+    first fetch (most listeners never fetch) and closed by ``close``. A fetch
+    has ``timeout`` seconds in all (connecting, redirects, the whole body)
+    and at most ``max_size`` bytes of body."""
+
+    def __init__(self, *, timeout: float, max_size: int = MAX_CRL_SIZE) -> None:
+        self.timeout = timeout
+        self.max_size = max_size
+        self._session: aiohttp.ClientSession | None = None
+        self._pending: dict[str, asyncio.Task[bytes]] = {}
+        self._closed = False
+
+    async def get(self, url: str) -> bytes:
+        """The body served at ``url``; concurrent callers share one request.
+        Raises CrlFetchError (or what else the request raised)."""
+        pending = self._pending.get(url)
+        if pending is None:
+            pending = self._pending[url] = asyncio.create_task(self._download(url))
+            pending.add_done_callback(lambda done: self._forget(url, done))
+        # A caller that goes away (its client hung up) leaves the fetch to the others.
+        return await asyncio.shield(pending)
+
+    def _forget(self, url: str, done: asyncio.Task[bytes]) -> None:
+        if self._pending.get(url) is done:
+            del self._pending[url]
+
+    async def _download(self, url: str) -> bytes:
+        if self._closed:
+            raise CrlFetchError("the listener is stopping")
+        if self._session is None:
+            # force_close: one connection per fetch, as urllib made; a CRL is
+            # fetched again only after refresh_interval, so nothing is gained
+            # by keeping it open, and close() has nothing left to wait for.
+            # trust_env: the proxy variables (http_proxy, ...) count, as they did.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True),
+                timeout=aiohttp.ClientTimeout(total=self.timeout), trust_env=True)
+        try:
+            async with self._session.get(url) as response:
+                if response.status >= 300:  # redirects are followed
+                    raise CrlFetchError(f"HTTP {response.status} {response.reason or ''}".rstrip())
+                length = response.content_length
+                if length is not None and length > self.max_size:
+                    raise CrlFetchError(f"{length} bytes, more than the {self.max_size} "
+                                        "allowed for a CRL")
+                body = bytearray()
+                async for chunk in response.content.iter_any():
+                    body += chunk
+                    if len(body) > self.max_size:
+                        raise CrlFetchError(f"more than the {self.max_size} bytes allowed "
+                                            "for a CRL")
+                return bytes(body)
+        except TimeoutError:
+            raise CrlFetchError(f"no complete answer within {self.timeout:g}s "
+                                "(crl_cache.http_timeout)") from None
+        except aiohttp.ClientError as exc:
+            raise CrlFetchError(str(exc) or type(exc).__name__) from None
+
+    async def close(self) -> None:
+        """Cancel the fetches under way and close the session; no fetch follows."""
+        self._closed = True
+        for task in list(self._pending.values()):
+            task.cancel()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+
 class CrlStore:
     """The CRLs a listener holds, by issuer, and the fetching of missing ones."""
 
-    def __init__(self, ca_certificates: Iterable[x509.Certificate], *, http_timeout: float,
+    def __init__(self, ca_certificates: Iterable[x509.Certificate], *,
                  capacity: int = 100) -> None:
         # CAs by subject: two CAs may share a name (a renewed key), so the
         # signature decides which one a CRL or certificate belongs to.
@@ -121,11 +200,9 @@ class CrlStore:
         for cert in ca_certificates:
             self._issuers.setdefault(cert.subject.public_bytes(), []).append(cert)
         self._by_issuer: dict[tuple[bytes, bytes], _Held] = {}
-        self.http_timeout = http_timeout
         self.capacity = capacity
         #: Distribution points fetched so far, refreshed on the refresh interval.
         self.urls: set[str] = set()
-        self._fetching: dict[str, asyncio.Future] = {}
 
     def add(self, crl: x509.CertificateRevocationList, source: str) -> None:
         """Hold ``crl`` if a trusted CA signed it and it is newer than the one held."""
@@ -175,17 +252,12 @@ class CrlStore:
             return UNKNOWN
         return GOOD
 
-    async def fetch(self, url: str) -> None:
-        """Fetch and hold the CRL at ``url``; concurrent callers share one fetch.
-        Failures are logged, not raised: the caller decides by ``check``."""
-        pending = self._fetching.get(url)
-        if pending is None:
-            loop = asyncio.get_running_loop()
-            pending = self._fetching[url] = loop.run_in_executor(None, self._download, url)
-            pending.add_done_callback(lambda _: self._fetching.pop(url, None))
+    async def fetch(self, url: str, client: CrlClient) -> None:
+        """Fetch (with ``client``) and hold the CRL at ``url``. Failures are
+        logged, not raised: the caller decides by ``check``."""
         try:
-            data = await asyncio.shield(pending)
-        except Exception as exc:  # network, HTTP or timeout
+            data = await client.get(url)
+        except Exception as exc:  # network, HTTP, size or timeout
             log.warning("cannot fetch the CRL at %s: %s", url, exc)
             return
         try:
@@ -196,11 +268,6 @@ class CrlStore:
             log.warning("the CRL at %s cannot be used: %s", url, exc)
             return
         self.urls.add(url)
-
-    def _download(self, url: str) -> bytes:
-        # In a worker thread: urllib blocks, the event loop must not.
-        with urllib.request.urlopen(url, timeout=self.http_timeout) as response:
-            return response.read(16 * 1024 * 1024)
 
 
 def load_crl_files(store: CrlStore, paths: Iterable[str]) -> dict[str, float]:

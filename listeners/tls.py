@@ -19,6 +19,7 @@ import asyncio
 import collections
 import logging
 import ssl
+import time
 from typing import Any
 
 from bastionmq.broker.connection import Connection
@@ -26,10 +27,11 @@ from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.logtext import endpoint
 from bastionmq.broker.ports import PeerInfo
 from bastionmq.broker.properties import Reason
+from bastionmq.broker.stats import Buckets
 
 from .base import Listener, UpperLayer
 from .certificates import EKU_OIDS, TlsCertificate
-from .crl import REVOKED, UNKNOWN, distribution_points
+from .crl import REVOKED, UNKNOWN, CrlClient, distribution_points
 from .settings import CrlCacheConfig, PskConfig, SslOptions
 from .tls_context import (
     PskContext, TlsMaterial, TlsSetupError, describe_failure, expiry_warnings, load_material,
@@ -37,6 +39,10 @@ from .tls_context import (
 )
 
 log = logging.getLogger("bastionmq.listener")
+
+#: Bucket bounds of the client certificates' remaining validity at their
+#: handshake, in seconds: 1, 7, 14, 30, 90, 180, 365 and 730 days.
+CLIENT_EXPIRY_BUCKETS = tuple(days * 86400.0 for days in (1, 7, 14, 30, 90, 180, 365, 730))
 
 
 class TlsListener(Listener):
@@ -56,11 +62,17 @@ class TlsListener(Listener):
         self.material: TlsMaterial
         self._install(material if material is not None
                       else load_material(options, crl_cache, psk))
+        #: Fetches CRLs from distribution points, for every material this
+        #: listener loads (reloads included), until it stops.
+        self.crl_client = CrlClient(timeout=crl_cache.http_timeout)
+        self._crl_client_closed: asyncio.Task | None = None
         #: Failed handshakes by reason, and those that succeeded by TLS
         #: version and cipher suite, for operators and metrics.
         self.handshake_failures: collections.Counter[str] = collections.Counter()
         self.handshakes: collections.Counter[tuple[str | None, str | None]] = \
             collections.Counter()
+        #: The remaining validity of each client certificate admitted, at its handshake.
+        self.client_certificate_expiry = Buckets(CLIENT_EXPIRY_BUCKETS)
         self._tasks: list[asyncio.Task] = []
 
     @property
@@ -115,6 +127,17 @@ class TlsListener(Listener):
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+        if self._crl_client_closed is None:
+            # Runs at the loop's next turn, whether or not close() is awaited:
+            # its one step cancels the fetches under way and closes the
+            # session (force_close leaves no idle connection to wait for).
+            self._crl_client_closed = asyncio.get_running_loop().create_task(
+                self.crl_client.close())
+
+    async def close(self) -> None:
+        await super().close()  # stop_accepting, which starts closing the CRL client
+        assert self._crl_client_closed is not None
+        await self._crl_client_closed
 
     def protocol_factory(self) -> asyncio.Protocol:
         return TlsProtocol(self)
@@ -165,7 +188,8 @@ class TlsListener(Listener):
             await asyncio.sleep(self.crl_cache.refresh_interval)
             store = self.material.revocation
             if store is not None and store.urls:
-                await asyncio.gather(*(store.fetch(url) for url in sorted(store.urls)))
+                await asyncio.gather(*(store.fetch(url, self.crl_client)
+                                       for url in sorted(store.urls)))
                 self.disconnect_revoked()
 
     # revocation --------------------------------------------------------------
@@ -196,7 +220,7 @@ class TlsListener(Listener):
         verdict = store.check(cert)
         if verdict == UNKNOWN:
             for url in distribution_points(cert):
-                await store.fetch(url)
+                await store.fetch(url, self.crl_client)
                 verdict = store.check(cert)
                 if verdict != UNKNOWN:
                     break
@@ -373,10 +397,13 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
                       f", certificate {cert.subject} serial {cert.serial:x} sha256 "
                       f"{cert.sha256} valid until {cert.not_after:%Y-%m-%d}" if cert else "")
         self.connection = listener.attach(self, peer)
-        if peer.certificate is not None and listener.options.enforce_cert_lifetime:
-            remaining = (peer.certificate.not_after - now_utc()).total_seconds()
-            self._expiry = asyncio.get_running_loop().call_later(
-                max(remaining, 0.0), self._certificate_expired)
+        certificate = peer.certificate
+        if isinstance(certificate, TlsCertificate):  # peer_info makes no other kind
+            remaining = certificate.expires_at - time.time()
+            listener.client_certificate_expiry.observe(remaining)
+            if listener.options.enforce_cert_lifetime:
+                self._expiry = asyncio.get_running_loop().call_later(
+                    max(remaining, 0.0), self._certificate_expired)
 
     def _certificate_expired(self) -> None:
         self._expiry = None

@@ -334,8 +334,7 @@ def load_material(options: SslOptions, crl_cache: CrlCacheConfig,
             cas = load_ca_certificates(options.cacertfile)
         except (OSError, ValueError) as exc:
             raise TlsSetupError("cacertfile", f"{options.cacertfile!r}: {exc}") from None
-        revocation = CrlStore(cas, http_timeout=crl_cache.http_timeout,
-                              capacity=crl_cache.capacity)
+        revocation = CrlStore(cas, capacity=crl_cache.capacity)
         try:
             load_crl_files(revocation, options.crlfile)
         except (CrlError, OSError) as exc:

@@ -89,3 +89,6 @@ def configure_logging(settings: LogConfig) -> None:
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(settings.level.upper())
+    # aiosqlite logs every statement at debug: noise to an operator who
+    # asks for the broker's debug lines.
+    logging.getLogger("aiosqlite").setLevel(max(root.level, logging.INFO))

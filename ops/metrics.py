@@ -1,28 +1,30 @@
 """The broker's figures in Prometheus' form (``bastionmq_*``).
 
-Nothing is counted for Prometheus on the hot path: the core, the listeners
-and the chains keep plain integers, and this collector reads them when
-Prometheus scrapes. Counters that only grow are counters; what can go down
+Nothing is counted for Prometheus on the hot path: the core, the listeners,
+the chains and the store keep plain integers (histograms as lists of bucket
+counts, broker.stats.Buckets), and this collector reads them when Prometheus
+scrapes. Counters that only grow are counters; what can go down
 (connections, sessions, queues) are gauges.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.properties import reason_name
+from bastionmq.broker.stats import Buckets, Stats
 
 #: Stats counters by metric name, with their help text. The drop reasons
 #: are one metric with a label.
 _COUNTERS = (
-    ("messages_received", "messages_received", "PUBLISH packets received from clients."),
-    ("messages_sent", "messages_sent", "PUBLISH packets sent to clients."),
-    ("bytes_received", "bytes_received", "Bytes received from clients."),
-    ("bytes_sent", "bytes_sent", "Bytes written to clients."),
     ("connections_refused", "connections_refused", "CONNECT packets refused."),
     ("protocol_errors", "protocol_errors", "Connections closed for a protocol violation."),
     ("publisher_pauses", "publisher_pauses",
@@ -45,6 +47,21 @@ _DENIALS = (
 )
 
 
+#: What an authentication decision counted by no source of the stats (an
+#: older caller adding to ``denied`` or ``allowed`` alone) is shown as.
+OTHER_SOURCE = "other"
+
+
+def histogram_buckets(buckets: Buckets) -> list[tuple[str, float]]:
+    """Prometheus' cumulative buckets (``le``, count) of ``buckets``, +Inf last."""
+    cumulative = 0
+    result: list[tuple[str, float]] = []
+    for bound, count in zip((*buckets.bounds, math.inf), buckets.counts):
+        cumulative += count
+        result.append((floatToGoString(bound), cumulative))
+    return result
+
+
 class BrokerCollector(Collector):
     """Reads a running broker at each scrape. ``broker`` is the embedding
     API's Broker (its core, listeners and authentication stats)."""
@@ -58,6 +75,7 @@ class BrokerCollector(Collector):
         if core is None:
             return  # not started, or stopped
         stats = core.stats
+        yield from self._traffic(stats, broker.listeners)
         for name, field, text in _COUNTERS:
             yield CounterMetricFamily(f"bastionmq_{name}", text, value=getattr(stats, field))
         dropped = CounterMetricFamily("bastionmq_messages_dropped",
@@ -76,16 +94,82 @@ class BrokerCollector(Collector):
         for code, count in sorted(stats.connacks.items()):
             connacks.add_metric([reason_name(code)], count)
         yield connacks
-        authn = broker.authn_stats
-        if authn is not None:
-            outcomes = CounterMetricFamily("bastionmq_authentication",
-                                           "Authentication decisions, by outcome.",
-                                           labels=["outcome"])
-            outcomes.add_metric(["allowed"], authn.allowed)
-            outcomes.add_metric(["denied"], authn.denied)
-            yield outcomes
+        yield from self._authentication(broker.authn_stats)
+        if core.access is not None:
+            yield self._authorization(core.access)
         yield from self._listeners(broker.listeners)
         yield from self._sessions(core)
+        store = broker.store
+        if store is not None:
+            yield from self._store(store)
+
+    def _traffic(self, stats: Stats, listeners: Mapping[str, Any]) -> Iterator[Metric]:
+        for name, by_qos, text in (
+                ("received", stats.received_by_qos, "PUBLISH packets received from clients, "
+                 "by QoS."),
+                ("sent", stats.sent_by_qos, "PUBLISH packets sent to clients, by QoS.")):
+            messages = CounterMetricFamily(f"bastionmq_messages_{name}", text, labels=["qos"])
+            for qos, count in enumerate(by_qos):
+                messages.add_metric([str(qos)], count)
+            yield messages
+        received = CounterMetricFamily("bastionmq_bytes_received",
+                                       "Bytes of MQTT received from clients, by listener.",
+                                       labels=["listener"])
+        sent = CounterMetricFamily("bastionmq_bytes_sent",
+                                   "Bytes of MQTT written to clients, by listener.",
+                                   labels=["listener"])
+        # Listeners that have had no connection yet show 0; "" is no listener's
+        # (outboxes made without a connection, in tests).
+        for listener_id in sorted(set(listeners) | {key for key in stats.traffic if key}):
+            traffic = stats.traffic.get(listener_id)
+            received.add_metric([listener_id], traffic.received if traffic else 0)
+            sent.add_metric([listener_id], traffic.sent if traffic else 0)
+        yield received
+        yield sent
+
+    def _authentication(self, authn: Any) -> Iterator[Metric]:
+        if authn is None:
+            return
+        outcomes = CounterMetricFamily(
+            "bastionmq_authentication", "Authentication decisions, by what decided (an "
+            "authenticator, anonymous, peer_certificate, psk, ban, disabled, "
+            "enhanced_auth:<method>) and outcome.", labels=["source", "outcome"])
+        attributed = {"allowed": 0, "denied": 0}
+        for (source, outcome), count in sorted(authn.by_source.items()):
+            outcomes.add_metric([source, outcome], count)
+            attributed[outcome] += count
+        for outcome in ("allowed", "denied"):
+            rest = getattr(authn, outcome) - attributed[outcome]
+            if rest > 0:
+                outcomes.add_metric([OTHER_SOURCE, outcome], rest)
+        yield outcomes
+
+    def _authorization(self, access: Any) -> Metric:
+        decisions = CounterMetricFamily(
+            "bastionmq_authorization", "Authorization decisions, by action, result and what "
+            "decided (a source's type, no_match, cache, superuser).",
+            labels=["action", "result", "source"])
+        counted: dict[tuple[str, str, str], int] = {}
+        for (action, allowed, source), count in access.decided.items():
+            key = (action, "allow" if allowed else "deny", source)
+            counted[key] = counted.get(key, 0) + count
+        for (action, allowed), count in access.cache_decisions().items():
+            counted[(action, "allow" if allowed else "deny", "cache")] = count
+        for action, count in access.superuser.items():
+            counted[(action, "allow", "superuser")] = count
+        for labels, count in sorted(counted.items()):
+            decisions.add_metric(list(labels), count)
+        return decisions
+
+    def _store(self, store: Any) -> Iterator[Metric]:
+        for name, buckets, text in (
+                ("bastionmq_store_commit_seconds", store.commit_seconds,
+                 "Time each commit of the durable store took."),
+                ("bastionmq_store_commit_batch_size", store.commit_batch_size,
+                 "Changes in each batch the durable store committed.")):
+            histogram = HistogramMetricFamily(name, text)
+            histogram.add_metric([], histogram_buckets(buckets), buckets.total)
+            yield histogram
 
     def _listeners(self, listeners: Mapping[str, Any]) -> Iterator[Metric]:
         current = GaugeMetricFamily("bastionmq_connections",
@@ -99,6 +183,10 @@ class BrokerCollector(Collector):
         negotiated = CounterMetricFamily(
             "bastionmq_tls_negotiated", "Successful TLS handshakes, by listener, TLS version "
             "and cipher suite.", labels=["listener", "version", "cipher"])
+        client_expiry = HistogramMetricFamily(
+            "bastionmq_tls_client_certificate_expiry_seconds",
+            "Remaining validity of each client certificate admitted by a TLS handshake, "
+            "at the handshake, by listener.", labels=["listener"])
         expiry = GaugeMetricFamily(
             "bastionmq_tls_certificate_expiry_timestamp_seconds",
             "When each certificate a TLS listener presents (server) or trusts (ca) expires, "
@@ -116,6 +204,9 @@ class BrokerCollector(Collector):
                 handshakes.add_metric([listener_id, "failed", reason], count)
             for (version, cipher), count in sorted(succeeded.items(), key=str):
                 negotiated.add_metric([listener_id, version or "", cipher or ""], count)
+            remaining = listener.client_certificate_expiry
+            client_expiry.add_metric([listener_id], histogram_buckets(remaining),
+                                     remaining.total)
             for role, subject, when in material.certificates:
                 expiry.add_metric([listener_id, role, subject], when)
             if material.revocation is not None:
@@ -125,6 +216,7 @@ class BrokerCollector(Collector):
         yield refused
         yield handshakes
         yield negotiated
+        yield client_expiry
         yield expiry
 
     def _sessions(self, core: BrokerCore) -> Iterator[Metric]:

@@ -466,7 +466,7 @@ async def test_the_file_is_private_in_wal_mode_and_shared(tmp_path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
         with sqlite3.connect(path) as raw:
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            assert raw.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+            assert raw.execute("SELECT MAX(version) FROM schema_version").fetchall() == [(2,)]
         # One connection writes while the other reads, as the CLI does beside the broker.
         await tool.add_user("alice", "pw", SHA256)
         assert (await broker.check_password("alice", "username", "pw")).ok
@@ -504,3 +504,59 @@ async def test_other_sqlite_databases_and_newer_schemas_are_refused(tmp_path):
         read_rules(newer)
     with pytest.raises(AuthDatabaseError, match=str(tmp_path)):
         await AuthDatabase.open(tmp_path)  # a directory
+
+
+@run_async
+async def test_a_version_1_database_gains_api_keys_and_bans_keeping_its_users(tmp_path):
+    path = tmp_path / "auth.sqlite3"
+    async with await AuthDatabase.open(path) as db:
+        await db.add_user("old-user", "pw", PasswordHash())
+    with sqlite3.connect(path) as raw:  # as the first release left it
+        raw.execute("DROP TABLE api_keys")
+        raw.execute("DROP TABLE banned")
+        raw.execute("DELETE FROM schema_version WHERE version > 1")
+    async with await AuthDatabase.open(path) as db:
+        assert (await db.check_password("old-user", "username", "pw")).ok
+        await db.add_api_key("ops", "admin", "ab" * 32)
+        assert [key.name for key in await db.list_api_keys()] == ["ops"]
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT MAX(version) FROM schema_version").fetchone() == (2,)
+
+
+@run_async
+async def test_api_keys_are_found_by_hash_only_and_named_once(tmp_path):
+    from bastionmq.ops.keys import key_hash, new_key
+    async with await AuthDatabase.open(tmp_path / "auth.sqlite3") as db:
+        secret = new_key()
+        assert secret.startswith("bmq_") and len(secret) > 40
+        await db.add_api_key("grafana", "viewer", key_hash(secret))
+        found = await db.find_api_key(key_hash(secret))
+        assert (found.name, found.role) == ("grafana", "viewer")
+        assert await db.find_api_key(key_hash(secret + "x")) is None
+        with pytest.raises(AlreadyExists):
+            await db.add_api_key("grafana", "admin", key_hash(new_key()))
+        with pytest.raises(ValueError, match="role"):
+            await db.add_api_key("root", "superuser", key_hash(new_key()))
+        await db.delete_api_key("grafana")
+        assert await db.find_api_key(key_hash(secret)) is None
+        with pytest.raises(NotFound):
+            await db.delete_api_key("grafana")
+
+
+@run_async
+async def test_bans_are_kept_replaced_and_lifted(tmp_path):
+    from bastionmq.auth.builtin_db import Ban
+    async with await AuthDatabase.open(tmp_path / "auth.sqlite3") as db:
+        await db.add_ban(Ban("clientid", "rogue", "flooding", "ops"))
+        await db.add_ban(Ban("peerhost", "192.0.2.7", until=4102444800.0))
+        await db.add_ban(Ban("clientid", "rogue", "still flooding", "ops"))
+        bans = await db.list_bans()
+        assert [(b.kind, b.value, b.reason) for b in bans] == [
+            ("clientid", "rogue", "still flooding"), ("peerhost", "192.0.2.7", "")]
+        assert bans[1].until == 4102444800.0 and bans[0].created_at > 0
+        with pytest.raises(ValueError, match="clientid, username, peerhost"):
+            await db.add_ban(Ban("ip", "x"))
+        await db.delete_ban("clientid", "rogue")
+        with pytest.raises(NotFound):
+            await db.delete_ban("clientid", "rogue")
+        assert len(await db.list_bans()) == 1

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bastionmq.broker.codec import MQTT_5, Connect, Decoder, encode
+from bastionmq.listeners.crl import MAX_CRL_SIZE
 from bastionmq.pki import init_pki, issue_client, issue_server, revoke
 from startup import startup_error
 from tls_helpers import ssl_listener, tls_socket
@@ -141,24 +142,43 @@ def test_a_bad_crl_file_stops_start_up(pki, tmp_path):
 
 
 class CrlServer:
-    """Serves the PKI's crl.pem over HTTP; ``hold`` makes requests wait."""
+    """Serves the PKI's crl.pem over HTTP; ``hold`` makes requests wait;
+    ``oversize`` serves more than a CRL may be instead: ``"length"`` says so
+    in Content-Length, ``"stream"`` sends it without one (until the close)."""
 
     def __init__(self, crl: Path) -> None:
         self.crl = crl
         self.hold = threading.Event()
         self.hold.set()
         self.requests = 0
+        self.oversize: str | None = None
         served = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 served.requests += 1
                 served.hold.wait(TIMEOUT)
+                if served.oversize is not None:
+                    self.send_oversize(served.oversize == "length")
+                    return
                 body = served.crl.read_bytes()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def send_oversize(self, declared: bool) -> None:
+                chunk = b"x" * 65536
+                size = MAX_CRL_SIZE + len(chunk)
+                self.send_response(200)
+                if declared:
+                    self.send_header("Content-Length", str(size))
+                self.end_headers()
+                try:
+                    for _ in range(size // len(chunk)):
+                        self.wfile.write(chunk)
+                except OSError:
+                    pass  # the broker hung up, as it should
 
             def log_message(self, *args) -> None:
                 pass
@@ -202,6 +222,42 @@ def test_an_unreachable_distribution_point_fails_hard_or_soft(start_broker, pki)
     _refused(hard.port_of("ssl:default"), pki, "dp")
     soft = start_broker(config=_config(pki, extra="crl_cache { http_timeout = 1s, soft_fail = true }"))
     assert MqttOverTls(soft.port_of("ssl:default"), pki, "dp").connack.reason_code == 0
+
+
+def test_a_distribution_point_that_does_not_answer_in_time_fails_the_fetch(
+        start_broker, pki, crl_server, caplog):
+    issue_client(pki, "dp-slow", crl_url=crl_server.url)
+    crl_server.hold.clear()  # the distribution point never answers in time
+    broker = start_broker(config=_config(pki, extra="crl_cache.http_timeout = 500ms"))
+    with caplog.at_level(logging.WARNING, logger="bastionmq.listener"):
+        _refused(broker.port_of("ssl:default"), pki, "dp-slow")
+    assert f"cannot fetch the CRL at {crl_server.url}: no complete answer within 0.5s" \
+        in caplog.text
+    assert _failures(broker) == {"no current CRL for the client certificate's issuer": 1}
+
+
+@pytest.mark.parametrize("oversize", ["length", "stream"])
+def test_a_crl_larger_than_the_bound_is_not_taken(start_broker, pki, crl_server, caplog,
+                                                  oversize):
+    issue_client(pki, "dp-huge", crl_url=crl_server.url)
+    crl_server.oversize = oversize
+    broker = start_broker(config=_config(pki))
+    with caplog.at_level(logging.WARNING, logger="bastionmq.listener"):
+        _refused(broker.port_of("ssl:default"), pki, "dp-huge")
+    assert f"cannot fetch the CRL at {crl_server.url}: " in caplog.text
+    assert f"the {MAX_CRL_SIZE} " in caplog.text and "allowed for a CRL" in caplog.text
+
+
+def test_the_listener_closes_its_http_session_when_the_broker_stops(
+        start_broker, pki, crl_server):
+    issue_client(pki, "dp-once", crl_url=crl_server.url)
+    broker = start_broker(config=_config(pki))
+    assert MqttOverTls(broker.port_of("ssl:default"), pki, "dp-once").connack.reason_code == 0
+    listener = broker.broker.listeners["ssl:default"]
+    session = broker.run(lambda: listener.crl_client._session)
+    assert session is not None and not session.closed
+    broker.stop()
+    assert session.closed
 
 
 def test_a_fetch_in_progress_does_not_hold_up_a_client_a_cached_crl_answers(

@@ -23,6 +23,7 @@ import logging
 import os
 import sqlite3
 import stat
+import time
 from typing import Any, Callable, Iterator
 
 import aiosqlite
@@ -31,6 +32,7 @@ from ..codec import Subscription, Will, decode_properties
 from ..message import Message
 from ..packet_types import PUBLISH, WILL
 from ..properties import NO_PROPERTIES
+from ..stats import Buckets
 from .journal import Batch, Journal, decode_ids
 from .records import Snapshot, StoredSession, StoredWill
 
@@ -101,6 +103,13 @@ UNREFERENCED_MESSAGES = ("FROM messages WHERE id NOT IN (SELECT message_id FROM 
                          "AND id NOT IN (SELECT message_id FROM inflight)")
 
 SYNCHRONOUS = ("full", "normal")
+
+#: Bucket bounds of the commit latency (seconds) and of the changes per
+#: committed batch, for the metrics.
+COMMIT_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                          2.5, 5.0, 10.0)
+COMMIT_BATCH_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
+                        2000.0, 5000.0, 10000.0)
 
 #: Seconds between attempts to commit a batch that failed.
 RETRY_INTERVAL = 1.0
@@ -247,6 +256,10 @@ class SqliteStore:
         self._committing: asyncio.Task | None = None
         self._next_ids = (1, 1, 1)
         self._closing = False
+        #: Each commit's latency (from BEGIN to COMMIT done, as the loop
+        #: waits for it) and its batch's changes; failed attempts are not counted.
+        self.commit_seconds = Buckets(COMMIT_SECONDS_BUCKETS)
+        self.commit_batch_size = Buckets(COMMIT_BATCH_BUCKETS)
 
     @classmethod
     async def open(cls, path: str, *, batch_size: int = 1000, commit_interval: float = 0.005,
@@ -394,8 +407,12 @@ class SqliteStore:
 
     async def _commit(self, batch: Batch) -> None:
         while True:
+            # Not the loop's clock: uvloop's advances in milliseconds, once per turn.
+            started = time.perf_counter()
             try:
                 await self._write(batch)
+                self.commit_seconds.observe(time.perf_counter() - started)
+                self.commit_batch_size.observe(batch.size)
                 break
             except (sqlite3.Error, OSError) as exc:
                 if self._closing:
