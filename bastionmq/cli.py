@@ -9,6 +9,7 @@ import shlex
 import signal
 import sqlite3
 import sys
+from importlib import resources
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,15 +33,21 @@ DEFAULT_CONFIG = Path("etc/bastionmq.conf")
 log = logging.getLogger("bastionmq")
 
 
-BUILT_IN = "built-in defaults"
+BUILT_IN = "the built-in default configuration (loopback only)"
 
 
 def _load(config_file: str | None) -> tuple[Config, str]:
-    """The config to use and where it came from; errors leave through click."""
+    """The config to use and where it came from: the file given, else
+    etc/bastionmq.conf where it runs, else the built-in default (loopback
+    listeners, bastionmq/builtin.conf); errors leave through click."""
     if config_file is None and DEFAULT_CONFIG.exists():
         config_file = str(DEFAULT_CONFIG)
     try:
-        config = load_config(config_file)
+        if config_file is None:
+            config = load_config(text=resources.files("bastionmq").joinpath(
+                "builtin.conf").read_text(encoding="utf-8"))
+        else:
+            config = load_config(config_file)
     except ConfigError as exc:
         raise click.ClickException(f"invalid configuration:\n{exc}") from None
     return config, config_file or BUILT_IN

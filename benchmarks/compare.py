@@ -139,8 +139,10 @@ durable_sessions {
 {synchronous}}
 """
 # The operations listener the bastionmq-ops variant adds ({ops_port}: a free
-# port); the run scrapes its /metrics every second (scrape_metrics()).
-OPS = 'http_api { enable = true, bind = "127.0.0.1:{ops_port}" }\n'
+# port); the run scrapes its /metrics every second (scrape_metrics()). It
+# opens the built-in database (API keys, bans) in node.data_dir.
+OPS = ('http_api { enable = true, bind = "127.0.0.1:{ops_port}" }\n'
+       'node.data_dir = "{data_dir}"\n')
 # Mosquitto's persistence: it writes its database at autosave_interval
 # (default 1800 s) and at shutdown, not before acknowledging.
 MOSQUITTO_PERSIST = "persistence true\npersistence_location {data_dir}/\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+import time
 
 import attrs
 from typing import TYPE_CHECKING, Any, Callable, Mapping
@@ -68,7 +69,8 @@ class Connection:
     __slots__ = (
         "core", "transport", "peer", "decoder", "state", "client_id",
         "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
-        "_idle_handle", "will", "outbox", "_held", "close_reason", "topic_aliases",
+        "_idle_handle", "will", "outbox", "_held", "close_reason", "disconnect_cause",
+        "connected_at", "topic_aliases",
         "problem_info", "auth", "client_info",
         "access_cache", "will_stored", "holders", "held_since",
         "held_bytes", "reading_paused", "refusal_log_at", "refusals_unlogged",
@@ -119,6 +121,11 @@ class Connection:
         self.linger_handle: Any = None
         self.linger_bytes = 0
         self.close_reason = ""
+        #: Why it ended, from a bounded set (a reason code's name, "client
+        #: disconnect", "connection lost"): the label disconnects are counted by.
+        self.disconnect_cause = ""
+        #: When its CONNECT succeeded (Unix time), for operators.
+        self.connected_at: float | None = None
         #: Inbound topic aliases of a 5.0 client: alias -> topic name.
         self.topic_aliases: dict[int, str] | None = None
         #: 5.0 Request Problem Information: whether reason strings may go on
@@ -198,6 +205,8 @@ class Connection:
                 return
         if not self.close_reason:
             self.close_reason = "connection lost" if exc is None else f"connection lost: {exc}"
+        if not self.disconnect_cause:
+            self.disconnect_cause = "connection lost"
         self._teardown()
         self.core.outboxes.flush()
 
@@ -267,6 +276,8 @@ class Connection:
             return
         if not self.close_reason:
             self.close_reason = message or reason_name(reason)
+        if not self.disconnect_cause:
+            self.disconnect_cause = reason_name(reason)
         if send_disconnect and self.state == CONNECTED and self.version == MQTT_5:
             self.outbox.send_explained(Disconnect(reason), message)
         if not publish_will:
@@ -549,6 +560,7 @@ class Connection:
             self.will_stored = True
         self.keepalive = packet.keepalive
         self.state = CONNECTED
+        self.connected_at = time.time()
         self.decoder.max_packet_size = settings.max_packet_size
         connack_props: dict[str, Any] = dict(auth_props) if auth_props else {}
         if self.version == MQTT_5:
@@ -895,6 +907,7 @@ class Connection:
         if packet.reason_code != Reason.DISCONNECT_WITH_WILL:
             self.will = None  # [MQTT-3.14.4-3]
         self.close_reason = "client disconnected"
+        self.disconnect_cause = "client disconnect"
         self.close(send_disconnect=False)
 
     # AUTH (enhanced authentication, 4.12) ---------------------------------
@@ -945,6 +958,9 @@ class Connection:
         if was_connected:
             log.info("%s disconnected: %s", self.describe(), self.close_reason,
                      extra=self._event("disconnect", self.close_reason))
+            disconnects = core.stats.disconnects
+            cause = self.disconnect_cause or "unspecified"
+            disconnects[cause] = disconnects.get(cause, 0) + 1
             will, self.will = self.will, None
             core.end_connection(self, will)
 

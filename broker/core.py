@@ -467,6 +467,7 @@ class BrokerCore:
             return matched
         msg_qos = message.qos
         msg_retain = message.retain
+        sent = 0  # QoS 0 written here: their bytes are counted once, below
         for session, qos, no_local, as_published, ids in routes:
             if no_local and session is sender:
                 continue  # [MQTT-3.8.3-3]
@@ -482,8 +483,10 @@ class BrokerCore:
                     self._enqueue(session, message, 0, retain, ids, None)
             elif outbox.paused:
                 self._qos0_to_paused(session, message, retain, ids, sender)
-            else:
-                outbox.send_publish(message, 0, retain, ids)
+            elif outbox.queue_publish(message, 0, retain, ids):
+                sent += 1
+        if sent:
+            self.stats.publish_bytes_sent += sent * len(message.payload)
         return matched + len(routes)
 
     def _route_shared(self, message: Message, sender: Session | None) -> int:
@@ -599,7 +602,8 @@ class BrokerCore:
         # allocate_packet_id has made the in-flight table, and store_id is set
         # only while a journal is in use.
         packet_id = session.allocate_packet_id()
-        if outbox.send_publish(message, qos, retain, ids, packet_id):
+        if outbox.queue_publish(message, qos, retain, ids, packet_id):
+            self.stats.publish_bytes_sent += len(message.payload)
             entry = session.inflight[packet_id] = Inflight(  # type: ignore[index]
                 message, qos, retain, ids, group)
             if session.store_id:

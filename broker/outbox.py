@@ -176,6 +176,17 @@ class Outbox:
                      subscription_ids: tuple[int, ...], packet_id: int = 0,
                      dup: bool = False) -> bool:
         """Queue a PUBLISH for writing; False when the client's limit forbids it."""
+        if self.queue_publish(message, qos, retain, subscription_ids, packet_id, dup):
+            self.outboxes.stats.publish_bytes_sent += len(message.payload)
+            return True
+        return False
+
+    def queue_publish(self, message: Message, qos: int, retain: bool,
+                      subscription_ids: tuple[int, ...], packet_id: int = 0,
+                      dup: bool = False) -> bool:
+        """send_publish without counting the payload's bytes, for the hot
+        paths, which count them once per message (BrokerCore.route) or
+        where they count anyway (BrokerCore._send_inflight)."""
         outboxes = self.outboxes
         now = outboxes.clock() if message.expires_at is not None else 0.0
         aliases = self.aliases
@@ -201,7 +212,6 @@ class Outbox:
         if not buffer:
             outboxes.dirty.append(self)
         stats = outboxes.stats
-        stats.publish_bytes_sent += len(message.payload)
         if dup:
             head = bytes((head[0] | 0x08,)) + head[1:]
         if qos:

@@ -99,6 +99,8 @@ class Stats:
     #: CONNACKs sent, by 5.0 reason code (a 3.1.1 client's return code is
     #: counted by the reason it stands for); 0 is success.
     connacks: dict[int, int] = attrs.field(factory=dict)
+    #: Connected clients that went, by Connection.disconnect_cause.
+    disconnects: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def messages_received(self) -> int:

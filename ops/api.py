@@ -262,7 +262,7 @@ class ManagementApi:
         if connection is not None:
             view["proto_ver"] = connection.version
             view["keepalive"] = connection.keepalive
-            view["connected_at"] = _isotime(getattr(connection, "connected_at", None))
+            view["connected_at"] = _isotime(connection.connected_at)
         else:
             offline_since = session.offline_since
             view["disconnected_at"] = None if offline_since is None else _isotime(

@@ -94,6 +94,13 @@ class BrokerCollector(Collector):
         for code, count in sorted(stats.connacks.items()):
             connacks.add_metric([reason_name(code)], count)
         yield connacks
+        disconnects = CounterMetricFamily(
+            "bastionmq_disconnects", "Connected clients that went, by reason: the reason "
+            "code the server closed with, client disconnect or connection lost.",
+            labels=["reason"])
+        for cause, count in sorted(stats.disconnects.items()):
+            disconnects.add_metric([cause], count)
+        yield disconnects
         yield from self._authentication(broker.authn_stats)
         if core.access is not None:
             yield self._authorization(core.access)

@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import time
+import urllib.request
 from importlib.metadata import version as distribution_version
 from pathlib import Path
 
@@ -573,3 +574,33 @@ allow_anonymous = false
     assert clients(port, client_id="stranger").reason_code != 0
     assert broker.stop(signal.SIGTERM) == 0
     assert "INFO bastionmq.connection: refusing client 'stranger'" in broker.stderr
+
+
+def test_with_no_file_it_serves_loopback_and_the_api_without_a_key(start_process, run, tmp_path):
+    """No -c and no etc/bastionmq.conf where it starts: the built-in default."""
+    port, ws_port, api_port = free_port(), free_port(), free_port()
+    env = clean_env(BASTIONMQ_LISTENERS__TCP__DEFAULT__BIND=f"127.0.0.1:{port}",
+                    BASTIONMQ_LISTENERS__WS__DEFAULT__BIND=f"127.0.0.1:{ws_port}",
+                    BASTIONMQ_HTTP_API__BIND=f"127.0.0.1:{api_port}")
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen([shutil.which("bastionmq"), "start"], cwd=tmp_path, env=env,
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=stderr)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while f"operations listener on http://127.0.0.1:{api_port}" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert "starting with the built-in default configuration" in log.read_text()
+        sent = subprocess.run([tool("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(port),
+                               "-t", "hello", "-m", "world", "-q", "1"],
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        assert sent.returncode == 0, sent.stderr
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/api/v1/stats",
+                                    timeout=TIMEOUT) as answer:
+            assert json.loads(answer.read())["counters"]["connacks"]["0"] == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(TIMEOUT) == 0, log.read_text()

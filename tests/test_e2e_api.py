@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import queue
 import ssl
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -256,6 +257,7 @@ def test_clients_are_listed_filtered_and_shown_with_their_tls_facts(api: Api):
     assert one["cert"]["not_after"] == issued.not_valid_after_utc.isoformat()
     assert one["subscriptions"][0]["topic"] == "devices/sensor-7/#"
     assert one["connected"] is True and one["listener"] == "ssl:default"
+    assert one["connected_at"].startswith(time.strftime("%Y-%m-%d", time.gmtime()))
     _, subscriptions = api.request("GET", "/api/v1/subscriptions?clientid=sensor-7-device")
     assert [s["topic"] for s in subscriptions["data"]] == ["devices/sensor-7/#"]
     assert api.request("GET", "/api/v1/clients/nobody")[0] == 404
@@ -274,6 +276,12 @@ def test_a_kicked_client_is_disconnected_with_administrative_action(api: Api):
     assert disconnect_reason(kicked) == 0x98
     # Its session went with it, as EMQX's kick does.
     assert api.request("GET", "/api/v1/clients/to-kick")[0] == 404
+    # And the kick shows among the disconnect reasons of /metrics.
+    context = api.context()
+    with urllib.request.urlopen(api.url + "/metrics", timeout=TIMEOUT,
+                                context=context) as answer:
+        metrics = answer.read().decode()
+    assert 'bastionmq_disconnects_total{reason="0x98 administrative action"} 1.0' in metrics
 
 
 # ------------------------------------------------------------------ messages

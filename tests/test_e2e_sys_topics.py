@@ -200,3 +200,28 @@ def test_heap_and_store_figures(start_broker, clients):
     _until(monitor, lambda seen: seen["messages/stored"] == str(retained)
            and int(seen["store/messages/bytes"]) > 100, seen)
     assert seen["store/messages/count"] == seen["messages/stored"]
+
+
+def test_publish_bytes_sent_count_every_delivery_on_every_path(start_broker, clients):
+    """Routed live at QoS 0 and 1, retained on subscribe, queued then drained."""
+    broker = start_broker("sys_topics.sys_interval = 0s")
+    sent = lambda: broker.run(lambda: broker.core.stats.publish_bytes_sent)  # noqa: E731
+    live0 = clients(broker.port, client_id="live0")
+    live0.subscribe("data/#", qos=0)
+    live1 = clients(broker.port, client_id="live1")
+    live1.subscribe("data/#", qos=1)
+    away = clients(broker.port, client_id="away", clean=False)
+    away.subscribe("data/#", qos=1)
+    away.disconnect()
+    publisher = clients(broker.port, client_id="publisher")
+    publisher.publish("data/a", b"x" * 100, qos=1, retain=True)
+    live0.expect()
+    live1.expect()
+    assert sent() == 200  # the offline session's copy waits in its queue
+    late = clients(broker.port, client_id="late")
+    late.subscribe("data/#", qos=0)
+    late.expect()
+    assert sent() == 300  # the retained message, on subscribe
+    away = clients(broker.port, client_id="away", clean=False)
+    away.expect()
+    assert sent() == 400  # the queued one, drained
