@@ -46,17 +46,19 @@ log = logging.getLogger("bastionmq")
 ConfigSource = Config | str | os.PathLike
 
 
-def resolve_config(config: ConfigSource | None) -> Config:
-    """A Config from a Config, a file path or a HOCON string."""
+def resolve_config(config: ConfigSource | None, env: bool = False) -> Config:
+    """A Config from a Config, a file path or a HOCON string; ``BASTIONMQ_*``
+    environment variables apply only with ``env``."""
+    overrides: dict[str, str] | None = None if env else {}
     if config is None:
-        return Config()
+        return load_config(env=overrides)
     if isinstance(config, Config):
         return config
     if isinstance(config, os.PathLike):
-        return load_config(config)
+        return load_config(config, env=overrides)
     if _is_hocon_text(config):
-        return load_config(text=config)
-    return load_config(config)
+        return load_config(text=config, env=overrides)
+    return load_config(config, env=overrides)
 
 
 def _is_hocon_text(config: str | os.PathLike) -> bool:
@@ -219,13 +221,18 @@ class Broker:
             await broker.publish("greeting", b"hello")
 
     ``auth_methods`` adds MQTT 5.0 enhanced authentication methods, for
-    example ``ScramSha256`` from bastionmq.auth.scram.
+    example ``ScramSha256`` from bastionmq.auth.scram. ``BASTIONMQ_*``
+    environment variables apply only with ``env=True``.
     """
 
     def __init__(self, config: ConfigSource | None = None,
                  auth_methods: Iterable[AuthMethod] = (),
-                 config_file: str | os.PathLike | None = None) -> None:
-        self.config = resolve_config(config)
+                 config_file: str | os.PathLike | None = None, env: bool = False) -> None:
+        #: Whether ``BASTIONMQ_*`` environment variables apply (the CLI's
+        #: broker: yes; an embedded one: only when asked, so that a variable
+        #: set in a shell does not move an application's broker).
+        self.env = env
+        self.config = resolve_config(config, env)
         #: The file ``reload_config`` reads again: ``config_file``, or
         #: ``config`` when it is a path.
         self.config_file = config_file
@@ -422,7 +429,7 @@ class Broker:
         report = ReloadReport()
         if self.config_file is not None:
             try:
-                new = load_config(self.config_file)
+                new = load_config(self.config_file, env=None if self.env else {})
                 effective, report = plan_reload(self.config, new)
                 self._apply(effective, why)
             except ConfigError as exc:

@@ -58,7 +58,9 @@ config_option = click.option(
     help=f"HOCON configuration file (default: {DEFAULT_CONFIG} when it exists).")
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="bastionmq",
+                      message="%(prog)s %(version)s")
 def main() -> None:
     """bastionmq: an MQTT 3.1 / 3.1.1 / 5.0 broker."""
 
@@ -113,7 +115,7 @@ def start(config_file: str | None) -> None:
         raise click.ClickException(f"log.file.path: {exc}") from None
     log.info("bastionmq %s starting with %s", __version__, source)
     try:
-        broker = Broker(config, config_file=None if source == BUILT_IN else source)
+        broker = Broker(config, config_file=None if source == BUILT_IN else source, env=True)
         broker.manages_logging = True
         _run(_serve(broker))
     except ConfigError as exc:
@@ -214,15 +216,20 @@ def certs_init(directory: Path, hosts: tuple[str, ...], rsa: str | None, days: i
     click.echo(f"\nnext: bastionmq certs client NAME{_dir_args(directory)}")
 
 
+force_option = click.option("--force", is_flag=True,
+                            help="Replace a certificate and key of that name.")
+
+
 @certs.command("client")
 @click.argument("name")
 @dir_option
 @rsa_option
 @days_option
-def certs_client(name: str, directory: Path, rsa: str | None, days: int) -> None:
+@force_option
+def certs_client(name: str, directory: Path, rsa: str | None, days: int, force: bool) -> None:
     """Issue a client certificate with CN=NAME."""
     with _pki_errors():
-        files = pki.issue_client(directory, name, _key_type(rsa), days)
+        files = pki.issue_client(directory, name, _key_type(rsa), days, replace=force)
     click.echo(f"wrote {files.cert} (client certificate, CN={name})")
     click.echo(f"wrote {files.key} (client private key)")
     command = ["mosquitto_pub", "-h", "localhost", "-p", "8883",
@@ -238,11 +245,12 @@ def certs_client(name: str, directory: Path, rsa: str | None, days: int) -> None
 @dir_option
 @rsa_option
 @days_option
+@force_option
 def certs_server(name: str, hosts: tuple[str, ...], directory: Path, rsa: str | None,
-                 days: int) -> None:
+                 days: int, force: bool) -> None:
     """Issue a further server certificate, for the given hosts only."""
     with _pki_errors():
-        files = pki.issue_server(directory, name, hosts, _key_type(rsa), days)
+        files = pki.issue_server(directory, name, hosts, _key_type(rsa), days, replace=force)
     click.echo(f"wrote {files.cert} (server certificate for {', '.join(hosts)})")
     click.echo(f"wrote {files.key} (server private key)")
 

@@ -161,17 +161,20 @@ def issue_client(directory: Path, name: str, key_type: KeyType = "ec", days: int
                  san_dns: Sequence[str] = (), san_uri: Sequence[str] = (),
                  san_email: Sequence[str] = (), san_ip: Sequence[str] = (),
                  extra_subject: Mapping[str, str] | None = None,
-                 output: Path | None = None, crl_url: str | None = None) -> IssuedFiles:
+                 output: Path | None = None, crl_url: str | None = None,
+                 replace: bool = True) -> IssuedFiles:
     """A client certificate with CN=``name``, signed by the CA in ``directory``.
 
     ``crl_url`` names a CRL distribution point in the certificate.
 
     Written as ``directory/<name>.pem`` and ``.key``, or as ``<output>.pem``
     and ``<output>.key`` when ``output`` is given; only then may ``name`` hold
-    characters that do not belong in a file name.
+    characters that do not belong in a file name. Without ``replace``, files
+    there already are an error.
     """
     directory = Path(directory)
     files = _paths(Path(output)) if output is not None else _paths(directory / _file_name(name))
+    _check_new(files, replace)
     ca = _load_authority(directory)
     validity = _validity(days, not_before, not_after)
     sans: list[x509.GeneralName] = []
@@ -187,10 +190,12 @@ def issue_client(directory: Path, name: str, key_type: KeyType = "ec", days: int
 
 
 def issue_server(directory: Path, name: str, hosts: Sequence[str], key_type: KeyType = "ec",
-                 days: int = 825) -> IssuedFiles:
-    """Another server certificate from the CA in ``directory``, for ``hosts`` only."""
+                 days: int = 825, replace: bool = True) -> IssuedFiles:
+    """Another server certificate from the CA in ``directory``, for ``hosts``
+    only; without ``replace``, files there already are an error."""
     directory = Path(directory)
     files = _paths(directory / _file_name(name))
+    _check_new(files, replace)
     hosts = _unique(hosts)
     if not hosts:
         raise PkiError(f"server certificate {name!r} needs at least one host name or address")
@@ -440,6 +445,16 @@ def _paths(stem: Path) -> IssuedFiles:
     # Appended rather than with_suffix(): a stem such as "alice.example" keeps its dot.
     return IssuedFiles(cert=stem.with_name(stem.name + ".pem"),
                        key=stem.with_name(stem.name + ".key"))
+
+
+def _check_new(files: IssuedFiles, replace: bool) -> None:
+    if replace:
+        return
+    for path in (files.cert, files.key):
+        if path.exists():
+            raise PkiError(f"{path} exists already; --force replaces it (the certificate "
+                           "it holds stays valid until it expires or is revoked: "
+                           f"bastionmq certs revoke {files.cert})")
 
 
 def _file_name(name: str) -> str:

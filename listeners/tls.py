@@ -20,7 +20,7 @@ import collections
 import logging
 import ssl
 import time
-from typing import Any
+from typing import Any, cast
 
 from bastionmq.broker.connection import Connection
 from bastionmq.broker.core import BrokerCore
@@ -34,7 +34,7 @@ from .certificates import EKU_OIDS, TlsCertificate
 from .crl import REVOKED, UNKNOWN, CrlClient, distribution_points
 from .settings import CrlCacheConfig, PskConfig, SslOptions
 from .tls_context import (
-    PskContext, TlsMaterial, TlsSetupError, describe_failure, expiry_warnings, load_material,
+    TlsMaterial, TlsSetupError, describe_failure, expiry_warnings, load_material,
     mtimes, now_utc, ssl_options_path,
 )
 
@@ -83,9 +83,9 @@ class TlsListener(Listener):
         for context in (material.context, *material.sni.values()):
             context.sni_callback = self._on_sni
             if material.psk_keys is not None:
-                # load_material makes every context a PskContext when it loads PSK keys.
-                assert isinstance(context, PskContext)
-                context.set_psk_server_callback(self._on_psk, self.options.psk_hint)
+                # load_material makes every context a PskContext (listeners.psk)
+                # when it loads PSK keys.
+                cast(Any, context).set_psk_server_callback(self._on_psk, self.options.psk_hint)
         self.material = material
 
     def _on_sni(self, sslobj: ssl.SSLObject, server_name: str | None,
@@ -110,8 +110,7 @@ class TlsListener(Listener):
         context = material.context
         sslobj = context.wrap_bio(incoming, outgoing, server_side=True)
         if material.psk_keys is not None:
-            assert isinstance(context, PskContext)  # as in _install
-            context.setup_psk_callbacks(sslobj)
+            cast(Any, context).setup_psk_callbacks(sslobj)  # a PskContext, as in _install
         return sslobj
 
     async def start(self) -> None:

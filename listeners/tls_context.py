@@ -17,7 +17,6 @@ import warnings
 
 import attrs
 from cryptography import x509
-from sslpsk3 import SSLPSKContext
 
 from bastionmq.broker.settings import SettingError
 
@@ -86,7 +85,7 @@ def ssl_options_path(kind: str, name: str) -> str:
 def build_context(options: SslOptions, psk: bool = False) -> ssl.SSLContext:
     """A server SSLContext from an SslOptions; raises TlsSetupError naming
     the option (and file) at fault. ``psk``: a context that can serve TLS-PSK."""
-    context = PskContext(ssl.PROTOCOL_TLS_SERVER) if psk else ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = _psk_context() if psk else ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _set_versions(context, options.versions)
     _load_files(context, options)
     if options.verify == "verify_peer":
@@ -245,13 +244,14 @@ def describe_failure(exc: BaseException) -> str:
 
 
 
-class PskContext(SSLPSKContext):
-    """A context serving TLS-PSK (through sslpsk3). Its callbacks are set up
-    once per connection by the listener: sslpsk3's own SSLObject would set
-    them again on every do_handshake call, restarting a handshake that
-    arrives in several reads."""
-
-    sslobject_class = ssl.SSLObject
+def _psk_context() -> ssl.SSLContext:
+    try:
+        from .psk import PskContext
+    except ImportError:
+        raise TlsSetupError(
+            "psk_authentication.enable", "TLS-PSK needs the psk extra, which is not "
+            "installed: pip install 'bastionmq[psk]' (sslpsk3)", top_level=True) from None
+    return PskContext(ssl.PROTOCOL_TLS_SERVER)
 
 
 def _serves_psk(options: SslOptions, psk: PskConfig) -> bool:

@@ -472,3 +472,19 @@ def test_cli_errors_are_one_line_without_a_traceback(certs, tmp_path, args, mess
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"Error: {message.format(tmp=tmp_path)}")
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_cli_client_and_server_refuse_to_replace_without_force(certs):
+    assert invoke("client", "sensor-7", "--dir", certs).exit_code == 0
+    first = (certs / "sensor-7.pem").read_bytes()
+    again = invoke("client", "sensor-7", "--dir", certs)
+    assert again.exit_code == 1
+    assert "sensor-7.pem exists already; --force replaces it" in again.output
+    assert "bastionmq certs revoke" in again.output
+    assert (certs / "sensor-7.pem").read_bytes() == first
+    forced = invoke("client", "sensor-7", "--dir", certs, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert (certs / "sensor-7.pem").read_bytes() != first
+    assert invoke("server", "edge", "--host", "edge.example", "--dir", certs).exit_code == 0
+    refused = invoke("server", "edge", "--host", "edge.example", "--dir", certs)
+    assert refused.exit_code == 1 and "--force" in refused.output

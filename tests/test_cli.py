@@ -9,6 +9,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import time
 import urllib.request
 from importlib.metadata import version as distribution_version
@@ -138,6 +139,17 @@ def test_version_prints_the_distribution_version(run):
     result = run("version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"bastionmq {distribution_version('bastionmq')}"
+
+
+def test_version_and_help_options_and_python_m(run):
+    expected = f"bastionmq {distribution_version('bastionmq')}"
+    for args in (["--version"], ["-V"]):
+        assert run(*args).stdout.strip() == expected
+    assert "Usage: bastionmq" in run("-h").stdout
+    assert "Usage: bastionmq certs" in run("certs", "-h").stdout
+    module = subprocess.run([sys.executable, "-m", "bastionmq", "--version"], capture_output=True,
+                            text=True, timeout=TIMEOUT, env=clean_env())
+    assert module.stdout.strip() == expected, module.stderr
 
 
 # ------------------------------------------------------------------ check-config

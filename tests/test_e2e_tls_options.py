@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -61,6 +62,19 @@ def _psk_context(identity: str, key: str) -> SSLPSKContext:
     context.set_ciphers("PSK")
     context.set_psk_client_callback(lambda hint: (identity, bytes.fromhex(key)))
     return context
+
+
+def test_psk_without_the_extra_stops_start_up_naming_it(pki, tmp_path, monkeypatch):
+    """sslpsk3 is the psk extra: without it, a PSK configuration is refused."""
+    monkeypatch.setitem(sys.modules, "sslpsk3", None)  # import sslpsk3 fails
+    monkeypatch.delitem(sys.modules, "bastionmq.listeners.psk", raising=False)
+    keys = tmp_path / "psk.txt"
+    keys.write_text(f"sensor-9:{PSK_KEY}\n")
+    where, what = startup_error(ssl_listener(
+        pki, f'psk_authentication {{ enable = true, init_file = "{keys}" }}',
+        ciphers='["PSK-AES128-GCM-SHA256"]'))
+    assert where == "psk_authentication.enable"
+    assert "pip install 'bastionmq[psk]'" in what
 
 
 def test_a_psk_client_connects_and_is_known_by_its_identity(psk_broker):

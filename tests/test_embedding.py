@@ -427,3 +427,12 @@ def test_anonymous_clients_are_refused_by_default(run, version, refusal, form):
             assert await client.receive_until_closed() == []
 
     run(main())
+
+
+def test_an_embedded_broker_reads_the_environment_only_when_asked(monkeypatch):
+    from bastionmq.app import resolve_config
+    monkeypatch.setenv("BASTIONMQ_LISTENERS__TCP__DEFAULT__BIND", "127.0.0.1:9999")
+    text = 'listeners.tcp.default { bind = "127.0.0.1:0" }'
+    assert Broker(text).config.listeners.tcp["default"].bind.port == 0
+    assert Broker(text, env=True).config.listeners.tcp["default"].bind.port == 9999
+    assert resolve_config(None).listeners.tcp == {}
