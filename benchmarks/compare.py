@@ -461,11 +461,16 @@ def background_load(cpus, seconds=0.3) -> float:
 
 def scrape_metrics(port: int, cpu: int, stop: threading.Event, scrapes: list) -> None:
     """GET /metrics every second until ``stop``, on the generator's core (as
-    Prometheus would, from elsewhere); ``scrapes`` gets each one's size."""
+    Prometheus would, from elsewhere); ``scrapes`` gets each one's size, or
+    None for one that got no answer within 5 s (counted, not fatal: a broker
+    too busy to answer is a finding)."""
     os.sched_setaffinity(0, {cpu})  # this thread only
     while not stop.wait(1.0):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            scrapes.append(len(response.read()))
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                scrapes.append(len(response.read()))
+        except OSError:
+            scrapes.append(None)
 
 
 def run_scenario(args, scenario, broker: Broker, extra) -> dict:
@@ -495,7 +500,8 @@ def run_scenario(args, scenario, broker: Broker, extra) -> dict:
         raise RuntimeError(f"loadgen failed ({out.returncode}):\n{out.stderr.strip()[-2000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
     if scraper is not None:
-        result["metrics_scrapes"] = len(scrapes)
+        result["metrics_scrapes"] = sum(1 for size in scrapes if size is not None)
+        result["metrics_scrapes_unanswered"] = sum(1 for size in scrapes if size is None)
     return result
 
 
