@@ -452,7 +452,6 @@ class Broker:
         core = self.core
         assert core is not None  # reload_config checks
         old = self.config
-        authenticator, identity = self._authentication(config)
         authorization = _authorization(config)
         tls_changed: list[tuple[TlsListener, Any]] = []
         for listener in self.listeners.values():
@@ -467,6 +466,8 @@ class Broker:
                                                                       listener.name)),
                                         str(exc))]) from None
                 tls_changed.append((listener, options))
+        # Last of what can fail, since it also sets the chains' state aside.
+        authenticator, identity = self._authentication(config)
         if self.manages_logging and config.log != old.log:
             try:
                 configure_logging(config.log)
