@@ -90,6 +90,8 @@ __all__ = [
 
 #: Environment variables with this prefix override configuration keys.
 ENV_PREFIX = "BASTIONMQ_"
+#: Variables of the same prefix that are not overrides: bastionmq ctl's key.
+NOT_OVERRIDES = frozenset({"BASTIONMQ_API_KEY"})
 _ENV_SEPARATOR = "__"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
@@ -673,7 +675,7 @@ def _apply_env(tree: dict[str, Any], env: Mapping[str, str],
     """Apply ``BASTIONMQ_*`` overrides to ``tree``; return which variable set which path."""
     overrides: list[tuple[tuple[str, ...], str]] = []
     for name in env:
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in NOT_OVERRIDES:
             continue
         segments = tuple(part.lower() for part in name[len(ENV_PREFIX):].split(_ENV_SEPARATOR))
         if not all(segments):

@@ -423,6 +423,16 @@ def test_ctl_lists_shows_and_kicks_as_tables_and_json(api: Api):
     assert disconnect_reason(device) == 0x98
 
 
+def test_ctl_takes_its_key_from_the_environment(api: Api):
+    """BASTIONMQ_API_KEY is ctl's, not a configuration override."""
+    result = CliRunner().invoke(main, [
+        "ctl", "-c", str(api.config_file), "--url", api.url,
+        "--cert", str(api.pki / "operator.pem"), "--key", str(api.pki / "operator.key"),
+        "stats"], env={"BASTIONMQ_API_KEY": api.keys["viewer"]})
+    assert result.exit_code == 0, result.output
+    assert "connections:" in result.stdout
+
+
 def test_ctl_publish_retained_banned_and_reload(api: Api):
     published = api.ctl("publish", "news/today", "sunny", "--retain", "--qos", "1")
     assert published.exit_code == 0 and "matched: 0" in published.stdout
