@@ -182,17 +182,17 @@ class ManagementApi:
               ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def serve(request: web.Request) -> web.Response:
             if self.broker.core is None:
-                return _error(503, "NOT_RUNNING", "the broker is not started")
+                return error_response(503, "NOT_RUNNING", "the broker is not started")
             try:
                 answer = await handler(request)
             except ApiError as exc:
-                return _error(exc.status, exc.code, exc.message)
+                return error_response(exc.status, exc.code, exc.message)
             except NotFound as exc:
-                return _error(404, "NOT_FOUND", str(exc))
+                return error_response(404, "NOT_FOUND", str(exc))
             except AlreadyExists as exc:
-                return _error(409, "ALREADY_EXISTS", str(exc))
+                return error_response(409, "ALREADY_EXISTS", str(exc))
             except (AuthDatabaseError, ValueError) as exc:
-                return _error(400, "BAD_REQUEST", str(exc))
+                return error_response(400, "BAD_REQUEST", str(exc))
             if endpoint.role == ADMIN:
                 log.info("management API: %s %s by key %s", request.method, request.path,
                          REQUEST_KEY.get())
@@ -523,8 +523,10 @@ class ManagementApi:
 # ---------------------------------------------------------------- views
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"code": code, "message": message}, status=status)
+def error_response(status: int, code: str, message: str) -> web.Response:
+    """The API's error answer; a 401 says how to authenticate."""
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return web.json_response({"code": code, "message": message}, status=status, headers=headers)
 
 
 def _optional_bool(query: Mapping[str, str], name: str) -> bool | None:

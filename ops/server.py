@@ -23,7 +23,7 @@ from prometheus_client.process_collector import ProcessCollector
 from bastionmq.config import ConfigError
 from bastionmq.listeners.tls_context import TlsSetupError, build_context
 
-from .api import PREFIX, ManagementApi
+from .api import PREFIX, ManagementApi, error_response
 from .keys import ADMIN, REQUEST_KEY, VIEWER, key_hash
 from .metrics import BrokerCollector
 from .openapi import openapi_document
@@ -107,18 +107,19 @@ class OpsServer:
             REQUEST_KEY.set("(loopback, no key)")
             return await handler(request)
         if scheme.lower() != "bearer" or not key.strip():
-            return _refusal(401, "NO_KEY", "this needs an API key: 'Authorization: Bearer KEY' "
-                            "(bastionmq ctl api-key create NAME)")
+            return error_response(
+                401, "NO_KEY", "this needs an API key: 'Authorization: Bearer KEY' "
+                "(bastionmq ctl api-key create NAME)")
         database = self.broker.database
         found = None if database is None else await database.find_api_key(key_hash(key.strip()))
         if found is None:
             log.warning("operations listener: refused %s %s from %s: unknown API key",
                         request.method, request.path, request.remote)
-            return _refusal(401, "BAD_KEY", "unknown API key")
+            return error_response(401, "BAD_KEY", "unknown API key")
         if role == ADMIN and found.role != ADMIN:
             log.warning("operations listener: refused %s %s to key %s (role %s)",
                         request.method, request.path, found.name, found.role)
-            return _refusal(403, "FORBIDDEN",
+            return error_response(403, "FORBIDDEN",
                             f"key {found.name!r} has role {found.role}; this needs {role}")
         REQUEST_KEY.set(found.name)
         return await handler(request)
@@ -142,8 +143,3 @@ class OpsServer:
         if waiting:
             return web.json_response({"status": "not ready", "waiting": waiting}, status=503)
         return web.json_response({"status": "ready"})
-
-
-def _refusal(status: int, code: str, message: str) -> web.Response:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return web.json_response({"code": code, "message": message}, status=status, headers=headers)
