@@ -45,12 +45,17 @@ def pki(tmp_path_factory) -> Path:
 # TLS-PSK -------------------------------------------------------------------------
 
 
+def psk_listener(pki: Path, keys: Path, lines: str, **options: str) -> str:
+    """An ssl listener serving TLS-PSK with the keys ``lines`` written to ``keys``."""
+    keys.write_text(lines)
+    return ssl_listener(pki, f'psk_authentication {{ enable = true, init_file = "{keys}" }}',
+                        **options)
+
+
 @pytest.fixture
 def psk_broker(start_broker, pki, tmp_path):
-    keys = tmp_path / "psk.txt"
-    keys.write_text(f"# identities\nsensor-9:{PSK_KEY}\n\nother:00ff\n")
-    return start_broker(config=ssl_listener(
-        pki, f'psk_authentication {{ enable = true, init_file = "{keys}" }}',
+    return start_broker(config=psk_listener(
+        pki, tmp_path / "psk.txt", f"# identities\nsensor-9:{PSK_KEY}\n\nother:00ff\n",
         ciphers='["PSK-AES128-GCM-SHA256", "PSK-AES256-GCM-SHA384"]', psk_hint='"bastionmq"'))
 
 
@@ -68,11 +73,8 @@ def test_psk_without_the_extra_stops_start_up_naming_it(pki, tmp_path, monkeypat
     """sslpsk3 is the psk extra: without it, a PSK configuration is refused."""
     monkeypatch.setitem(sys.modules, "sslpsk3", None)  # import sslpsk3 fails
     monkeypatch.delitem(sys.modules, "bastionmq.listeners.psk", raising=False)
-    keys = tmp_path / "psk.txt"
-    keys.write_text(f"sensor-9:{PSK_KEY}\n")
-    where, what = startup_error(ssl_listener(
-        pki, f'psk_authentication {{ enable = true, init_file = "{keys}" }}',
-        ciphers='["PSK-AES128-GCM-SHA256"]'))
+    where, what = startup_error(psk_listener(
+        pki, tmp_path / "psk.txt", f"sensor-9:{PSK_KEY}\n", ciphers='["PSK-AES128-GCM-SHA256"]'))
     assert where == "psk_authentication.enable"
     assert "pip install 'bastionmq[psk]'" in what
 
@@ -111,9 +113,8 @@ def test_mosquitto_pub_over_psk(psk_broker):
 
 def test_a_bad_psk_file_line_stops_start_up(pki, tmp_path):
     keys = tmp_path / "psk.txt"
-    keys.write_text(f"good:{PSK_KEY}\nbad-line-without-key\n")
-    where, what = startup_error(ssl_listener(
-        pki, f'psk_authentication {{ enable = true, init_file = "{keys}" }}',
+    where, what = startup_error(psk_listener(
+        pki, keys, f"good:{PSK_KEY}\nbad-line-without-key\n",
         ciphers='"PSK-AES128-GCM-SHA256"'))
     assert where == "psk_authentication.init_file"
     assert f"{keys}:2" in what
