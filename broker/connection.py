@@ -64,6 +64,14 @@ _CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 #: socket is no longer read (what it sends is kept until it may go on).
 HELD_BYTES_LIMIT = 256 * 1024
 
+#: Packets handled from one client before it lets the event loop serve the
+#: others for a turn. The loop reads a readable socket up to 32 times in a
+#: row (64 KiB each with uvloop): a client publishing flat out would keep
+#: the broker on it for seconds per turn, and new connections, the
+#: operations listener and timers would wait that long. Yielding costs a
+#: pause and a resume of the socket per this many packets.
+PACKETS_PER_TURN = 256
+
 
 class Connection:
     __slots__ = (
@@ -74,7 +82,7 @@ class Connection:
         "problem_info", "auth", "client_info",
         "access_cache", "will_stored", "holders", "held_since",
         "held_bytes", "reading_paused", "refusal_log_at", "refusals_unlogged",
-        "linger_handle", "linger_bytes", "traffic",
+        "linger_handle", "linger_bytes", "traffic", "unyielded",
     )
 
     def __init__(self, core: BrokerCore, transport: Any, peer: PeerInfo) -> None:
@@ -114,6 +122,8 @@ class Connection:
         self.held_since = 0.0
         self.held_bytes = 0
         self.reading_paused = False
+        #: Packets handled since this client last let the loop serve others.
+        self.unyielded = 0
         #: Refusals are logged at most once per interval (see _log_refusal).
         self.refusal_log_at = 0.0
         self.refusals_unlogged = 0
@@ -171,6 +181,7 @@ class Connection:
         except MalformedPacket as exc:
             core.stats.packets_received += len(exc.packets)
             self._handle_packets(exc.packets)
+            self._handle_all_held()
             self._malformed(exc)
         else:
             if packets:
@@ -179,7 +190,11 @@ class Connection:
                 # none are no sign of life, so a packet trickled in slower than
                 # the keep alive allows ends the connection.
                 self.last_seen = core.loop.time()
-            self._handle_packets(packets)
+                self.unyielded += len(packets)
+                if self.unyielded > PACKETS_PER_TURN and self.state == CONNECTED:
+                    self._handle_in_turns(packets)
+                else:
+                    self._handle_packets(packets)
         core.outboxes.flush()
 
     def eof_received(self) -> bool:
@@ -192,23 +207,28 @@ class Connection:
                 self.linger_handle = None
                 self.core.lingering.discard(self.transport)
             return
-        if self._held and self.state == CONNECTED:
-            # The client has gone: what it sent while held back is handled
-            # now, beyond the high-water marks (at most HELD_BYTES_LIMIT and
-            # one read), rather than lost because flow control made it wait.
-            if self.holders > 0:
-                self.core.stats.publisher_paused_seconds += self.core.loop.time() - self.held_since
-            held, self._held, self.holders = self._held, None, -1
-            self._handle_packets(held)
-            if self.state == CLOSED:
-                self.core.outboxes.flush()
-                return
+        self._handle_all_held()
+        if self.state == CLOSED:
+            self.core.outboxes.flush()
+            return
         if not self.close_reason:
             self.close_reason = "connection lost" if exc is None else f"connection lost: {exc}"
         if not self.disconnect_cause:
             self.disconnect_cause = "connection lost"
         self._teardown()
         self.core.outboxes.flush()
+
+    def _handle_all_held(self) -> None:
+        """The client is going (its connection is lost, or it sent a
+        malformed packet): what it sent that is waiting for a later turn or
+        held back by flow control is handled now, beyond the high-water marks
+        (at most HELD_BYTES_LIMIT and one read), rather than lost because the
+        broker made it wait."""
+        if self._held and self.state == CONNECTED:
+            if self.holders > 0:
+                self.core.stats.publisher_paused_seconds += self.core.loop.time() - self.held_since
+            held, self._held, self.holders = self._held, None, -1
+            self._handle_packets(held)
 
     def pause_writing(self) -> None:
         self.outbox.paused = True
@@ -247,12 +267,45 @@ class Connection:
             return
         held, self._held = self._held, None
         self.held_bytes = 0
-        if self.reading_paused:
-            self.reading_paused = False
-            self.transport.resume_reading()
-        # Holding back again part way leaves the rest, in order, in a new _held.
-        self._handle_packets(held)
+        self.unyielded = len(held)
+        if len(held) > PACKETS_PER_TURN:
+            self._handle_in_turns(held)  # reading stays paused until the rest is handled
+        else:
+            if self.reading_paused:
+                self.reading_paused = False
+                self.transport.resume_reading()
+            # Holding back again part way leaves the rest, in order, in a new _held.
+            self._handle_packets(held)
         self.core.outboxes.flush()
+
+    def _handle_in_turns(self, packets: list[Packet]) -> None:
+        """Handle what is left of this turn's share (PACKETS_PER_TURN), and
+        leave the rest in ``_held``, with reading paused, for the next turn:
+        other clients and the loop's own work go first."""
+        room = max(PACKETS_PER_TURN - (self.unyielded - len(packets)), 0)
+        self.unyielded = 0
+        self._handle_packets(packets[:room])
+        if self.state != CONNECTED:
+            return
+        rest = packets[room:]
+        if self.holders:
+            # Flow control holds this client back now: it decides what waits.
+            # The acknowledgements it lets through must still be read and
+            # handled, or two clients publishing to each other would wait on
+            # each other.
+            self._handle_packets(rest)
+            if self.reading_paused and self.held_bytes <= HELD_BYTES_LIMIT:
+                self.reading_paused = False
+                self.transport.resume_reading()
+            return
+        if self._held is None:
+            self._held = rest
+        else:  # what came from the layer below (TLS, WebSocket) while this waited
+            self._held.extend(rest)
+        if not self.reading_paused:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self.core.loop.call_soon(self._resume_held)
 
     def resume_writing(self) -> None:
         self.outbox.paused = False

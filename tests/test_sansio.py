@@ -10,8 +10,9 @@ import pytest
 
 from bastionmq.broker.codec import (
     MQTT_3_1_1, MQTT_5, Connect, Decoder, Disconnect, Puback, Publish, Subscribe, Subscription,
-    Will,
+    Will, encode,
 )
+from bastionmq.broker.connection import PACKETS_PER_TURN
 from bastionmq.broker.properties import Reason
 
 from sansio import ManualClock, SansIoBroker
@@ -114,6 +115,66 @@ def test_everything_one_read_causes_goes_in_one_write(broker):
     publisher.send(*(Publish(f"t/{n}", b"x") for n in range(5)))
     assert len(writes) == 1
     assert [p.topic for p in Decoder(MQTT_3_1_1).feed(writes[0])] == [f"t/{n}" for n in range(5)]
+
+
+# ------------------------------------------------------------------ one client's share of a turn
+
+def flood(count: int, topic: str = "t") -> bytes:
+    """``count`` QoS 0 PUBLISH, numbered, as one read brings them."""
+    return b"".join(encode(Publish(topic, str(n).encode()), MQTT_3_1_1) for n in range(count))
+
+
+def numbers(packets) -> list[int]:
+    return [int(p.payload) for p in packets if isinstance(p, Publish)]
+
+
+def test_a_read_of_many_packets_is_handled_over_several_turns_in_order(broker):
+    subscriber = broker.connect("sub", MQTT_3_1_1)
+    subscriber.send(Subscribe(1, [Subscription("t", 0)]))
+    subscriber.received()
+    publisher = broker.connect("pub", MQTT_3_1_1)
+    other = broker.connect("other", MQTT_3_1_1)
+    count = 3 * PACKETS_PER_TURN + 10
+    publisher.connection.data_received(flood(count))
+    first = numbers(subscriber.received())
+    assert 0 < len(first) <= PACKETS_PER_TURN
+    assert not publisher.transport.reading  # nothing more is read until the rest is handled
+    # Another client is served before the flooding client's next share.
+    other.connection.data_received(encode(Publish("t", b"-1"), MQTT_3_1_1))
+    assert numbers(subscriber.received()) == [-1]
+    broker.clock.run_due()  # the following turns
+    assert first + numbers(subscriber.received()) == list(range(count))
+    assert publisher.transport.reading
+
+
+def test_what_waited_for_a_later_turn_is_handled_when_the_client_goes(broker):
+    subscriber = broker.connect("sub", MQTT_3_1_1)
+    subscriber.send(Subscribe(1, [Subscription("t", 0)]))
+    subscriber.received()
+    will = Will("wills/w", b"gone", 0)
+    publisher = broker.connect("pub", MQTT_3_1_1, will=will)
+    watcher = broker.connect("watcher", MQTT_3_1_1)
+    watcher.send(Subscribe(1, [Subscription("wills/#", 0)]))
+    watcher.received()
+    count = 2 * PACKETS_PER_TURN
+    # The client sends its messages and a DISCONNECT, and closes before its next turn.
+    publisher.connection.data_received(flood(count) + encode(Disconnect(), MQTT_3_1_1))
+    publisher.lose()
+    assert numbers(subscriber.received()) == list(range(count))
+    assert watcher.received() == []  # it said DISCONNECT: no will
+
+
+def test_the_packets_before_a_malformed_one_are_handled_before_the_close(broker):
+    subscriber = broker.connect("sub", MQTT_3_1_1)
+    subscriber.send(Subscribe(1, [Subscription("t", 0)]))
+    subscriber.received()
+    publisher = broker.connect("pub", MQTT_3_1_1)
+    count = 2 * PACKETS_PER_TURN
+    publisher.connection.data_received(flood(count))
+    publisher.connection.data_received(b"\x30\x02\x00\x05")  # a topic length beyond the packet
+    assert publisher.transport.closed
+    broker.clock.run_due()
+    assert numbers(subscriber.received()) == list(range(count))
 
 
 # ------------------------------------------------------------------ message expiry
