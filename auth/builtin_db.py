@@ -749,7 +749,7 @@ async def _scram_credentials(password: str, iterations: int,
     try:
         return await asyncio.to_thread(ScramCredentials.from_password, password, iterations,
                                        superuser)
-    except ScramException as exc:  # scramp refuses fewer than 4096 iterations
+    except ScramException as exc:  # fewer than 4096 iterations (RFC 7677)
         raise ValueError(f"cannot make SCRAM credentials: {exc}") from None
 
 

@@ -81,7 +81,8 @@ class AuthenticationChain:
                  authenticators: Sequence[ChainAuthenticator] | None = None,
                  enabled: bool = True, stats: AuthStats | None = None,
                  bans: LoginBans | None = None, methods: frozenset[str] | None = None,
-                 hide_unknown_users: bool = True) -> None:
+                 hide_unknown_users: bool = True,
+                 first: Sequence[ChainAuthenticator] = ()) -> None:
         self.allow_anonymous = allow_anonymous
         self.hide_unknown_users = hide_unknown_users
         #: Enhanced authentication methods clients of this listener may use;
@@ -92,9 +93,14 @@ class AuthenticationChain:
         #: None: no chain configured for the listener (a verified certificate
         #: then authenticates); a list, possibly empty: exactly these.
         self.authenticators = authenticators
-        #: What each authenticator's decisions count as (see ChainAuthenticator).
+        #: Who is asked, in order: ``first`` (an embedding application's
+        #: hooks, bastionmq.hooks), then the configured authenticators. When
+        #: all of them ignore, a verified certificate (no chain configured)
+        #: or ``allow_anonymous`` decides, as without ``first``.
+        self.asked = [*first, *(authenticators or ())]
+        #: What each one's decisions count as (see ChainAuthenticator).
         self.sources = [getattr(authenticator, "source", authenticator.name)
-                        for authenticator in authenticators or ()]
+                        for authenticator in self.asked]
         self.enabled = enabled
         self.stats = stats if stats is not None else AuthStats()
 
@@ -109,12 +115,6 @@ class AuthenticationChain:
                      shown(request.client_id), peer.host, peer.listener, banned[0],
                      shown(banned[1]))
             return BANNED
-        if self.authenticators is None:
-            if peer.certificate is not None:
-                # The listener verified this certificate against its CA (a peer
-                # certificate is only kept with verify_peer): that is who it is.
-                return self._allowed(request, ALLOW, PEER_CERTIFICATE)
-            return self._fall_through(request)
         return self._run(request, 0)
 
     def admit_method(self, request: AuthRequest, method: str) -> AuthResult | None:
@@ -162,14 +162,17 @@ class AuthenticationChain:
         return ENHANCED + str(request.properties.get("authentication_method", ""))
 
     def _run(self, request: AuthRequest, start: int) -> AuthResult | Awaitable[AuthResult]:
-        authenticators = self.authenticators
-        assert authenticators is not None  # authenticate() runs only a configured chain
+        authenticators = self.asked
         for index in range(start, len(authenticators)):
             answer = authenticators[index].authenticate(request)
             if inspect.isawaitable(answer):
                 return self._continue(request, index, answer)
             if answer is not None:
                 return self._decided(request, index, answer)
+        if self.authenticators is None and request.peer.certificate is not None:
+            # The listener verified this certificate against its CA (a peer
+            # certificate is only kept with verify_peer): that is who it is.
+            return self._allowed(request, ALLOW, PEER_CERTIFICATE)
         return self._fall_through(request)
 
     async def _continue(self, request: AuthRequest, index: int, pending) -> AuthResult:
@@ -186,8 +189,7 @@ class AuthenticationChain:
         self.stats.count(self.sources[index], False)
         if self.bans is not None:
             self.bans.failed(request)
-        authenticators = self.authenticators
-        assert authenticators is not None  # _run was running them
+        authenticators = self.asked
         log.info("refusing client %s (user %s) from %s on %s: %s denied it (%s)",
                  shown(request.client_id), shown(request.username), request.peer.host, request.peer.listener,
                  authenticators[index].name,

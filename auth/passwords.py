@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from typing import Any
 
@@ -41,6 +42,10 @@ _RETIRED_MAC_FUNS = ("md4", "md5", "ripemd160")
 SALT_ROUNDS_MIN = 5
 SALT_ROUNDS_MAX = 10
 MAX_DK_LENGTH = 2**32 - 1
+#: A bcrypt string: $2a$, $2b$ or $2y$ (or $2x$), a two-digit cost, "$", and
+#: 22 characters of salt and 31 of hash in bcrypt's base64.
+_BCRYPT_STRING = re.compile(rb"\$2[abxy]\$\d\d\$[./A-Za-z0-9]{53}")
+
 # bcrypt keys on the first 72 bytes of a password; the C implementations
 # EMQX uses ignore the rest, the Python package refuses longer input.
 _BCRYPT_KEY_BYTES = 72
@@ -134,6 +139,10 @@ def verify_password(password: str | bytes | None, password_hash: str, salt: str 
         # The bcrypt string carries its own salt and cost; EMQX ignores the
         # salt column for bcrypt.
         stored = password_hash.encode("utf-8")
+        # Checked before bcrypt sees it: some of its releases panic (an
+        # exception outside Exception) on a truncated string.
+        if _BCRYPT_STRING.fullmatch(stored) is None:
+            return False
         try:
             computed = bcrypt.hashpw(secret[:_BCRYPT_KEY_BYTES], stored)
         except ValueError:

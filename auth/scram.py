@@ -33,6 +33,8 @@ log = logging.getLogger("bastionmq.auth")
 
 MECHANISM = "SCRAM-SHA-256"
 DEFAULT_ITERATIONS = 4096
+#: RFC 7677 asks for at least 4096 iterations of SCRAM-SHA-256.
+MIN_ITERATIONS = 4096
 
 _FAILED = AuthResult(Reason.BAD_USER_NAME_OR_PASSWORD)
 _MALFORMED = AuthResult(Reason.NOT_AUTHORIZED)
@@ -49,6 +51,10 @@ class ScramCredentials:
     @classmethod
     def from_password(cls, password: str, iterations: int = DEFAULT_ITERATIONS,
                       superuser: bool = False) -> ScramCredentials:
+        # Checked here, not left to scramp: its older releases accept fewer.
+        if iterations < MIN_ITERATIONS:
+            raise ScramException(f"at least {MIN_ITERATIONS} iterations are needed "
+                                 f"(RFC 7677), not {iterations}")
         salt, stored_key, server_key, iterations = ScramMechanism(MECHANISM).make_auth_info(
             password, iteration_count=iterations)
         return cls(salt, stored_key, server_key, iterations, superuser)

@@ -6,9 +6,12 @@ import asyncio
 import logging
 
 import attrs
+import itertools
 import os
 import time
-from typing import Any, Iterable, Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from bastionmq.acl.chain import AclLoadError, AuthorizationChain, load_sources
 from bastionmq.auth.ban import LoginBans
@@ -22,14 +25,22 @@ from bastionmq.auth.chain import (
 )
 from bastionmq.auth.identity import IdentityRule, PeerIdentity
 from bastionmq.auth.mechanisms import BuiltinPasswordAuthenticator
+from bastionmq.broker.access import AccessControl
 from bastionmq.broker.core import BrokerCore
+from bastionmq.broker.local import DEFAULT_LIMIT, LocalSubscriber, LocalSubscription
 from bastionmq.broker.logtext import shown
 from bastionmq.broker.ports import AuthMethod
 from bastionmq.broker.properties import Reason
 from bastionmq.broker.restore import restore
 from bastionmq.broker.store import RestoreReport, SqliteStore, StoreError
 from bastionmq.broker.sys_topics import SysTopics
-from bastionmq.config import TLS_KINDS, Config, ConfigError, SslListenerConfig, load_config
+from bastionmq.hooks import (
+    ConnectedClient, HookAuthenticator, Hooks, Observers, acl_sources, check_authorize_hook,
+    hook_stats,
+)
+from bastionmq.config import (
+    TLS_KINDS, Config, ConfigError, SslListenerConfig, load_config, resolve_data_dir,
+)
 from bastionmq.listeners.base import Listener
 from bastionmq.listeners.certificates import certificate_facts
 from bastionmq.listeners.tls import TlsListener
@@ -37,13 +48,15 @@ from bastionmq.listeners.tls_context import TlsSetupError, load_material, ssl_op
 from bastionmq.listeners.ws import WsListener, WssListener
 from bastionmq.ops.logs import configure_logging
 from bastionmq.ops.server import OpsServer
-from bastionmq.pki import DEFAULT_DIR, init_pki
+from bastionmq.pki import init_pki
 from bastionmq.reload import ReloadReport, plan_reload
 from bastionmq.version import __version__
 
 log = logging.getLogger("bastionmq")
 
 ConfigSource = Config | str | os.PathLike
+
+HookT = TypeVar("HookT", bound=Callable[..., Any])
 
 
 def resolve_config(config: ConfigSource | None, env: bool = False) -> Config:
@@ -53,7 +66,8 @@ def resolve_config(config: ConfigSource | None, env: bool = False) -> Config:
     if config is None:
         return load_config(env=overrides)
     if isinstance(config, Config):
-        return config
+        # One made by hand: its data directory is chosen now, as load_config does.
+        return config if config.node.chosen is not None else resolve_data_dir(config)
     if isinstance(config, os.PathLike):
         return load_config(config, env=overrides)
     if _is_hocon_text(config):
@@ -153,13 +167,16 @@ def _acl_sources(config: Config) -> list:
         raise ConfigError([(exc.key_path("authorization.sources"), str(exc))]) from None
 
 
-def _authorization(config: Config) -> AuthorizationChain | None:
-    """The authorization chain, or None when nothing can be denied."""
+def _authorization(config: Config, hooks: list | None = None) -> AuthorizationChain | None:
+    """The authorization chain, or None when nothing can be denied; an
+    embedding application's authorize ``hooks`` (bastionmq.hooks.acl_sources)
+    are its first sources."""
     authz = config.authorization
-    if not authz.active:
+    if not authz.active and not hooks:
         return None
     return AuthorizationChain(
-        _acl_sources(config), no_match=authz.no_match, deny_action=authz.deny_action,
+        [*(hooks or ()), *_acl_sources(config)], no_match=authz.no_match,
+        deny_action=authz.deny_action,
         cache_max_size=authz.cache.max_size if authz.cache.enable else 0,
         cache_ttl=authz.cache.ttl)
 
@@ -182,19 +199,21 @@ def check_rule_files(config: Config) -> list[tuple[str, str]]:
 
 
 def _make_dev_pki_on_first_start(config: Config) -> None:
-    """When a TLS listener uses the development PKI's default paths and none
+    """When a TLS listener uses the development PKI's default paths (in
+    node.data_dir/certs, where ``bastionmq certs`` works by default) and none
     of its files exists yet, make that PKI, so the shipped config starts."""
+    pki_dir = config.node.pki_dir
     for kind, _name, block in config.enabled_listeners():
         if kind not in TLS_KINDS:
             continue
         assert isinstance(block, SslListenerConfig)  # the block of an ssl or wss listener
-        if block.ssl_options.awaits_dev_pki():
-            init_pki(DEFAULT_DIR)
+        if block.ssl_options.awaits_dev_pki(pki_dir):
+            init_pki(Path(pki_dir))
             log.warning(
                 "made a development PKI in %s (CA, server certificate for localhost, "
                 "127.0.0.1 and ::1, empty CRL): fine for trying the broker, not for "
                 "production. Issue a client certificate with: bastionmq certs client NAME",
-                DEFAULT_DIR.resolve())
+                os.path.abspath(pki_dir))
             return
 
 
@@ -222,12 +241,17 @@ class Broker:
 
     ``auth_methods`` adds MQTT 5.0 enhanced authentication methods, for
     example ``ScramSha256`` from bastionmq.auth.scram. ``BASTIONMQ_*``
-    environment variables apply only with ``env=True``.
+    environment variables apply only with ``env=True``. ``hooks``
+    (bastionmq.hooks.Hooks) are the application's authentication and
+    authorization decisions and observers; the decorators ``authenticate``,
+    ``authorize``, ``on_message``, ``on_connect`` and ``on_disconnect`` add
+    more (docs/embedding.md).
     """
 
     def __init__(self, config: ConfigSource | None = None,
                  auth_methods: Iterable[AuthMethod] = (),
-                 config_file: str | os.PathLike | None = None, env: bool = False) -> None:
+                 config_file: str | os.PathLike | None = None, env: bool = False,
+                 hooks: Hooks | None = None) -> None:
         #: Whether ``BASTIONMQ_*`` environment variables apply (the CLI's
         #: broker: yes; an embedded one: only when asked, so that a variable
         #: set in a shell does not move an application's broker).
@@ -263,6 +287,13 @@ class Broker:
         #: The operator's bans (kept in the built-in database).
         self.bans = OperatorBans()
         self._login_bans: LoginBans | None = None
+        #: The application's hooks (bastionmq.hooks).
+        self.hooks = hooks if hooks is not None else Hooks()
+        #: The observer hooks as the core calls them, while there are any.
+        self.observers: Observers | None = None
+        #: In-process subscribers (Broker.subscribe) still subscribed.
+        self._local: set[LocalSubscriber] = set()
+        self._local_ids = itertools.count(1)
 
     async def start(self) -> None:
         """Load everything the config names, then open the listeners; a
@@ -277,6 +308,9 @@ class Broker:
     async def _start(self) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
+        # Which directory holds the data, and why: the one line that answers
+        # "where did my sessions, users and certificates go".
+        log.info("%s", config.node.data.describe())
         _make_dev_pki_on_first_start(config)
         if _uses_database(config):
             try:
@@ -294,10 +328,11 @@ class Broker:
         authenticator, identity = self._authentication(config)
         listeners = [_listener_plan(config, kind, name, block)
                      for kind, name, block in config.enabled_listeners()]
-        self.authorization = _authorization(config)
+        self.authorization = _authorization(config, acl_sources(self.hooks))
         self.core = core = BrokerCore(config.mqtt, authenticator, loop, self.auth_methods,
                                       identity, self.authorization)
         core.certificate_parser = certificate_facts
+        self._observe()
         if config.durable_sessions.enable:
             await self._open_store(core)
         if config.sys_topics.sys_interval > 0:
@@ -333,6 +368,8 @@ class Broker:
         authenticators_in_use: list[Any] = []
         stats = self.authn_stats
         assert stats is not None  # made by start()
+        # The application's hooks, asked first on every listener.
+        first = [HookAuthenticator(hook) for hook in self.hooks.authenticate]
         for kind, name, block in config.enabled_listeners():
             authenticators = _authenticators(config, kind, name, block, self.database)
             authenticators_in_use.extend(authenticators or ())
@@ -340,7 +377,7 @@ class Broker:
             chains[f"{kind}:{name}"] = AuthenticationChain(
                 config.anonymous_allowed(block), authenticators,
                 block.enable_authn, stats, bans, frozenset(methods),
-                config.hide_unknown_users)
+                config.hide_unknown_users, first)
             if kind in TLS_KINDS:
                 assert isinstance(block, SslListenerConfig)  # the block of an ssl or wss listener
                 rules[f"{kind}:{name}"] = IdentityRule(*config.peer_cert_identity_of(block))
@@ -362,6 +399,9 @@ class Broker:
         if self._sys_topics is not None:
             self._sys_topics.stop()
             self._sys_topics = None
+        for subscriber in list(self._local):
+            subscriber.close()  # their iterations end
+        self._local.clear()
         core = self.core
         if core is not None:
             core.close_all(Reason.SERVER_SHUTTING_DOWN, "broker shutting down")
@@ -370,6 +410,10 @@ class Broker:
                 if not core.connections:
                     break
                 await asyncio.sleep(0)
+            core.observer = None
+        if self.observers is not None:
+            await self.observers.stop()
+            self.observers = None
         for listener in self.listeners.values():
             await listener.close()
         self.core = None
@@ -408,7 +452,7 @@ class Broker:
         if chain is None or self.core is None:
             return False
         try:
-            chain.sources = _acl_sources(self.config)
+            chain.sources = [*acl_sources(self.hooks), *_acl_sources(self.config)]
         except ConfigError as exc:
             log.error("not reloading the authorization sources: %s; the previous rules stay",
                       exc)
@@ -452,7 +496,7 @@ class Broker:
         core = self.core
         assert core is not None  # reload_config checks
         old = self.config
-        authorization = _authorization(config)
+        authorization = _authorization(config, acl_sources(self.hooks))
         tls_changed: list[tuple[TlsListener, Any]] = []
         for listener in self.listeners.values():
             if not isinstance(listener, TlsListener):
@@ -496,22 +540,166 @@ class Broker:
                 connection.access_cache.clear()
         core.access_changed()
 
-    def kick(self, client_id: str, why: str) -> bool:
-        """Disconnect a client (5.0: DISCONNECT 0x98, administrative action)
-        and end its session, as EMQX's kick does; False when there is none."""
+    def kick(self, client_id: str, why: str, reason: int = Reason.ADMINISTRATIVE_ACTION,
+             end_session: bool = True) -> bool:
+        """Disconnect a client (5.0: DISCONNECT with ``reason``, by default
+        0x98, administrative action, and ``why`` as its Reason String) and,
+        with ``end_session``, end its session, as EMQX's kick does; False
+        when there is none (with ``end_session``: no session; without: no
+        connected client)."""
         core = self.core
         if core is None:
             raise RuntimeError("the broker is not started")
+        reason = Reason(reason)  # ValueError for a code MQTT 5.0 does not define
+        if reason != Reason.SUCCESS and reason < 0x80:
+            raise ValueError(f"{reason.name} (0x{reason:02X}) is no reason a server "
+                             "disconnects with (0x00, or 0x80 and above)")
         session = core.sessions.get(client_id)
-        if session is None:
+        if session is None or (not end_session and session.connection is None):
             return False
-        log.info("kicking client %s: %s", shown(client_id), why)
+        log.info("%s client %s: %s", "kicking" if end_session else "disconnecting",
+                 shown(client_id), why or reason.name.lower().replace("_", " "))
         if session.connection is not None:
-            session.connection.close(Reason.ADMINISTRATIVE_ACTION, why)
-        session = core.sessions.get(client_id)
-        if session is not None:
-            core.end_session(session)
+            session.connection.close(reason, why)
+        if end_session:
+            session = core.sessions.get(client_id)
+            if session is not None:
+                core.end_session(session)
+        core.outboxes.flush()
         return True
+
+    async def disconnect(self, client_id: str, reason: int = Reason.ADMINISTRATIVE_ACTION,
+                         why: str = "") -> bool:
+        """Disconnect a connected client (5.0: DISCONNECT with ``reason``
+        and ``why`` as its Reason String); its session stays as its expiry
+        says (``kick`` ends it). False when no client of that id is
+        connected."""
+        disconnected = self.kick(client_id, why, reason, end_session=False)
+        await asyncio.sleep(0)  # the transport writes what close() left it
+        return disconnected
+
+    @property
+    def clients(self) -> Mapping[str, ConnectedClient]:
+        """The connected clients by client id (a read-only snapshot; the
+        application's in-process subscribers are not among them)."""
+        core = self.core
+        if core is None:
+            return MappingProxyType({})
+        now = time.time()
+        return MappingProxyType({
+            connection.client_id: ConnectedClient.of(connection, now)
+            for connection in core.connections if connection.client_info is not None})
+
+    # ------------------------------------------------------- in-process subscribers
+
+    def subscribe(self, topic_filter: str, qos: int = 0, *, queue_size: int = DEFAULT_LIMIT,
+                  trusted: bool = True, username: str | None = None,
+                  client_id: str | None = None) -> LocalSubscription:
+        """Subscribe in-process; subscribed when this returns::
+
+            async for message in broker.subscribe("sensors/#", qos=1):
+                ...  # message.topic, .payload, .qos, .retain, .properties
+
+        or ``async with broker.subscribe(...) as subscription`` and
+        ``await subscription.get()``. It routes as a client would (retained
+        messages, ``$share/group/filter``); ``queue_size`` bounds what waits
+        for the application, which then holds publishers back and, when slow
+        for ``mqtt.slow_subscriber_timeout``, loses its oldest messages, as
+        a network client (broker/local.py). ``trusted`` (the default)
+        subscribers are superusers; with ``trusted=False`` the authorization
+        chain decides for ``username`` on listener "local", as for a
+        client. Raises ValueError for a filter a client could not use and
+        PermissionError when authorization denies it."""
+        core = self.core
+        if core is None:
+            raise RuntimeError("the broker is not started")
+        if client_id is None:
+            client_id = f"bastionmq-local-{next(self._local_ids)}"
+        subscriber = LocalSubscriber(core, client_id, username, trusted, queue_size)
+        try:
+            subscriber.subscribe(topic_filter, qos)
+        except BaseException:
+            subscriber.close()
+            raise
+        self._local.add(subscriber)
+        subscriber.on_close = self._local.discard
+        return LocalSubscription(subscriber)
+
+    # ------------------------------------------------------- hooks
+
+    def authenticate(self, hook: HookT) -> HookT:
+        """Decorator: ``hook(client) -> "allow" | "deny" | "ignore"``, plain
+        or async, asked (after the hooks before it) before the configured
+        authenticators of every listener; ``client`` is the connecting
+        client (ports.AuthRequest)."""
+        self.hooks.authenticate.append(hook)
+        self._chains_changed()
+        return hook
+
+    def authorize(self, hook: HookT) -> HookT:
+        """Decorator: ``hook(client, action, topic) -> "allow" | "deny" |
+        "ignore"``, a plain function, asked before the configured
+        authorization sources; ``action`` is "publish" or "subscribe" (also
+        asked for reading a topic a subscription matches)."""
+        check_authorize_hook(hook)
+        self.hooks.authorize.append(hook)
+        self._chains_changed()
+        return hook
+
+    def on_message(self, hook: HookT) -> HookT:
+        """Decorator: ``hook(message)`` for each message routed
+        (broker.local.LocalMessage, with the publisher's client id)."""
+        self.hooks.on_message.append(hook)
+        self._observe()
+        return hook
+
+    def on_connect(self, hook: HookT) -> HookT:
+        """Decorator: ``hook(client)`` (hooks.ConnectedClient) for each CONNECT accepted."""
+        self.hooks.on_connect.append(hook)
+        self._observe()
+        return hook
+
+    def on_disconnect(self, hook: HookT) -> HookT:
+        """Decorator: ``hook(client, reason)`` when a connected client has gone."""
+        self.hooks.on_disconnect.append(hook)
+        self._observe()
+        return hook
+
+    def hook_stats(self) -> Mapping[str, int]:
+        """Async observer calls waiting and dropped, and observer exceptions."""
+        return hook_stats(self.observers)
+
+    def _observe(self) -> None:
+        """Give the running core the observers the hooks have now."""
+        core = self.core
+        if core is None:
+            return
+        if not self.hooks.observes:
+            return
+        if self.observers is None:
+            self.observers = Observers(self.hooks, time.time)
+            self.observers.start(core.loop)
+        else:
+            self.observers.update(self.hooks)
+        core.observer = self.observers
+
+    def _chains_changed(self) -> None:
+        """Hooks joined the chains of a running broker: build them again."""
+        core = self.core
+        if core is None:
+            return  # start() builds them
+        core.authenticator, core.identity = self._authentication(self.config)
+        chain = _authorization(self.config, acl_sources(self.hooks))
+        if chain is None:
+            return
+        self.authorization = chain
+        if core.access is None:
+            core.access = AccessControl(chain, core.loop)
+            for connection in core.connections:
+                connection.access_cache = core.access.new_cache()
+        else:
+            core.access.use(chain)
+        self._authorization_changed()
 
     async def ban(self, ban: Ban) -> Ban:
         """Ban a client id, username or peer address (kept in the built-in

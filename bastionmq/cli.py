@@ -1,4 +1,5 @@
-"""The ``bastionmq`` command: start, check-config, certs, version."""
+"""The ``bastionmq`` command: start, check-config, config, certs, users, acl,
+data, ctl, version."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shlex
 import signal
 import sqlite3
 import sys
+import typing
 from importlib import resources
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,19 +18,24 @@ from typing import Any
 
 import click
 
-from bastionmq import pki, tls_policy
+from bastionmq import cert_hints, checks, pki
 from bastionmq.acl.builtin_db import check_rule
 from bastionmq.auth import builtin_db
 from bastionmq.auth.passwords import NAMES as HASH_NAMES
 from bastionmq.auth.passwords import PasswordHash
 from bastionmq.auth.scram import DEFAULT_ITERATIONS
-from bastionmq.app import Broker, check_rule_files
+from bastionmq.app import Broker
 from bastionmq.config import Config, ConfigError, load_config
 from bastionmq.ctl import ctl_group
 from bastionmq.ops.logs import configure_logging
 from bastionmq.version import __version__
 
 DEFAULT_CONFIG = Path("etc/bastionmq.conf")
+#: The built-in default (package data), used when no file is given or found.
+BUILTIN_CONFIG = "builtin.conf"
+#: The shipped etc/bastionmq.conf, installed with the package: in the source
+#: tree a symbolic link to etc/bastionmq.conf, in a wheel a copy of it.
+SHIPPED_CONFIG = "bastionmq.conf"
 
 log = logging.getLogger("bastionmq")
 
@@ -36,21 +43,32 @@ log = logging.getLogger("bastionmq")
 BUILT_IN = "the built-in default configuration (loopback only)"
 
 
-def _load(config_file: str | None) -> tuple[Config, str]:
+def _package_text(name: str) -> str:
+    return resources.files("bastionmq").joinpath(name).read_text(encoding="utf-8")
+
+
+def _load(config_file: str | None, every_problem: bool = False) -> tuple[Config, str]:
     """The config to use and where it came from: the file given, else
     etc/bastionmq.conf where it runs, else the built-in default (loopback
-    listeners, bastionmq/builtin.conf); errors leave through click."""
+    listeners, bastionmq/builtin.conf); errors leave through click. With
+    ``every_problem``, an invalid file's report also holds the problems of
+    the files it names (bastionmq.checks)."""
     if config_file is None and DEFAULT_CONFIG.exists():
         config_file = str(DEFAULT_CONFIG)
     try:
         if config_file is None:
-            config = load_config(text=resources.files("bastionmq").joinpath(
-                "builtin.conf").read_text(encoding="utf-8"))
+            config = load_config(text=_package_text(BUILTIN_CONFIG))
         else:
             config = load_config(config_file)
     except ConfigError as exc:
-        raise click.ClickException(f"invalid configuration:\n{exc}") from None
+        _invalid(checks.problems_of(exc) if every_problem else exc.errors)
     return config, config_file or BUILT_IN
+
+
+def _invalid(errors: Sequence[tuple[str, str]]) -> typing.NoReturn:
+    problems = "\n".join(f"{where}: {message}" for where, message in errors)
+    count = f" ({len(errors)} problems)" if len(errors) > 1 else ""
+    raise click.ClickException(f"invalid configuration{count}:\n{problems}")
 
 
 config_option = click.option(
@@ -74,23 +92,48 @@ def version() -> None:
 @main.command("check-config")
 @config_option
 def check_config(config_file: str | None) -> None:
-    """Validate a configuration file and exit (non-zero when it is invalid)."""
-    config, source = _load(config_file)
+    """Validate a configuration and the files it names, and exit (non-zero
+    when anything is wrong, with every problem listed)."""
     # What the loaders warn of while reading rule files reads like the rest.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="warning: %(message)s")
-    tls = tls_policy.report(config)
-    for warning in tls.warnings:
+    config, source = _load(config_file, every_problem=True)
+    problems = checks.file_problems(config)
+    for warning in problems.warnings:
         click.echo(f"warning: {warning}", err=True)
-    errors = tls.errors + check_rule_files(config)
-    if errors:
-        problems = "\n".join(f"{where}: {message}" for where, message in errors)
-        raise click.ClickException(f"invalid configuration:\n{problems}")
+    if problems.errors:
+        _invalid(problems.errors)
     enabled = [f"{kind}:{name} {block.bind}" for kind, name, block in config.enabled_listeners()]
     click.echo(f"{source}: configuration is valid; listeners: {', '.join(enabled) or 'none'}")
-    for line in tls.lines:
+    for line in problems.tls_lines:
         click.echo(line)
+    click.echo(config.node.data.describe())
     click.echo(_persistence_line(config))
+
+
+@main.group("config")
+def config_group() -> None:
+    """The configuration files that come with bastionmq."""
+
+
+@config_group.command("show-default")
+@click.option("--builtin", is_flag=True,
+              help="Print the built-in default instead (loopback listeners only).")
+def config_show_default(builtin: bool) -> None:
+    """Print the shipped etc/bastionmq.conf: every key, most at its default,
+    with what it does. To start from it:
+
+        mkdir -p etc && bastionmq config show-default > etc/bastionmq.conf
+
+    `bastionmq start` without -c reads etc/bastionmq.conf in the working
+    directory, else the built-in default (--builtin prints it).
+    """
+    click.echo(_package_text(BUILTIN_CONFIG if builtin else SHIPPED_CONFIG), nl=False)
+    # On stderr, so that the standard output is the file itself.
+    found = "found here" if DEFAULT_CONFIG.exists() else "not found here"
+    click.echo(f"# bastionmq start without -c reads {DEFAULT_CONFIG} in the working directory "
+               f"({found}), else the built-in default (bastionmq config show-default "
+               "--builtin)", err=True)
 
 
 def _persistence_line(config: Config) -> str:
@@ -106,9 +149,15 @@ def _persistence_line(config: Config) -> str:
 @config_option
 def start(config_file: str | None) -> None:
     """Start the broker in the foreground; SIGTERM or SIGINT stop it."""
-    config, source = _load(config_file)
+    config, source = _load(config_file, every_problem=True)
     if not config.enabled_listeners():
         raise click.ClickException(f"{source}: no listener is enabled; nothing to serve")
+    # Every file problem at once, before anything opens (the broker itself
+    # would stop at the first).
+    with _logging_off():  # what the rule files' loaders warn of, the broker warns of next
+        found = checks.file_problems(config).errors
+    if found:
+        _invalid(found)
     try:
         configure_logging(config.log)
     except OSError as exc:
@@ -122,6 +171,15 @@ def start(config_file: str | None) -> None:
         raise click.ClickException(f"invalid configuration:\n{exc}") from None
     except OSError as exc:
         raise click.ClickException(f"cannot open a listener: {exc}") from None
+
+
+@contextlib.contextmanager
+def _logging_off() -> Iterator[None]:
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _run(coroutine) -> None:
@@ -167,8 +225,9 @@ def certs() -> None:
 
 
 dir_option = click.option(
-    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path),
-    default=pki.DEFAULT_DIR, show_default=True, help="The PKI directory (made by certs init).")
+    "--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="The PKI directory (made by certs init; default: node.data_dir/certs of the "
+         "configuration, where the broker makes it on first start).")
 rsa_option = click.option(
     "--rsa", type=click.Choice(["2048", "3072", "4096"]),
     help="An RSA key of this size instead of ECDSA P-256.")
@@ -185,12 +244,24 @@ def _key_type(rsa: str | None) -> pki.KeyType:
     return _KEY_TYPES[rsa]
 
 
-def _dir_args(directory: Path) -> str:
-    return "" if directory == pki.DEFAULT_DIR else f" --dir {shlex.quote(str(directory))}"
+def _pki(config_file: str | None, directory: Path | None) -> tuple[Config, str, Path]:
+    """The configuration (for the hints: its listeners' hosts and ports) and
+    the PKI directory: the one given, else the configuration's
+    node.data_dir/certs, the directory the broker's first start uses."""
+    config, source = _load(config_file)
+    return config, source, directory if directory is not None else Path(config.node.pki_dir)
+
+
+def _next_args(config: Config, config_file: str | None, directory: Path) -> str:
+    """The options the next certs command needs to find the same directory."""
+    args = "" if config_file is None else f" -c {shlex.quote(config_file)}"
+    if directory != Path(config.node.pki_dir):
+        args += f" --dir {shlex.quote(str(directory))}"
+    return args
 
 
 @certs.command("init")
-@click.argument("directory", required=False, default=pki.DEFAULT_DIR,
+@click.argument("directory", required=False, default=None,
                 type=click.Path(file_okay=False, path_type=Path))
 @click.option("--host", "hosts", multiple=True, metavar="H",
               help="A further server name or IP address (repeatable); "
@@ -198,9 +269,12 @@ def _dir_args(directory: Path) -> str:
 @rsa_option
 @days_option
 @click.option("--force", is_flag=True, help="Replace an existing CA.")
-def certs_init(directory: Path, hosts: tuple[str, ...], rsa: str | None, days: int,
-               force: bool) -> None:
-    """Create a CA, a server certificate and an empty CRL in DIRECTORY."""
+@config_option
+def certs_init(directory: Path | None, hosts: tuple[str, ...], rsa: str | None, days: int,
+               force: bool, config_file: str | None) -> None:
+    """Create a CA, a server certificate and an empty CRL in DIRECTORY
+    (default: node.data_dir/certs)."""
+    config, _, directory = _pki(config_file, directory)
     with _pki_errors():
         server = pki.init_pki(directory, hosts, _key_type(rsa), days, force)
     names = ", ".join(["localhost", "127.0.0.1", "::1", *hosts])
@@ -209,11 +283,15 @@ def certs_init(directory: Path, hosts: tuple[str, ...], rsa: str | None, days: i
     click.echo(f"wrote {server.cert} (server certificate for {names})")
     click.echo(f"wrote {server.key} (server private key)")
     click.echo(f"wrote {directory / pki.CRL} (certificate revocation list, empty)")
-    click.echo("\nssl_options for a listener:")
-    click.echo(f'  cacertfile = "{directory / pki.CA_CERT}"')
-    click.echo(f'  certfile   = "{server.cert}"')
-    click.echo(f'  keyfile    = "{server.key}"')
-    click.echo(f"\nnext: bastionmq certs client NAME{_dir_args(directory)}")
+    if directory == Path(config.node.pki_dir):
+        click.echo("\nthe TLS listeners whose ssl_options leave cacertfile, certfile and "
+                   "keyfile unset use these files.")
+    else:
+        click.echo("\nssl_options for a listener:")
+        click.echo(f'  cacertfile = "{directory / pki.CA_CERT}"')
+        click.echo(f'  certfile   = "{server.cert}"')
+        click.echo(f'  keyfile    = "{server.key}"')
+    click.echo(f"\nnext: bastionmq certs client NAME{_next_args(config, config_file, directory)}")
 
 
 force_option = click.option("--force", is_flag=True,
@@ -226,16 +304,19 @@ force_option = click.option("--force", is_flag=True,
 @rsa_option
 @days_option
 @force_option
-def certs_client(name: str, directory: Path, rsa: str | None, days: int, force: bool) -> None:
+@config_option
+def certs_client(name: str, directory: Path | None, rsa: str | None, days: int, force: bool,
+                 config_file: str | None) -> None:
     """Issue a client certificate with CN=NAME."""
+    config, source, directory = _pki(config_file, directory)
     with _pki_errors():
         files = pki.issue_client(directory, name, _key_type(rsa), days, replace=force)
     click.echo(f"wrote {files.cert} (client certificate, CN={name})")
     click.echo(f"wrote {files.key} (client private key)")
-    command = ["mosquitto_pub", "-h", "localhost", "-p", "8883",
-               "--cafile", str(directory / pki.CA_CERT), "--cert", str(files.cert),
-               "--key", str(files.key), "-t", "test", "-m", "hello"]
-    click.echo(f"\ntry it:\n  {shlex.join(command)}")
+    click.echo("")
+    for line in cert_hints.client_hints(config, source, directory / pki.CA_CERT, files.cert,
+                                        files.key):
+        click.echo(line)
 
 
 @certs.command("server")
@@ -246,13 +327,19 @@ def certs_client(name: str, directory: Path, rsa: str | None, days: int, force: 
 @rsa_option
 @days_option
 @force_option
-def certs_server(name: str, hosts: tuple[str, ...], directory: Path, rsa: str | None,
-                 days: int, force: bool) -> None:
+@config_option
+def certs_server(name: str, hosts: tuple[str, ...], directory: Path | None, rsa: str | None,
+                 days: int, force: bool, config_file: str | None) -> None:
     """Issue a further server certificate, for the given hosts only."""
+    config, source, directory = _pki(config_file, directory)
     with _pki_errors():
         files = pki.issue_server(directory, name, hosts, _key_type(rsa), days, replace=force)
     click.echo(f"wrote {files.cert} (server certificate for {', '.join(hosts)})")
     click.echo(f"wrote {files.key} (server private key)")
+    click.echo("")
+    for line in cert_hints.server_hints(config, source, directory / pki.CA_CERT, files.cert,
+                                        files.key, hosts):
+        click.echo(line)
 
 
 @certs.command("revoke")
@@ -260,11 +347,18 @@ def certs_server(name: str, hosts: tuple[str, ...], directory: Path, rsa: str | 
 @dir_option
 @click.option("--reason", default="unspecified", show_default=True,
               help="RFC 5280 reason, such as keyCompromise or superseded.")
-def certs_revoke(cert_file: Path, directory: Path, reason: str) -> None:
-    """Put the certificate in FILE on the CA's revocation list."""
+@config_option
+def certs_revoke(cert_file: Path, directory: Path | None, reason: str,
+                 config_file: str | None) -> None:
+    """Put the certificate in FILE on the CA's revocation list, and say which
+    TLS listeners of the configuration check that list."""
+    config, source, directory = _pki(config_file, directory)
     with _pki_errors():
         crl = pki.revoke(directory, cert_file, reason)
     click.echo(f"revoked {cert_file}; wrote {crl}")
+    click.echo("")
+    for line in cert_hints.revoke_hints(config, source, crl, directory / pki.CA_CERT):
+        click.echo(line)
 
 
 @certs.command("show")

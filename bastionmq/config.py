@@ -25,6 +25,7 @@ names themselves contain single ones.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -52,8 +53,10 @@ from pyparsing import ParseBaseException
 from bastionmq.acl.settings import AclSourceConfig, AuthorizationConfig, AuthzCacheConfig
 from bastionmq.auth.settings import AuthenticatorConfig, AuthnBanConfig
 from bastionmq.broker.settings import INFINITY, MqttSettings, peer_cert_source
+from bastionmq.data_dir import DataDir, choose
 from bastionmq.listeners.settings import (
-    ALL_INTERFACES, Bind, CrlCacheConfig, PskConfig, SniCertificate, SslOptions, TcpOptions, WebSocketOptions,
+    ALL_INTERFACES, DEV_PKI_FILE_KEYS, Bind, CrlCacheConfig, PskConfig, SniCertificate, SslOptions,
+    TcpOptions, WebSocketOptions, dev_pki_files,
 )
 from bastionmq.ops.logs import LogConfig, LogFileConfig
 from bastionmq.ops.settings import HttpApiConfig
@@ -86,6 +89,7 @@ __all__ = [
     "WssListenerConfig",
     "TLS_KINDS",
     "load_config",
+    "resolve_data_dir",
 ]
 
 #: Environment variables with this prefix override configuration keys.
@@ -105,10 +109,19 @@ class ConfigError(Exception):
     the file name. ``str()`` gives one line per error.
     """
 
-    def __init__(self, errors: Iterable[tuple[str, str]], *, source: str | None = None) -> None:
+    def __init__(self, errors: Iterable[tuple[str, str]], *, source: str | None = None,
+                 partial: Config | None = None, unchecked: Iterable[str] = ()) -> None:
         self.errors: list[tuple[str, str]] = list(errors)
         #: The file (or ``<text>``) the configuration came from.
         self.source = source
+        #: The configuration with the keys in error left at their defaults
+        #: (None when even that cannot be made), so that check-config and
+        #: start-up can still check the files it names and report every
+        #: problem in one pass.
+        self.partial = partial
+        #: Key paths ``partial`` left at their defaults: what is found below
+        #: them would be about a default, not about the file.
+        self.unchecked: tuple[str, ...] = tuple(unchecked)
         super().__init__("\n".join(f"{where}: {message}" for where, message in self.errors))
 
     def __str__(self) -> str:
@@ -190,17 +203,42 @@ class SysTopicsConfig:
                                       validator=v.ge(0))
 
 
+#: Metadata of a field that is never read from the file (the structuring
+#: hooks skip it, and naming it in the file is an unknown key).
+INTERNAL = {"internal": True}
+
+
 @attrs.define(slots=True, frozen=True, kw_only=True)
 class NodeConfig:
     """This broker's place on disk (EMQX's ``node``)."""
 
-    #: Where the broker keeps its data: the built-in user and rule database
-    #: (auth.sqlite3). Relative to the directory the broker runs in.
-    data_dir: str = "data"
+    #: Where the broker keeps its data: the durable store (unless
+    #: durable_sessions.data_dir says otherwise), the built-in user and rule
+    #: database (auth.sqlite3) and the development PKI (certs/). Relative to
+    #: the directory the broker runs in. None: chosen by bastionmq.data_dir.
+    data_dir: str | None = None
+    #: The choice made for this configuration (load_config makes it once,
+    #: so that every user of the configuration sees the same directory).
+    chosen: DataDir | None = attrs.field(default=None, metadata=INTERNAL)
+
+    @property
+    def data(self) -> DataDir:
+        """The data directory and why it is the one."""
+        return self.chosen if self.chosen is not None else choose(self.data_dir)
+
+    @property
+    def directory(self) -> str:
+        return self.data.path
 
     @property
     def auth_database(self) -> str:
-        return os.path.join(self.data_dir, "auth.sqlite3")
+        return os.path.join(self.directory, "auth.sqlite3")
+
+    @property
+    def pki_dir(self) -> str:
+        """The development PKI: made there on first start, and where
+        ``bastionmq certs`` works by default."""
+        return os.path.join(self.directory, "certs")
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -213,8 +251,8 @@ class DurableSessionsConfig:
 
     enable: bool = False
     #: The folder of the store (sessions.sqlite3 in it), relative to the
-    #: directory the broker runs in.
-    data_dir: str = "data"
+    #: directory the broker runs in. None: node.data_dir.
+    data_dir: str | None = None
     #: A batch of changes is committed at most this long after its first
     #: change; acknowledgements that promise storage wait for its commit.
     commit_interval: float = attrs.field(default=0.005, metadata={"unit": "duration"},
@@ -228,7 +266,10 @@ class DurableSessionsConfig:
 
     @property
     def database(self) -> str:
-        return os.path.join(self.data_dir, "sessions.sqlite3")
+        # None only in a Config built by hand and not yet resolved
+        # (resolve_data_dir): the node's default then.
+        folder = self.data_dir if self.data_dir is not None else choose(None).path
+        return os.path.join(folder, "sessions.sqlite3")
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -522,7 +563,8 @@ def _mapping_parser(converter: cattrs.Converter, value_type: Any) -> _Parse:
 def _class_hook(converter: cattrs.Converter, cls: type) -> Callable[[Any, Any], Any]:
     hints = typing.get_type_hints(cls)
     overrides = {
-        field.name: override(struct_hook=_field_hook(converter, field, hints[field.name]))
+        field.name: override(omit=True) if field.metadata.get("internal") else
+        override(struct_hook=_field_hook(converter, field, hints[field.name]))
         for field in attrs.fields(cls)
     }
     inner: Callable[[Mapping[str, Any], Any], Any] = make_dict_structure_fn(
@@ -573,7 +615,7 @@ class _Problem:
 def _collect(exc: BaseException, path: tuple[str, ...], out: list[_Problem]) -> None:
     """Flatten cattrs' tree of errors into problems with key paths."""
     if isinstance(exc, ForbiddenExtraKeysError):
-        known = [field.name for field in attrs.fields(exc.cl)]
+        known = [field.name for field in attrs.fields(exc.cl) if not field.metadata.get("internal")]
         for key in sorted(exc.extra_fields):
             hint = difflib.get_close_matches(key, known, n=1)
             if hint:
@@ -750,8 +792,106 @@ def load_config(path: str | os.PathLike[str] | None = None, *, text: str | None 
     except (BaseValidationError, _Invalid) as exc:
         _collect(exc, (), problems)
     if problems or config is None:
+        partial, unchecked = _salvage(tree, [problem.path for problem in problems])
         raise ConfigError(
             [(".".join(problem.path) or source, problem.message + _env_origin(problem, overrides))
              for problem in problems],
-            source=source)
-    return config
+            source=source, unchecked=unchecked,
+            partial=None if partial is None else resolve_data_dir(partial, tree))
+    return resolve_data_dir(config, tree)
+
+
+def _salvage(tree: dict[str, Any], paths: list[tuple[str, ...]]
+             ) -> tuple[Config | None, list[str]]:
+    """The configuration without the keys in error (their defaults instead),
+    and the key paths removed for it. A key that cannot go alone (a required
+    one) takes its block with it; an entry of a list is replaced by a
+    disabled copy of a sound sibling, so that the others keep their indexes
+    (their key paths). Errors of the config made then remove more."""
+    tree = copy.deepcopy(tree)
+    removed: list[str] = []
+    for _ in range(8):  # each round removes at least one key; nesting is shallow
+        cuts = [cut for cut in (_remove(tree, path, paths) for path in paths) if cut is not None]
+        if not cuts:
+            return None, removed
+        removed += [".".join(cut) for cut in cuts]
+        try:
+            return _converter().structure(tree, Config), removed
+        except (BaseValidationError, _Invalid) as exc:
+            found: list[_Problem] = []
+            _collect(exc, (), found)
+            paths = [problem.path for problem in found]
+    return None, removed
+
+
+def _remove(tree: dict[str, Any], path: tuple[str, ...],
+            in_error: list[tuple[str, ...]]) -> tuple[str, ...] | None:
+    while path:
+        parent: Any = tree
+        for segment in path[:-1]:
+            if isinstance(parent, dict):
+                parent = parent.get(segment)
+            elif isinstance(parent, list) and segment.isdigit() and int(segment) < len(parent):
+                parent = parent[int(segment)]
+            else:
+                parent = None
+        last = path[-1]
+        if isinstance(parent, dict) and last in parent:
+            del parent[last]
+            return path
+        if isinstance(parent, list) and last.isdigit() and int(last) < len(parent):
+            depth = len(path) - 1
+            bad = {error[depth] for error in in_error
+                   if len(error) > depth and error[:depth] == path[:-1]}
+            sound = [item for index, item in enumerate(parent)
+                     if str(index) not in bad and isinstance(item, dict)]
+            if sound:
+                parent[int(last)] = {**copy.deepcopy(sound[0]), "enable": False}
+                return path
+        path = path[:-1]
+    return None
+
+
+def _given(tree: Mapping[str, Any] | None, path: Sequence[str]) -> bool:
+    node: Any = tree
+    for segment in path:
+        if not isinstance(node, Mapping) or segment not in node:
+            return False
+        node = node[segment]
+    return True
+
+
+def resolve_data_dir(config: Config, tree: Mapping[str, Any] | None = None) -> Config:
+    """``config`` with its data directory chosen (bastionmq.data_dir) and put
+    where it is used: durable_sessions.data_dir when not set, and the
+    certificate files of every ssl_options that were left at the development
+    PKI's defaults, which move into data_dir/certs. ``tree`` is the file's
+    contents, to tell a default from the same path written in the file (which
+    stays as written); without it a value equal to the default is taken for
+    one. load_config does this; a Config made by hand gets it when a Broker
+    is made from it."""
+    node = config.node
+    chosen = choose(node.data_dir)
+    defaults = dev_pki_files()
+    moved = dev_pki_files(os.path.join(chosen.path, "certs"))
+
+    def dev_pki(options: SslOptions | None, path: tuple[str, ...]) -> SslOptions | None:
+        if options is None or moved == defaults:
+            return options
+        changes: dict[str, Any] = {
+            key: new for key, default, new in zip(DEV_PKI_FILE_KEYS, defaults, moved)
+            if getattr(options, key) == default and not _given(tree, (*path, key))}
+        return attrs.evolve(options, **changes) if changes else options
+
+    listeners = config.listeners
+    tls_blocks = {kind: {name: attrs.evolve(block, ssl_options=dev_pki(
+        block.ssl_options, ("listeners", kind, name, "ssl_options")))
+        for name, block in getattr(listeners, kind).items()} for kind in TLS_KINDS}
+    durable = config.durable_sessions
+    return attrs.evolve(
+        config, node=attrs.evolve(node, chosen=chosen),
+        listeners=attrs.evolve(listeners, **tls_blocks),
+        durable_sessions=durable if durable.data_dir is not None
+        else attrs.evolve(durable, data_dir=chosen.path),
+        http_api=attrs.evolve(config.http_api, ssl_options=dev_pki(
+            config.http_api.ssl_options, ("http_api", "ssl_options"))))

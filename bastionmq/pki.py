@@ -50,7 +50,8 @@ __all__ = [
 ]
 
 KeyType = Literal["ec", "rsa2048", "rsa3072", "rsa4096"]
-#: Where the shipped configuration expects the development PKI.
+#: The development PKI of a project directory (node.data_dir "data"); the
+#: broker and `bastionmq certs` use node.data_dir/certs of the configuration.
 DEFAULT_DIR = Path(DEV_PKI_DIR)
 
 CA_CERT = "ca.pem"

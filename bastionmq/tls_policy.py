@@ -10,9 +10,8 @@ import attrs
 from bastionmq.config import (
     TLS_KINDS, Config, SslListenerConfig, WsListenerConfig, WssListenerConfig,
 )
-from bastionmq.listeners.settings import DEV_PKI_DIR
 from bastionmq.listeners.tls_context import (
-    TlsSetupError, expiry_warnings, load_material, ssl_options_path,
+    TlsSetupError, expiry_warnings, load_material, missing_files, ssl_options_path,
 )
 
 
@@ -90,13 +89,24 @@ def _describe(config: Config, kind: str, name: str, block: SslListenerConfig,
             config.anonymous_allowed(block):
         warn("clients without a certificate are let in anonymously "
              "(fail_if_no_peer_cert = false and allow_anonymous = true)")
-    if options.awaits_dev_pki():
-        lines.append(f"  files: the development PKI, made on first start in {DEV_PKI_DIR}/")
+    pki_dir = config.node.pki_dir
+    if options.awaits_dev_pki(pki_dir):
+        lines.append(f"  files: the development PKI, made on first start in {pki_dir}/")
+        return
+    where = ssl_options_path(kind, name)
+    # Every missing file at once; loading stops at the first problem, so it
+    # only runs when all of them are there.
+    missing = missing_files(options, config.psk_authentication)
+    for problem in missing:
+        error = (problem.key_path(where), str(problem))
+        if error not in result.errors:  # the PSK file is shared by every listener
+            result.errors.append(error)
+    if missing:
         return
     try:
         load_material(options, config.crl_cache, config.psk_authentication)
     except TlsSetupError as exc:
-        result.errors.append((exc.key_path(ssl_options_path(kind, name)), str(exc)))
+        result.errors.append((exc.key_path(where), str(exc)))
         return
     for line in expiry_warnings(options):
         warn(line)

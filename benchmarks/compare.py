@@ -28,7 +28,11 @@ bastionmq-durable (and bastionmq-durable-normal, with synchronous = normal)
 is bastionmq with durable_sessions on, mosquitto-persist is Mosquitto with
 persistence on; each start of one gets a fresh, empty data folder (under
 --store-dir). bastionmq-ops is bastionmq with its operations listener on,
-its /metrics scraped every second during the run. Some scenarios add to
+its /metrics scraped every second during the run. bastionmq-observer is
+bastionmq embedded by benchmarks/observer_broker.py with one on_message
+observer that counts (--observer-cmd), configured as bastionmq: run it
+with bastionmq in the same runs (`--brokers bastionmq,bastionmq-observer
+--scenarios qos0-1to1`) for what an observer costs. Some scenarios add to
 every broker's configuration
 (SCENARIO_CONFIG: qos1-durable lifts the offline queue limits).
 Ratios are shown for each pair in RATIOS whose two members ran.
@@ -160,6 +164,8 @@ BROKERS = {
     "bastionmq-ops": ("bastionmq", OPS),
     # another build of bastionmq (--baseline-cmd), e.g. the commit before a change
     "bastionmq-baseline": ("bastionmq", ""),
+    # bastionmq embedded with one on_message observer (--observer-cmd)
+    "bastionmq-observer": ("bastionmq", ""),
 }
 # Scenario -> broker program -> what it adds to the configuration of every
 # broker that program runs. qos1-durable queues everything it publishes in
@@ -183,6 +189,7 @@ RATIOS = (
     ("bastionmq-durable-normal", "bastionmq"),
     ("mosquitto-persist", "mosquitto"),
     ("bastionmq-ops", "bastionmq"),
+    ("bastionmq-observer", "bastionmq"),
 )
 ACL_RULES = 1000
 # Scenarios whose generator spins its event loop on purpose (its core is busy
@@ -666,6 +673,12 @@ def parser():
         help="command of the bastionmq-baseline broker: another bastionmq build, run in the same "
         "runs, alternated ({conf} and {port} are filled in)",
     )
+    p.add_argument(
+        "--observer-cmd",
+        default=f"{shlex.quote(sys.executable)} {shlex.quote(str(HERE / 'observer_broker.py'))} start -c {{conf}}",
+        help="command of the bastionmq-observer broker: bastionmq embedded with one on_message "
+        "observer ({conf} and {port} are filled in)",
+    )
     p.add_argument("--broker-cpu", type=int, default=0)
     p.add_argument("--gen-cpu", type=int, default=1)
     p.add_argument(
@@ -696,6 +709,8 @@ def main():
         if not args.baseline_cmd:
             sys.exit("bastionmq-baseline needs --baseline-cmd")
         cmds["bastionmq-baseline"] = args.baseline_cmd
+    if "bastionmq-observer" in brokers:
+        cmds["bastionmq-observer"] = args.observer_cmd
     for b in brokers:
         if b not in BROKERS:
             sys.exit(f"unknown broker {b!r}; known: {', '.join(BROKERS)}")

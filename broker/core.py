@@ -24,7 +24,7 @@ from .outbox import Outbox, Outboxes
 from .access import AccessControl, Authorizer
 from .ports import (
     PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, CertificateFacts, Client,
-    ClientInfo, IdentityPolicy,
+    ClientInfo, IdentityPolicy, Observer,
 )
 from .ownership import owner_of, same_owner
 from .store import Journal
@@ -113,6 +113,10 @@ class BrokerCore:
         #: Reads a stored client certificate (DER) again for restored
         #: sessions and wills; the listeners' parser, set by the application.
         self.certificate_parser: Callable[[bytes], CertificateFacts] | None = None
+        #: Told of each message routed, each client connected and gone (an
+        #: embedding application's hooks, bastionmq.hooks); None, the usual
+        #: case, costs one attribute check per message routed.
+        self.observer: Observer | None = None
 
     def apply_settings(self, settings: MqttSettings) -> None:
         """Use ``settings`` from now on (a reload): connections made from
@@ -221,6 +225,8 @@ class BrokerCore:
                 journal.session_saved(session)
             elif session.store_id:
                 journal.session_deleted(session)  # it ends with this connection now
+        if self.observer is not None:
+            self.observer.connected(connection)
         return session, present
 
     def resume_session(self, session: Session) -> None:
@@ -247,6 +253,8 @@ class BrokerCore:
         session = connection.session
         if session is None or session.connection is not connection:
             return
+        if self.observer is not None:
+            self.observer.disconnected(connection)
         session.connection = session.outbox = None
         now = session.offline_since = self.loop.time()
         if session.waiters is not None or session.slow:
@@ -461,6 +469,8 @@ class BrokerCore:
 
     def route(self, message: Message, sender: Session | None) -> int:
         """Deliver to every matching subscriber; returns how many matched."""
+        if self.observer is not None:
+            self.observer.message(message, sender)
         routes = self.trie.match(message.topic)
         matched = self._route_shared(message, sender) if self.groups else 0
         if not routes:
@@ -528,6 +538,7 @@ class BrokerCore:
         publisher = sender.connection if sender is not None else None
         if session.slow or publisher is None:
             self.stats.dropped_qos0_backpressure += 1
+            session.outbox.displace(message, retain, ids)
         else:
             session.outbox.send_publish(message, 0, retain, ids)
             self.hold_back(session, publisher)

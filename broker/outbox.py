@@ -181,6 +181,12 @@ class Outbox:
             return True
         return False
 
+    def displace(self, message: Message, retain: bool, subscription_ids: tuple[int, ...]) -> None:
+        """A QoS 0 ``message`` the core drops because this client is slow
+        (counted by the core): bytes already written cannot be taken back,
+        so the new message is the one lost. An in-process subscriber's
+        outbox (broker.local) drops its oldest instead."""
+
     def queue_publish(self, message: Message, qos: int, retain: bool,
                       subscription_ids: tuple[int, ...], packet_id: int = 0,
                       dup: bool = False) -> bool:

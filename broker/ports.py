@@ -293,3 +293,22 @@ class Client(Protocol):
     def release(self) -> None:
         """One subscriber no longer holds it back."""
         ...
+
+
+class Observer(Protocol):
+    """Told what happens in the core, for an embedding application's
+    observers (bastionmq.hooks). Each call returns at once and never raises:
+    the core calls it on its hot path."""
+
+    def message(self, message: Any, sender: Any) -> None:
+        """``message`` (broker.message.Message) is being routed; ``sender``
+        is the publisher's session, None when the broker publishes it."""
+        ...
+
+    def connected(self, connection: Client) -> None:
+        """A client's CONNECT succeeded (it is attached to its session)."""
+        ...
+
+    def disconnected(self, connection: Client) -> None:
+        """A connected client's connection has ended."""
+        ...

@@ -113,8 +113,18 @@ class TcpOptions:
 #: TLS versions by EMQX's names, newest first.
 TLS_VERSIONS = ("tlsv1.3", "tlsv1.2", "tlsv1.1", "tlsv1")
 #: The development PKI ``bastionmq certs init`` writes, and the broker makes
-#: on first start when these defaults are configured and missing.
+#: on first start when these defaults are configured and missing. The
+#: configuration moves these defaults into node.data_dir/certs
+#: (bastionmq.config.resolve_data_dir); this is where they are written
+#: relative to a project directory.
 DEV_PKI_DIR = "data/certs"
+#: The ssl_options keys whose defaults are the development PKI's files.
+DEV_PKI_FILE_KEYS = ("cacertfile", "certfile", "keyfile")
+
+
+def dev_pki_files(pki_dir: str = DEV_PKI_DIR) -> tuple[str, str, str]:
+    """cacertfile, certfile and keyfile of the development PKI in ``pki_dir``."""
+    return (f"{pki_dir}/ca.pem", f"{pki_dir}/server.pem", f"{pki_dir}/server.key")
 
 
 def _tls_versions(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
@@ -135,8 +145,7 @@ def _eku(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
         raise ValueError(f"must be one of {', '.join(_EKU_NAMES)} or a dotted OID")
 
 
-_DEV_PKI_FILES = (f"{DEV_PKI_DIR}/ca.pem", f"{DEV_PKI_DIR}/server.pem",
-                  f"{DEV_PKI_DIR}/server.key")
+_DEV_PKI_FILES = dev_pki_files()
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -206,11 +215,12 @@ class SslOptions:
     watch_interval: float = attrs.field(default=2.0, metadata={"unit": "duration"},
                                         validator=v.ge(0))
 
-    def awaits_dev_pki(self) -> bool:
-        """Whether these options name the development PKI's default files and
-        none of them exists yet: the first start makes that PKI."""
+    def awaits_dev_pki(self, pki_dir: str = DEV_PKI_DIR) -> bool:
+        """Whether these options name the files of the development PKI in
+        ``pki_dir`` (node.data_dir/certs) and none of them exists yet: the
+        first start makes that PKI."""
         files = (self.cacertfile, self.certfile, self.keyfile)
-        return files == _DEV_PKI_FILES and not any(os.path.exists(path) for path in files)
+        return files == dev_pki_files(pki_dir) and not any(os.path.exists(path) for path in files)
 
     def __attrs_post_init__(self) -> None:
         if self.fail_if_no_peer_cert and self.verify != "verify_peer":

@@ -143,6 +143,32 @@ def _set_versions(context: ssl.SSLContext, versions: tuple[str, ...]) -> None:
                 context.options |= _NO_VERSION_OPTION[name]  # a gap in the list
 
 
+def missing_files(options: SslOptions, psk: PskConfig | None = None) -> list[TlsSetupError]:
+    """Every file ``options`` would load that is missing or unreadable, each
+    naming its option: load_material stops at the first, an operator wants
+    the whole list (check-config, start-up)."""
+    named: list[tuple[str, str | None, bool]] = [
+        ("certfile", options.certfile, False), ("keyfile", options.keyfile, False)]
+    if options.verify == "verify_peer":  # without it no CA file is used
+        named.append(("cacertfile", options.cacertfile, False))
+    for index, entry in enumerate(options.server_names):
+        named += [(f"server_names.{index}.certfile", entry.certfile, False),
+                  (f"server_names.{index}.keyfile", entry.keyfile, False)]
+    if options.enable_crl_check:
+        named += [("crlfile", path, False) for path in options.crlfile]
+    if psk is not None and _serves_psk(options, psk):
+        named.append(("psk_authentication.init_file", psk.init_file, True))
+    problems = []
+    for key, path, top_level in named:
+        if not path:
+            continue
+        if not os.path.isfile(path):
+            problems.append(TlsSetupError(key, f"{path!r}: no such file", top_level=top_level))
+        elif not os.access(path, os.R_OK):
+            problems.append(TlsSetupError(key, f"{path!r}: not readable", top_level=top_level))
+    return problems
+
+
 def _load_files(context: ssl.SSLContext, options: SslOptions) -> None:
     keys = ("certfile", "keyfile", "cacertfile") if options.verify == "verify_peer" \
         else ("certfile", "keyfile")  # without verify_peer no CA file is used

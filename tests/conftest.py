@@ -2,7 +2,9 @@
 
 The broker runs in its own thread with its own event loop (uvloop, as in
 production), so that synchronous clients (paho-mqtt, raw sockets) can talk to
-it from the test's thread exactly as remote clients would.
+it from the test's thread exactly as remote clients would. That broker is the
+one the pytest plugin gives applications (bastionmq.testkit.RunningBroker),
+so the project's tests exercise it too.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from bastionmq import Broker
 from bastionmq.broker.codec import (
     MQTT_3_1_1, MQTT_5, Connect, Decoder, Disconnect, MalformedPacket, Packet, encode,
 )
+from bastionmq.testkit import RunningBroker
 
 # Shared test helpers (mqtt_strategies) import by name; there is no tests package.
 sys.path.insert(0, str(Path(__file__).parent))
@@ -41,58 +43,21 @@ allow_anonymous = true
 """
 
 
-class RunningBroker:
-    """A Broker started in a background thread; ``call`` runs coroutines in its loop."""
+@pytest.fixture(autouse=True, scope="session")
+def _data_outside_home(tmp_path_factory):
+    """A broker with no node.data_dir, run from a directory without
+    etc/bastionmq.conf, would keep its data in the per-user (or, for root,
+    the system) directory (bastionmq.data_dir): never from the tests, nor
+    from the brokers they start as processes."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+        yield
 
-    def __init__(self, config: Any, **broker_options: Any) -> None:
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self.loop = uvloop.new_event_loop()
-        self.broker = Broker(config, **broker_options)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(TIMEOUT):
-            raise RuntimeError("broker did not start")
-        if self._error is not None:
-            raise self._error
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self.broker.start())
-        except BaseException as exc:  # reported to the test's thread
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
-        self.loop.close()
-
-    @property
-    def port(self) -> int:
-        return self.broker.listeners["tcp:default"].address[1]
-
-    def port_of(self, listener_id: str) -> int:
-        return self.broker.listeners[listener_id].address[1]
-
-    @property
-    def core(self):
-        return self.broker.core
-
-    def call(self, coroutine) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(TIMEOUT)
-
-    def run(self, function: Callable[[], Any]) -> Any:
-        """Run a plain function in the broker's thread (to read its state safely)."""
-        async def wrapper():
-            return function()
-        return self.call(wrapper())
-
-    def stop(self) -> None:
-        if self.loop.is_running():
-            self.call(self.broker.stop())
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(TIMEOUT)
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request) -> Callable[[Any], Any]:
+    """Run a coroutine the way an application would: asyncio.run or uvloop.run."""
+    return asyncio.run if request.param == "asyncio" else uvloop.run
 
 
 @pytest.fixture(autouse=True)

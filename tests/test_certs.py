@@ -439,6 +439,9 @@ def test_cli_init_client_show_and_revoke(tmp_path):
 
 def test_cli_init_defaults_to_data_certs_and_refuses_to_overwrite(tmp_path, monkeypatch):
     runner = CliRunner()
+    # A project directory: node.data_dir is data/, the PKI data/certs/.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "bastionmq.conf").write_text("")
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(main, ["certs", "init"])
     assert result.exit_code == 0, result.output
@@ -488,3 +491,93 @@ def test_cli_client_and_server_refuse_to_replace_without_force(certs):
     assert invoke("server", "edge", "--host", "edge.example", "--dir", certs).exit_code == 0
     refused = invoke("server", "edge", "--host", "edge.example", "--dir", certs)
     assert refused.exit_code == 1 and "--force" in refused.output
+
+
+def test_cli_defaults_to_the_data_dir_of_the_configuration(tmp_path, monkeypatch):
+    """Outside a project directory the PKI goes where the broker's first
+    start makes it: node.data_dir/certs, the per-user directory here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    certs = tmp_path / "xdg" / "bastionmq" / "certs"
+    result = invoke("init")
+    assert result.exit_code == 0, result.output
+    assert f"wrote {certs / 'ca.pem'} (CA certificate)" in result.stdout
+    assert invoke("client", "c1").exit_code == 0
+    assert (certs / "c1.pem").is_file()
+    assert not (tmp_path / "data").exists()
+
+
+def hint_config(tmp_path: Path, pki_dir: Path) -> Path:
+    """ssl listeners on ports other than 8883, one per way of (not) checking the CRL."""
+    crl = pki_dir / "crl.pem"
+    ca = pki_dir / "ca.pem"
+    config = tmp_path / "hints.conf"
+    config.write_text(f"""
+listeners.ssl.plain {{ bind = "0.0.0.0:9883", ssl_options {{ certfile = "{pki_dir}/server.pem"
+  keyfile = "{pki_dir}/server.key", verify = verify_peer, cacertfile = "{ca}" }} }}
+listeners.ssl.watched {{ bind = "127.0.0.1:9884", ssl_options {{ certfile = "{pki_dir}/server.pem"
+  keyfile = "{pki_dir}/server.key", verify = verify_peer, cacertfile = "{ca}"
+  enable_crl_check = true, crlfile = "{crl}" }} }}
+listeners.ssl.manual {{ bind = "127.0.0.1:9885", ssl_options {{ certfile = "{pki_dir}/server.pem"
+  keyfile = "{pki_dir}/server.key", verify = verify_peer, cacertfile = "{ca}"
+  enable_crl_check = true, crlfile = "{crl}", watch_interval = 0s }} }}
+listeners.ssl.other {{ bind = "127.0.0.1:9886", ssl_options {{ certfile = "{pki_dir}/server.pem"
+  keyfile = "{pki_dir}/server.key", verify = verify_peer, cacertfile = "{ca}"
+  enable_crl_check = true, crlfile = "{tmp_path}/other.crl" }} }}
+listeners.wss.open {{ bind = "0.0.0.0:9887", ssl_options {{ certfile = "{pki_dir}/server.pem"
+  keyfile = "{pki_dir}/server.key" }} }}
+""")
+    return config
+
+
+def test_revoke_says_which_listeners_check_the_crl_and_what_to_change(certs, tmp_path):
+    config = hint_config(tmp_path, certs)
+    assert invoke("client", "gone", "--dir", certs, "-c", config).exit_code == 0
+    result = invoke("revoke", certs / "gone.pem", "--dir", certs, "-c", config)
+    assert result.exit_code == 0, result.output
+    crl = certs / "crl.pem"
+    lines = result.stdout.splitlines()
+    reload = "kill -HUP <broker pid> or `bastionmq ctl reload`"
+    assert (f"localhost:9883): does not check it (enable_crl_check = false). To check it, set "
+            f'in listeners.ssl.plain.ssl_options: enable_crl_check = true, crlfile = "{crl}"'
+            ) in result.stdout
+    assert f"    then {reload}: ssl_options changes apply without a restart" in lines
+    assert ("ssl:watched (127.0.0.1:9884): checks it. A running broker loads it within 2s by "
+            "itself (ssl_options.watch_interval)") in result.stdout
+    assert ("ssl:manual (127.0.0.1:9885): checks it, but a running broker must reload to see "
+            f"it (ssl_options.watch_interval = 0s): {reload}") in result.stdout
+    assert ("ssl:other (127.0.0.1:9886): checks CRLs, but not this file. To check it, set "
+            f'listeners.ssl.other.ssl_options.crlfile = ["{tmp_path}/other.crl", "{crl}"]'
+            ) in result.stdout
+    assert ("wss:open (localhost:9887): does not check it: it asks for no client certificate "
+            "(verify = verify_none). To check it, set in listeners.wss.open.ssl_options: "
+            f'verify = verify_peer, enable_crl_check = true, crlfile = "{crl}"') in result.stdout
+    assert "8883" not in result.stdout
+
+
+def test_client_and_server_hints_use_the_configured_hosts_and_ports(certs, tmp_path):
+    config = hint_config(tmp_path, certs)
+    client = invoke("client", "s9", "--dir", certs, "-c", config)
+    assert client.exit_code == 0, client.output
+    for host, port in (("localhost", 9883), ("127.0.0.1", 9884), ("127.0.0.1", 9885)):
+        assert (f"mosquitto_pub -h {host} -p {port} --cafile {certs / 'ca.pem'} "
+                f"--cert {certs / 's9.pem'} --key {certs / 's9.key'}") in client.stdout
+    assert "wss://localhost:9887/mqtt (wss:open)" in client.stdout
+    server = invoke("server", "edge", "--host", "edge.example", "--dir", certs, "-c", config)
+    assert server.exit_code == 0, server.output
+    assert ('listeners.ssl.plain.ssl_options.server_names = [ { names = ["edge.example"], '
+            f'certfile = "{certs / "edge.pem"}", keyfile = "{certs / "edge.key"}" }} ]'
+            ) in server.stdout
+    assert (f"openssl s_client -connect 127.0.0.1:9884 -servername edge.example "
+            f"-CAfile {certs / 'ca.pem'}") in server.stdout
+    assert "8883" not in client.stdout + server.stdout
+
+
+def test_revoke_without_a_tls_listener_says_nothing_checks_it(certs, tmp_path):
+    config = tmp_path / "tcp.conf"
+    config.write_text('listeners.tcp.default.bind = "127.0.0.1:1883"\n')
+    assert invoke("client", "lone", "--dir", certs).exit_code == 0
+    result = invoke("revoke", certs / "lone.pem", "--dir", certs, "-c", config)
+    assert result.exit_code == 0, result.output
+    assert f"no ssl or wss listener is enabled in {config}: nothing checks this list yet" \
+        in result.stdout

@@ -268,14 +268,17 @@ def _shipped_config_env(port: int, tls_port: int, ws_port: int = 0,
 def test_environment_overrides_the_listener_of_the_shipped_config(start_process, clients, run,
                                                                    tmp_path):
     port, ws_port = free_port(), free_port()
-    env = _shipped_config_env(port, free_port(), ws_port)
+    # Not run from a project directory: the data (and the development PKI)
+    # go to the per-user directory, here in the test's own.
+    env = {**_shipped_config_env(port, free_port(), ws_port),
+           "XDG_DATA_HOME": str(tmp_path / "xdg")}
 
     checked = run("check-config", "-c", "etc/bastionmq.conf", cwd=REPO, env=env)
     assert checked.returncode == 0, checked.stderr
     assert f"tcp:default 127.0.0.1:{port}" in checked.stdout
     assert f"ws:default 127.0.0.1:{ws_port}" in checked.stdout
 
-    # Run elsewhere than the checkout: the first start writes data/certs/ where it runs.
+    # Run elsewhere than the checkout: the first start writes the PKI in the data_dir.
     broker = start_process(REPO / "etc/bastionmq.conf", cwd=tmp_path, env=env)
     broker.wait_listening(port)
     broker.wait_listening(ws_port, "ws:default")
@@ -287,6 +290,11 @@ def test_environment_overrides_the_listener_of_the_shipped_config(start_process,
     assert "listening on 127.0.0.1:8083" not in broker.stderr
     assert refuses_connections(port)
     assert refuses_connections(ws_port)
+    data = tmp_path / "xdg" / "bastionmq"
+    assert f"data_dir {data} (per-user default: no data_dir configured, not run from a " \
+           "project directory, XDG_DATA_HOME set)" in broker.stderr
+    assert (data / "certs" / "ca.pem").is_file()
+    assert not (tmp_path / "data").exists()
 
 
 def test_start_on_a_port_in_use_fails_with_a_clear_message(run, tmp_path):
@@ -307,8 +315,13 @@ def test_first_start_makes_a_development_pki_and_a_client_certificate_is_all_a_n
         start_process, run, clients, tmp_path):
     port, tls_port, wss_port = free_port(), free_port(), free_port()
     env = _shipped_config_env(port, tls_port, wss_port=wss_port)
-    broker = start_process(REPO / "etc/bastionmq.conf", cwd=tmp_path, env=env)
+    # A project directory, as the README runs it from the checkout: data/ in it.
+    (tmp_path / "etc").mkdir()
+    shutil.copy(DEFAULT_CONFIG, tmp_path / "etc" / "bastionmq.conf")
+    broker = start_process(Path("etc/bastionmq.conf"), cwd=tmp_path, env=env)
     broker.wait_listening(port)
+    assert "data_dir data (project default: no data_dir configured and etc/bastionmq.conf " \
+           "is in the working directory)" in broker.stderr
     assert "made a development PKI" in broker.stderr
     assert "bastionmq certs client NAME" in broker.stderr
     certs = tmp_path / "data" / "certs"
@@ -322,6 +335,9 @@ def test_first_start_makes_a_development_pki_and_a_client_certificate_is_all_a_n
                            "--key", str(certs / "sensor-7.key"), *publish],
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert sent.returncode == 0, sent.stderr
+    # The hint names the host and port the listener is on, not the shipped localhost:8883.
+    assert f"mosquitto_pub -h 127.0.0.1 -p {tls_port} --cafile data/certs/ca.pem " \
+           "--cert data/certs/sensor-7.pem" in issued.stdout
     # Without a certificate the TLS listener refuses (verify_peer, fail_if_no_peer_cert).
     refused = subprocess.run([tool("mosquitto_pub"), *tls, *publish], capture_output=True,
                              text=True, timeout=TIMEOUT)
@@ -337,7 +353,7 @@ def test_first_start_makes_a_development_pki_and_a_client_certificate_is_all_a_n
     assert "no client certificate" in broker.stderr
 
     # The second start uses the PKI made by the first.
-    again = start_process(REPO / "etc/bastionmq.conf", cwd=tmp_path, env=env)
+    again = start_process(Path("etc/bastionmq.conf"), cwd=tmp_path, env=env)
     again.wait_listening(port)
     assert "made a development PKI" not in again.stderr
     assert again.stop(signal.SIGTERM) == 0
@@ -381,15 +397,20 @@ listeners.ssl.default {{
 
 
 def test_check_config_prints_the_tls_policy_of_the_shipped_config(run, tmp_path):
-    checked = run("check-config", "-c", str(REPO / "etc/bastionmq.conf"), cwd=tmp_path)
+    xdg = tmp_path / "xdg"
+    checked = run("check-config", "-c", str(REPO / "etc/bastionmq.conf"), cwd=tmp_path,
+                  env=clean_env(XDG_DATA_HOME=str(xdg)))
     assert checked.returncode == 0, checked.stderr
     lines = checked.stdout.splitlines()
     assert "ssl:default 0.0.0.0:8883" in lines
     assert "  versions: tlsv1.3, tlsv1.2" in lines
-    assert "  client certificates: required, verified against data/certs/ca.pem (depth 10)" \
+    certs = xdg / "bastionmq" / "certs"
+    assert f"  client certificates: required, verified against {certs}/ca.pem (depth 10)" \
         in lines
     assert "  revocation: not checked" in lines
-    assert not (tmp_path / "data").exists()  # checking makes nothing
+    assert f"data_dir {xdg / 'bastionmq'} (per-user default: no data_dir configured, not run " \
+           "from a project directory, XDG_DATA_HOME set)" in lines
+    assert not (tmp_path / "data").exists() and not xdg.exists()  # checking makes nothing
 
 
 def test_check_config_warns_of_tls_traps(run, tmp_path):
@@ -593,7 +614,8 @@ def test_with_no_file_it_serves_loopback_and_the_api_without_a_key(start_process
     port, ws_port, api_port = free_port(), free_port(), free_port()
     env = clean_env(BASTIONMQ_LISTENERS__TCP__DEFAULT__BIND=f"127.0.0.1:{port}",
                     BASTIONMQ_LISTENERS__WS__DEFAULT__BIND=f"127.0.0.1:{ws_port}",
-                    BASTIONMQ_HTTP_API__BIND=f"127.0.0.1:{api_port}")
+                    BASTIONMQ_HTTP_API__BIND=f"127.0.0.1:{api_port}",
+                    XDG_DATA_HOME=str(tmp_path / "xdg"))
     log = tmp_path / "stderr.log"
     with open(log, "wb") as stderr:
         process = subprocess.Popen([shutil.which("bastionmq"), "start"], cwd=tmp_path, env=env,
@@ -606,6 +628,9 @@ def test_with_no_file_it_serves_loopback_and_the_api_without_a_key(start_process
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         assert "starting with the built-in default configuration" in log.read_text()
+        # The operations listener's database (API keys, bans) in the per-user data_dir.
+        assert f"data_dir {tmp_path / 'xdg' / 'bastionmq'} (per-user default" in log.read_text()
+        assert (tmp_path / "xdg" / "bastionmq" / "auth.sqlite3").is_file()
         sent = subprocess.run([tool("mosquitto_pub"), "-h", "127.0.0.1", "-p", str(port),
                                "-t", "hello", "-m", "world", "-q", "1"],
                               capture_output=True, text=True, timeout=TIMEOUT)
@@ -616,3 +641,86 @@ def test_with_no_file_it_serves_loopback_and_the_api_without_a_key(start_process
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(TIMEOUT) == 0, log.read_text()
+
+
+# ------------------------------------------------------------------ every problem at once
+
+
+def test_check_config_and_start_report_schema_and_file_errors_together(run, tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, f"""
+listeners.tcp.default {{ bind = "127.0.0.1:{port}", bogus_key = 1 }}
+allow_anonymous = true
+mqtt.max_inflight = 0
+listeners.ssl.default {{
+  bind = "127.0.0.1:0"
+  ssl_options {{
+    certfile = "gone.pem", keyfile = "gone.key", cacertfile = "no-ca.pem"
+    verify = verify_peer, enable_crl_check = true, crlfile = ["one.crl", "two.crl"]
+  }}
+}}
+authentication = [ {{ mechanism = password_based, backend = password_file, path = "no-passwd" }} ]
+authorization.sources = [ {{ type = file, path = "no-acl.conf" }} ]
+""")
+    expected = [
+        "listeners.tcp.default.bogus_key: unknown key",
+        "mqtt.max_inflight: 0 is out of range",
+        "listeners.ssl.default.ssl_options.certfile: 'gone.pem': no such file",
+        "listeners.ssl.default.ssl_options.keyfile: 'gone.key': no such file",
+        "listeners.ssl.default.ssl_options.cacertfile: 'no-ca.pem': no such file",
+        "listeners.ssl.default.ssl_options.crlfile: 'one.crl': no such file",
+        "listeners.ssl.default.ssl_options.crlfile: 'two.crl': no such file",
+        "authentication.0: ",
+        "authorization.sources.0.path: ",
+    ]
+    for command in ("check-config", "start"):
+        result = run(command, "-c", str(config), cwd=tmp_path)
+        assert result.returncode != 0
+        lines = result.stderr.splitlines()
+        assert lines[0] == f"Error: invalid configuration ({len(expected)} problems):", \
+            result.stderr
+        for start in expected:
+            assert sum(line.startswith(start) for line in lines) == 1, (start, result.stderr)
+        assert "no-passwd" in result.stderr and "no-acl.conf" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert "listening on" not in result.stderr
+    assert refuses_connections(port)
+
+
+def test_every_missing_file_of_a_valid_config_is_listed(run, tmp_path):
+    config = write_config(tmp_path, """
+listeners.ssl.a { bind = "127.0.0.1:0", ssl_options { certfile = "a.pem", keyfile = "a.key" } }
+listeners.wss.b { bind = "127.0.0.1:0", ssl_options {
+  certfile = "b.pem", keyfile = "b.key", verify = verify_peer, cacertfile = "b-ca.pem"
+  server_names = [ { names = ["x.example"], certfile = "x.pem", keyfile = "x.key" } ] } }
+""")
+    result = run("check-config", "-c", str(config), cwd=tmp_path)
+    assert result.returncode != 0
+    missing = [line.split(": ")[0] for line in result.stderr.splitlines()
+               if line.endswith("no such file")]
+    assert missing == [
+        "listeners.ssl.a.ssl_options.certfile", "listeners.ssl.a.ssl_options.keyfile",
+        "listeners.wss.b.ssl_options.certfile", "listeners.wss.b.ssl_options.keyfile",
+        "listeners.wss.b.ssl_options.cacertfile",
+        "listeners.wss.b.ssl_options.server_names.0.certfile",
+        "listeners.wss.b.ssl_options.server_names.0.keyfile"], result.stderr
+
+
+# ------------------------------------------------------------------ config show-default
+
+
+def test_show_default_prints_the_shipped_config_and_says_where_start_looks(run, tmp_path):
+    shown = run("config", "show-default", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == DEFAULT_CONFIG.read_text(encoding="utf-8")
+    assert "bastionmq start without -c reads etc/bastionmq.conf in the working directory " \
+           "(not found here), else the built-in default" in shown.stderr
+    builtin = run("config", "show-default", "--builtin", cwd=tmp_path)
+    assert builtin.stdout == (REPO / "bastionmq" / "builtin.conf").read_text(encoding="utf-8")
+    # What it prints, saved as etc/bastionmq.conf, is what start reads from there.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "bastionmq.conf").write_text(shown.stdout, encoding="utf-8")
+    checked = run("check-config", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.startswith("etc/bastionmq.conf: configuration is valid")
+    assert "data_dir data (project default" in checked.stdout

@@ -43,6 +43,9 @@ from bastionmq.config import (
 )
 from bastionmq.ops.settings import HttpApiConfig
 
+from bastionmq.config import resolve_data_dir
+from bastionmq.data_dir import DataDir, choose
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "etc" / "bastionmq.conf"
 NO_ENV: dict[str, str] = {}
@@ -67,7 +70,8 @@ def load(text: str, env: dict[str, str] | None = None) -> Config:
 
 def test_no_file_gives_the_defaults() -> None:
     config = load_config(env=NO_ENV)
-    assert config == Config()
+    # A loaded configuration has its data directory chosen (node.data_dir).
+    assert config == resolve_data_dir(Config())
     assert config.mqtt == MqttSettings()
     assert config.allow_anonymous is False
     assert config.listeners.tcp == {}
@@ -75,8 +79,8 @@ def test_no_file_gives_the_defaults() -> None:
 
 
 def test_empty_text_gives_the_defaults() -> None:
-    assert load("") == Config()
-    assert load("# only a comment\n") == Config()
+    assert load("") == resolve_data_dir(Config())
+    assert load("# only a comment\n") == resolve_data_dir(Config())
 
 
 def test_listener_defaults() -> None:
@@ -131,6 +135,8 @@ def test_shipped_config_shows_every_key() -> None:
                 AclSourceConfig, PasswordHash, AuthnBanConfig, WsListenerConfig,
                 WebSocketOptions, WssListenerConfig, DurableSessionsConfig, HttpApiConfig):
         for field in attrs.fields(cls):
+            if field.metadata.get("internal"):  # never read from the file
+                continue
             assert re.search(rf"\b{field.name}\b", text), f"{cls.__name__}.{field.name}"
 
 
@@ -144,6 +150,8 @@ def test_reference_documents_every_key() -> None:
                 WsListenerConfig, WebSocketOptions, WssListenerConfig, DurableSessionsConfig,
                 HttpApiConfig):
         for field in attrs.fields(cls):
+            if field.metadata.get("internal"):  # never read from the file
+                continue
             # As a key in code quotes: `max_inflight`, `tcp_options.backlog`, ...
             assert re.search(rf"`[\w.<>]*\b{field.name}\b[\w.<>]*`", text), (
                 f"{cls.__name__}.{field.name}")
@@ -652,7 +660,7 @@ def test_env_malformed_variable_name() -> None:
 def test_env_ignores_other_variables() -> None:
     config = load("", env={"PATH": "/usr/bin", "bastionmq_mqtt__max_inflight": "0",
                            "OTHER_MQTT__MAX_INFLIGHT": "0"})
-    assert config == Config()
+    assert config == resolve_data_dir(Config())
 
 
 def test_env_none_reads_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -760,3 +768,91 @@ def test_max_qos_allowed_choices() -> None:
     assert load("mqtt.max_qos_allowed = 1").mqtt.max_qos_allowed == 1
     assert errors_of("mqtt.max_qos_allowed = 3") == {
         "mqtt.max_qos_allowed": "3 is not one of: 0, 1, 2"}
+
+
+# --------------------------------------------------------------------------
+# node.data_dir: chosen when not configured (bastionmq.data_dir)
+
+
+def test_a_configured_data_dir_always_wins(tmp_path, monkeypatch) -> None:
+    project = tmp_path / "project"
+    (project / "etc").mkdir(parents=True)
+    (project / "etc" / "bastionmq.conf").write_text("")
+    monkeypatch.chdir(project)
+    config = load('node.data_dir = "/srv/mqtt"')
+    assert config.node.data == DataDir("/srv/mqtt", "node.data_dir", configured=True)
+    assert config.node.auth_database == "/srv/mqtt/auth.sqlite3"
+    assert config.durable_sessions.database == "/srv/mqtt/sessions.sqlite3"
+    assert config.listeners.ssl == {}
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_the_data_dir_rule(tmp_path, euid) -> None:
+    project = tmp_path / "project"
+    (project / "etc").mkdir(parents=True)
+    (project / "etc" / "bastionmq.conf").write_text("")
+    home = {"HOME": str(tmp_path / "home")}
+    assert choose(None, cwd=str(project), env=home, euid=euid).path == "data"
+    assert "etc/bastionmq.conf is in the working directory" in \
+        choose(None, cwd=str(project), env=home, euid=euid).reason
+    elsewhere = str(tmp_path)
+    xdg = choose(None, cwd=elsewhere, env={**home, "XDG_DATA_HOME": str(tmp_path / "xdg")},
+                 euid=euid)
+    assert xdg.path == str(tmp_path / "xdg" / "bastionmq")
+    # A relative XDG_DATA_HOME is invalid (XDG specification) and ignored.
+    plain = choose(None, cwd=elsewhere, env={**home, "XDG_DATA_HOME": "rel"}, euid=euid)
+    if euid == 0:
+        assert plain == DataDir("/var/lib/bastionmq", "system default for root: no data_dir "
+                                "configured and not run from a project directory")
+    else:
+        assert plain == DataDir(str(tmp_path / "home" / ".local" / "share" / "bastionmq"),
+                                "per-user default: no data_dir configured and not run from a "
+                                "project directory")
+    assert plain.describe() == f"data_dir {plain.path} ({plain.reason})"
+
+
+def test_the_development_pki_defaults_follow_the_data_dir_but_written_paths_stay() -> None:
+    config = load("""
+node.data_dir = "/srv/mqtt"
+listeners.ssl.default { ssl_options { verify = verify_peer } }
+listeners.wss.default { ssl_options { cacertfile = "data/certs/ca.pem" } }
+http_api { ssl_options { keyfile = "k.pem" } }
+durable_sessions { data_dir = "/srv/store" }
+""")
+    ssl = config.listeners.ssl["default"].ssl_options
+    assert (ssl.cacertfile, ssl.certfile, ssl.keyfile) == (
+        "/srv/mqtt/certs/ca.pem", "/srv/mqtt/certs/server.pem", "/srv/mqtt/certs/server.key")
+    assert config.node.pki_dir == "/srv/mqtt/certs"
+    assert ssl.awaits_dev_pki(config.node.pki_dir)
+    wss = config.listeners.wss["default"].ssl_options
+    assert (wss.cacertfile, wss.certfile) == ("data/certs/ca.pem", "/srv/mqtt/certs/server.pem")
+    api = config.http_api.ssl_options
+    assert api is not None and (api.certfile, api.keyfile) == ("/srv/mqtt/certs/server.pem",
+                                                               "k.pem")
+    assert config.durable_sessions.database == "/srv/store/sessions.sqlite3"
+
+
+def test_the_choice_is_not_a_key_of_the_file() -> None:
+    assert errors_of("node.chosen = x") == {"node.chosen": "unknown key (known keys: data_dir)"}
+
+
+def test_an_invalid_file_still_gives_the_rest_for_checking_its_files() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load("""
+mqtt.max_inflight = 0
+authentication = [
+  { mechanism = password_based, backend = password_file, path = "/a" }
+  { mechanism = bogus }
+  { mechanism = password_based, backend = password_file, path = "/c" }
+]
+""")
+    error = caught.value
+    assert [where for where, _ in error.errors] == ["mqtt.max_inflight",
+                                                    "authentication.1.mechanism"]
+    partial = error.partial
+    assert partial is not None
+    assert partial.mqtt.max_inflight == MqttSettings().max_inflight
+    # The broken entry is disabled in place: its siblings keep their indexes.
+    assert [(entry.enable, entry.path) for entry in partial.authentication] == [
+        (True, "/a"), (False, "/a"), (True, "/c")]
+    assert "authentication.1" in error.unchecked

@@ -88,7 +88,10 @@ def _shell_commands() -> list[list[str]]:
 
 def test_the_certs_commands_run_in_order(tmp_path, monkeypatch):
     """``bastionmq certs`` and the PKI's Python calls, as the guide gives them,
-    one after another in an empty working directory."""
+    one after another in a project directory (etc/bastionmq.conf in it), as
+    the guide says: node.data_dir is data/ there."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "bastionmq.conf").write_text("")
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     ran = []

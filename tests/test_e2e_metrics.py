@@ -34,8 +34,10 @@ sys_topics.sys_interval = 0s
 @pytest.fixture(autouse=True)
 def _data_in_tmp(tmp_path, monkeypatch):
     """The operations listener opens the built-in database (API keys, bans)
-    in node.data_dir, "data" by default: here, the test's own directory."""
+    in node.data_dir: here, in the test's own directory (not a project
+    directory, so the per-user one, which XDG_DATA_HOME places)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-import uvloop
 
 import bastionmq
 from bastionmq import Broker, ConfigError
@@ -29,11 +28,6 @@ listeners.tcp.default { bind = "127.0.0.1:0" }
 allow_anonymous = true
 """
 
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request) -> Callable[[Any], Any]:
-    """Run a coroutine the way an application would: asyncio.run or uvloop.run."""
-    return asyncio.run if request.param == "asyncio" else uvloop.run
 
 
 def free_port() -> int:

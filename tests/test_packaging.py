@@ -156,6 +156,19 @@ def test_the_wheel_contains_every_module_and_the_type_marker(wheel):
                 f"{folder.relative_to(REPO)}/{module.name} is not in the wheel"
 
 
+def test_the_wheel_carries_the_shipped_config_as_package_data(wheel):
+    # bastionmq/bastionmq.conf is a symbolic link to etc/bastionmq.conf, the
+    # one file to edit; the wheel holds its contents (config show-default).
+    assert wheel.read("bastionmq/bastionmq.conf") == (REPO / "etc" / "bastionmq.conf").read_bytes()
+    assert "bastionmq/builtin.conf" in wheel.namelist()
+
+
+def test_the_packaged_config_is_the_shipped_file():
+    from importlib import resources
+    packaged = resources.files("bastionmq").joinpath("bastionmq.conf")
+    assert packaged.read_bytes() == (REPO / "etc" / "bastionmq.conf").read_bytes()
+
+
 def test_the_wheel_installs_the_console_script(wheel):
     [entry_points] = [name for name in wheel.namelist()
                       if name.endswith(".dist-info/entry_points.txt")]
