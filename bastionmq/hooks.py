@@ -326,7 +326,9 @@ class Observers:
             except Exception:
                 self._failed(hook)
                 continue
-            if inspect.isawaitable(result):  # a plain function that returned one
+            # A plain function that returned an awaitable. None, what an
+            # observer returns, is tested first: isawaitable costs 0.5 µs.
+            if result is not None and inspect.isawaitable(result):
                 self._queue(_awaited, (result,))
         for hook in queued:
             self._queue(hook, args)
