@@ -45,6 +45,10 @@ class NoIdentity(ValueError):
 
 def certificate_value(certificate: PeerCertificate, source: str) -> str:
     """The identity ``source`` names in ``certificate``; raises NoIdentity."""
+    if source in ("crt", "pem", "md5", "sha256") and not certificate.der:
+        # Verified by a load balancer, which passed on its common name only.
+        raise NoIdentity(f"the certificate's {source} is not known (only its common name "
+                         "was passed on)")
     if source == "cn":
         value = certificate.common_name
     elif source == "dn":
@@ -56,7 +60,7 @@ def certificate_value(certificate: PeerCertificate, source: str) -> str:
     elif source == "md5":
         return hashlib.md5(certificate.der, usedforsecurity=False).hexdigest()
     elif source == "sha256":
-        return certificate.sha256
+        value = certificate.sha256
     elif source == "spiffe_id":
         value = next((uri for uri in certificate.san_uri if uri.startswith("spiffe://")), None)
     else:

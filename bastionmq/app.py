@@ -43,6 +43,7 @@ from bastionmq.config import (
 )
 from bastionmq.listeners.base import Listener
 from bastionmq.listeners.certificates import certificate_facts
+from bastionmq.listeners.proxied import ProxySettings
 from bastionmq.listeners.tls import TlsListener
 from bastionmq.listeners.tls_context import TlsSetupError, load_material, ssl_options_path
 from bastionmq.listeners.ws import WsListener, WssListener
@@ -345,7 +346,9 @@ class Broker:
                 name, block.bind.host, block.bind.port, core,
                 max_connections=block.max_connections, backlog=block.tcp_options.backlog,
                 nodelay=block.tcp_options.nodelay,
-                high_watermark=block.tcp_options.high_watermark, **extra)
+                high_watermark=block.tcp_options.high_watermark,
+                proxy=(ProxySettings.of(block.proxy_protocol_timeout, block.proxy_protocol_trusted)
+                       if block.proxy_protocol else None), **extra)
             await listener.start()
             self.listeners[listener.id] = listener
         if ops is not None:
@@ -378,8 +381,12 @@ class Broker:
                 config.anonymous_allowed(block), authenticators,
                 block.enable_authn, stats, bans, frozenset(methods),
                 config.hide_unknown_users, first)
-            if kind in TLS_KINDS:
-                assert isinstance(block, SslListenerConfig)  # the block of an ssl or wss listener
+            websocket = getattr(block, "websocket", None)
+            if kind in TLS_KINDS or block.proxy_protocol or (
+                    websocket is not None and websocket.proxy_client_cert.enable):
+                # A load balancer's PROXY protocol header may vouch for a
+                # certificate on any listener kind, a reverse proxy's header
+                # on a ws listener.
                 rules[f"{kind}:{name}"] = IdentityRule(*config.peer_cert_identity_of(block))
         self._authenticators = authenticators_in_use
         self._login_bans = bans

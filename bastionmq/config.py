@@ -55,8 +55,8 @@ from bastionmq.auth.settings import AuthenticatorConfig, AuthnBanConfig
 from bastionmq.broker.settings import INFINITY, MqttSettings, peer_cert_source
 from bastionmq.data_dir import DataDir, choose
 from bastionmq.listeners.settings import (
-    ALL_INTERFACES, DEV_PKI_FILE_KEYS, Bind, CrlCacheConfig, PskConfig, SniCertificate, SslOptions,
-    TcpOptions, WebSocketOptions, dev_pki_files,
+    ALL_INTERFACES, ANY_ADDRESS, DEV_PKI_FILE_KEYS, Bind, CrlCacheConfig, OcspConfig, PskConfig,
+    SniCertificate, SslOptions, TcpOptions, WebSocketOptions, dev_pki_files, proxy_sources,
 )
 from bastionmq.ops.logs import LogConfig, LogFileConfig
 from bastionmq.ops.settings import HttpApiConfig
@@ -73,6 +73,7 @@ __all__ = [
     "AuthzCacheConfig",
     "CrlCacheConfig",
     "DurableSessionsConfig",
+    "OcspConfig",
     "PskConfig",
     "SniCertificate",
     "ENV_PREFIX",
@@ -148,6 +149,17 @@ class TcpListenerConfig:
     authentication: tuple[AuthenticatorConfig, ...] | None = None
     #: false: clients of this listener are not authenticated at all.
     enable_authn: bool = True
+    #: Every connection starts with a PROXY protocol header (version 1 or 2)
+    #: from a load balancer, read before anything else (TLS, WebSocket);
+    #: the client it names is the peer. A connection without one is closed.
+    proxy_protocol: bool = False
+    #: A connection whose header is not complete by then is closed.
+    proxy_protocol_timeout: float = attrs.field(default=3.0, metadata={"unit": "duration"},
+                                                validator=v.gt(0))
+    #: The balancers (addresses or networks) whose connections are read;
+    #: others are closed. Any address by default: see docs/load-balancer.md.
+    proxy_protocol_trusted: tuple[str, ...] = attrs.field(default=ANY_ADDRESS,
+                                                          validator=proxy_sources)
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -305,14 +317,18 @@ class Config:
                                      ("ws", listeners.ws), ("wss", listeners.wss))
                 for name, block in blocks.items() if block.enable]
 
-    def peer_cert_identity_of(self, listener: SslListenerConfig) -> tuple[str, str, str]:
+    def peer_cert_identity_of(self, listener: TcpListenerConfig) -> tuple[str, str, str]:
         """(username source, client id source, mode) on a TLS listener (ssl,
         wss): its
-        own settings where it has them, else the mqtt block's."""
+        own settings where it has them, else the mqtt block's. A tcp or ws
+        listener (whose clients have a certificate only through a load
+        balancer's PROXY protocol header) has the mqtt block's."""
         mqtt = self.mqtt
-        return (_inherit(listener.peer_cert_as_username, mqtt.peer_cert_as_username),
-                _inherit(listener.peer_cert_as_clientid, mqtt.peer_cert_as_clientid),
-                _inherit(listener.peer_cert_identity, mqtt.peer_cert_identity))
+        return (_inherit(getattr(listener, "peer_cert_as_username", None),
+                         mqtt.peer_cert_as_username),
+                _inherit(getattr(listener, "peer_cert_as_clientid", None),
+                         mqtt.peer_cert_as_clientid),
+                _inherit(getattr(listener, "peer_cert_identity", None), mqtt.peer_cert_identity))
 
     def authentication_of(self, listener: TcpListenerConfig) -> tuple[AuthenticatorConfig, ...] | None:
         """A listener's chain: its own, else the top-level one; None when

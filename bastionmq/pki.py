@@ -30,7 +30,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 from bastionmq.listeners.settings import DEV_PKI_DIR
 
@@ -76,6 +76,8 @@ _EKU = {
     "serverAuth": ExtendedKeyUsageOID.SERVER_AUTH,
     "emailProtection": ExtendedKeyUsageOID.EMAIL_PROTECTION,
     "codeSigning": ExtendedKeyUsageOID.CODE_SIGNING,
+    # For a delegated OCSP responder (RFC 6960 4.2.2.2).
+    "OCSPSigning": ExtendedKeyUsageOID.OCSP_SIGNING,
 }
 _EKU_NAMES = {oid: name for name, oid in _EKU.items()}
 # Most significant first, so RFC 4514 text reads CN=...,OU=...,O=...,C=...
@@ -163,10 +165,11 @@ def issue_client(directory: Path, name: str, key_type: KeyType = "ec", days: int
                  san_email: Sequence[str] = (), san_ip: Sequence[str] = (),
                  extra_subject: Mapping[str, str] | None = None,
                  output: Path | None = None, crl_url: str | None = None,
-                 replace: bool = True) -> IssuedFiles:
+                 replace: bool = True, ocsp_url: str | None = None) -> IssuedFiles:
     """A client certificate with CN=``name``, signed by the CA in ``directory``.
 
-    ``crl_url`` names a CRL distribution point in the certificate.
+    ``crl_url`` names a CRL distribution point in the certificate, ``ocsp_url``
+    an OCSP responder (authority information access).
 
     Written as ``directory/<name>.pem`` and ``.key``, or as ``<output>.pem``
     and ``<output>.key`` when ``output`` is given; only then may ``name`` hold
@@ -187,7 +190,7 @@ def issue_client(directory: Path, name: str, key_type: KeyType = "ec", days: int
         raise PkiError(f"invalid subject alternative name: {exc}") from None
     sans += [x509.IPAddress(_ip(value)) for value in san_ip]
     return _issue(ca, files, _subject(name, extra_subject), key_type, validity,
-                  extended_key_usage, sans, crl_url)
+                  extended_key_usage, sans, crl_url, ocsp_url)
 
 
 def issue_server(directory: Path, name: str, hosts: Sequence[str], key_type: KeyType = "ec",
@@ -255,7 +258,8 @@ def describe(cert_file: Path) -> str:
 
 def _issue(ca: _Authority, files: IssuedFiles, subject: x509.Name, key_type: KeyType,
            validity: tuple[datetime, datetime], extended_key_usage: Sequence[str],
-           sans: Sequence[x509.GeneralName], crl_url: str | None = None) -> IssuedFiles:
+           sans: Sequence[x509.GeneralName], crl_url: str | None = None,
+           ocsp_url: str | None = None) -> IssuedFiles:
     unknown = [name for name in extended_key_usage if name not in _EKU]
     if unknown:
         raise PkiError(f"unknown extended key usage {', '.join(unknown)}; "
@@ -287,6 +291,10 @@ def _issue(ca: _Authority, files: IssuedFiles, subject: x509.Name, key_type: Key
     if crl_url:
         point = x509.DistributionPoint([x509.UniformResourceIdentifier(crl_url)], None, None, None)
         builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
+    if ocsp_url:
+        builder = builder.add_extension(x509.AuthorityInformationAccess([
+            x509.AccessDescription(AuthorityInformationAccessOID.OCSP,
+                                   x509.UniformResourceIdentifier(ocsp_url))]), critical=False)
     cert = builder.sign(ca.key, hashes.SHA256())
     files.cert.parent.mkdir(parents=True, exist_ok=True)
     _write_key(files.key, key)

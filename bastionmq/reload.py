@@ -24,7 +24,8 @@ from bastionmq.config import Config
 RESTART_SECTIONS = ("node", "durable_sessions", "http_api", "sys_topics",
                     "psk_authentication", "crl_cache")
 #: Keys of a listener block that need a restart.
-RESTART_LISTENER_KEYS = ("enable", "bind", "tcp_options", "websocket")
+RESTART_LISTENER_KEYS = ("enable", "bind", "tcp_options", "websocket", "proxy_protocol",
+                         "proxy_protocol_timeout", "proxy_protocol_trusted")
 
 
 @attrs.define(slots=True)

@@ -68,8 +68,19 @@ def _describe(config: Config, kind: str, name: str, block: SslListenerConfig,
         policy = "soft fail" if config.crl_cache.soft_fail else "hard fail"
         lines.append(f"  revocation: CRL files {files}; distribution points fetched "
                      f"(refresh {config.crl_cache.refresh_interval:g}s, {policy})")
-    else:
+    elif not options.ocsp.enable_client_check:
         lines.append("  revocation: not checked")
+    ocsp = options.ocsp
+    if ocsp.enable_client_check:
+        responder = ocsp.responder_url or "the one each certificate names"
+        policy = "soft fail" if ocsp.soft_fail else "hard fail"
+        lines.append(f"  OCSP: client certificates checked with {responder} (answers held "
+                     f"until their nextUpdate, at most {ocsp.cache_capacity}; connected "
+                     f"clients checked again every {ocsp.refresh:g}s; {policy})")
+    if ocsp.enable_stapling:
+        lines.append(f"  OCSP stapling: the status of {options.certfile} from "
+                     f"{ocsp.responder_url or 'the responder it names'}, fetched every "
+                     f"{ocsp.refresh_interval:g}s")
     if config.psk_authentication.enable and any("PSK" in c for c in options.ciphers):
         lines.append(f"  PSK: served, identities from {config.psk_authentication.init_file}")
     if options.server_names:

@@ -26,8 +26,12 @@ RESTORED_PEER = PeerInfo(listener="restored")
 def owner_of(client: ClientInfo) -> str:
     """The identity a session made by ``client`` belongs to."""
     peer = client.peer
-    if peer.certificate is not None:
-        proof = "cert:" + peer.certificate.subject
+    certificate = peer.certificate
+    if certificate is not None:
+        subject = certificate.subject
+        # None: a load balancer verified it and passed on its common name only.
+        proof = ("cert:" + subject) if subject is not None else \
+            f"cert-cn:{certificate.common_name}"
     elif peer.psk_identity is not None:
         proof = "psk:" + peer.psk_identity
     else:
@@ -53,7 +57,11 @@ def client_record(client: ClientInfo) -> str:
         "superuser": client.superuser,
         "tls": peer.tls,
         "certificate": (base64.b64encode(peer.certificate.der).decode()
-                        if peer.certificate is not None else None),
+                        if peer.certificate is not None and peer.certificate.der else None),
+        # A certificate known by its common name only (a load balancer's).
+        "certificate_cn": (peer.certificate.common_name
+                           if peer.certificate is not None and not peer.certificate.der
+                           else None),
         "psk_identity": peer.psk_identity,
     })
 
@@ -70,6 +78,9 @@ def client_from_record(client_id: str, username: str | None, record: str | None,
     certificate = None
     if der is not None and parse is not None:
         certificate = PeerCertificate(base64.b64decode(der), parse)
+    elif facts.get("certificate_cn") is not None:
+        certificate = PeerCertificate.known(
+            CertificateFacts(subject=None, common_name=facts["certificate_cn"]))
     address = facts["address"]
     peer = PeerInfo(listener=facts["listener"], address=tuple(address) if address else None,
                     tls=facts["tls"], certificate=certificate,

@@ -18,17 +18,21 @@ if TYPE_CHECKING:
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
 class CertificateFacts:
-    """What a client certificate says, as the auth and ACL chains use it."""
+    """What a client certificate says, as the auth and ACL chains use it.
+
+    A certificate verified elsewhere (by a load balancer, which passes on
+    its common name in a PROXY protocol header) has its common name only:
+    subject, issuer, serial, sha256 and validity None, SANs empty."""
 
     #: Subject and issuer as RFC 4514 strings ("CN=sensor-7,O=Acme").
-    subject: str
+    subject: str | None
     common_name: str | None
-    issuer: str
-    serial: int
+    issuer: str | None = None
+    serial: int | None = None
     #: SHA-256 of the DER encoding, lowercase hex.
-    sha256: str
-    not_before: datetime.datetime
-    not_after: datetime.datetime
+    sha256: str | None = None
+    not_before: datetime.datetime | None = None
+    not_after: datetime.datetime | None = None
     san_dns: tuple[str, ...] = ()
     san_uri: tuple[str, ...] = ()
     san_email: tuple[str, ...] = ()
@@ -41,7 +45,12 @@ class PeerCertificate:
     """A client certificate the TLS handshake verified: its DER encoding,
     and its facts (CertificateFacts, each also a property of its own),
     parsed by ``parse`` on first use. Most connections never ask, and
-    parsing is a noticeable part of a handshake's cost in Python."""
+    parsing is a noticeable part of a handshake's cost in Python.
+
+    ``known`` makes one of a certificate verified elsewhere, from the facts
+    passed on: its ``der`` is empty (nothing identifies by its encoding)
+    unless the whole certificate was passed on too (a reverse proxy's
+    header), which then counts exactly as one the broker verified."""
 
     __slots__ = ("der", "_parse", "_facts")
 
@@ -50,6 +59,14 @@ class PeerCertificate:
         self._parse = parse
         self._facts: CertificateFacts | None = None
 
+    @classmethod
+    def known(cls, facts: CertificateFacts, der: bytes = b"") -> PeerCertificate:
+        """A certificate whose ``facts`` are already made: of one whose
+        encoding is not known (``der`` empty), or of ``der`` parsed already."""
+        certificate = cls(der, _unparsable)
+        certificate._facts = facts
+        return certificate
+
     @property
     def facts(self) -> CertificateFacts:
         if self._facts is None:
@@ -57,7 +74,7 @@ class PeerCertificate:
         return self._facts
 
     @property
-    def subject(self) -> str:
+    def subject(self) -> str | None:
         return self.facts.subject
 
     @property
@@ -65,23 +82,23 @@ class PeerCertificate:
         return self.facts.common_name
 
     @property
-    def issuer(self) -> str:
+    def issuer(self) -> str | None:
         return self.facts.issuer
 
     @property
-    def serial(self) -> int:
+    def serial(self) -> int | None:
         return self.facts.serial
 
     @property
-    def sha256(self) -> str:
+    def sha256(self) -> str | None:
         return self.facts.sha256
 
     @property
-    def not_before(self) -> datetime.datetime:
+    def not_before(self) -> datetime.datetime | None:
         return self.facts.not_before
 
     @property
-    def not_after(self) -> datetime.datetime:
+    def not_after(self) -> datetime.datetime | None:
         return self.facts.not_after
 
     @property
@@ -105,7 +122,12 @@ class PeerCertificate:
         return self.facts.extended_key_usage
 
     def __repr__(self) -> str:
-        return f"<PeerCertificate {self.facts.subject}>"
+        facts = self.facts
+        return f"<PeerCertificate {facts.subject or f'CN={facts.common_name}'}>"
+
+
+def _unparsable(der: bytes) -> CertificateFacts:
+    raise ValueError("the certificate's encoding is not known")  # known() sets the facts
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)

@@ -7,6 +7,7 @@ protocol object below only forwards the transport's callbacks.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 from bastionmq.broker.connection import Connection
 from bastionmq.broker.core import BrokerCore
 from bastionmq.broker.ports import PeerInfo
+
+from .proxied import ProxyLayer, ProxySettings, proxied_peer
+from .proxy_protocol import ProxyHeader
 
 log = logging.getLogger("bastionmq.listener")
 
@@ -25,7 +29,8 @@ class Listener:
 
     def __init__(self, name: str, host: str, port: int, core: BrokerCore, *,
                  max_connections: int | None = None, backlog: int = 1024,
-                 nodelay: bool = True, high_watermark: int = 1024 * 1024) -> None:
+                 nodelay: bool = True, high_watermark: int = 1024 * 1024,
+                 proxy: ProxySettings | None = None) -> None:
         self.name = name
         self.host = host
         self.port = port
@@ -36,6 +41,11 @@ class Listener:
         self.high_watermark = high_watermark
         self.connection_count = 0
         self.refused_over_limit = 0
+        #: With proxy_protocol: every connection starts with a ProxyLayer.
+        self.proxy = proxy
+        #: Connections closed for their PROXY protocol header (or its
+        #: absence), by reason (listeners.proxied).
+        self.proxy_refusals: collections.Counter[str] = collections.Counter()
         self._server: asyncio.base_events.Server | None = None
 
     @property
@@ -56,9 +66,12 @@ class Listener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # Chosen once here, so that a listener without the PROXY protocol
+        # makes its protocols exactly as before.
+        factory = self.protocol_factory if self.proxy is None else self._proxy_layer
         try:
             self._server = await loop.create_server(
-                self.protocol_factory, self.host or None, self.port,
+                factory, self.host or None, self.port,
                 backlog=self.backlog, reuse_address=True, **self.server_options())
         except OSError as exc:
             raise OSError(exc.errno, f"listener {self.id} cannot bind {self.host}:{self.port}: "
@@ -71,7 +84,12 @@ class Listener:
         return {}
 
     def protocol_factory(self) -> asyncio.Protocol:
+        """The protocol of an accepted connection (after its PROXY protocol
+        header, with proxy_protocol): each has ``begin(transport, header)``."""
         return ListenerProtocol(self)
+
+    def _proxy_layer(self) -> asyncio.Protocol:
+        return ProxyLayer(self)
 
     def admit(self, transport: asyncio.Transport) -> bool:
         """Count a new connection and set up its socket; False (and the
@@ -100,9 +118,12 @@ class Listener:
         lifetime (a TLS listener: its CRL fetching); connections stay."""
         self.stop_accepting()
 
-    def peer_info(self, transport: asyncio.Transport) -> PeerInfo:
+    def peer_info(self, transport: asyncio.Transport,
+                  proxy: ProxyHeader | None = None) -> PeerInfo:
+        """The peer of ``transport``; as ``proxy`` (its PROXY protocol header) says."""
         peername = transport.get_extra_info("peername")
-        return PeerInfo(listener=self.id, address=tuple(peername[:2]) if peername else None)
+        peer = PeerInfo(listener=self.id, address=tuple(peername[:2]) if peername else None)
+        return peer if proxy is None else proxied_peer(peer, proxy)
 
 
 class UpperLayer:
@@ -157,9 +178,13 @@ class ListenerProtocol(asyncio.Protocol):
         self.connection: Any = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.listener.admit(transport):
+            self.begin(transport, None)
+
+    def begin(self, transport: asyncio.Transport, proxy: ProxyHeader | None) -> None:
+        """Serve an admitted connection (``proxy``: the header it began with)."""
         listener = self.listener
-        if listener.admit(transport):
-            self.connection = Connection(listener.core, transport, listener.peer_info(transport))
+        self.connection = Connection(listener.core, transport, listener.peer_info(transport, proxy))
 
     def data_received(self, data: bytes) -> None:
         self.connection.data_received(data)

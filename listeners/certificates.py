@@ -89,7 +89,7 @@ class TlsCertificate(PeerCertificate):
         """When the certificate expires, as a Unix time. Read from the
         parsed certificate without making the facts (cryptography decodes a
         field when it is asked for: a few microseconds), nor keeping it."""
-        if self._facts is not None:
+        if self._facts is not None and self._facts.not_after is not None:
             return self._facts.not_after.timestamp()
         parsed = self._parsed or x509.load_der_x509_certificate(self.der)
         return parsed.not_valid_after_utc.timestamp()

@@ -119,35 +119,51 @@ class CrlFetchError(Exception):
 
 
 class CrlClient:
-    """Fetches CRLs from distribution points over HTTP(S), in the event loop.
+    """Fetches CRLs from distribution points over HTTP(S), in the event loop;
+    OCSP (listeners.ocsp) posts its requests through one too.
 
     A listener holds one for its lifetime: one aiohttp session, made at the
     first fetch (most listeners never fetch) and closed by ``close``. A fetch
     has ``timeout`` seconds in all (connecting, redirects, the whole body)
-    and at most ``max_size`` bytes of body."""
+    and at most ``max_size`` bytes of body. ``what`` and ``timeout_key`` name
+    the document and the setting in error messages."""
 
-    def __init__(self, *, timeout: float, max_size: int = MAX_CRL_SIZE) -> None:
+    def __init__(self, *, timeout: float, max_size: int = MAX_CRL_SIZE, what: str = "a CRL",
+                 timeout_key: str = "crl_cache.http_timeout") -> None:
         self.timeout = timeout
         self.max_size = max_size
+        self.what = what
+        self.timeout_key = timeout_key
         self._session: aiohttp.ClientSession | None = None
-        self._pending: dict[str, asyncio.Task[bytes]] = {}
+        self._pending: dict[tuple[str, bytes | None], asyncio.Task[bytes]] = {}
         self._closed = False
 
     async def get(self, url: str) -> bytes:
         """The body served at ``url``; concurrent callers share one request.
         Raises CrlFetchError (or what else the request raised)."""
-        pending = self._pending.get(url)
+        return await self._shared(url, None, "")
+
+    async def post(self, url: str, body: bytes, content_type: str) -> bytes:
+        """The body answered to ``body`` posted to ``url``; concurrent callers
+        posting the same body share one request."""
+        return await self._shared(url, body, content_type)
+
+    async def _shared(self, url: str, body: bytes | None, content_type: str) -> bytes:
+        key = (url, body)
+        pending = self._pending.get(key)
         if pending is None:
-            pending = self._pending[url] = asyncio.create_task(self._download(url))
-            pending.add_done_callback(lambda done: self._forget(url, done))
+            pending = self._pending[key] = asyncio.create_task(
+                self._download(url, body, content_type))
+            pending.add_done_callback(lambda done: self._forget(key, done))
         # A caller that goes away (its client hung up) leaves the fetch to the others.
         return await asyncio.shield(pending)
 
-    def _forget(self, url: str, done: asyncio.Task[bytes]) -> None:
-        if self._pending.get(url) is done:
-            del self._pending[url]
+    def _forget(self, key: tuple[str, bytes | None], done: asyncio.Task[bytes]) -> None:
+        if self._pending.get(key) is done:
+            del self._pending[key]
 
-    async def _download(self, url: str) -> bytes:
+    async def _download(self, url: str, body: bytes | None = None,
+                        content_type: str = "") -> bytes:
         if self._closed:
             raise CrlFetchError("the listener is stopping")
         if self._session is None:
@@ -158,24 +174,26 @@ class CrlClient:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(force_close=True),
                 timeout=aiohttp.ClientTimeout(total=self.timeout), trust_env=True)
+        request = (self._session.get(url) if body is None else
+                   self._session.post(url, data=body, headers={"Content-Type": content_type}))
         try:
-            async with self._session.get(url) as response:
+            async with request as response:
                 if response.status >= 300:  # redirects are followed
                     raise CrlFetchError(f"HTTP {response.status} {response.reason or ''}".rstrip())
                 length = response.content_length
                 if length is not None and length > self.max_size:
                     raise CrlFetchError(f"{length} bytes, more than the {self.max_size} "
-                                        "allowed for a CRL")
-                body = bytearray()
+                                        f"allowed for {self.what}")
+                received = bytearray()
                 async for chunk in response.content.iter_any():
-                    body += chunk
-                    if len(body) > self.max_size:
+                    received += chunk
+                    if len(received) > self.max_size:
                         raise CrlFetchError(f"more than the {self.max_size} bytes allowed "
-                                            "for a CRL")
-                return bytes(body)
+                                            f"for {self.what}")
+                return bytes(received)
         except TimeoutError:
             raise CrlFetchError(f"no complete answer within {self.timeout:g}s "
-                                "(crl_cache.http_timeout)") from None
+                                f"({self.timeout_key})") from None
         except aiohttp.ClientError as exc:
             raise CrlFetchError(str(exc) or type(exc).__name__) from None
 

@@ -158,6 +158,47 @@ class SniCertificate:
     password: str | None = attrs.field(default=None, repr=False)
 
 
+def _http_url(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
+        raise ValueError('must be an http:// or https:// URL (e.g. "http://ocsp.example.com")')
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class OcspConfig:
+    """A TLS listener's ``ssl_options.ocsp``: client certificates checked
+    with their CA's OCSP responder, and the server certificate's status
+    stapled to the handshake."""
+
+    #: Ask the responder about each client certificate before its first MQTT byte.
+    enable_client_check: bool = False
+    #: The responder asked; unset: the one a certificate names (its
+    #: authority information access). For stapling, the server certificate's.
+    responder_url: str | None = attrs.field(default=None, validator=_http_url)
+    #: Time allowed for one request to the responder.
+    timeout: float = attrs.field(default=15.0, metadata={"unit": "duration"},
+                                 validator=v.gt(0))
+    #: How often the certificates of connected clients are asked about again.
+    refresh: float = attrs.field(default=300.0, metadata={"unit": "duration"},
+                                 validator=v.gt(0))
+    #: Answers held (until their nextUpdate), at most.
+    cache_capacity: int = attrs.field(default=1000, validator=v.ge(1))
+    #: When the responder cannot be reached or answers "unknown": false
+    #: refuses the client (hard fail), true lets it in with a warning.
+    soft_fail: bool = False
+    #: Staple the responder's answer about the server certificate to handshakes.
+    enable_stapling: bool = False
+    #: The CA certificate (PEM) that issued the server certificate, for stapling.
+    issuer_pem: str | None = None
+    #: How often the stapled answer is fetched again.
+    refresh_interval: float = attrs.field(default=300.0, metadata={"unit": "duration"},
+                                          validator=v.gt(0))
+
+    def __attrs_post_init__(self) -> None:
+        if self.enable_stapling and not self.issuer_pem:
+            raise ValueError("enable_stapling = true needs issuer_pem (the CA certificate "
+                             "that issued certfile)")
+
+
 @attrs.define(slots=True, frozen=True, kw_only=True)
 class SslOptions:
     """A TLS listener's ``ssl_options``, with EMQX's names and defaults.
@@ -214,6 +255,8 @@ class SslOptions:
     #: checks only on SIGHUP.
     watch_interval: float = attrs.field(default=2.0, metadata={"unit": "duration"},
                                         validator=v.ge(0))
+    #: OCSP: client certificate checks and stapling.
+    ocsp: OcspConfig = attrs.field(factory=OcspConfig)
 
     def awaits_dev_pki(self, pki_dir: str = DEV_PKI_DIR) -> bool:
         """Whether these options name the files of the development PKI in
@@ -227,6 +270,8 @@ class SslOptions:
             raise ValueError("fail_if_no_peer_cert = true needs verify = verify_peer")
         if self.enable_crl_check and self.verify != "verify_peer":
             raise ValueError("enable_crl_check = true needs verify = verify_peer")
+        if self.ocsp.enable_client_check and self.verify != "verify_peer":
+            raise ValueError("ocsp.enable_client_check = true needs verify = verify_peer")
         if self.verify == "verify_peer" and not self.cacertfile:
             raise ValueError("verify = verify_peer needs a cacertfile to verify clients against")
 
@@ -249,6 +294,18 @@ def _networks(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...])
                              '(e.g. "10.0.0.5", "10.0.0.0/8", "::1")') from None
 
 
+#: The default of a listener's proxy_protocol_trusted: any address.
+ANY_ADDRESS = ("0.0.0.0/0", "::/0")
+
+
+def proxy_sources(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    """Validates proxy_protocol_trusted: addresses or networks, at least one."""
+    if not value:
+        raise ValueError('at least one address or network is needed (any address: '
+                         '["0.0.0.0/0", "::/0"], the default)')
+    _networks(instance, attribute, value)
+
+
 def _subprotocols(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
     if not value:
         raise ValueError("at least one subprotocol is needed (MQTT clients name mqtt)")
@@ -257,6 +314,44 @@ def _subprotocols(instance: Any, attribute: attrs.Attribute, value: tuple[str, .
 def _header_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if value and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
         raise ValueError("must be an HTTP header name (or empty to ignore the header)")
+
+
+def _required_header_name(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
+        raise ValueError("must be an HTTP header name")
+
+
+#: How a reverse proxy writes the client certificate into its header:
+#: xfcc, Envoy's X-Forwarded-Client-Cert (its Cert element); pem_escaped,
+#: the URL-encoded PEM of nginx's $ssl_client_escaped_cert.
+CLIENT_CERT_FORMATS = ("xfcc", "pem_escaped")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class ProxyClientCertOptions:
+    """A WebSocket listener's ``websocket.proxy_client_cert`` block: the
+    client certificate a TLS-terminating reverse proxy verified, forwarded
+    in a header of the upgrade request (listeners.forwarded_cert)."""
+
+    enable: bool = False
+    #: The header holding the certificate.
+    header: str = attrs.field(default="x-forwarded-client-cert",
+                              validator=_required_header_name)
+    format: str = attrs.field(default="xfcc", validator=v.in_(CLIENT_CERT_FORMATS))
+    #: A header holding the proxy's verification result (nginx's
+    #: $ssl_client_verify); the certificate counts only when it says
+    #: SUCCESS. Empty: not read.
+    verify_header: str = attrs.field(default="", validator=_header_name)
+    #: The proxies (addresses or networks) whose header is believed: the
+    #: address the request arrives from must be one of them. No default: a
+    #: header is trivially forged by anyone else.
+    trusted: tuple[str, ...] = attrs.field(default=(), validator=_networks)
+
+    def __attrs_post_init__(self) -> None:
+        if self.enable and not self.trusted:
+            raise ValueError("enable = true needs trusted (the addresses or networks of the "
+                             'proxies that set the header, e.g. ["10.0.0.5/32"]): anyone '
+                             "else could forge it")
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
@@ -299,6 +394,8 @@ class WebSocketOptions:
         validator=v.optional(v.ge(1)))
     #: permessage-deflate, for clients that offer it.
     compress: bool = False
+    #: The client certificate a TLS-terminating reverse proxy forwards.
+    proxy_client_cert: ProxyClientCertOptions = attrs.field(factory=ProxyClientCertOptions)
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)

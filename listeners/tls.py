@@ -32,6 +32,11 @@ from bastionmq.broker.stats import Buckets
 from .base import Listener, UpperLayer
 from .certificates import EKU_OIDS, TlsCertificate
 from .crl import REVOKED, UNKNOWN, CrlClient, distribution_points
+from .ocsp import MAX_RESPONSE_SIZE, OcspChecker
+from .openssl import disable_stapling, set_staple
+from .proxied import proxied_peer
+from .proxy_protocol import ProxyHeader
+from .stapling import Staple, fetch_staple
 from .settings import CrlCacheConfig, PskConfig, SslOptions
 from .tls_context import (
     TlsMaterial, TlsSetupError, describe_failure, expiry_warnings, load_material,
@@ -58,14 +63,25 @@ class TlsListener(Listener):
         #: The connection whose handshake step is running: the SNI and PSK
         #: callbacks fire inside it, synchronously, and report to it.
         self.handshaking: TlsProtocol | None = None
+        #: Fetches CRLs from distribution points, for every material this
+        #: listener loads (reloads included), until it stops.
+        self.crl_client = CrlClient(timeout=crl_cache.http_timeout)
+        #: Asks OCSP responders (ssl_options.ocsp), with a client of its own:
+        #: its own timeout, and a size bound fit for OCSP responses, not CRLs.
+        self.ocsp_client = CrlClient(
+            timeout=options.ocsp.timeout, max_size=MAX_RESPONSE_SIZE,
+            what="an OCSP response", timeout_key="ssl_options.ocsp.timeout")
+        #: The OCSP check of client certificates (enable_client_check).
+        self.ocsp: OcspChecker | None = None
+        if options.ocsp.enable_client_check:
+            self.ocsp = OcspChecker(options.ocsp, self.ocsp_client)
+        #: The answer stapled to handshakes (enable_stapling), once fetched.
+        self.staple: Staple | None = None
+        self._crl_client_closed: asyncio.Task | None = None
         #: Context and CRLs for new connections; a reload replaces them whole.
         self.material: TlsMaterial
         self._install(material if material is not None
                       else load_material(options, crl_cache, psk))
-        #: Fetches CRLs from distribution points, for every material this
-        #: listener loads (reloads included), until it stops.
-        self.crl_client = CrlClient(timeout=crl_cache.http_timeout)
-        self._crl_client_closed: asyncio.Task | None = None
         #: Failed handshakes by reason, and those that succeeded by TLS
         #: version and cipher suite, for operators and metrics.
         self.handshake_failures: collections.Counter[str] = collections.Counter()
@@ -86,6 +102,19 @@ class TlsListener(Listener):
                 # load_material makes every context a PskContext (listeners.psk)
                 # when it loads PSK keys.
                 cast(Any, context).set_psk_server_callback(self._on_psk, self.options.psk_hint)
+        if self.ocsp is not None:
+            self.ocsp.set_issuers(material.ocsp_issuers or ())
+        old = getattr(self, "material", None)  # unset on the first call
+        if material.staple_target is not None:
+            staple = self.staple
+            if staple is not None and staple.expires > time.time() and old is not None \
+                    and old.staple_target is not None \
+                    and old.staple_target.cert == material.staple_target.cert:
+                set_staple(material.context, staple.response)
+            else:
+                self.staple = None  # a new server certificate needs an answer of its own
+        if old is not None and old.staple_target is not None:
+            disable_stapling(old.context)
         self.material = material
 
     def _on_sni(self, sslobj: ssl.SSLObject, server_name: str | None,
@@ -120,6 +149,10 @@ class TlsListener(Listener):
             self._tasks.append(asyncio.create_task(self._watch_files()))
         if self.material.revocation is not None:
             self._tasks.append(asyncio.create_task(self._refresh_crls()))
+        if self.ocsp is not None:
+            self._tasks.append(asyncio.create_task(self._refresh_ocsp()))
+        if self.options.ocsp.enable_stapling:
+            self._tasks.append(asyncio.create_task(self._refresh_staple()))
 
     def stop_accepting(self) -> None:
         super().stop_accepting()
@@ -131,7 +164,11 @@ class TlsListener(Listener):
             # its one step cancels the fetches under way and closes the
             # session (force_close leaves no idle connection to wait for).
             self._crl_client_closed = asyncio.get_running_loop().create_task(
-                self.crl_client.close())
+                self._close_clients())
+
+    async def _close_clients(self) -> None:
+        await self.crl_client.close()
+        await self.ocsp_client.close()
 
     async def close(self) -> None:
         await super().close()  # stop_accepting, which starts closing the CRL client
@@ -191,10 +228,37 @@ class TlsListener(Listener):
                                        for url in sorted(store.urls)))
                 self.disconnect_revoked()
 
+    async def _refresh_staple(self) -> None:
+        """Fetch the stapled answer now and every refresh_interval; a failed
+        fetch keeps the answer held until it expires."""
+        interval = self.options.ocsp.refresh_interval
+        while True:
+            material = self.material
+            target = material.staple_target
+            if target is not None:
+                try:
+                    staple = await fetch_staple(self.ocsp_client, target, interval)
+                except Exception as exc:  # network, HTTP, timeout, or a bad answer
+                    log.warning("listener %s: no OCSP answer to staple from %s: %s",
+                                self.id, target.url, exc)
+                    if self.staple is not None and self.staple.expires <= time.time():
+                        self.staple = None
+                        set_staple(self.material.context, None)
+                else:
+                    if self.material is material:  # else a reload changed the certificate
+                        self.staple = staple
+                        set_staple(material.context, staple.response)
+            await asyncio.sleep(interval)
+
     # revocation --------------------------------------------------------------
 
     def connections(self) -> list[Any]:
         return [c for c in self.core.connections if c.peer.listener == self.id]
+
+    def _close_revoked(self, connection: Any, certificate: TlsCertificate, how: str) -> None:
+        log.info("listener %s: closing %r: its certificate (serial %x) is revoked (%s)",
+                 self.id, connection.client_id, certificate.serial, how)
+        connection.close(Reason.ADMINISTRATIVE_ACTION, "client certificate revoked")
 
     def disconnect_revoked(self) -> None:
         """Close every connection whose certificate the CRLs now revoke."""
@@ -205,13 +269,67 @@ class TlsListener(Listener):
             certificate = connection.peer.certificate
             if isinstance(certificate, TlsCertificate) \
                     and store.check(certificate.parsed) == REVOKED:
-                log.info("listener %s: closing %r: its certificate (serial %x) is revoked",
-                         self.id, connection.client_id, certificate.serial)
-                connection.close(Reason.ADMINISTRATIVE_ACTION, "client certificate revoked")
+                self._close_revoked(connection, certificate, "CRL")
+
+    async def _refresh_ocsp(self) -> None:
+        """Ask again about the certificate of every connected client, and
+        close the connections of those now revoked. An unanswered question
+        closes nothing: soft_fail is for letting clients in, and a client
+        already in is not thrown out for the responder's silence."""
+        checker = self.ocsp
+        assert checker is not None  # start() runs this only with a checker
+        while True:
+            await asyncio.sleep(checker.config.refresh)
+            live = [(c, c.peer.certificate) for c in self.connections()
+                    if isinstance(c.peer.certificate, TlsCertificate)]
+            # One question per certificate however many connections share it.
+            answers = {}
+            for _, certificate in live:
+                if certificate.der not in answers:
+                    answers[certificate.der] = asyncio.ensure_future(
+                        checker.status(certificate.parsed, fresh=True))
+            if answers:
+                await asyncio.gather(*answers.values())
+            for connection, certificate in live:
+                answer = answers[certificate.der].result()
+                if answer.status == REVOKED:
+                    self._close_revoked(connection, certificate, f"OCSP: {answer.detail}")
+
+    def checks_revocation(self) -> bool:
+        """Whether a verified client certificate waits for check_revocation."""
+        return self.material.revocation is not None or self.ocsp is not None
 
     async def check_revocation(self, certificate: TlsCertificate) -> str | None:
-        """None when ``certificate`` may connect, else why not. Fetches the
-        CRL of a distribution point when no current one is held."""
+        """None when ``certificate`` may connect, else why not: the CRLs
+        (enable_crl_check) first, then the OCSP responder (ssl_options.ocsp)."""
+        refusal = await self._check_crls(certificate)
+        if refusal is None and self.ocsp is not None:
+            refusal = await self._check_ocsp(certificate)
+        return refusal
+
+    async def _check_ocsp(self, certificate: TlsCertificate) -> str | None:
+        checker = self.ocsp
+        assert checker is not None  # check_revocation asks only with a checker
+        cert = certificate.parsed
+        answer = await checker.status(cert)
+        if answer.status == REVOKED:
+            log.info("listener %s: client certificate serial %x (%s) refused: OCSP: %s",
+                     self.id, cert.serial_number, cert.subject.rfc4514_string(), answer.detail)
+            return "client certificate revoked"
+        if answer.status == UNKNOWN:
+            if checker.config.soft_fail:
+                log.warning("listener %s: no OCSP answer for serial %x of %s (%s); letting "
+                            "the client in (ssl_options.ocsp.soft_fail)", self.id,
+                            cert.serial_number, cert.issuer.rfc4514_string(), answer.detail)
+                return None
+            log.info("listener %s: no OCSP answer for serial %x of %s: %s", self.id,
+                     cert.serial_number, cert.issuer.rfc4514_string(), answer.detail)
+            return "no OCSP answer for the client certificate"
+        return None
+
+    async def _check_crls(self, certificate: TlsCertificate) -> str | None:
+        """None when the CRLs let ``certificate`` connect, else why not.
+        Fetches the CRL of a distribution point when no current one is held."""
         store = self.material.revocation
         if store is None:
             return None  # a reload turned the CRL check off since the handshake asked for it
@@ -252,9 +370,10 @@ class TlsListener(Listener):
             # resumed TLS session would let a certificate in after it expired.
             # (A full handshake is not made to parse the certificate for it.)
             now = now_utc()
-            if now > certificate.not_after:
+            not_before, not_after = certificate.not_before, certificate.not_after
+            if not_after is not None and now > not_after:
                 return "client certificate expired"
-            if now < certificate.not_before:
+            if not_before is not None and now < not_before:
                 return "client certificate not yet valid"
         if wanted and certificate is not None:
             oid = EKU_OIDS.get(wanted, wanted)
@@ -267,7 +386,7 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
     """TLS over the socket transport; to the core's Connection it is the transport."""
 
     __slots__ = ("listener", "transport", "connection", "_in", "_out", "_ssl", "_timer",
-                 "_closing", "_expiry", "_verified", "sni", "psk_identity")
+                 "_closing", "_expiry", "_verified", "sni", "psk_identity", "proxy")
 
     def __init__(self, listener: TlsListener) -> None:
         self.listener = listener
@@ -282,14 +401,20 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
         #: What the client asked for by SNI and the PSK identity it proved.
         self.sni: str | None = None
         self.psk_identity: str | None = None
+        #: The PROXY protocol header the connection began with (proxy_protocol).
+        self.proxy: ProxyHeader | None = None
 
     # from the socket -------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.listener.admit(transport):
+            self.begin(transport, None)
+
+    def begin(self, transport: asyncio.Transport, proxy: ProxyHeader | None) -> None:
+        """Serve an admitted connection (``proxy``: the header it began with)."""
         listener = self.listener
-        if not listener.admit(transport):
-            return
         self.transport = transport
+        self.proxy = proxy
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._ssl = listener.new_tls(self._in, self._out)
@@ -349,9 +474,9 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
         if refusal is not None:
             self._fail(refusal)
             return False
-        if peer.certificate is not None and listener.material.revocation is not None:
+        if peer.certificate is not None and listener.checks_revocation():
             # Decide on revocation before any MQTT byte is read; a CRL fetch
-            # makes this connection wait, never the loop.
+            # or an OCSP request makes this connection wait, never the loop.
             self.transport.pause_reading()
             listener.core.spawn(self._check_revocation(peer))
             return False
@@ -386,6 +511,10 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
 
     def _attach(self, peer: PeerInfo) -> None:
         listener = self.listener
+        if self.proxy is not None:
+            # After the checks of the handshake's own certificate above: the
+            # header's TLS facts, when it has them, are the client's.
+            peer = proxied_peer(peer, self.proxy)
         listener.handshakes[(peer.tls_version, peer.cipher)] += 1
         if log.isEnabledFor(logging.DEBUG):
             cert = peer.certificate
@@ -413,7 +542,7 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
             connection.close(Reason.ADMINISTRATIVE_ACTION, "client certificate expired")
         elif self.connection is not None:  # a layer above (WebSocket) still upgrading
             log.info("listener %s: closing the connection of %s: its certificate expired",
-                     self.listener.id, self.transport.get_extra_info("peername"))
+                     self.listener.id, self.peername())
             self.close()
 
     def _read(self) -> None:
@@ -429,7 +558,7 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
                 break
             except ssl.SSLError as exc:
                 log.info("listener %s: TLS error from %s: %s", self.listener.id,
-                         self.transport.get_extra_info("peername"), describe_failure(exc))
+                         self.peername(), describe_failure(exc))
                 self._closing = True
                 break
             if not chunk:
@@ -441,13 +570,21 @@ class TlsProtocol(UpperLayer, asyncio.Protocol):
         if self._closing and self.transport is not None:
             self.transport.close()
 
+    def peername(self) -> Any:
+        """The client's address: the socket's peer, or the one its PROXY
+        protocol header names."""
+        proxy = self.proxy
+        if proxy is not None and proxy.source is not None:
+            return proxy.source
+        return self.transport.get_extra_info("peername")
+
     def _send_records(self) -> None:
         if self._out.pending and self.transport is not None:
             self.transport.write(self._out.read())
 
     def _fail(self, reason: str) -> None:
         self._closing = True
-        self.listener.handshake_failed(self.transport.get_extra_info("peername"), reason)
+        self.listener.handshake_failed(self.peername(), reason)
         self.transport.close()
 
     def _handshake_timed_out(self) -> None:

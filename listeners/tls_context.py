@@ -22,9 +22,11 @@ from bastionmq.broker.settings import SettingError
 
 from .crl import CrlError, CrlStore, load_ca_certificates, load_crl_files
 from .openssl import (
-    OpenSSLUnavailable, disable_session_cache, set_tls13_ciphersuites, set_verify_depth,
+    OpenSSLUnavailable, disable_session_cache, enable_stapling, set_tls13_ciphersuites,
+    set_verify_depth,
 )
 from .settings import CrlCacheConfig, PskConfig, SslOptions
+from .stapling import StapleTarget, staple_target
 
 _VERSIONS = {
     "tlsv1": ssl.TLSVersion.TLSv1,
@@ -325,6 +327,11 @@ class TlsMaterial:
     #: (role: server or ca, subject, expiry as a Unix time) of each
     #: certificate it presents or trusts, for the operator's alerts.
     certificates: tuple[tuple[str, str, float], ...] = ()
+    #: The CAs whose client certificates are asked about by OCSP
+    #: (ssl_options.ocsp.enable_client_check), else None.
+    ocsp_issuers: tuple[x509.Certificate, ...] | None = None
+    #: What the context staples for (ssl_options.ocsp.enable_stapling), else None.
+    staple_target: StapleTarget | None = None
 
 
 def load_material(options: SslOptions, crl_cache: CrlCacheConfig,
@@ -365,9 +372,26 @@ def load_material(options: SslOptions, crl_cache: CrlCacheConfig,
             load_crl_files(revocation, options.crlfile)
         except (CrlError, OSError) as exc:
             raise TlsSetupError("crlfile", str(exc)) from None
+    ocsp_issuers = None
+    if options.ocsp.enable_client_check:
+        try:
+            ocsp_issuers = tuple(load_ca_certificates(options.cacertfile))
+        except (OSError, ValueError) as exc:
+            raise TlsSetupError("cacertfile", f"{options.cacertfile!r}: {exc}") from None
+    target = None
+    if options.ocsp.enable_stapling:
+        try:
+            target = staple_target(options)
+        except ValueError as exc:
+            raise TlsSetupError(*exc.args) from None
+        try:
+            enable_stapling(context)
+        except OpenSSLUnavailable as exc:
+            raise TlsSetupError("ocsp.enable_stapling", str(exc)) from None
+        paths["ocsp.issuer_pem"] = options.ocsp.issuer_pem or ""
     watched = (*paths.values(), *(options.crlfile if options.enable_crl_check else ()))
     return TlsMaterial(context, revocation, mtimes(dict.fromkeys(watched, 0.0)), sni, psk_keys,
-                       _expiries(options))
+                       _expiries(options), ocsp_issuers, target)
 
 
 def _expiries(options: SslOptions) -> tuple[tuple[str, str, float], ...]:

@@ -33,6 +33,7 @@ import ipaddress
 import logging
 import re
 import struct
+import time
 import zlib
 from typing import Any
 
@@ -53,6 +54,8 @@ from bastionmq.broker.logtext import endpoint
 from bastionmq.broker.ports import PeerInfo
 
 from .base import Listener, UpperLayer
+from .forwarded_cert import ForwardedCertError, ForwardedCertSettings
+from .proxy_protocol import ProxyHeader
 from .settings import WebSocketOptions
 from .tls import TlsListener, TlsProtocol
 
@@ -113,6 +116,8 @@ class WebSocketSettings:
     #: Most bytes one frame may inflate to under permessage-deflate.
     inflate_limit: int
     one_packet_per_frame: bool
+    #: The proxy_client_cert block, or None when not enabled.
+    client_cert: ForwardedCertSettings | None = None
 
     @classmethod
     def from_options(cls, options: WebSocketOptions, max_packet_size: int) -> WebSocketSettings:
@@ -130,7 +135,8 @@ class WebSocketSettings:
             max_frame_size=options.max_frame_size,
             compress=options.compress,
             inflate_limit=options.max_frame_size or max_packet_size,
-            one_packet_per_frame=options.mqtt_piggyback == "single")
+            one_packet_per_frame=options.mqtt_piggyback == "single",
+            client_cert=ForwardedCertSettings.of(options.proxy_client_cert))
 
     def trusts(self, host: str) -> bool:
         """Whether ``host`` is one of the trusted proxies."""
@@ -403,6 +409,11 @@ class WebSocketLayer(UpperLayer):
         assert peer is not None  # set by start()
         if peer.address is not None and settings.trusts(peer.address[0]):
             peer = _forwarded(peer, headers, settings)
+        if settings.client_cert is not None:
+            try:
+                peer = self._with_forwarded_certificate(peer, headers, settings.client_cert)
+            except ForwardedCertError as exc:
+                return self._refuse(exc.status, str(exc))
         handshake, self._handshake = self._handshake, None
         assert handshake is not None  # made by start(), dropped here
         deflate = BoundedDeflate(settings.inflate_limit) if settings.compress else None
@@ -420,6 +431,32 @@ class WebSocketLayer(UpperLayer):
         # A client sends nothing more before reading the 101 (RFC 6455 4.1),
         # so no frame waits behind the request.
         self.connection = Connection(self.listener.core, self, peer)
+
+    def _with_forwarded_certificate(self, peer: PeerInfo, headers: list[tuple[bytes, bytes]],
+                                    options: ForwardedCertSettings) -> PeerInfo:
+        """``peer`` with the client certificate a trusted reverse proxy
+        forwards (websocket.proxy_client_cert). Trust is the immediate
+        peer's, the socket's other end, which sent these very bytes: not an
+        address a header or a PROXY protocol header names."""
+        if not options.trusts(self.transport.get_extra_info("peername")):
+            if _header(headers, options.header) is not None:
+                self.listener.forwarded_certificate_ignored(
+                    self.transport.get_extra_info("peername"), options.header)
+            return peer  # a native wss client certificate stays what it is
+        # From a trusted proxy the certificate is the forwarded one or none:
+        # the proxy's own (its TLS client certificate to a wss listener) is
+        # never a client's identity.
+        certificate = options.certificate(headers)
+        if certificate is None:
+            return attrs.evolve(peer, certificate=None) if peer.certificate is not None else peer
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("listener %s: %s forwards the client certificate of %s", peer.listener,
+                      endpoint(self.transport.get_extra_info("peername")), certificate.subject)
+        # The client presented it over TLS, to the proxy; that connection's
+        # version and cipher are not passed on, and the broker's own TLS (on
+        # wss) is the proxy's.
+        return attrs.evolve(peer, certificate=certificate, tls=True, tls_version=None,
+                            cipher=None, psk_identity=None)
 
     def _refuse(self, status: int, why: str, headers: Any = ()) -> None:
         """Answer the upgrade request with an HTTP error and close."""
@@ -597,14 +634,21 @@ class WsProtocol(WebSocketLayer, asyncio.Protocol):
     __slots__ = ()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        listener = self.listener
-        if listener.admit(transport):
-            self.start(transport, listener.peer_info(transport))
+        if self.listener.admit(transport):
+            self.begin(transport, None)
+
+    def begin(self, transport: asyncio.Transport, proxy: ProxyHeader | None) -> None:
+        """Serve an admitted connection (``proxy``: the header it began with)."""
+        self.start(transport, self.listener.peer_info(transport, proxy))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
             self.listener.connection_count -= 1
         super().connection_lost(exc)
+
+
+#: Seconds between two log lines about ignored certificate headers.
+IGNORED_LOG_INTERVAL = 60.0
 
 
 class WebSocketServing:
@@ -614,6 +658,8 @@ class WebSocketServing:
     id: str
     websocket: WebSocketSettings
     refused_upgrades: collections.Counter[int | None]
+    forwarded_certificates_ignored: int
+    _ignored_logged_at: float | None
 
     def serve_websocket(self, options: WebSocketOptions) -> None:
         self.websocket = WebSocketSettings.from_options(options,
@@ -621,6 +667,26 @@ class WebSocketServing:
         #: Refused upgrades by HTTP status (None: no upgrade request in time),
         #: for operators and metrics.
         self.refused_upgrades = collections.Counter()
+        #: Upgrade requests carrying proxy_client_cert's header from an
+        #: address not in its trusted list (the header was not read).
+        self.forwarded_certificates_ignored = 0
+        self._ignored_logged_at = None
+
+    def forwarded_certificate_ignored(self, peername: Any, header: bytes) -> None:
+        """Count an untrusted request's certificate header, and log it at
+        most once per IGNORED_LOG_INTERVAL: anyone can send such requests,
+        and as many as they like."""
+        self.forwarded_certificates_ignored += 1
+        now = time.monotonic()
+        if self._ignored_logged_at is not None \
+                and now - self._ignored_logged_at < IGNORED_LOG_INTERVAL:
+            return
+        self._ignored_logged_at = now
+        log.warning("listener %s: ignoring the %s header of %s, which is not a trusted proxy "
+                    "(proxy_client_cert.trusted); %d ignored so far, logged at most once "
+                    "every %gs", self.id, header.decode("ascii"),
+                    endpoint(peername), self.forwarded_certificates_ignored,
+                    IGNORED_LOG_INTERVAL)
 
     def upgrade_refused(self, peer: PeerInfo | None, status: int | None, why: str) -> None:
         self.refused_upgrades[status] += 1

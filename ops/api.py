@@ -275,9 +275,12 @@ class ManagementApi:
             view["cert"] = {
                 "subject": certificate.subject, "common_name": certificate.common_name,
                 "issuer": certificate.issuer if detail else None,
-                "serial": format(certificate.serial, "x") if detail else None,
+                "serial": (format(certificate.serial, "x")
+                           if detail and certificate.serial is not None else None),
                 "sha256": certificate.sha256 if detail else None,
-                "not_after": certificate.not_after.isoformat(),
+                # None for a certificate a load balancer verified (CN only).
+                "not_after": (certificate.not_after.isoformat()
+                              if certificate.not_after is not None else None),
             }
             if not detail:
                 view["cert"] = {k: v for k, v in view["cert"].items() if v is not None}
@@ -307,7 +310,7 @@ class ManagementApi:
             if username is not None and (client is None or client.username != username):
                 continue
             if subject is not None and (peer is None or peer.certificate is None
-                                        or subject not in peer.certificate.subject):
+                                        or subject not in (peer.certificate.subject or "")):
                 continue
             found.append(session)
         return _page(request, found, self._client_view)
@@ -622,6 +625,7 @@ def _listener_view(listener: Any) -> dict[str, Any]:
         "id": listener.id, "type": listener.kind, "bind": f"{host}:{port}",
         "running": listener.accepting, "current_connections": listener.connection_count,
         "max_connections": listener.max_connections,
+        "proxy_protocol": getattr(listener, "proxy", None) is not None,
     }
     options = getattr(listener, "options", None)
     material = getattr(listener, "material", None)

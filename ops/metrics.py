@@ -184,6 +184,14 @@ class BrokerCollector(Collector):
         refused = CounterMetricFamily("bastionmq_connections_refused_over_limit",
                                       "Connections refused over max_connections, by listener.",
                                       labels=["listener"])
+        proxy_refused = CounterMetricFamily(
+            "bastionmq_proxy_protocol_refused", "Connections closed for their PROXY protocol "
+            "header, by listener and reason (untrusted, malformed, timeout).",
+            labels=["listener", "reason"])
+        ignored_certs = CounterMetricFamily(
+            "bastionmq_ws_forwarded_cert_ignored", "WebSocket upgrade requests whose "
+            "proxy_client_cert header was ignored: not from a trusted proxy, by listener.",
+            labels=["listener"])
         handshakes = CounterMetricFamily(
             "bastionmq_tls_handshakes", "TLS handshakes, by listener, result and reason "
             "(empty for those that succeeded).", labels=["listener", "result", "reason"])
@@ -202,6 +210,13 @@ class BrokerCollector(Collector):
         for listener_id, listener in sorted(listeners.items()):
             current.add_metric([listener_id], listener.connection_count)
             refused.add_metric([listener_id], listener.refused_over_limit)
+            if getattr(listener, "proxy", None) is not None:
+                for reason in ("untrusted", "malformed", "timeout"):
+                    proxy_refused.add_metric([listener_id, reason],
+                                             listener.proxy_refusals[reason])
+            websocket = getattr(listener, "websocket", None)
+            if websocket is not None and websocket.client_cert is not None:
+                ignored_certs.add_metric([listener_id], listener.forwarded_certificates_ignored)
             material = getattr(listener, "material", None)
             if material is None:
                 continue  # not a TLS listener
@@ -221,6 +236,8 @@ class BrokerCollector(Collector):
                     expiry.add_metric([listener_id, "crl", issuer], when)
         yield current
         yield refused
+        yield proxy_refused
+        yield ignored_certs
         yield handshakes
         yield negotiated
         yield client_expiry

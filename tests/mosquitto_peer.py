@@ -22,7 +22,7 @@ TIMEOUT = 10.0
 PACKAGES = {"mosquitto": "mosquitto", "mosquitto_passwd": "mosquitto",
             "mosquitto_pub": "mosquitto-clients", "mosquitto_sub": "mosquitto-clients",
             "openssl": "openssl", "chromium": "chromium", "certutil": "libnss3-tools",
-            "npm": "npm", "promtool": "prometheus"}
+            "npm": "npm", "promtool": "prometheus", "haproxy": "haproxy", "nginx": "nginx"}
 
 
 def missing(what: str) -> None:
@@ -43,13 +43,48 @@ def tool(name: str) -> str:
     return path
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
+    """Wait until ``process`` (its output in ``log``) listens on ``port``."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"exited with {process.returncode}: "
+                        f"{log.read_text() if log.exists() else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    pytest.fail(f"nothing listens on {port}: {log.read_text() if log.exists() else ''}")
+
+
+def nginx_config(prefix: Path, body: str, modules: tuple[Path, ...] = ()) -> str:
+    """An nginx.conf running in the foreground, one worker, its pid and log
+    in ``prefix``, with ``body`` (stream or http blocks) and ``modules``."""
+    loads = "".join(f"load_module {module};\n" for module in modules)
+    # root: nginx would otherwise switch to a user that cannot read tmp_path.
+    user = "user root;" if os.geteuid() == 0 else ""
+    return f"""{loads}{user}
+daemon off;
+worker_processes 1;
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} info;
+events {{ worker_connections 64; }}
+{body}
+"""
+
+
 @contextlib.contextmanager
 def running_mosquitto(directory: Path, settings: str) -> Iterator[int]:
     """A mosquitto with ``settings`` (mosquitto.conf lines) listening on a free
     loopback port, which is yielded; stopped afterwards."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = directory / "mosquitto.conf"
     # user: mosquitto started as root would otherwise switch to the mosquitto
     # user, which cannot read the test's private temporary directory.
@@ -60,15 +95,7 @@ def running_mosquitto(directory: Path, settings: str) -> Iterator[int]:
         process = subprocess.Popen([tool("mosquitto"), "-c", str(config)],
                                    stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"mosquitto did not start:\n{log.read_text()}")
-                time.sleep(0.01)
+        wait_for_port(port, process, log)
         yield port
     finally:
         process.terminate()

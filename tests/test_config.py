@@ -22,6 +22,7 @@ from bastionmq.config import (
     Config,
     ConfigError,
     CrlCacheConfig,
+    OcspConfig,
     DurableSessionsConfig,
     ListenersConfig,
     LogConfig,
@@ -130,7 +131,8 @@ def test_shipped_config_shows_every_key() -> None:
     text = SHIPPED.read_text()
     for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, LogFileConfig,
                 SysTopicsConfig, Config,
-                SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig, SniCertificate,
+                SslListenerConfig, SslOptions, CrlCacheConfig, OcspConfig, PskConfig,
+                SniCertificate,
                 NodeConfig, AuthenticatorConfig, AuthorizationConfig, AuthzCacheConfig,
                 AclSourceConfig, PasswordHash, AuthnBanConfig, WsListenerConfig,
                 WebSocketOptions, WssListenerConfig, DurableSessionsConfig, HttpApiConfig):
@@ -144,7 +146,8 @@ def test_reference_documents_every_key() -> None:
     text = (ROOT / "docs" / "config.md").read_text()
     for cls in (MqttSettings, TcpListenerConfig, TcpOptions, LogConfig, LogFileConfig,
                 SysTopicsConfig, Config,
-                ListenersConfig, SslListenerConfig, SslOptions, CrlCacheConfig, PskConfig,
+                ListenersConfig, SslListenerConfig, SslOptions, CrlCacheConfig, OcspConfig,
+                PskConfig,
                 SniCertificate, NodeConfig, AuthenticatorConfig, AuthorizationConfig,
                 AuthzCacheConfig, AclSourceConfig, PasswordHash, AuthnBanConfig,
                 WsListenerConfig, WebSocketOptions, WssListenerConfig, DurableSessionsConfig,

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from bastionmq.broker.settings import PEER_CERT_SOURCES
 from bastionmq.cli import main
 from bastionmq.config import (
-    Config, CrlCacheConfig, PskConfig, SniCertificate, SslListenerConfig, SslOptions, load_config,
+    Config, CrlCacheConfig, OcspConfig, PskConfig, SniCertificate, SslListenerConfig, SslOptions,
+    load_config,
 )
 
 GUIDE_PATH = Path(__file__).resolve().parent.parent / "docs" / "tls.md"
@@ -59,7 +60,8 @@ def _mentioned(name: str) -> bool:
     return any(re.search(rf"\b{re.escape(name)}\s*[=:{{]", text) for _, text in HOCON)
 
 
-@pytest.mark.parametrize("cls", [SslOptions, SniCertificate, CrlCacheConfig, PskConfig])
+@pytest.mark.parametrize("cls", [SslOptions, SniCertificate, CrlCacheConfig, PskConfig,
+                                 OcspConfig])
 def test_every_field_is_in_the_guide(cls):
     missing = [field.name for field in attrs.fields(cls) if not _mentioned(field.name)]
     assert not missing, f"docs/tls.md does not mention {cls.__name__} fields {missing}"
