@@ -6,6 +6,7 @@ broker fed headers by hand over real sockets, and Debian's HAProxy (version
 from __future__ import annotations
 
 import ipaddress
+import random
 import queue
 import socket
 import subprocess
@@ -354,6 +355,27 @@ def test_no_valid_header_closes_only_that_connection(start_broker, payload, reas
     assert broker.run(lambda: broker.broker.listeners["tcp:default"].connection_count) == 1
     good.close()
     bad.close()
+
+
+def test_random_headers_close_only_their_connections(start_broker) -> None:
+    """Fuzz-style, over real sockets: 200 connections each send a random
+    header (random bytes after a v1 or v2 signature, or none, cut anywhere,
+    then the socket is shut); a client connected before keeps being served."""
+    broker = start_broker(config=_listener(extra="proxy_protocol_timeout = 300ms"))
+    port = broker.port_of("tcp:default")
+    good = _raw(broker, "tcp:default", v1_header(("192.0.2.7", 1), ("127.0.0.1", 1)), "good")
+    chance = random.Random(19)
+    for _ in range(200):
+        start = chance.choice((b"PROXY ", SIGNATURE_V2, b""))
+        junk = start + chance.randbytes(chance.randrange(0, 300))
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            assert _closed(sock)
+        good.send(Subscribe(1, [Subscription("t", 0)]))
+        assert isinstance(good.receive(), Suback)
+    assert broker.run(lambda: broker.broker.listeners["tcp:default"].connection_count) == 1
+    good.close()
 
 
 def test_a_header_not_complete_in_time_is_closed(start_broker) -> None:
