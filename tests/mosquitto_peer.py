@@ -64,6 +64,16 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"nothing listens on {port}: {log.read_text() if log.exists() else ''}")
 
 
+def stop(process: subprocess.Popen) -> None:
+    """Stop a peer process: asked first, killed if it does not go in time."""
+    process.terminate()
+    try:
+        process.wait(TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def nginx_config(prefix: Path, body: str, modules: tuple[Path, ...] = ()) -> str:
     """An nginx.conf running in the foreground, one worker, its pid and log
     in ``prefix``, with ``body`` (stream or http blocks) and ``modules``."""
@@ -98,5 +108,4 @@ def running_mosquitto(directory: Path, settings: str) -> Iterator[int]:
         wait_for_port(port, process, log)
         yield port
     finally:
-        process.terminate()
-        process.wait(TIMEOUT)
+        stop(process)

@@ -19,6 +19,7 @@ from cryptography import x509
 from bastionmq.listeners.ocsp import build_request
 from bastionmq.pki import init_pki, issue_client
 from bastionmq.config import ConfigError, load_config
+from mosquitto_peer import stop
 from startup import startup_error
 from test_e2e_tls_revocation import MqttOverTls, _failures, _refused, _wait
 from tls_helpers import ssl_listener
@@ -136,8 +137,7 @@ class Responder:
 
     def close(self) -> None:
         self.down()
-        self.process.terminate()
-        self.process.wait(TIMEOUT)
+        stop(self.process)
         self.process.stdout.close()
 
 

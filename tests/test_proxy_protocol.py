@@ -27,7 +27,7 @@ from bastionmq.listeners.proxy_protocol import (
 )
 from bastionmq.testkit import Pki, new_pki
 from conftest import TIMEOUT, RawClient
-from mosquitto_peer import free_port, missing, nginx_config, tool, wait_for_port
+from mosquitto_peer import free_port, missing, nginx_config, stop, tool, wait_for_port
 
 MQTT_CONNECT = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00"
 
@@ -458,12 +458,7 @@ def _run(command: list[str], log: Path, ports: tuple[int, ...]) -> Iterator[None
             wait_for_port(port, process, log)
         yield
     finally:
-        process.terminate()
-        try:
-            process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from bastionmq.listeners.forwarded_cert import (
 from bastionmq.listeners.settings import ProxyClientCertOptions
 from bastionmq.testkit import Pki, new_pki
 from conftest import TIMEOUT
-from mosquitto_peer import free_port, nginx_config, tool, wait_for_port
+from mosquitto_peer import free_port, nginx_config, stop, tool, wait_for_port
 from test_e2e_ws import WsClient
 
 
@@ -336,12 +336,7 @@ http {{
 
     yield start
     for process in processes:
-        process.terminate()
-        try:
-            process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 class WssClient:
