@@ -2,13 +2,17 @@
 
 Sources are asked in order; the first that says allow or deny decides. When
 none has a rule for the case, ``no_match`` decides. Superusers are never
-asked about (broker.access lets them through before the chain).
+asked about (broker.access lets them through before the chain). A source
+may answer with an awaitable (an async authorize hook): the chain's
+decision is then an awaitable too, and the sources after it are asked once
+it has answered "ignore".
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 from bastionmq.broker.ports import ALLOW_ACCESS, AccessRequest, AclSource
 from bastionmq.broker.settings import SettingError
@@ -49,14 +53,35 @@ class AuthorizationChain:
         self.cache_ttl = cache_ttl
 
     def authorize(self, request: AccessRequest) -> bool:
-        return self.decide(request)[0]
+        """Whether ``request`` is allowed now: a source that would answer
+        later denies here (broker.access, which can wait, uses ``decide``)."""
+        decision = self.decide(request)
+        if isinstance(decision, tuple):
+            return decision[0]
+        if inspect.iscoroutine(decision):
+            decision.close()  # never awaited: no warning about it
+        return False
 
-    def decide(self, request: AccessRequest) -> tuple[bool, str]:
+    def decide(self, request: AccessRequest, first: int = 0
+               ) -> tuple[bool, str] | Awaitable[tuple[bool, str]]:
         """Whether ``request`` is allowed, and what decided: the type of the
         source whose rule matched (``file``, ``mosquitto_acl``,
-        ``built_in_database``), or ``no_match``."""
-        for description, source in self.sources:
+        ``built_in_database``, ``hook``), or ``no_match``; an awaitable of
+        that when a source answers later."""
+        sources = self.sources
+        for index in range(first, len(sources)):
+            description, source = sources[index]
             decision = source.check(request)
             if decision is not None:
+                if type(decision) is not str and inspect.isawaitable(decision):
+                    return self._decide_later(request, index, decision)
                 return decision == ALLOW_ACCESS, description.partition(" ")[0]
         return self.no_match_allows, "no_match"
+
+    async def _decide_later(self, request: AccessRequest, index: int,
+                            answer: Awaitable[str | None]) -> tuple[bool, str]:
+        decision = await answer
+        if decision is None:
+            later = self.decide(request, index + 1)
+            return await later if not isinstance(later, tuple) else later
+        return decision == ALLOW_ACCESS, self.sources[index][0].partition(" ")[0]

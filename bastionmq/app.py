@@ -616,7 +616,8 @@ class Broker:
         subscribers are superusers; with ``trusted=False`` the authorization
         chain decides for ``username`` on listener "local", as for a
         client. Raises ValueError for a filter a client could not use and
-        PermissionError when authorization denies it."""
+        PermissionError when authorization denies it (an async authorize
+        hook's denial: from the first ``get`` or the iteration)."""
         core = self.core
         if core is None:
             raise RuntimeError("the broker is not started")
@@ -645,9 +646,10 @@ class Broker:
 
     def authorize(self, hook: HookT) -> HookT:
         """Decorator: ``hook(client, action, topic) -> "allow" | "deny" |
-        "ignore"``, a plain function, asked before the configured
+        "ignore"``, plain or async, asked before the configured
         authorization sources; ``action`` is "publish" or "subscribe" (also
-        asked for reading a topic a subscription matches)."""
+        asked for reading a topic a subscription matches). What an async
+        hook decides waits for its answer (docs/embedding.md)."""
         check_authorize_hook(hook)
         self.hooks.authorize.append(hook)
         self._chains_changed()

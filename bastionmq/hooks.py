@@ -6,7 +6,9 @@ acl/chain.py) as their first members: each answers ``"allow"``, ``"deny"``
 or ``"ignore"`` (also None; True and False for allow and deny), and on
 ignore the next member decides, then the chain's own fallback
 (``allow_anonymous``, ``authorization.no_match``), as in EMQX's chains. A hook
-that raises denies (fail closed) and the exception is logged.
+that raises denies (fail closed) and the exception is logged. Either may be
+async: what depends on its answer waits for it (for authorization,
+broker/access.py says what waits).
 
 Observers (``on_message``, ``on_connect``, ``on_disconnect``) are told and
 cannot hold anything up: a plain function runs inline (keep it short), an
@@ -42,6 +44,9 @@ IGNORE_ANSWER = "ignore"
 
 #: An async observer's calls waiting for its task, at most, by default.
 DEFAULT_QUEUE_SIZE = 10_000
+
+#: Seconds an async authorize hook may take to answer; then it denies.
+AUTHORIZE_TIMEOUT = 10.0
 
 #: Seconds between two log lines about one hook's exceptions, at the least.
 ERROR_LOG_INTERVAL = 10.0
@@ -95,15 +100,8 @@ class Hooks:
 
 
 def check_authorize_hook(hook: Hook) -> None:
-    """Refuse an async authorize hook, saying why."""
     if not callable(hook):
         raise TypeError(f"an authorize hook must be callable, not {hook!r}")
-    if is_async(hook):
-        raise TypeError(
-            f"authorize hook {_name(hook)} is async: authorization is decided on the delivery "
-            "path (for every new topic a subscriber may read) and cannot wait there; make it a "
-            "plain function, and load what it needs beforehand (an async authenticate hook can "
-            "fetch a client's rules when it connects)")
 
 
 # ---------------------------------------------------------------- the chains
@@ -196,7 +194,9 @@ class HookAuthenticator:
 
 class HookAclSource:
     """An authorize hook as a source of the authorization chain
-    (ports.AclSource): asked with (client, action, topic)."""
+    (ports.AclSource): asked with (client, action, topic). An async hook's
+    answer is waited for (broker/access.py says what waits meanwhile), for
+    AUTHORIZE_TIMEOUT at most: then, as when it raises, it denies."""
 
     def __init__(self, hook: Hook) -> None:
         check_authorize_hook(hook)
@@ -204,18 +204,26 @@ class HookAclSource:
         self.name = f"authorize hook {_name(hook)}"
         self.errors = _ErrorLog(self.name)
 
-    def check(self, request: AccessRequest) -> str | None:
+    def check(self, request: AccessRequest) -> str | None | Awaitable[str | None]:
         try:
             answer = self.hook(request.client, request.action, request.topic)
-            if inspect.isawaitable(answer):
-                if hasattr(answer, "close"):
-                    answer.close()  # never awaited: no "never awaited" warning either
-                raise TypeError("it returned an awaitable; authorization cannot wait")
-            decision = _decision(answer, self.name)
-            return None if decision is None else ALLOW_ACCESS if decision else DENY_ACCESS
+            if answer is not None and type(answer) is not str and inspect.isawaitable(answer):
+                return self._later(answer)
+            return self._access(answer)
         except Exception:
             self.errors.failed(_now())
             return DENY_ACCESS  # fail closed: a client does only what its rules allow
+
+    def _access(self, answer: Any) -> str | None:
+        decision = _decision(answer, self.name)
+        return None if decision is None else ALLOW_ACCESS if decision else DENY_ACCESS
+
+    async def _later(self, pending: Awaitable[Any]) -> str | None:
+        try:
+            return self._access(await asyncio.wait_for(pending, AUTHORIZE_TIMEOUT))
+        except Exception:  # TimeoutError too
+            self.errors.failed(_now())
+            return DENY_ACCESS
 
 
 def acl_sources(hooks: Hooks) -> list[tuple[str, HookAclSource]]:

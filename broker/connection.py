@@ -25,6 +25,7 @@ from .codec import (
 from .enhanced_auth import EnhancedAuth
 from .message import Message
 from .outbox import Outbox
+from .access import Pending
 from .ports import PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthRequest, AuthResult, ClientInfo, PeerInfo
 from .packet_types import (
     AUTH, CONNECT, DISCONNECT, PACKET_NAMES, PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL,
@@ -235,8 +236,9 @@ class Connection:
 
     # ------------------------------------------------------- flow control
 
-    def hold(self) -> None:
-        """A subscriber this client publishes to is over its high-water mark:
+    def hold(self, flow_control: bool = True) -> None:
+        """A subscriber this client publishes to is over its high-water mark
+        (or, not ``flow_control``, an authorization decision is awaited):
         new packets wait in ``_held`` from the next one on (the one being
         handled is routed). Acknowledgements of what the broker sends this
         client are still handled, so that two clients publishing to each
@@ -246,21 +248,35 @@ class Connection:
         self.holders += 1
         if self.holders == 1:
             self.held_since = self.core.loop.time()
-            self.core.stats.publisher_pauses += 1
+            if flow_control:
+                self.core.stats.publisher_pauses += 1
             if self._held is None:
                 self._held = []
 
-    def release(self) -> None:
-        """One subscriber no longer holds this client back."""
+    def release(self, flow_control: bool = True) -> None:
+        """One subscriber (or decision) no longer holds this client back."""
         if self.holders <= 0:
             return
         self.holders -= 1
         if self.holders == 0:
             core = self.core
-            core.stats.publisher_paused_seconds += core.loop.time() - self.held_since
+            if flow_control:
+                core.stats.publisher_paused_seconds += core.loop.time() - self.held_since
             if self.state == CONNECTED:
                 # Not from inside the subscriber's packet handling that got here.
                 core.loop.call_soon(self._resume_held)
+
+    def _wait_for(self, decision: Pending, packet: Packet) -> None:
+        """An authorizer answers later about ``packet``: it, and what the
+        client sends after it, wait for the answer (acknowledgements of what
+        the broker sends go on, as under flow control); then it is handled
+        again, and the answer, which is kept, decides."""
+        if self.holders < 0:
+            return  # the client has gone: nothing was acknowledged, nothing is done
+        self.hold(flow_control=False)
+        assert self._held is not None
+        self._held.insert(0, packet)
+        decision.then(lambda _: self.release(flow_control=False))
 
     def _resume_held(self) -> None:
         if self.holders or self.state != CONNECTED or self._held is None:
@@ -720,10 +736,14 @@ class Connection:
             # The broker's own figures: no client writes them (as Mosquitto).
             return self._publish_denied(packet, topic)
         access = core.access
-        if access is not None and not access.permits(
+        if access is not None:
+            allowed = access.permits(
                 self.client_info,  # type: ignore[arg-type]  # set before the state is CONNECTED
-                self.access_cache, PUBLISH_ACTION, topic, qos, packet.retain):
-            return self._publish_denied(packet, topic)
+                self.access_cache, PUBLISH_ACTION, topic, qos, packet.retain)
+            if allowed is not True:
+                if allowed is False:
+                    return self._publish_denied(packet, topic)
+                return self._wait_for(allowed, packet)
         if qos == 2:
             self._awaiting_release(packet.packet_id)  # type: ignore[arg-type]
         message = Message(topic, packet.payload, qos, packet.retain, props)
@@ -861,6 +881,10 @@ class Connection:
         settings = core.settings
         refused = 0
         first = ""
+        # Every filter is judged before any is subscribed: a decision that
+        # comes later makes the whole packet wait, and it is judged again.
+        judged = []
+        waiting = None
         for sub in packet.subscriptions:
             refusal, why = self._refuse_filter(sub.filter)
             if refusal == Reason.TOPIC_FILTER_INVALID and self.version != MQTT_5:
@@ -877,14 +901,23 @@ class Connection:
                 # [MQTT-3.8.3-4]
                 return self.violation(Reason.PROTOCOL_ERROR,
                                       f"No Local on the shared subscription {sub.filter!r}")
-            if not refusal and core.access is not None and not core.access.permits(
-                    self.client_info, self.access_cache, SUBSCRIBE_ACTION,
-                    shared_inner(sub.filter), sub.qos):
-                refusal, why = Reason.NOT_AUTHORIZED, "not authorized"
+            if not refusal and core.access is not None:
+                allowed = core.access.permits(self.client_info, self.access_cache,
+                                              SUBSCRIBE_ACTION, shared_inner(sub.filter), sub.qos)
+                if allowed is False:
+                    refusal, why = Reason.NOT_AUTHORIZED, "not authorized"
+                    if core.access.disconnect_on_deny:
+                        core.stats.subscribe_denied += 1
+                        return self.close(Reason.NOT_AUTHORIZED,
+                                          f"not authorized to subscribe to {shown(sub.filter)}")
+                elif allowed is not True:
+                    waiting = allowed
+            judged.append((sub, refusal, why))
+        if waiting is not None:
+            return self._wait_for(waiting, packet)
+        for sub, refusal, why in judged:
+            if refusal == Reason.NOT_AUTHORIZED:
                 core.stats.subscribe_denied += 1
-                if core.access.disconnect_on_deny:
-                    return self.close(Reason.NOT_AUTHORIZED,
-                                      f"not authorized to subscribe to {shown(sub.filter)}")
             if not refusal and settings.max_subscriptions is not None:
                 subscriptions = self.session.subscriptions
                 if (sub.filter not in subscriptions

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import secrets
 from collections import deque
+from functools import partial
 from typing import Any, Callable, Coroutine, Mapping
 
 
@@ -21,7 +22,7 @@ from .codec import MQTT_5, Subscription, Will
 from .logtext import shown
 from .message import Message, retained_form
 from .outbox import Outbox, Outboxes
-from .access import AccessControl, Authorizer
+from .access import AccessControl, Authorizer, Pending
 from .ports import (
     PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, CertificateFacts, Client,
     ClientInfo, IdentityPolicy, Observer,
@@ -96,6 +97,10 @@ class BrokerCore:
         #: the client closes or the linger ends (see Connection.close).
         self.lingering: set[Any] = set()
         self.trie: SubscriptionTrie[Session] = SubscriptionTrie(merge=self._routes)
+        #: Routes of the topic being matched whose read decision is under way
+        #: (an authorizer that answers later), as (Pending, route): ``route``
+        #: makes the message wait for each (see _routes).
+        self.gated: list[tuple[Pending, Route]] | None = None
         self.retained: RetainedStore[Message] = RetainedStore()
         #: Shared subscriptions: (share name, filter) -> group, and a trie of
         #: the groups by filter (its subscribers are the groups themselves).
@@ -292,12 +297,17 @@ class BrokerCore:
 
     def publish_will(self, will: Will, client: ClientInfo | None) -> None:
         access = self.access
-        if access is not None and client is not None and not access.permits(
-                client, None, PUBLISH_ACTION, will.topic, will.qos, will.retain):
+        if access is not None and client is not None:
             # Checked now, not at CONNECT: the rules may have changed since.
-            log.info("not publishing the will of %s to %s: not authorized",
-                     shown(client.client_id), shown(will.topic))
-            return
+            allowed = access.permits(client, None, PUBLISH_ACTION, will.topic, will.qos,
+                                     will.retain)
+            if allowed is not True:
+                if allowed is False:
+                    log.info("not publishing the will of %s to %s: not authorized",
+                             shown(client.client_id), shown(will.topic))
+                else:
+                    allowed.then(lambda _: self._publish_will_decided(will, client))
+                return
         props = will.properties
         if props:
             props = {k: v for k, v in props.items() if k != "will_delay_interval"}
@@ -307,6 +317,10 @@ class BrokerCore:
         self.route(message, None)
         if will.retain:
             self.retain(message)
+
+    def _publish_will_decided(self, will: Will, client: ClientInfo) -> None:
+        self.publish_will(will, client)  # the answer is kept: asking again finds it
+        self.outboxes.flush()
 
     def publish_delayed_will(self, session: Session) -> None:
         will, session.pending_will, session.will_handle = session.pending_will, None, None
@@ -402,15 +416,28 @@ class BrokerCore:
             if message.expired(now):
                 self.forget_retained(message.topic)
                 continue
-            if not self._may_read(session, message.topic, options.qos):
-                continue  # a topic this client may not read, under a filter it may
             qos = min(message.qos, options.qos)
-            # [MQTT-3.3.1-8]: retained messages sent on subscribe carry RETAIN 1.
-            if qos == 0:
-                if session.outbox is not None:
-                    session.outbox.send_publish(message, 0, True, ids)
-            else:
-                self.deliver(session, message, qos, True, ids)
+            allowed = self._may_read(session, message.topic, options.qos)
+            if allowed is not True:
+                if allowed is not False:  # decided later: the retained message waits
+                    allowed.then(partial(self._retained_decided, session, message, qos, ids))
+                continue  # a topic this client may not read, under a filter it may
+            self._send_retained(session, message, qos, ids)
+
+    def _send_retained(self, session: Session, message: Message, qos: int,
+                       ids: tuple[int, ...]) -> None:
+        # [MQTT-3.3.1-8]: retained messages sent on subscribe carry RETAIN 1.
+        if qos == 0:
+            if session.outbox is not None:
+                session.outbox.send_publish(message, 0, True, ids)
+        else:
+            self.deliver(session, message, qos, True, ids)
+
+    def _retained_decided(self, session: Session, message: Message, qos: int,
+                          ids: tuple[int, ...], allowed: bool) -> None:
+        if allowed and self._subscribed(session):
+            self._send_retained(session, message, qos, ids)
+            self.outboxes.flush()
 
     def retain(self, message: Message) -> None:
         # [MQTT-3.3.1-10/11]: an empty payload clears the topic and is not stored.
@@ -445,13 +472,46 @@ class BrokerCore:
         for route in routes:
             session, qos, _, _, _ = route
             client = session.client
-            if client is None or access.permits(client, None, SUBSCRIBE_ACTION, topic, qos):
+            if client is None:
                 readable.append(route)
-            else:
+                continue
+            allowed = access.permits(client, None, SUBSCRIBE_ACTION, topic, qos)
+            if allowed is True:
+                readable.append(route)
+            elif allowed is False:
                 self.stats.read_denied += 1
+            else:  # decided later: ``route`` makes the message wait for it
+                if self.gated is None:
+                    self.gated = []
+                self.gated.append((allowed, route))
         return readable
 
-    def _may_read(self, session: Session, topic: str, qos: int) -> bool:
+    def _gate(self, message: Message, sender: Session | None) -> int:
+        """The message waits for the read decisions under way for some of
+        its routes; the topic's routes are not kept until they are made, so
+        the next messages of the topic wait behind it, in order."""
+        gated, self.gated = self.gated, None
+        assert gated is not None
+        self.trie.forget_match(message.topic)
+        for pending, route in gated:
+            pending.then(partial(self._read_decided, route, message, sender))
+        return len(gated)
+
+    def _read_decided(self, route: Route, message: Message, sender: Session | None,
+                      allowed: bool) -> None:
+        if not allowed:
+            self.stats.read_denied += 1
+        elif self._subscribed(route[0]):
+            self._send(message, sender, [route])
+            self.outboxes.flush()
+
+    @staticmethod
+    def _subscribed(session: Session) -> bool:
+        """Whether ``session`` still subscribes, after a wait (an ended
+        session has no subscriptions left)."""
+        return bool(session.subscriptions)
+
+    def _may_read(self, session: Session, topic: str, qos: int) -> bool | Pending:
         """Whether the session's client may read ``topic`` (its connection's
         decision cache used, when it has one)."""
         access = self.access
@@ -473,8 +533,14 @@ class BrokerCore:
             self.observer.message(message, sender)
         routes = self.trie.match(message.topic)
         matched = self._route_shared(message, sender) if self.groups else 0
+        if self.gated is not None:
+            matched += self._gate(message, sender)
         if not routes:
             return matched
+        self._send(message, sender, routes)
+        return matched + len(routes)
+
+    def _send(self, message: Message, sender: Session | None, routes: list[Route]) -> None:
         msg_qos = message.qos
         msg_retain = message.retain
         sent = 0  # QoS 0 written here: their bytes are counted once, below
@@ -497,7 +563,6 @@ class BrokerCore:
                 sent += 1
         if sent:
             self.stats.publish_bytes_sent += sent * len(message.payload)
-        return matched + len(routes)
 
     def _route_shared(self, message: Message, sender: Session | None) -> int:
         """One member of each matching shared subscription gets the message."""
@@ -513,9 +578,14 @@ class BrokerCore:
                         retain: bool, sender: Session | None = None) -> None:
         entry = group.members[member]
         options = entry.options
-        if not self._may_read(member, message.topic, options.qos):
-            self.stats.read_denied += 1
-            return  # the member picked may not read this topic
+        allowed = self._may_read(member, message.topic, options.qos)
+        if allowed is not True:
+            if allowed is False:
+                self.stats.read_denied += 1  # the member picked may not read this topic
+            else:
+                allowed.then(partial(self._shared_read_decided, group, member, message,
+                                     retain, sender))
+            return
         qos = min(message.qos, options.qos)
         retain = retain and options.retain_as_published
         ids = (entry.identifier,) if entry.identifier else ()
@@ -528,6 +598,14 @@ class BrokerCore:
             self._qos0_to_paused(member, message, retain, ids, sender)
         else:
             member.outbox.send_publish(message, 0, retain, ids)
+
+    def _shared_read_decided(self, group: SharedGroup, member: Session, message: Message,
+                             retain: bool, sender: Session | None, allowed: bool) -> None:
+        if not allowed:
+            self.stats.read_denied += 1
+        elif member in group.members:
+            self._deliver_shared(group, member, message, retain, sender)
+            self.outboxes.flush()
 
     def _qos0_to_paused(self, session: Session, message: Message, retain: bool,
                         ids: tuple[int, ...], sender: Session | None) -> None:

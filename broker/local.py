@@ -171,6 +171,9 @@ class LocalSubscriber:
         self.access_cache: dict | None = None
         self.will_stored = False
         self.closed = False
+        #: Why it closed when authorization refused it after a wait: what
+        #: ``get`` raises then.
+        self.refusal: PermissionError | None = None
         #: Called with this subscriber once it has closed (its owner forgets it).
         self.on_close: Callable[[LocalSubscriber], Any] | None = None
         self.outbox = LocalOutbox(core.outboxes, min(core.settings.max_inflight, limit), limit)
@@ -234,11 +237,30 @@ class LocalSubscriber:
         if not settings.wildcard_subscription and ("+" in topic_filter or "#" in topic_filter):
             raise ValueError("wildcard subscriptions are turned off (mqtt.wildcard_subscription)")
         access = core.access
-        if access is not None and not access.permits(
-                self.client_info, None, SUBSCRIBE_ACTION, shared_inner(topic_filter), qos):
-            core.stats.subscribe_denied += 1
-            raise PermissionError(f"not authorized to subscribe to {topic_filter[:100]!r}")
-        options = Subscription(topic_filter, min(qos, settings.max_qos_allowed))
+        if access is not None:
+            allowed = access.permits(self.client_info, None, SUBSCRIBE_ACTION,
+                                     shared_inner(topic_filter), qos)
+            if allowed is False:
+                core.stats.subscribe_denied += 1
+                raise PermissionError(f"not authorized to subscribe to {topic_filter[:100]!r}")
+            if allowed is not True:  # decided later: subscribed then, or refused
+                allowed.then(lambda allowed: self._decided(topic_filter, qos, allowed))
+                return
+        self._subscribe(topic_filter, qos)
+
+    def _decided(self, topic_filter: str, qos: int, allowed: bool) -> None:
+        if self.closed:
+            return
+        if allowed:
+            self._subscribe(topic_filter, qos)
+        else:
+            self.core.stats.subscribe_denied += 1
+            self.refusal = PermissionError(f"not authorized to subscribe to {topic_filter[:100]!r}")
+            self.close()
+
+    def _subscribe(self, topic_filter: str, qos: int) -> None:
+        core = self.core
+        options = Subscription(topic_filter, min(qos, core.settings.max_qos_allowed))
         existed = core.subscribe(self.session, options, None)
         core.send_retained(self.session, options, None, existed)
         core.outboxes.flush()
@@ -281,6 +303,8 @@ class LocalSubscriber:
             if message is not None:
                 return message
             if self.closed:
+                if self.refusal is not None:
+                    raise self.refusal
                 raise SubscriptionClosed(f"subscription {self.client_id} has ended")
             waiter = outbox.waiter = self.core.loop.create_future()
             await waiter

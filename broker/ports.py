@@ -271,8 +271,9 @@ class AccessRequest:
 class AclSource(Protocol):
     """One source of authorization rules (an ACL file, a database...)."""
 
-    def check(self, request: AccessRequest) -> str | None:
-        """ALLOW_ACCESS, DENY_ACCESS, or None when no rule matches."""
+    def check(self, request: AccessRequest) -> str | None | Awaitable[str | None]:
+        """ALLOW_ACCESS, DENY_ACCESS, or None when no rule matches; or an
+        awaitable of one of them, for a source that answers later."""
         ...
 
 

@@ -172,6 +172,11 @@ class SubscriptionTrie(Generic[S]):
         self._cache.clear()
         self._cache_bytes = 0
 
+    def forget_match(self, topic: str) -> None:
+        """Drop the cached match of one topic."""
+        if self._cache.pop(topic, None) is not None:
+            self._cache_bytes -= len(topic)
+
     def match(self, topic: str) -> list:
         """Every (subscriber, value) whose filter matches ``topic``, passed
         through ``merge`` when one was given (a subscriber with several matching

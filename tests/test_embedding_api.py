@@ -383,15 +383,186 @@ def test_authorize_hooks_join_the_chain_on_every_path(clients):
     uvloop.run(main())
 
 
-def test_an_async_authorize_hook_is_refused_with_a_reason():
-    async def rules(client, action, topic):
+def async_rules(asked: list, gate: asyncio.Event | None = None):
+    """An async authorize hook: "secret/" denied, "open/" and "#" allowed,
+    the rest ignored (no_match = deny decides); it waits for ``gate`` on
+    topics under "slow/", and a moment on every question."""
+
+    async def rules(client, action, topic) -> str:
+        asked.append((client.client_id, action, topic))
+        await asyncio.sleep(0.01)
+        if gate is not None and topic.startswith("slow/"):
+            await gate.wait()
+            return "allow"
+        if topic.startswith("secret/"):
+            return "deny"
+        if topic == "#" or topic.startswith("open/"):
+            return "allow"
+        return "ignore"
+
+    return rules
+
+
+def test_an_async_authorize_hook_decides_publish_subscribe_and_reading(clients):
+    config = ANONYMOUS + "authorization.no_match = deny\n"
+    asked: list = []
+
+    async def main():
+        async with Broker(config, hooks=Hooks(authorize=async_rules(asked))) as broker:
+            reader = await paho_client(clients, broker, "reader")
+            # Several filters in one SUBSCRIBE: every one is decided before any is subscribed.
+            codes = await asyncio.to_thread(
+                lambda: reader.paho.subscribe([("#", 1), ("other/#", 1), ("secret/#", 1)]))
+            assert codes[0] == paho.MQTT_ERR_SUCCESS
+            _, granted = await asyncio.to_thread(reader.subacks.get, timeout=TIMEOUT)
+            assert [code.value for code in granted] == [1, 0x87, 0x87]
+            writer = await paho_client(clients, broker, "writer")
+            # Published by a client, each decided by the hook: "secret/" denied,
+            # "open/" allowed; read access decided per topic for the reader.
+            for topic in ("secret/plans", "open/news", "other/thing"):
+                await asyncio.to_thread(writer.publish, topic, b"x", 1)
+            await broker.publish("secret/by-the-app", b"no", qos=1)  # the application may publish
+            [message] = await asyncio.to_thread(reader.expect)
+            assert message.topic == "open/news"
+            await asyncio.to_thread(reader.expect_nothing_more, "open/marker")
+            assert ("writer", "publish", "secret/plans") in asked
+            assert ("reader", "subscribe", "secret/by-the-app") in asked
+            decided = broker.core.access.decided
+            assert decided[("publish", False, "hook")] >= 1
+            assert decided[("subscribe", False, "no_match")] >= 1
+
+    uvloop.run(main())
+
+
+def test_messages_waiting_for_a_read_decision_keep_their_order(clients):
+    asked: list = []
+    gate = asyncio.Event()
+
+    async def main():
+        async with Broker(ANONYMOUS, hooks=Hooks(authorize=async_rules(asked, gate))) as broker:
+            reader = await paho_client(clients, broker, "reader")
+            other = await paho_client(clients, broker, "other")
+            assert await asyncio.to_thread(reader.subscribe, "#", 1) == [1]
+            assert await asyncio.to_thread(other.subscribe, "open/#", 1) == [1]
+            # The application publishes to "slow/x": the reader's read access
+            # waits for the gate, and its messages wait behind it, in order.
+            for n in range(20):
+                await broker.publish("slow/x", str(n).encode(), qos=1)
+            await broker.publish("open/now", b"first", qos=1)
+            # Another topic, and another client, do not wait.
+            [now] = await asyncio.to_thread(other.expect)
+            assert now.topic == "open/now"
+            [now] = await asyncio.to_thread(reader.expect)
+            assert now.topic == "open/now"
+            gate.set()
+            messages = await asyncio.to_thread(reader.expect, 20)
+            assert [m.payload for m in messages] == [str(n).encode() for n in range(20)]
+            assert [a for a in asked if a[2] == "slow/x"] == [("reader", "subscribe", "slow/x")]
+
+    uvloop.run(main())
+
+
+def test_a_publish_waiting_for_its_decision_holds_only_its_client(clients):
+    asked: list = []
+    gate = asyncio.Event()
+
+    async def main():
+        async with Broker(ANONYMOUS, hooks=Hooks(authorize=async_rules(asked, gate))) as broker:
+            subscriber = broker.subscribe("#", qos=1)
+            slow = await paho_client(clients, broker, "slow")
+            fast = await paho_client(clients, broker, "fast")
+            waiting = slow.paho.publish("slow/a", b"1", qos=1)
+            slow.paho.publish("open/b", b"2", qos=1)  # behind it: waits too
+            await asyncio.to_thread(fast.publish, "open/c", b"3", 1)
+            assert (await next_message(subscriber)).topic == "open/c"
+            assert not waiting.is_published()
+            gate.set()
+            assert [(await next_message(subscriber)).topic for _ in range(2)] == \
+                ["slow/a", "open/b"]
+            await asyncio.to_thread(waiting.wait_for_publish, TIMEOUT)
+
+    uvloop.run(main())
+
+
+def test_retained_shared_and_wills_wait_for_an_async_decision(clients):
+    config = ANONYMOUS + "authorization.no_match = deny\n"
+    asked: list = []
+
+    async def main():
+        async with Broker(config, hooks=Hooks(authorize=async_rules(asked))) as broker:
+            await broker.publish("open/kept", b"r1", qos=1, retain=True)
+            await broker.publish("secret/kept", b"r2", qos=1, retain=True)
+            reader = await paho_client(clients, broker, "reader")
+            assert await asyncio.to_thread(reader.subscribe, "#", 1) == [1]
+            [message] = await asyncio.to_thread(reader.expect)
+            assert (message.topic, message.retain) == ("open/kept", True)
+            member = await paho_client(clients, broker, "member")
+            assert await asyncio.to_thread(member.subscribe, "$share/g/#", 1) == [1]
+            doomed = await paho_client(clients, broker, "doomed",
+                                       will=("open/will", b"gone", 1, False))
+            liar = await paho_client(clients, broker, "liar",
+                                     will=("secret/will", b"gone", 1, False))
+            await asyncio.to_thread(doomed.stop_network)
+            await asyncio.to_thread(liar.stop_network)
+            await broker.publish("secret/shared", b"no", qos=1)
+            await broker.publish("open/shared", b"yes", qos=1)
+            got = {m.topic for m in await asyncio.to_thread(member.expect, 2)}
+            assert got == {"open/shared", "open/will"}
+            await asyncio.to_thread(member.expect_nothing_more, "open/marker")
+            got = {m.topic for m in await asyncio.to_thread(reader.expect, 3)}
+            assert got == {"open/shared", "open/will", "open/marker"}
+            assert ("liar", "publish", "secret/will") in asked
+
+    uvloop.run(main())
+
+
+def test_an_untrusted_in_process_subscriber_waits_for_an_async_decision():
+    config = ANONYMOUS + "authorization.no_match = deny\n"
+
+    async def main():
+        async with Broker(config, hooks=Hooks(authorize=async_rules([]))) as broker:
+            allowed = broker.subscribe("open/#", qos=1, trusted=False)
+            denied = broker.subscribe("secret/#", qos=1, trusted=False)
+            with pytest.raises(PermissionError, match="secret/#"):
+                await next_message(denied)
+            # Subscribed once the answer came: a message published after it arrives.
+            deadline = asyncio.get_running_loop().time() + TIMEOUT
+            while not allowed._subscriber.session.subscriptions:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.01)
+            await broker.publish("open/x", b"yes", qos=1)
+            assert (await next_message(allowed)).payload == b"yes"
+
+    uvloop.run(main())
+
+
+def test_an_async_authorize_hook_that_does_not_answer_denies(clients, monkeypatch, caplog):
+    monkeypatch.setattr("bastionmq.hooks.AUTHORIZE_TIMEOUT", 0.2)
+    never = asyncio.Event()
+
+    async def silent(client, action, topic):
+        if topic.startswith("stuck/"):
+            await never.wait()
         return "allow"
 
-    broker = Broker(ANONYMOUS)
-    with pytest.raises(TypeError, match="delivery path"):
-        broker.authorize(rules)
-    with pytest.raises(TypeError, match="delivery path"):
-        Hooks(authorize=rules)
+    async def main():
+        async with Broker(ANONYMOUS, hooks=Hooks(authorize=silent)) as broker:
+            client = await paho_client(clients, broker, "c")
+            assert await asyncio.to_thread(client.subscribe, "stuck/#", 1) == [0x87]
+            assert await asyncio.to_thread(client.subscribe, "fine/#", 1) == [1]
+            await asyncio.to_thread(client.publish, "stuck/x", b"x", 1)  # acknowledged (denied)
+            await asyncio.to_thread(client.expect_nothing_more, "fine/marker")
+            # A client that goes while its decision is under way takes its packets along.
+            gone = await paho_client(clients, broker, "gone")
+            gone.paho.publish("stuck/y", b"y", qos=1)
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(gone.stop_network)
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(client.expect_nothing_more, "fine/marker")
+        assert "authorize hook" in caplog.text and "silent" in caplog.text
+
+    with caplog.at_level(logging.ERROR, logger="bastionmq.hooks"):
+        uvloop.run(main())
 
 
 # ------------------------------------------------------------------ observers
