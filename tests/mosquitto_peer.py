@@ -22,7 +22,8 @@ TIMEOUT = 10.0
 PACKAGES = {"mosquitto": "mosquitto", "mosquitto_passwd": "mosquitto",
             "mosquitto_pub": "mosquitto-clients", "mosquitto_sub": "mosquitto-clients",
             "openssl": "openssl", "chromium": "chromium", "certutil": "libnss3-tools",
-            "npm": "npm", "promtool": "prometheus", "haproxy": "haproxy", "nginx": "nginx"}
+            "npm": "npm", "promtool": "prometheus", "haproxy": "haproxy", "nginx": "nginx",
+            "nats-server": "nats-server"}
 
 
 def missing(what: str) -> None:
