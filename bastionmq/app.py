@@ -34,6 +34,8 @@ from bastionmq.broker.properties import Reason
 from bastionmq.broker.restore import restore
 from bastionmq.broker.store import RestoreReport, SqliteStore, StoreError
 from bastionmq.broker.sys_topics import SysTopics
+from bastionmq.cluster.bus import ClusterUnavailable, NatsBus
+from bastionmq.cluster.embedded import EmbeddedError, EmbeddedNats, embedded_directory
 from bastionmq.hooks import (
     ConnectedClient, HookAuthenticator, Hooks, Observers, acl_sources, check_authorize_hook,
     hook_stats,
@@ -285,6 +287,10 @@ class Broker:
         self.authn_stats: AuthStats | None = None
         #: The operations listener (metrics, health), when ``http_api.enable`` is set.
         self.ops: OpsServer | None = None
+        #: The connection to the other nodes, when ``cluster.enable`` is set,
+        #: and the nats-server of ``cluster.nats.embedded``, when started here.
+        self.bus: NatsBus | None = None
+        self.embedded_nats: EmbeddedNats | None = None
         #: The operator's bans (kept in the built-in database).
         self.bans = OperatorBans()
         self._login_bans: LoginBans | None = None
@@ -334,6 +340,8 @@ class Broker:
                                       identity, self.authorization)
         core.certificate_parser = certificate_facts
         self._observe()
+        if config.cluster.enable:
+            await self._join_cluster(core)  # before the restore: it subscribes
         if config.durable_sessions.enable:
             await self._open_store(core)
         if config.sys_topics.sys_interval > 0:
@@ -418,6 +426,14 @@ class Broker:
                     break
                 await asyncio.sleep(0)
             core.observer = None
+        if self.bus is not None:
+            await self.bus.close()  # after the wills of the clients closed above
+            self.bus = None
+            if core is not None:
+                core.cluster = None
+        if self.embedded_nats is not None:
+            await self.embedded_nats.stop()
+            self.embedded_nats = None
         if self.observers is not None:
             await self.observers.stop()
             self.observers = None
@@ -430,6 +446,33 @@ class Broker:
         if self.database is not None:
             await self.database.close()
             self.database = None
+
+    async def _join_cluster(self, core: BrokerCore) -> None:
+        """Start the embedded nats-server if asked, connect to NATS and
+        become one node of the cluster."""
+        cluster = self.config.cluster
+        nats = cluster.nats
+        if nats.embedded:
+            host, port = nats.addresses[0]
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise ConfigError([("cluster.nats.servers", f"the embedded server listens on "
+                                    f"loopback: the first server must be 127.0.0.1:PORT, "
+                                    f"not {host}:{port}")])
+            try:
+                embedded = EmbeddedNats(nats.embedded_binary, port,
+                                        embedded_directory(self.config.node.directory),
+                                        cluster.name)
+                await embedded.start()
+            except EmbeddedError as exc:
+                raise ConfigError([("cluster.nats.embedded", str(exc))]) from None
+            self.embedded_nats = embedded
+        bus = NatsBus(core, nats.addresses, cluster.name,
+                      connect_timeout=nats.connect_timeout, credentials=nats.credentials)
+        try:
+            await bus.start()
+        except ClusterUnavailable as exc:
+            raise ConfigError([("cluster.nats.servers", str(exc))]) from None
+        self.bus = core.cluster = bus
 
     async def _open_store(self, core: BrokerCore) -> None:
         """Open the durable store and restore what it holds into ``core``."""

@@ -53,6 +53,7 @@ from pyparsing import ParseBaseException
 from bastionmq.acl.settings import AclSourceConfig, AuthorizationConfig, AuthzCacheConfig
 from bastionmq.auth.settings import AuthenticatorConfig, AuthnBanConfig
 from bastionmq.broker.settings import INFINITY, MqttSettings, peer_cert_source
+from bastionmq.cluster.settings import ClusterConfig
 from bastionmq.data_dir import DataDir, choose
 from bastionmq.listeners.settings import (
     ALL_INTERFACES, ANY_ADDRESS, DEV_PKI_FILE_KEYS, Bind, CrlCacheConfig, OcspConfig, PskConfig,
@@ -308,6 +309,8 @@ class Config:
     durable_sessions: DurableSessionsConfig = attrs.field(factory=DurableSessionsConfig)
     #: The operations listener: metrics and health over HTTP.
     http_api: HttpApiConfig = attrs.field(factory=HttpApiConfig)
+    #: Running as one node of several, on NATS.
+    cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
 
     def enabled_listeners(self) -> list[tuple[str, str, TcpListenerConfig]]:
         """(kind, name, block) of every enabled listener: tcp, ssl, ws, then wss."""

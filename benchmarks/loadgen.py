@@ -684,16 +684,16 @@ class WsFloodPublisher(WsClient, FloodPublisher):
 # --- scenario plumbing -----------------------------------------------------
 
 
-async def open_all(args, factories, concurrency=100, tls=None):
+async def open_all(args, factories, concurrency=100, tls=None, port=None):
     """Connect every protocol factory, at most `concurrency` handshakes at a
     time; return the protocols once all handshakes are done. `tls`: an
-    SSLContext, to connect over TLS."""
+    SSLContext, to connect over TLS; `port`: another than --port."""
     loop = asyncio.get_running_loop()
     sem = asyncio.Semaphore(concurrency)
 
     async def one(factory):
         async with sem:
-            _, proto = await loop.create_connection(factory, args.host, args.port, ssl=tls)
+            _, proto = await loop.create_connection(factory, args.host, port or args.port, ssl=tls)
             await asyncio.wait_for(proto.ready, 30)
             return proto
 
@@ -709,7 +709,7 @@ def snapshot(args, delivered):
         "gen_idle": idle_seconds(os.sched_getaffinity(0)),
     }
     if args.broker_pid:
-        snap["broker_cpu"] = cpu_seconds(args.broker_pid)
+        snap["broker_cpu"] = sum(cpu_seconds(pid) for pid in [args.broker_pid, *args.also_pid])
         snap["broker_idle"] = idle_seconds(os.sched_getaffinity(args.broker_pid))
     return snap
 
@@ -841,7 +841,7 @@ async def qos0_1to1(args, tls=None, ws=False):
         k = max(1, args.batch // len(pkt))
         subs.append(lambda h=sub_hello, r=sub_reply, s=len(pkt): CountingSubscriber(h, r, s, 0x30))
         pubs.append(lambda h=pub_hello, p=pkt, k=k: FloodPublisher(h, CONNACK_OK, p, k))
-    subs = await open_all(args, subs, tls=tls)
+    subs = await open_all(args, subs, tls=tls, port=args.sub_port)
     pubs = await open_all(args, pubs, tls=tls)
     info = tls_info(subs[0].transport) if tls else {}
     res = await flood(args, subs, pubs)
@@ -1328,6 +1328,7 @@ async def fanout(args):
             )
             for i in range(args.subscribers)
         ],
+        port=args.sub_port,
     )
     k = max(1, args.ahead // 8)
     (pub,) = await open_all(args, [lambda: FloodPublisher(connect(client_id("p")), CONNACK_OK, pkt, k, stamp=True)])
@@ -1437,6 +1438,9 @@ def parser():
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--broker-pid", type=int, help="broker process, for its CPU and memory")
+    p.add_argument("--also-pid", type=int, action="append", default=[],
+                   help="another process whose CPU counts as the broker's: the other nodes of a cluster, nats-server (repeatable)")
+    p.add_argument("--sub-port", type=int, help="port the subscribers connect to (another node of a cluster; qos0-1to1, fanout); default --port")
     p.add_argument("--duration", type=float, default=5.0, help="measured window, seconds")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the window")
     p.add_argument("--payload", type=int, default=32, help="payload bytes")

@@ -750,6 +750,9 @@ class Connection:
         if props:
             message.stamp_expiry(core.loop.time())
         delivered = core.route(message, self.session)
+        if core.cluster is not None:
+            core.cluster.forward(message)
+            delivered = 1  # the other nodes' subscribers are not counted here
         if packet.retain:
             core.retain(message)
         if qos == 1:

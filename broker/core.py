@@ -25,7 +25,7 @@ from .outbox import Outbox, Outboxes
 from .access import AccessControl, Authorizer, Pending
 from .ports import (
     PUBLISH_ACTION, SUBSCRIBE_ACTION, AuthMethod, Authenticator, CertificateFacts, Client,
-    ClientInfo, IdentityPolicy, Observer,
+    ClientInfo, ClusterBus, IdentityPolicy, Observer,
 )
 from .ownership import owner_of, same_owner
 from .store import Journal
@@ -122,6 +122,10 @@ class BrokerCore:
         #: embedding application's hooks, bastionmq.hooks); None, the usual
         #: case, costs one attribute check per message routed.
         self.observer: Observer | None = None
+        #: The other nodes of a cluster (cluster.bus): told of the messages
+        #: published here, the retained messages set here, and the filters
+        #: this node's subscribers take and leave. None: a node alone.
+        self.cluster: ClusterBus | None = None
 
     def apply_settings(self, settings: MqttSettings) -> None:
         """Use ``settings`` from now on (a reload): connections made from
@@ -315,6 +319,8 @@ class BrokerCore:
                           props or NO_PROPERTIES)
         message.stamp_expiry(self.loop.time())
         self.route(message, None)
+        if self.cluster is not None:
+            self.cluster.forward(message)
         if will.retain:
             self.retain(message)
 
@@ -372,12 +378,15 @@ class BrokerCore:
             self.journal.subscription_saved(session, entry)
         shared = split_shared(options.filter)
         if shared is None:
-            self.trie.add(options.filter, session, entry)
+            if self.trie.add(options.filter, session, entry) and self.cluster is not None:
+                self.cluster.subscribed(options.filter)
             return existed
         group = self.groups.get(shared)
         if group is None:
             group = self.groups[shared] = SharedGroup(*shared)
             self.shared_trie.add(shared[1], group, group)
+            if self.cluster is not None:
+                self.cluster.subscribed(options.filter)  # the group's first member here
         group.add(session, entry)
         session.shared_count += not existed
         return existed
@@ -390,7 +399,8 @@ class BrokerCore:
             self.journal.subscription_deleted(session, topic_filter)
         shared = split_shared(topic_filter)
         if shared is None:
-            self.trie.remove(topic_filter, session)
+            if self.trie.remove(topic_filter, session) and self.cluster is not None:
+                self.cluster.unsubscribed(topic_filter)
             return True
         session.shared_count -= 1
         group = self.groups[shared]
@@ -398,6 +408,8 @@ class BrokerCore:
         if not group.members:
             del self.groups[shared]
             self.shared_trie.remove(shared[1], group)
+            if self.cluster is not None:
+                self.cluster.unsubscribed(topic_filter)
         return True
 
     def subscription_count(self) -> int:
@@ -439,7 +451,11 @@ class BrokerCore:
             self._send_retained(session, message, qos, ids)
             self.outboxes.flush()
 
-    def retain(self, message: Message) -> None:
+    def retain(self, message: Message, forward: bool = True) -> None:
+        """Keep (or, with an empty payload, clear) the retained message of its
+        topic; ``forward`` false for one another node set."""
+        if forward and self.cluster is not None:
+            self.cluster.retained(message)
         # [MQTT-3.3.1-10/11]: an empty payload clears the topic and is not stored.
         if message.payload:
             self.retained.set(message.topic, retained_form(message))
@@ -528,7 +544,11 @@ class BrokerCore:
         self.trie.forget_matches()
 
     def route(self, message: Message, sender: Session | None) -> int:
-        """Deliver to every matching subscriber; returns how many matched."""
+        """Deliver to every matching subscriber of this node; returns how
+        many matched. Where a message is published, the caller then forwards
+        it to the other nodes of a cluster (``cluster.forward``): here it
+        would cost every message a check, and a message from another node
+        is routed here too."""
         if self.observer is not None:
             self.observer.message(message, sender)
         routes = self.trie.match(message.topic)
@@ -563,6 +583,26 @@ class BrokerCore:
                 sent += 1
         if sent:
             self.stats.publish_bytes_sent += sent * len(message.payload)
+
+    def route_remote(self, message: Message) -> None:
+        """Deliver a message another node published to this node's
+        subscribers. Not to its shared groups: each group takes its messages
+        from another node through its own queue subscription (deliver_to_group)."""
+        routes = self.trie.match(message.topic)
+        if self.gated is not None:
+            self._gate(message, None)
+        if routes:
+            self._send(message, None, routes)
+
+    def deliver_to_group(self, message: Message, share: str, topic_filter: str) -> bool:
+        """Deliver a message another node published to one member of the
+        shared group (share, topic_filter) of this node; whether it is here."""
+        group = self.groups.get((share, topic_filter))
+        if group is None:
+            return False
+        member = group.pick(self.settings.shared_subscription_strategy, message.topic, "")
+        self._deliver_shared(group, member, message, message.retain, None)
+        return True
 
     def _route_shared(self, message: Message, sender: Session | None) -> int:
         """One member of each matching shared subscription gets the message."""
@@ -844,6 +884,8 @@ class BrokerCore:
         message = Message(topic, bytes(payload), qos, retain, properties or NO_PROPERTIES)
         message.stamp_expiry(self.loop.time())
         matched = self.route(message, None)
+        if self.cluster is not None:
+            self.cluster.forward(message)
         if retain:
             self.retain(message)
         self.outboxes.flush()

@@ -335,3 +335,26 @@ class Observer(Protocol):
     def disconnected(self, connection: Client) -> None:
         """A connected client's connection has ended."""
         ...
+
+
+class ClusterBus(Protocol):
+    """The other nodes of a cluster, as the core sees them (cluster.bus).
+    Each call returns at once: the messages go out with the next write."""
+
+    def forward(self, message: Any) -> None:
+        """``message`` (broker.message.Message) was published on this node."""
+        ...
+
+    def retained(self, message: Any) -> None:
+        """``message`` was retained on this node (an empty payload clears)."""
+        ...
+
+    def subscribed(self, topic_filter: str) -> None:
+        """A session of this node took ``topic_filter``; a shared one
+        (``$share/...``) only when its group gets its first member here."""
+        ...
+
+    def unsubscribed(self, topic_filter: str) -> None:
+        """A session of this node left ``topic_filter``; a shared one when
+        its group's last member here left."""
+        ...

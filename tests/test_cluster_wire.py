@@ -154,6 +154,21 @@ def test_a_stream_fed_three_ways(feeder):
     assert decode(data, feeder) == expected
 
 
+@pytest.mark.parametrize("feeder", FEEDERS)
+def test_on_message_takes_the_plain_messages_as_they_are_decoded(feeder):
+    """With ``on_message``, a MSG without headers or reply subject is a call,
+    not an event; the others are events as before, in their order."""
+    data, expected = stream_of(20)
+    called: list[Event] = []
+    parser = NatsParser(on_message=lambda subject, sid, payload: called.append(
+        Msg(subject, sid, None, payload)))
+    events = feeder(parser, data)
+    assert parser.buffered == 0
+    plain = [e for e in expected if type(e) is Msg and e.headers is None and e.reply is None]
+    assert called == plain
+    assert events == [e for e in expected if not any(e is p for p in plain)]
+
+
 def test_a_partial_message_stays_buffered():
     parser = NatsParser()
     assert parser.feed(b"MSG a 1 5\r\nhel") == []

@@ -10,6 +10,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from bastionmq.cluster.settings import ClusterConfig, NatsConfig
 from bastionmq.broker.settings import MqttSettings
 from bastionmq.auth.passwords import PasswordHash
 from bastionmq.config import (
@@ -151,7 +152,7 @@ def test_reference_documents_every_key() -> None:
                 SniCertificate, NodeConfig, AuthenticatorConfig, AuthorizationConfig,
                 AuthzCacheConfig, AclSourceConfig, PasswordHash, AuthnBanConfig,
                 WsListenerConfig, WebSocketOptions, WssListenerConfig, DurableSessionsConfig,
-                HttpApiConfig):
+                HttpApiConfig, ClusterConfig, NatsConfig):
         for field in attrs.fields(cls):
             if field.metadata.get("internal"):  # never read from the file
                 continue
@@ -469,7 +470,7 @@ def test_unknown_key_with_a_hint() -> None:
 
 def test_unknown_key_without_a_close_match_lists_the_known_keys() -> None:
     assert errors_of("zzz = 1") == {
-        "zzz": "unknown key (known keys: node, mqtt, listeners, allow_anonymous, hide_unknown_users, log, sys_topics, crl_cache, psk_authentication, authentication, authn_ban, authorization, durable_sessions, http_api)"}
+        "zzz": "unknown key (known keys: node, mqtt, listeners, allow_anonymous, hide_unknown_users, log, sys_topics, crl_cache, psk_authentication, authentication, authn_ban, authorization, durable_sessions, http_api, cluster)"}
 
 
 def test_unknown_key_deep_inside_a_listener() -> None:

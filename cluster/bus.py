@@ -1,0 +1,505 @@
+"""The data plane between nodes: one NATS connection per node.
+
+A message published on this node is routed to the local subscribers first
+(the core's own path); ``forward`` then appends one PUB of it, on the subject
+its topic maps to (cluster.codec), to the bytes the next turn of the loop
+writes, so a read of many PUBLISH packets costs one write here too. NATS
+delivers a copy to every other node with a matching subscription: each node
+subscribes to the subjects of its subscribers' filters, counted so that the
+first subscriber of a filter brings the SUB and the last one gone the UNSUB.
+The connection says ``echo: false``, so a node never gets its own messages
+back. What arrives is matched again against the node's own subscriptions
+(the subjects only narrow the nodes a message goes to) and delivered with
+the core's route, as a message published here would be, minus the
+forwarding.
+
+Retained messages (and the clearing of one) also go on a subject every node
+subscribes to, so every node alive keeps the same retained messages.
+
+This is a sans-IO parser (cluster.wire) fed by an ``asyncio.Protocol``, as
+the listeners are: no task and no future per message. The connection is made
+again when it is lost, to the next server of the list, and the subscriptions
+are made again on it; messages forwarded meanwhile are dropped and counted
+(between nodes this path is at most once, which is all QoS 0 promises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any, Sequence
+
+import attrs
+
+from bastionmq.broker.message import Message
+from bastionmq.broker.shared import split_shared
+from bastionmq.broker.core import SYS_PREFIX
+from bastionmq.broker.topics import validate_topic_name
+
+from .codec import filter_to_subjects, subject_to_topic, topic_to_key, topic_to_subject
+from .envelope import (
+    ENVELOPE_VERSION, EnvelopeError, envelope_head, group_key, read_head, read_message,
+)
+from .envelope import pack_head as _pack_head
+from .wire import Err, Info, Msg, NatsParser, Ping, Pong, WireError, connect, sub, unsub
+from .wire import PING, PONG
+
+log = logging.getLogger("bastionmq.cluster")
+
+#: Subjects of the messages routed between nodes, and of retained messages.
+LIVE_PREFIX = "bmq.t"
+RETAINED_PREFIX = "bmq.ret"
+
+#: Origins whose last sequence is remembered (the oldest go first); each
+#: start of a node is a new origin.
+ORIGINS_KEPT = 1024
+
+#: Topics of received subjects kept decoded and checked.
+TOPICS_KEPT = 8192
+
+#: Waits between attempts to reach a server again, growing to the last.
+RECONNECT_WAITS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class ClusterUnavailable(Exception):
+    """No NATS server of the list could be reached at start."""
+
+
+@attrs.define(slots=True)
+class BusStats:
+    #: Messages sent to the other nodes, and those received from them.
+    forwarded: int = 0
+    received: int = 0
+    #: Second copies of a received message (one per extra matching subject
+    #: of this node's), dropped.
+    copies: int = 0
+    #: Messages NATS gave a shared group of this node that the publishing
+    #: node had served already (it has members of the group too).
+    served_elsewhere: int = 0
+    #: Messages not forwarded: no connection to NATS at the time, or its
+    #: write buffer over the bound.
+    dropped: int = 0
+    #: Received messages refused: a subject or envelope no node makes.
+    refused: int = 0
+    #: Connections made to NATS, and lost.
+    connects: int = 0
+    disconnects: int = 0
+
+
+class NatsBus(asyncio.Protocol):
+    """A node's connection to NATS for the messages between nodes."""
+
+    def __init__(self, core: Any, servers: Sequence[tuple[str, int]], name: str, *,
+                 connect_timeout: float = 5.0, max_buffer: int = 64 * 1024 * 1024,
+                 credentials: dict[str, str] | None = None) -> None:
+        if not servers:
+            raise ValueError("no NATS server given")
+        self.core = core
+        self.loop: asyncio.AbstractEventLoop = core.loop
+        self.servers = list(servers)
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.max_buffer = max_buffer
+        self.credentials = credentials or {}
+        #: This start of the node: copies are recognised by (origin, sequence).
+        self.origin = secrets.token_bytes(8)
+        self.sequence = 0
+        self.stats = BusStats()
+        self.transport: asyncio.Transport | None = None
+        #: True from the server's answer to our first PING until the connection is lost.
+        self.connected = False
+        self.server: tuple[str, int] | None = None
+        self.server_info: dict[str, Any] = {}
+        self._parser = NatsParser(on_message=self._receive)
+        #: Whether a message was routed during the current read.
+        self._routed = False
+        self._out = bytearray()
+        self._flush_scheduled = False
+        self._paused = False
+        self._closing = False
+        #: CONNECT sent on the current connection: subscriptions go out at once.
+        self._greeted = False
+        #: Subscribers per filter on this node, and the sids of its subjects.
+        self._interest: dict[str, int] = {}
+        self._sids: dict[str, tuple[int, ...]] = {}
+        #: The queue subscriptions of this node's shared groups: sid -> (share, filter).
+        self._group_sids: dict[int, tuple[str, str]] = {}
+        self._next_sid = 1
+        self._retained_sid = 0
+        #: Futures waiting for a PONG, in the order of their PINGs.
+        self._pongs: list[asyncio.Future[None]] = []
+        self._ready: asyncio.Future[None] | None = None
+        self._last_seen: dict[bytes, int] = {}
+        self._topics: dict[str, str] = {}
+        #: The PUB line of each topic forwarded lately.
+        self._lines: dict[str, bytes] = {}
+        #: Connected and the connection's write buffer under its high-water mark.
+        self._sending = False
+        self._reconnect: asyncio.Task[None] | None = None
+        self._server_index = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect to the first server that answers; ClusterUnavailable when
+        none does within ``connect_timeout``."""
+        deadline = self.loop.time() + self.connect_timeout
+        problems: list[str] = []
+        while True:
+            for _ in range(len(self.servers)):
+                error = await self._connect(max(0.05, deadline - self.loop.time()))
+                if error is None:
+                    return
+                problems.append(error)
+            if self.loop.time() >= deadline:
+                raise ClusterUnavailable(
+                    "no NATS server answered within %gs: %s" % (
+                        self.connect_timeout, "; ".join(dict.fromkeys(problems))))
+            await asyncio.sleep(0.1)
+
+    async def _connect(self, timeout: float) -> str | None:
+        """One attempt at the next server of the list; what went wrong, or None."""
+        host, port = self.servers[self._server_index % len(self.servers)]
+        self._server_index += 1
+        self.server = (host, port)
+        self._ready = self.loop.create_future()
+        try:
+            await asyncio.wait_for(self._open(host, port), timeout)
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except (OSError, asyncio.TimeoutError, ClusterUnavailable) as exc:
+            if self.transport is not None:
+                self.transport.abort()
+            return f"{host}:{port}: {exc or type(exc).__name__}"
+        return None
+
+    async def _open(self, host: str, port: int) -> None:
+        await self.loop.create_connection(lambda: self, host, port)
+
+    async def close(self) -> None:
+        """Flush what is forwarded and close the connection for good."""
+        self._closing = True
+        if self._reconnect is not None:
+            self._reconnect.cancel()
+            self._reconnect = None
+        transport = self.transport
+        if transport is not None:
+            self._flush()
+            transport.close()
+        for waiter in self._pongs:
+            if not waiter.done():
+                waiter.set_exception(ClusterUnavailable("the bus closed"))
+        self._pongs.clear()
+
+    async def synced(self, timeout: float = 5.0) -> None:
+        """Return when the server has read everything sent before (a PING
+        answered): the subscriptions made so far are in place there."""
+        if self.transport is None or not self.connected:
+            raise ClusterUnavailable("not connected to NATS")
+        waiter = self.loop.create_future()
+        self._pongs.append(waiter)
+        self._write(PING)
+        await asyncio.wait_for(waiter, timeout)
+
+    # ------------------------------------------------------------ the core's port
+
+    def forward(self, message: Message) -> None:
+        """Send a message published on this node to the nodes that want it."""
+        # The hot path of a cluster: one dictionary lookup for the PUB line
+        # of the topic, one struct for the envelope of a message without
+        # properties or expiry, four appends.
+        topic = message.topic
+        line = self._lines.get(topic)
+        if line is None:
+            line = self._line_of(topic, LIVE_PREFIX, self._lines)
+        if not line:
+            return  # $SYS is each node's own
+        if not self._sending:
+            self.stats.dropped += 1
+            return
+        self.sequence += 1
+        # This node's shared groups of the topic had the message already
+        # (the core routes before it forwards): the others must not.
+        served = self._served(topic) if self.core.groups else ()
+        if message.expires_at is None and not message.properties and not served:
+            head = _pack_head(ENVELOPE_VERSION, message.qos | (4 if message.retain else 0),
+                              self.origin, self.sequence)
+        else:
+            head = envelope_head(message, self.origin, self.sequence, self.loop.time(), served)
+        payload = message.payload
+        out = self._out
+        out += line % (len(head) + len(payload))
+        out += head
+        out += payload
+        out += b"\r\n"
+        self.stats.forwarded += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def retained(self, message: Message) -> None:
+        """Tell every node of a retained message set (or cleared) here."""
+        line = self._line_of(message.topic, RETAINED_PREFIX)
+        if not line:
+            return
+        if not self._sending:
+            self.stats.dropped += 1
+            return
+        head = envelope_head(message, self.origin, 0, self.loop.time())
+        self._write(line % (len(head) + len(message.payload)) + head + message.payload + b"\r\n")
+
+    def _served(self, topic: str) -> list[str]:
+        return [group_key(group.name, group.filter)
+                for group, _ in self.core.shared_trie.match(topic)]
+
+    @staticmethod
+    def _line_of(topic: str, prefix: str, cache: dict[str, bytes] | None = None) -> bytes:
+        """``PUB <subject> %d\\r\\n`` for ``topic`` (its size to fill in); empty
+        for a $SYS topic, which stays on its node."""
+        if topic.startswith(SYS_PREFIX):
+            line = b""
+        else:
+            line = b"PUB %b %%d\r\n" % topic_to_subject(prefix, topic).encode()
+        if cache is not None:
+            if len(cache) >= TOPICS_KEPT:
+                cache.clear()  # cheaper than evicting one by one, and rare
+            cache[topic] = line
+        return line
+
+    def subscribed(self, topic_filter: str) -> None:
+        """A subscriber of this node took ``topic_filter`` (one more)."""
+        count = self._interest.get(topic_filter, 0)
+        self._interest[topic_filter] = count + 1
+        if count == 0 and self._greeted and not topic_filter.startswith(SYS_PREFIX):
+            self._subscribe(topic_filter)
+
+    def unsubscribed(self, topic_filter: str) -> None:
+        """A subscriber of this node left ``topic_filter``."""
+        count = self._interest.get(topic_filter, 0)
+        if count > 1:
+            self._interest[topic_filter] = count - 1
+            return
+        self._interest.pop(topic_filter, None)
+        sids = self._sids.pop(topic_filter, ())  # only sids of this connection
+        for sid in sids:
+            self._group_sids.pop(sid, None)
+        if sids:
+            self._write(b"".join(unsub(sid) for sid in sids))
+
+    # ------------------------------------------------------------ writing
+
+    def _write(self, data: bytes) -> None:
+        self._out += data
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and self.transport is not None:
+            self.transport.write(bytes(self._out))
+        self._out.clear()
+
+    def _subscribe(self, topic_filter: str) -> None:
+        """SUB the subjects of a filter; for a shared group's, in a queue
+        group of its own, so that NATS gives each message to one node of
+        those that have members (one queue per (share, filter): NATS groups
+        queue subscriptions by name across subjects)."""
+        given = topic_filter
+        shared = split_shared(topic_filter)
+        queue = None
+        if shared is not None:
+            queue = topic_to_key(shared[0] + "/" + shared[1])
+            topic_filter = shared[1]
+        sids = []
+        out = bytearray()
+        for subject in filter_to_subjects(LIVE_PREFIX, topic_filter):
+            sid = self._next_sid
+            self._next_sid += 1
+            sids.append(sid)
+            if shared is not None:
+                self._group_sids[sid] = shared
+            out += sub(subject, sid, queue)
+        self._sids[given] = tuple(sids)
+        self._write(bytes(out))
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        # Bursts are absorbed up to max_buffer; past it, forwarding stops
+        # (dropped, counted) until the server has read half of it.
+        transport.set_write_buffer_limits(high=self.max_buffer, low=self.max_buffer // 2)
+        self._parser = NatsParser(on_message=self._receive)
+        self._out.clear()
+        self._paused = False
+        # The server speaks first (INFO); everything else waits for it.
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self._parser.feed(data)
+        except WireError as exc:
+            log.warning("NATS server %s sent what the protocol does not allow (%s); "
+                        "connecting again", self._where(), exc)
+            events = exc.events
+            self.loop.call_soon(self._abort)
+        for event in events:
+            if type(event) is Msg:  # with headers or a reply subject: no node sends one
+                self._refuse(event.subject, "a message with headers or a reply subject")
+            elif type(event) is Ping:
+                self._write(PONG)
+            elif type(event) is Pong:
+                self._pong()
+            elif type(event) is Info:
+                self._info(event.info)
+            elif type(event) is Err:
+                log.warning("NATS server %s: %s", self._where(), event.message)
+        if self._routed:
+            self._routed = False
+            self.core.outboxes.flush()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+        self._sending = False
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._sending = self.connected
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_connected = self.connected
+        self.transport = None
+        self.connected = self._greeted = self._sending = False
+        self._sids.clear()
+        self._group_sids.clear()
+        self._out.clear()
+        for waiter in self._pongs:
+            if not waiter.done():
+                waiter.set_exception(ClusterUnavailable("the connection to NATS was lost"))
+        self._pongs.clear()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(ClusterUnavailable(
+                f"closed before it was ready{': ' + str(exc) if exc else ''}"))
+            self._ready.exception()  # retrieved: start() reports it its own way
+        if was_connected:
+            self.stats.disconnects += 1
+            if not self._closing:
+                log.warning("lost the connection to NATS server %s%s; connecting again",
+                            self._where(), f" ({exc})" if exc else "")
+                self._reconnect = self.loop.create_task(self._reconnect_loop(),
+                                                        name="bastionmq cluster reconnect")
+
+    # ------------------------------------------------------------ reading
+
+    def _info(self, info: dict[str, Any]) -> None:
+        self.server_info = info
+        max_payload = info.get("max_payload")
+        if isinstance(max_payload, int) and max_payload > 0:
+            self._parser.max_payload = max_payload
+        if self.connected or self.transport is None:
+            return  # a later INFO: the cluster's servers changed
+        # The first INFO: introduce ourselves, make every subscription again,
+        # and PING: the PONG says the server took all of it.
+        self._greeted = True
+        given = self.credentials
+        self._write(connect(name=self.name, echo=False, user=given.get("user"),
+                            password=given.get("password"), token=given.get("token")))
+        for topic_filter in self._interest:
+            if not topic_filter.startswith(SYS_PREFIX):
+                self._subscribe(topic_filter)
+        self._retained_sid = self._next_sid
+        self._next_sid += 1
+        self._write(sub(RETAINED_PREFIX + ".>", self._retained_sid) + PING)
+        self._pongs.insert(0, self.loop.create_future())  # the answer to this PING
+
+    def _pong(self) -> None:
+        if not self._pongs:
+            return
+        waiter = self._pongs.pop(0)
+        if not self.connected and self.transport is not None:
+            self.connected = True
+            self._sending = not self._paused
+            self.stats.connects += 1
+            log.info("connected to NATS server %s as %s", self._where(), self.name)
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def _receive(self, subject: str, sid: int, payload: bytes) -> None:
+        """Deliver one message from another node (the parser's on_message)."""
+        topic = self._topics.get(subject)
+        if topic is None:
+            topic = self._topic_of(subject)
+            if topic is None:
+                return
+        core = self.core
+        try:
+            flags, origin, sequence = read_head(payload)
+            group = self._group_sids.get(sid) if self._group_sids else None
+            if group is not None:
+                # NATS picked this node for one of its shared groups.
+                message, served = read_message(topic, payload, flags, self.loop.time())
+                if group_key(*group) in served:
+                    self.stats.served_elsewhere += 1
+                elif core.deliver_to_group(message, *group):
+                    self.stats.received += 1
+                    self._routed = True
+                return
+            if sid == self._retained_sid:
+                core.retain(read_message(topic, payload, flags, self.loop.time())[0], False)
+                return
+            last = self._last_seen.get(origin)
+            if last is not None and sequence <= last:
+                self.stats.copies += 1
+                return
+            message = read_message(topic, payload, flags, self.loop.time())[0]
+        except EnvelopeError as exc:
+            self._refuse(subject, str(exc))
+            return
+        if last is None and len(self._last_seen) >= ORIGINS_KEPT:
+            del self._last_seen[next(iter(self._last_seen))]
+        self._last_seen[origin] = sequence
+        self.stats.received += 1
+        core.route_remote(message)
+        self._routed = True
+
+    def _topic_of(self, subject: str) -> str | None:
+        """The topic of a received subject, checked as a client's would be."""
+        prefix = RETAINED_PREFIX if subject.startswith(RETAINED_PREFIX + ".") else LIVE_PREFIX
+        try:
+            topic = subject_to_topic(prefix, subject)
+            validate_topic_name(topic)
+        except ValueError as exc:
+            self._refuse(subject, str(exc))
+            return None
+        if len(self._topics) >= TOPICS_KEPT:
+            self._topics.clear()
+        self._topics[subject] = topic
+        return topic
+
+    def _refuse(self, subject: str, why: str) -> None:
+        if not self.stats.refused:
+            log.warning("refused a message on %s from NATS: %s (logged once)", subject[:200], why)
+        self.stats.refused += 1
+
+    # ------------------------------------------------------------ reconnecting
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def _reconnect_loop(self) -> None:
+        attempt = 0
+        try:
+            while not self._closing and not self.connected:
+                await asyncio.sleep(RECONNECT_WAITS[min(attempt, len(RECONNECT_WAITS) - 1)])
+                attempt += 1
+                error = await self._connect(self.connect_timeout)
+                if error is not None and (attempt == 1 or attempt % 30 == 0):
+                    log.warning("cannot reach NATS (attempt %d): %s", attempt, error)
+        finally:
+            self._reconnect = None
+
+    def _where(self) -> str:
+        return "%s:%d" % self.server if self.server is not None else "?"

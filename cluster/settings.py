@@ -1,0 +1,81 @@
+"""The ``cluster`` settings: this node's place among others, on NATS."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import attrs
+from attrs import validators as v
+
+#: Where a NATS server listens for clients when none is named.
+DEFAULT_NATS_PORT = 4222
+
+_SERVER_RE = re.compile(r"(?:nats://)?(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9_.-]+))(?::(\d{1,5}))?")
+
+
+def parse_server(text: str) -> tuple[str, int]:
+    """``nats://HOST:PORT``, ``HOST:PORT`` or ``HOST`` (port 4222) as
+    (host, port); ValueError with an operator's message otherwise."""
+    match = _SERVER_RE.fullmatch(text.strip())
+    port = int(match.group(3)) if match and match.group(3) else DEFAULT_NATS_PORT
+    if match is None or not 0 < port < 65536:
+        raise ValueError(f"{text!r} is not a NATS server address "
+                         "(nats://HOST:PORT, HOST:PORT or HOST)")
+    return match.group(1) or match.group(2), port
+
+
+def _servers(instance: object, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    if not value:
+        raise ValueError("must name at least one NATS server")
+    for text in value:
+        parse_server(text)
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class NatsConfig:
+    """How this node reaches NATS."""
+
+    #: The servers, tried in turn (at start, and when the connection is lost).
+    servers: tuple[str, ...] = attrs.field(default=("nats://127.0.0.1:4222",),
+                                           validator=_servers)
+    #: All-in-one: the broker starts a nats-server with JetStream itself,
+    #: listening on loopback at the first server's port, its store in
+    #: node.data_dir/nats, and stops it on the way out. For one machine
+    #: (development, tests, a single box); in production NATS is run by the
+    #: operator, as a cluster of its own.
+    embedded: bool = False
+    #: The nats-server program for ``embedded`` (looked up on PATH, then in /usr/sbin).
+    embedded_binary: str = "nats-server"
+    #: How long start-up waits for a server to answer before it gives up.
+    connect_timeout: float = attrs.field(default=5.0, metadata={"unit": "duration"},
+                                         validator=v.gt(0))
+    #: Credentials, when the servers ask for them.
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [parse_server(text) for text in self.servers]
+
+    @property
+    def credentials(self) -> dict[str, str]:
+        given = {"user": self.username, "password": self.password, "token": self.token}
+        return {key: value for key, value in given.items() if value is not None}
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
+class ClusterConfig:
+    """Running as one node of several (../docs/cluster.md)."""
+
+    enable: bool = False
+    #: This node's name among the others; unset, the host name and the process id.
+    node_name: str | None = attrs.field(
+        default=None, validator=v.optional(v.matches_re(r"[A-Za-z0-9_.@-]{1,64}")))
+    nats: NatsConfig = attrs.field(factory=NatsConfig)
+
+    @property
+    def name(self) -> str:
+        return self.node_name or f"{socket.gethostname()}-{os.getpid()}"

@@ -1,0 +1,374 @@
+"""Nodes on NATS: what a client of one node sees of the others.
+
+Real brokers (each in its own thread and event loop, as an embedding
+application runs one), a real nats-server, real paho clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import socket
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bastionmq.app import Broker
+from bastionmq.config import ConfigError, load_config
+from bastionmq.testkit import RunningBroker, embedded_config
+from mosquitto_peer import free_port
+from nats_peer import NatsServer, poll
+
+TIMEOUT = 15.0
+
+
+def node_config(name: str, servers: list[str], extra: str = "") -> str:
+    quoted = ", ".join(f'"{server}"' for server in servers)
+    return f"""
+listeners.tcp.default {{ bind = "127.0.0.1:0" }}
+allow_anonymous = true
+cluster {{ enable = true, node_name = "{name}", nats.servers = [{quoted}] }}
+{extra}
+"""
+
+
+@pytest.fixture
+def nats(tmp_path):
+    with NatsServer(tmp_path / "nats") as server:
+        yield server
+
+
+@pytest.fixture
+def nodes(nats, tmp_path):
+    """Start nodes on ``nats``; every one is stopped at the end."""
+    started: list[RunningBroker] = []
+
+    def start(name: str, extra: str = "") -> RunningBroker:
+        directory = tmp_path / name
+        directory.mkdir()
+        node = RunningBroker(embedded_config(
+            node_config(name, [f"127.0.0.1:{nats.port}"], extra), directory), name=name)
+        started.append(node)
+        return node
+
+    yield start
+    for node in reversed(started):
+        node.stop()
+
+
+def synced(*nodes: RunningBroker) -> None:
+    """Every node's subscriptions so far are in place at the NATS server."""
+    for node in nodes:
+        node.call(node.broker.bus.synced())
+
+
+def bus(node: RunningBroker):
+    return node.broker.bus
+
+
+def reaches_nothing(a: RunningBroker, b: RunningBroker, clients, topic: str,
+                    *filters: str) -> None:
+    """A message published on ``topic`` on node a reaches no subscriber of
+    node b, not even one subscribed to ``filters``: a marker published after
+    it arrives first, and messages from one node arrive in order."""
+    watcher = clients(b.port, client_id="watcher")
+    for topic_filter in (*filters, "marker"):
+        watcher.subscribe(topic_filter, 0)
+    synced(b)
+    a.publish(topic, b"not for b")
+    a.publish("marker", b"after")
+    [message] = watcher.expect()
+    assert message.topic == "marker"
+
+
+def test_a_message_published_on_one_node_reaches_the_others(nodes, clients):
+    a, b, c = nodes("a"), nodes("b"), nodes("c")
+    on_b = clients(b.port, client_id="on-b", version=paho.MQTTv5)
+    on_c = clients(c.port, client_id="on-c")
+    on_a = clients(a.port, client_id="on-a")
+    for client, qos in ((on_b, 2), (on_c, 1), (on_a, 0)):
+        assert client.subscribe("plant/+/temperature", qos) == [qos]
+    synced(a, b, c)
+    publisher = clients(a.port, client_id="publisher", version=paho.MQTTv5)
+    for qos in (0, 1, 2):
+        publisher.publish("plant/7/temperature", f"qos{qos}", qos)
+    for client, granted in ((on_b, 2), (on_c, 1), (on_a, 0)):
+        messages = client.expect(3)
+        assert [m.payload for m in messages] == [b"qos0", b"qos1", b"qos2"]
+        assert [m.qos for m in messages] == [min(q, granted) for q in (0, 1, 2)]
+    # Exactly once each: the publishing node's own subscriber is served
+    # locally, NATS does not echo the copy back to it.
+    for client, topic in ((on_a, "plant/m/temperature"), (on_b, "plant/m/temperature"),
+                          (on_c, "plant/m/temperature")):
+        client.expect_nothing_more(topic)
+
+
+def test_overlapping_filters_on_a_node_deliver_once(nodes, clients):
+    a, b = nodes("a"), nodes("b")
+    reader = clients(b.port, client_id="reader", version=paho.MQTTv5)
+    other = clients(b.port, client_id="other")
+    assert reader.subscribe("site/#", 1) == [1]
+    assert reader.subscribe("site/+/door", 1) == [1]
+    assert other.subscribe("site/1/door", 0) == [0]
+    assert other.subscribe("site/1/#", 0) == [0]
+    synced(b)
+    # NATS sends node b one copy per matching subject of its own: b routes the
+    # first and recognises the others.
+    clients(a.port, client_id="publisher").publish("site/1/door", b"open", 1)
+    [message] = reader.expect()
+    assert (message.topic, message.payload) == ("site/1/door", b"open")
+    [message] = other.expect()
+    assert message.payload == b"open"
+    reader.expect_nothing_more("site/marker")
+    other.expect_nothing_more("site/1/door")
+    assert bus(b).stats.copies >= 1
+
+
+def test_properties_expiry_and_retain_as_published_cross_nodes(nodes, clients):
+    a, b = nodes("a"), nodes("b")
+    reader = clients(b.port, client_id="reader", version=paho.MQTTv5)
+    assert reader.subscribe("app/#", 1, retainAsPublished=True) == [1]
+    synced(b)
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("trace", "42"), ("trace", "43")]
+    props.ContentType = "application/json"
+    props.ResponseTopic = "app/replies"
+    props.CorrelationData = b"\x00\x01"
+    props.PayloadFormatIndicator = 1
+    props.MessageExpiryInterval = 600
+    clients(a.port, client_id="publisher", version=paho.MQTTv5).publish(
+        "app/x", b'{"on": true}', 1, retain=True, properties=props)
+    [message] = reader.expect()
+    assert message.retain  # retain as published
+    got = message.properties
+    assert got.UserProperty == [("trace", "42"), ("trace", "43")]
+    assert got.ContentType == "application/json"
+    assert got.ResponseTopic == "app/replies"
+    assert got.CorrelationData == b"\x00\x01"
+    assert got.PayloadFormatIndicator == 1
+    assert 595 <= got.MessageExpiryInterval <= 600
+
+
+def test_a_retained_message_is_on_every_node(nodes, clients):
+    a, b = nodes("a"), nodes("b")
+    synced(a, b)
+    clients(a.port, client_id="publisher").publish("status/pump", b"running", 1, retain=True)
+    poll(lambda: b.run(lambda: b.core.retained.get("status/pump")), "the retained message on b")
+    late = clients(b.port, client_id="late")
+    late.subscribe("status/#", 1)
+    [message] = late.expect()
+    assert (message.topic, message.payload, message.retain) == ("status/pump", b"running", True)
+    # Cleared on one node: cleared on every node.
+    clients(b.port, client_id="clearer").publish("status/pump", b"", 1, retain=True)
+    poll(lambda: b.run(lambda: a.core.retained.get("status/pump")) is None,
+         "the retained message cleared on a")
+
+
+def test_sys_topics_stay_on_their_node(nodes, clients):
+    a, b = nodes("a"), nodes("b")
+    reaches_nothing(a, b, clients, "$SYS/custom/load", "$SYS/custom/#")
+
+
+def test_the_last_subscriber_gone_ends_the_nodes_interest(nodes, nats, clients):
+    a, b = nodes("a"), nodes("b")
+    synced(a, b)
+    before = nats.monitor_json("/subsz")["num_subscriptions"]
+    first = clients(b.port, client_id="first")
+    second = clients(b.port, client_id="second")
+    first.subscribe("room/+/light", 0)
+    second.subscribe("room/+/light", 0)
+    synced(b)
+    assert nats.monitor_json("/subsz")["num_subscriptions"] == before + 1  # one per filter
+    first.unsubscribe("room/+/light")
+    synced(b)
+    assert nats.monitor_json("/subsz")["num_subscriptions"] == before + 1
+    second.disconnect()
+    poll(lambda: nats.monitor_json("/subsz")["num_subscriptions"] == before,
+         "the node's subscription gone from NATS")
+    reaches_nothing(a, b, clients, "room/1/light")
+    assert bus(b).stats.received == 1  # the marker only
+
+
+def test_the_bus_comes_back_after_nats_restarts(nodes, nats, clients):
+    a, b = nodes("a"), nodes("b")
+    reader = clients(b.port, client_id="reader")
+    reader.subscribe("feed/#", 0)
+    synced(b)
+    nats.kill()
+    poll(lambda: not bus(a).connected and not bus(b).connected, "both nodes see NATS gone")
+    a.publish("feed/lost", b"nobody to carry it")  # dropped and counted, not queued
+    assert bus(a).stats.dropped >= 1
+    nats.start()
+    poll(lambda: bus(a).connected and bus(b).connected, "both nodes connected again")
+    synced(b)  # b's subscriptions made again on the new connection
+    a.publish("feed/back", b"again")
+    [message] = reader.expect()
+    assert (message.topic, message.payload) == ("feed/back", b"again")
+    assert bus(a).stats.connects == 2 and bus(b).stats.disconnects == 1
+
+
+def test_what_no_node_sends_is_refused_and_nothing_else_is_disturbed(nodes, nats, clients):
+    a, b = nodes("a"), nodes("b")
+    reader = clients(b.port, client_id="reader")
+    reader.subscribe("x/#", 0)
+    synced(b)
+    # A NATS client that is not a node publishes junk on the nodes' subjects:
+    # not an envelope, an escape no node makes, a topic with a wildcard.
+    with socket.create_connection(("127.0.0.1", nats.port), timeout=TIMEOUT) as raw:
+        raw.recv(4096)  # INFO
+        raw.sendall(b'CONNECT {"verbose":false}\r\n'
+                    b"PUB bmq.t.x.junk 3\r\nabc\r\n"
+                    b"PUB bmq.t.x.=zz 0\r\n\r\n"
+                    b"PUB bmq.t.x.=2B 0\r\n\r\n"
+                    b"PING\r\n")
+        assert b"PONG" in raw.recv(4096)
+    poll(lambda: bus(b).stats.refused >= 3, "the junk refused")
+    a.publish("x/fine", b"still flowing")
+    [message] = reader.expect()
+    assert message.payload == b"still flowing"
+    assert bus(b).connected
+
+
+def test_start_fails_with_the_key_when_no_nats_server_answers(tmp_path):
+    port = free_port()
+    config = embedded_config(node_config("lonely", [f"127.0.0.1:{port}"],
+                                         "cluster.nats.connect_timeout = 300ms"), tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        RunningBroker(config, name="lonely")
+    assert "cluster.nats.servers" in str(caught.value)
+    assert f"127.0.0.1:{port}" in str(caught.value)
+
+
+def test_a_bad_server_address_is_a_config_error_with_its_key():
+    with pytest.raises(ConfigError) as caught:
+        load_config(text='cluster.nats.servers = ["nats://no such host:4222"]')
+    assert "cluster.nats.servers" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        load_config(text="cluster.nats.servers = []")
+    assert "at least one NATS server" in str(caught.value)
+
+
+def test_all_in_one_starts_its_own_nats_server_and_a_second_node_shares_it(tmp_path, clients):
+    port = free_port()
+    embedded = "cluster.nats.embedded = true"
+    first = RunningBroker(embedded_config(
+        node_config("one", [f"127.0.0.1:{port}"], embedded), tmp_path / "one"), name="one")
+    try:
+        server = first.broker.embedded_nats
+        assert server is not None and server.process is not None
+        assert (tmp_path / "one" / "nats" / "jetstream").is_dir()
+        second = RunningBroker(embedded_config(
+            node_config("two", [f"127.0.0.1:{port}"], embedded), tmp_path / "two"), name="two")
+        try:
+            assert second.broker.embedded_nats is not None
+            assert second.broker.embedded_nats.process is None  # used the first one's
+            reader = clients(second.port, client_id="reader")
+            reader.subscribe("shared/+", 1)
+            synced(second)
+            clients(first.port, client_id="writer").publish("shared/x", b"via the embedded server", 1)
+            [message] = reader.expect()
+            assert message.payload == b"via the embedded server"
+        finally:
+            second.stop()
+        process = server.process
+    finally:
+        first.stop()
+    assert process.returncode is not None  # stopped with its broker
+
+
+def test_an_embedded_broker_can_join_in_process(nats):
+    """The library form: ``async with Broker(config)`` joins too."""
+
+    async def main():
+        text = node_config("lib", [f"127.0.0.1:{nats.port}"])
+        seen: dict[str, list[str]] = {"one": [], "two": []}
+        async with Broker(text) as one, Broker(text.replace('"lib"', '"lib2"')) as two:
+            one.on_message(lambda message: seen["one"].append(message.topic))
+            two.on_message(lambda message: seen["two"].append(message.topic))
+            subscriber = two.subscribe("lib/#", qos=1)
+            await two.bus.synced()
+            await one.publish("lib/x", b"in process")
+            message = await asyncio.wait_for(subscriber.get(), TIMEOUT)
+            assert (message.topic, message.payload) == ("lib/x", b"in process")
+            subscriber.close()
+        # Observed once in the cluster: where it was published.
+        assert seen == {"one": ["lib/x"], "two": []}
+
+    asyncio.run(main())
+
+
+def received(*readers, quiet: float = 0.5) -> list:
+    """Everything the readers got until none got anything for ``quiet`` seconds."""
+    got = []
+    for reader in readers:
+        while True:
+            try:
+                got.append((reader, reader.messages.get(timeout=quiet)))
+            except queue.Empty:
+                break
+    return got
+
+
+def test_a_shared_group_spread_over_nodes_gets_each_message_once(nodes, clients):
+    a, b, c = nodes("a"), nodes("b"), nodes("c")
+    on_b = clients(b.port, client_id="worker-b", version=paho.MQTTv5)
+    on_c = clients(c.port, client_id="worker-c", version=paho.MQTTv5)
+    for worker in (on_b, on_c):
+        assert worker.subscribe("$share/workers/jobs/#", 1) == [1]
+    synced(b, c)
+    publisher = clients(a.port, client_id="publisher")
+    for n in range(60):
+        publisher.publish(f"jobs/{n % 3}", str(n), 1)
+    got = received(on_b, on_c)
+    assert sorted(int(m.payload) for _, m in got) == list(range(60))  # each once
+    # NATS picks the node among those with members: both had their share.
+    assert {reader for reader, _ in got} == {on_b, on_c}
+
+
+def test_a_group_with_a_member_on_the_publishing_node_is_served_there(nodes, clients):
+    a, b = nodes("a"), nodes("b")
+    local = clients(a.port, client_id="local-worker")
+    remote = clients(b.port, client_id="remote-worker")
+    for worker in (local, remote):
+        assert worker.subscribe("$share/workers/jobs/+", 1) == [1]
+    synced(a, b)
+    publisher = clients(a.port, client_id="publisher")
+    for n in range(20):
+        publisher.publish("jobs/x", str(n), 1)
+    got = received(local, remote)
+    assert sorted(int(m.payload) for _, m in got) == list(range(20))
+    assert {reader for reader, _ in got} == {local}  # local first
+    # Whatever copies NATS gave node b's queue were recognised as served.
+    assert bus(b).stats.received == 0
+
+
+def test_groups_of_one_share_name_on_overlapping_filters_each_get_a_copy(nodes, clients):
+    a, b, c = nodes("a"), nodes("b"), nodes("c")
+    wide = clients(b.port, client_id="wide")
+    narrow = clients(c.port, client_id="narrow")
+    plain = clients(c.port, client_id="plain")
+    assert wide.subscribe("$share/g/sensors/#", 0) == [0]
+    assert narrow.subscribe("$share/g/sensors/+", 0) == [0]
+    assert plain.subscribe("sensors/+", 0) == [0]
+    synced(b, c)
+    clients(a.port, client_id="publisher").publish("sensors/t", b"21", 1)
+    for reader in (wide, narrow, plain):
+        [message] = reader.expect()
+        assert message.payload == b"21"
+    got = received(wide, narrow, plain)
+    assert got == []
+
+
+def test_the_last_member_gone_ends_the_groups_queue(nodes, nats, clients):
+    a, b = nodes("a"), nodes("b")
+    synced(a, b)
+    before = nats.monitor_json("/subsz")["num_subscriptions"]
+    worker = clients(b.port, client_id="worker")
+    worker.subscribe("$share/g/q/#", 0)
+    synced(b)
+    assert nats.monitor_json("/subsz")["num_subscriptions"] == before + 2  # "q" and "q.>"
+    worker.unsubscribe("$share/g/q/#")
+    synced(b)
+    assert nats.monitor_json("/subsz")["num_subscriptions"] == before
