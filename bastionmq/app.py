@@ -47,7 +47,9 @@ from bastionmq.listeners.base import Listener
 from bastionmq.listeners.certificates import certificate_facts
 from bastionmq.listeners.proxied import ProxySettings
 from bastionmq.listeners.tls import TlsListener
-from bastionmq.listeners.tls_context import TlsSetupError, load_material, ssl_options_path
+from bastionmq.listeners.tls_context import (
+    TlsSetupError, build_client_context, load_material, ssl_options_path,
+)
 from bastionmq.listeners.ws import WsListener, WssListener
 from bastionmq.ops.logs import configure_logging
 from bastionmq.ops.server import OpsServer
@@ -454,6 +456,9 @@ class Broker:
         nats = cluster.nats
         if nats.embedded:
             host, port = nats.addresses[0]
+            if nats.tls.enable:
+                raise ConfigError([("cluster.nats.tls.enable", "the embedded server listens "
+                                    "on loopback without TLS: turn one of them off")])
             if host not in ("127.0.0.1", "localhost", "::1"):
                 raise ConfigError([("cluster.nats.servers", f"the embedded server listens on "
                                     f"loopback: the first server must be 127.0.0.1:PORT, "
@@ -466,8 +471,16 @@ class Broker:
             except EmbeddedError as exc:
                 raise ConfigError([("cluster.nats.embedded", str(exc))]) from None
             self.embedded_nats = embedded
+        tls = None
+        if nats.tls.enable:
+            try:
+                tls = build_client_context(nats.tls)
+            except TlsSetupError as exc:
+                raise ConfigError([(exc.key_path("cluster.nats.tls"), str(exc))]) from None
         bus = NatsBus(core, nats.addresses, cluster.name,
-                      connect_timeout=nats.connect_timeout, credentials=nats.credentials)
+                      connect_timeout=nats.connect_timeout, credentials=nats.credentials,
+                      tls=tls, server_name=nats.tls.server_name_indication,
+                      heartbeat=cluster.heartbeat)
         try:
             await bus.start()
         except ClusterUnavailable as exc:

@@ -442,6 +442,26 @@ def ctl_group(load: Any, config_option: Any, database_action: Any) -> click.Grou
         """The node's figures."""
         api.show(api.call("GET", "/stats"))
 
+    @ctl.group()
+    def cluster() -> None:
+        """The cluster of nodes on NATS (docs/cluster.md)."""
+
+    @cluster.command("status")
+    @click.pass_obj
+    def cluster_status(api: ApiClient) -> None:
+        """The nodes, their clients, and this node's connection to NATS."""
+        answer = api.call("GET", "/cluster")
+        if api.as_json or not answer.get("enabled"):
+            api.show(answer)
+            return
+        nats = answer["nats"]
+        state = "connected" if nats["connected"] else "NOT CONNECTED"
+        click.echo(f"node {answer['node']}: {state} to NATS {nats['server'] or '-'} "
+                   f"({nats['server_name'] or '?'}, nats-server {nats['version'] or '?'}"
+                   f"{', TLS' if nats['tls'] else ''})")
+        _table(answer["nodes"], ("node", "this", "clients", "connections", "sessions",
+                                 "subscriptions"))
+
     return ctl
 
 

@@ -228,6 +228,8 @@ class BrokerCore:
             self.access_changed()  # its routes were decided for who it was before
         session.client = client
         session.offline_since = None
+        if self.cluster is not None:
+            self.cluster.claimed(client_id, session.owner)
         journal = self.journal
         if journal is not None:
             if expiry:
@@ -237,6 +239,26 @@ class BrokerCore:
         if self.observer is not None:
             self.observer.connected(connection)
         return session, present
+
+    def taken_over_elsewhere(self, client_id: str, owner: str | None) -> bool:
+        """Another node of the cluster connected ``client_id`` after this
+        one did: its connection here goes, as in a takeover on one node
+        ([MQTT-3.1.4-3], 5.0: DISCONNECT 0x8E). Not for another identity's
+        claim, unless ``mqtt.session_takeover_by_other_identity = clean``:
+        a client id alone must not let anyone cut a client off. Whether
+        the connection here was closed."""
+        session = self.sessions.get(client_id)
+        if session is None or session.connection is None:
+            return False
+        if (owner != session.owner and session.owner is not None
+                and self.settings.session_takeover_by_other_identity != "clean"):
+            log.warning("client id %s connected on another node by another identity: "
+                        "its connection here is kept", shown(client_id))
+            return False
+        log.info("client %s connected on another node: closing its connection here",
+                 shown(client_id))
+        session.connection.close(Reason.SESSION_TAKEN_OVER, "session taken over")
+        return True
 
     def resume_session(self, session: Session) -> None:
         """Resend what was in flight (DUP set, [MQTT-4.4.0-1]), then the queue."""

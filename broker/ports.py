@@ -358,3 +358,8 @@ class ClusterBus(Protocol):
         """A session of this node left ``topic_filter``; a shared one when
         its group's last member here left."""
         ...
+
+    def claimed(self, client_id: str, owner: str | None) -> None:
+        """A client connected to this node as ``client_id``, the identity
+        ``owner`` (broker.ownership): the other nodes close theirs."""
+        ...

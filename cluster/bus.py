@@ -26,8 +26,11 @@ are made again on it; messages forwarded meanwhile are dropped and counted
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
+import ssl
+import time
 from typing import Any, Sequence
 
 import attrs
@@ -42,7 +45,7 @@ from .envelope import (
     ENVELOPE_VERSION, EnvelopeError, envelope_head, group_key, read_head, read_message,
 )
 from .envelope import pack_head as _pack_head
-from .wire import Err, Info, Msg, NatsParser, Ping, Pong, WireError, connect, sub, unsub
+from .wire import Err, Info, Msg, NatsParser, Ping, Pong, WireError, connect, pub, sub, unsub
 from .wire import PING, PONG
 
 log = logging.getLogger("bastionmq.cluster")
@@ -50,6 +53,17 @@ log = logging.getLogger("bastionmq.cluster")
 #: Subjects of the messages routed between nodes, and of retained messages.
 LIVE_PREFIX = "bmq.t"
 RETAINED_PREFIX = "bmq.ret"
+
+#: Where a node says it has connected a client id (every node listens).
+CLAIM_SUBJECT = "bmq.claim"
+
+#: Where each node says, every heartbeat, that it is there (every node listens).
+HEARTBEAT_SUBJECT = "bmq.node.heartbeat"
+
+#: How long this node remembers when it connected a client id: two nodes that
+#: connect one id at nearly the same time compare these, so that only the
+#: older connection goes.
+CLAIM_MEMORY_NS = 30 * 10**9
 
 #: Origins whose last sequence is remembered (the oldest go first); each
 #: start of a node is a new origin.
@@ -82,6 +96,9 @@ class BusStats:
     dropped: int = 0
     #: Received messages refused: a subject or envelope no node makes.
     refused: int = 0
+    #: Connections of this node closed because their client id connected
+    #: on another node later.
+    taken_over: int = 0
     #: Connections made to NATS, and lost.
     connects: int = 0
     disconnects: int = 0
@@ -92,7 +109,9 @@ class NatsBus(asyncio.Protocol):
 
     def __init__(self, core: Any, servers: Sequence[tuple[str, int]], name: str, *,
                  connect_timeout: float = 5.0, max_buffer: int = 64 * 1024 * 1024,
-                 credentials: dict[str, str] | None = None) -> None:
+                 credentials: dict[str, str] | None = None,
+                 tls: ssl.SSLContext | None = None, server_name: str | None = None,
+                 heartbeat: float = 1.0) -> None:
         if not servers:
             raise ValueError("no NATS server given")
         self.core = core
@@ -102,6 +121,13 @@ class NatsBus(asyncio.Protocol):
         self.connect_timeout = connect_timeout
         self.max_buffer = max_buffer
         self.credentials = credentials or {}
+        #: TLS to the servers: the context, and the name their certificate
+        #: must carry (None: each server's host; "disable": none).
+        self.tls = tls
+        self.server_name = server_name
+        #: The current connection is past its TLS handshake.
+        self._secured = False
+        self._upgrade: asyncio.Task[None] | None = None
         #: This start of the node: copies are recognised by (origin, sequence).
         self.origin = secrets.token_bytes(8)
         self.sequence = 0
@@ -127,8 +153,12 @@ class NatsBus(asyncio.Protocol):
         self._group_sids: dict[int, tuple[str, str]] = {}
         self._next_sid = 1
         self._retained_sid = 0
-        #: Futures waiting for a PONG, in the order of their PINGs.
-        self._pongs: list[asyncio.Future[None]] = []
+        self._claim_sid = 0
+        #: When this node connected each client id lately (wall clock, ns).
+        self._claims: dict[str, int] = {}
+        #: Futures waiting for a PONG, in the order of their PINGs (None for
+        #: the PING of the greeting, whose PONG makes the connection ready).
+        self._pongs: list[asyncio.Future[None] | None] = []
         self._ready: asyncio.Future[None] | None = None
         self._last_seen: dict[bytes, int] = {}
         self._topics: dict[str, str] = {}
@@ -138,6 +168,12 @@ class NatsBus(asyncio.Protocol):
         self._sending = False
         self._reconnect: asyncio.Task[None] | None = None
         self._server_index = 0
+        self.heartbeat = heartbeat
+        self._heartbeat_sid = 0
+        self._heartbeats: asyncio.Task[None] | None = None
+        #: The other nodes heard from: name -> (their last heartbeat, when it came).
+        self.peers: dict[str, tuple[dict[str, Any], float]] = {}
+        self.started_at = time.time()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -150,6 +186,8 @@ class NatsBus(asyncio.Protocol):
             for _ in range(len(self.servers)):
                 error = await self._connect(max(0.05, deadline - self.loop.time()))
                 if error is None:
+                    self._heartbeats = self.loop.create_task(
+                        self._beat(), name="bastionmq cluster heartbeat")
                     return
                 problems.append(error)
             if self.loop.time() >= deadline:
@@ -179,15 +217,16 @@ class NatsBus(asyncio.Protocol):
     async def close(self) -> None:
         """Flush what is forwarded and close the connection for good."""
         self._closing = True
-        if self._reconnect is not None:
-            self._reconnect.cancel()
-            self._reconnect = None
+        for task in (self._reconnect, self._heartbeats):
+            if task is not None:
+                task.cancel()
+        self._reconnect = self._heartbeats = None
         transport = self.transport
         if transport is not None:
             self._flush()
             transport.close()
         for waiter in self._pongs:
-            if not waiter.done():
+            if waiter is not None and not waiter.done():
                 waiter.set_exception(ClusterUnavailable("the bus closed"))
         self._pongs.clear()
 
@@ -286,6 +325,92 @@ class NatsBus(asyncio.Protocol):
         if sids:
             self._write(b"".join(unsub(sid) for sid in sids))
 
+    def claimed(self, client_id: str, owner: str | None) -> None:
+        """A client connected here as ``client_id``: tell the other nodes,
+        which close a connection of theirs with that id (clean-session
+        takeover by broadcast, as RabbitMQ's MQTT does: no round trip on the
+        CONNECT path). While NATS is out of reach the claim is lost and two
+        nodes may each keep a connection with the id until it connects again."""
+        now = time.time_ns()
+        claims = self._claims
+        claims.pop(client_id, None)  # to the end: the dict stays in time order
+        claims[client_id] = now
+        if len(claims) > 1024:
+            for old in [key for key, at in claims.items() if at < now - CLAIM_MEMORY_NS]:
+                del claims[old]
+        if self._sending:
+            claim = json.dumps([client_id, owner, now, self.origin.hex()])
+            self._write(pub(CLAIM_SUBJECT, claim.encode()))
+
+    def _claim(self, payload: bytes) -> None:
+        """Another node connected a client id."""
+        try:
+            client_id, owner, at, origin = json.loads(payload)
+            if not (isinstance(client_id, str) and isinstance(at, int)
+                    and isinstance(origin, str) and (owner is None or isinstance(owner, str))):
+                raise ValueError("not [client id, owner, time, origin]")
+        except ValueError as exc:
+            self._refuse(CLAIM_SUBJECT, f"a claim that is not one: {exc}")
+            return
+        mine = self._claims.get(client_id)
+        if mine is not None and (mine, self.origin.hex()) > (at, origin):
+            return  # connected here later: the other node closes its connection
+        self._claims.pop(client_id, None)
+        if self.core.taken_over_elsewhere(client_id, owner):
+            self.stats.taken_over += 1
+
+    # ------------------------------------------------------------ the nodes
+
+    def figures(self) -> dict[str, Any]:
+        """What this node tells the others every heartbeat."""
+        core = self.core
+        connected = sum(1 for session in core.sessions.values() if session.connection is not None)
+        return {"node": self.name, "origin": self.origin.hex(), "started_at": self.started_at,
+                "connections": len(core.connections), "clients": connected,
+                "sessions": len(core.sessions), "subscriptions": core.subscription_count(),
+                "at": time.time()}
+
+    async def _beat(self) -> None:
+        while True:
+            if self._sending:
+                self._write(pub(HEARTBEAT_SUBJECT, json.dumps(self.figures()).encode()))
+            await asyncio.sleep(self.heartbeat)
+
+    def _heard(self, payload: bytes) -> None:
+        try:
+            figures = json.loads(payload)
+            name = figures["node"]
+            if not isinstance(name, str):
+                raise ValueError("no node name")
+        except (ValueError, TypeError, KeyError) as exc:
+            self._refuse(HEARTBEAT_SUBJECT, f"a heartbeat that is not one: {exc}")
+            return
+        self.peers[name] = (figures, self.loop.time())
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """This node and the others heard from within three heartbeats."""
+        now = self.loop.time()
+        for name in [name for name, (_, at) in self.peers.items()
+                     if now - at > 3 * self.heartbeat]:
+            del self.peers[name]
+        this = dict(self.figures(), this=True)
+        return [this] + [dict(figures, this=False) for figures, _ in
+                         sorted(self.peers.values(), key=lambda peer: peer[0]["node"])]
+
+    def status(self) -> dict[str, Any]:
+        """The cluster as this node sees it (the management API's /cluster)."""
+        info = self.server_info
+        return {
+            "node": self.name,
+            "nats": {"connected": self.connected,
+                     "server": "%s:%d" % self.server if self.server else None,
+                     "server_name": info.get("server_name"), "version": info.get("version"),
+                     "cluster": info.get("cluster"), "tls": self._secured,
+                     "filters": len(self._interest)},
+            "nodes": self.nodes(),
+            "counters": attrs.asdict(self.stats),
+        }
+
     # ------------------------------------------------------------ writing
 
     def _write(self, data: bytes) -> None:
@@ -333,6 +458,7 @@ class NatsBus(asyncio.Protocol):
         self._parser = NatsParser(on_message=self._receive)
         self._out.clear()
         self._paused = False
+        self._secured = False
         # The server speaks first (INFO); everything else waits for it.
 
     def data_received(self, data: bytes) -> None:
@@ -374,12 +500,14 @@ class NatsBus(asyncio.Protocol):
         self._group_sids.clear()
         self._out.clear()
         for waiter in self._pongs:
-            if not waiter.done():
+            if waiter is not None and not waiter.done():
                 waiter.set_exception(ClusterUnavailable("the connection to NATS was lost"))
         self._pongs.clear()
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(ClusterUnavailable(
-                f"closed before it was ready{': ' + str(exc) if exc else ''}"))
+            why = "the server closed the connection before it was ready"
+            if self._secured:
+                why += " (after the TLS handshake: does it accept this node's certificate?)"
+            self._ready.set_exception(ClusterUnavailable(f"{why}{': ' + str(exc) if exc else ''}"))
             self._ready.exception()  # retrieved: start() reports it its own way
         if was_connected:
             self.stats.disconnects += 1
@@ -396,10 +524,52 @@ class NatsBus(asyncio.Protocol):
         max_payload = info.get("max_payload")
         if isinstance(max_payload, int) and max_payload > 0:
             self._parser.max_payload = max_payload
-        if self.connected or self.transport is None:
+        if self._greeted or self.transport is None or self._upgrade is not None:
             return  # a later INFO: the cluster's servers changed
-        # The first INFO: introduce ourselves, make every subscription again,
-        # and PING: the PONG says the server took all of it.
+        if not self._secured and (self.tls is not None or info.get("tls_required")):
+            # NATS speaks TLS after its first INFO, in plain text.
+            if self.tls is None:
+                self._fail("the server requires TLS: set cluster.nats.tls")
+            elif not (info.get("tls_required") or info.get("tls_available")):
+                self._fail("the server does not offer TLS (cluster.nats.tls is on)")
+            else:
+                self._upgrade = self.loop.create_task(self._start_tls(),
+                                                      name="bastionmq cluster TLS")
+            return
+        self._greet()
+
+    def _fail(self, why: str) -> None:
+        """This connection cannot be used: start() (or the reconnect loop) says why."""
+        log.debug("NATS server %s: %s", self._where(), why)
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(ClusterUnavailable(why))
+        self._abort()
+
+    async def _start_tls(self) -> None:
+        transport = self.transport
+        assert transport is not None and self.tls is not None and self.server is not None
+        name = self.server_name or self.server[0]
+        try:
+            secured = await self.loop.start_tls(
+                transport, self, self.tls,
+                server_hostname=None if name == "disable" else name)
+        except (ssl.SSLError, ssl.CertificateError, OSError, ConnectionError) as exc:
+            verified = getattr(exc, "verify_message", None)
+            self._fail("TLS handshake failed: " + (
+                f"certificate verify failed: {verified}" if verified else str(exc)))
+            return
+        finally:
+            self._upgrade = None
+        if secured is None or self.transport is not transport:
+            return  # lost meanwhile
+        self.transport = secured
+        secured.set_write_buffer_limits(high=self.max_buffer, low=self.max_buffer // 2)
+        self._secured = True
+        self._greet()
+
+    def _greet(self) -> None:
+        """Introduce ourselves, make every subscription again, and PING:
+        the PONG says the server took all of it."""
         self._greeted = True
         given = self.credentials
         self._write(connect(name=self.name, echo=False, user=given.get("user"),
@@ -408,26 +578,36 @@ class NatsBus(asyncio.Protocol):
             if not topic_filter.startswith(SYS_PREFIX):
                 self._subscribe(topic_filter)
         self._retained_sid = self._next_sid
-        self._next_sid += 1
-        self._write(sub(RETAINED_PREFIX + ".>", self._retained_sid) + PING)
-        self._pongs.insert(0, self.loop.create_future())  # the answer to this PING
+        self._claim_sid = self._next_sid + 1
+        self._heartbeat_sid = self._next_sid + 2
+        self._next_sid += 3
+        self._write(sub(RETAINED_PREFIX + ".>", self._retained_sid)
+                    + sub(CLAIM_SUBJECT, self._claim_sid)
+                    + sub(HEARTBEAT_SUBJECT, self._heartbeat_sid) + PING)
+        self._pongs.insert(0, None)  # the answer to this PING makes it ready
 
     def _pong(self) -> None:
         if not self._pongs:
             return
         waiter = self._pongs.pop(0)
-        if not self.connected and self.transport is not None:
+        if waiter is None and not self.connected and self.transport is not None:
             self.connected = True
             self._sending = not self._paused
             self.stats.connects += 1
             log.info("connected to NATS server %s as %s", self._where(), self.name)
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
-        if not waiter.done():
+        if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
     def _receive(self, subject: str, sid: int, payload: bytes) -> None:
         """Deliver one message from another node (the parser's on_message)."""
+        if sid == self._claim_sid:
+            self._claim(payload)
+            return
+        if sid == self._heartbeat_sid:
+            self._heard(payload)
+            return
         topic = self._topics.get(subject)
         if topic is None:
             topic = self._topic_of(subject)

@@ -9,6 +9,8 @@ import socket
 import attrs
 from attrs import validators as v
 
+from bastionmq.listeners.settings import _tls_versions
+
 #: Where a NATS server listens for clients when none is named.
 DEFAULT_NATS_PORT = 4222
 
@@ -34,6 +36,36 @@ def _servers(instance: object, attribute: attrs.Attribute, value: tuple[str, ...
 
 
 @attrs.define(slots=True, frozen=True, kw_only=True)
+class NatsTlsConfig:
+    """TLS to the NATS servers, in the listeners' ssl_options vocabulary
+    (the client's side of it): what crosses is the clients' messages."""
+
+    enable: bool = False
+    #: The CA the servers' certificates must chain to; unset, the system's.
+    cacertfile: str | None = None
+    #: This node's certificate and key, for servers that ask for one
+    #: (nats-server ``tls { verify: true }``).
+    certfile: str | None = None
+    keyfile: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    #: verify_peer: the server's certificate must chain to cacertfile and
+    #: name the server. verify_none: any certificate (testing only).
+    verify: str = attrs.field(default="verify_peer",
+                              validator=v.in_(("verify_peer", "verify_none")))
+    #: The name the server's certificate must carry, and that is sent as SNI;
+    #: unset, the host of the server's address; "disable": none sent, none checked.
+    server_name_indication: str | None = None
+    versions: tuple[str, ...] = attrs.field(default=("tlsv1.3", "tlsv1.2"),
+                                            validator=_tls_versions)
+    #: Cipher suites by OpenSSL or IANA name; empty keeps OpenSSL's defaults.
+    ciphers: tuple[str, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together")
+
+
+@attrs.define(slots=True, frozen=True, kw_only=True)
 class NatsConfig:
     """How this node reaches NATS."""
 
@@ -53,8 +85,9 @@ class NatsConfig:
                                          validator=v.gt(0))
     #: Credentials, when the servers ask for them.
     username: str | None = None
-    password: str | None = None
-    token: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    token: str | None = attrs.field(default=None, repr=False)
+    tls: NatsTlsConfig = attrs.field(factory=NatsTlsConfig)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -75,6 +108,11 @@ class ClusterConfig:
     node_name: str | None = attrs.field(
         default=None, validator=v.optional(v.matches_re(r"[A-Za-z0-9_.@-]{1,64}")))
     nats: NatsConfig = attrs.field(factory=NatsConfig)
+    #: How often each node tells the others it is there (with its figures,
+    #: for ``bastionmq ctl cluster status``); a node not heard from for three
+    #: intervals is gone.
+    heartbeat: float = attrs.field(default=1.0, metadata={"unit": "duration"},
+                                   validator=[v.ge(0.05), v.le(60)])
 
     @property
     def name(self) -> str:

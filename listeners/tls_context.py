@@ -14,6 +14,7 @@ import datetime
 import os
 import ssl
 import warnings
+from typing import Any
 
 import attrs
 from cryptography import x509
@@ -124,6 +125,28 @@ def build_context(options: SslOptions, psk: bool = False) -> ssl.SSLContext:
     return context
 
 
+def build_client_context(options: Any) -> ssl.SSLContext:
+    """A client SSLContext (a node's connection to NATS) from options in
+    ssl_options' vocabulary (cluster.settings.NatsTlsConfig): verify_peer
+    checks the server's certificate against cacertfile (the system's CAs
+    when unset) and its name; certfile and keyfile, when set, are presented.
+    Raises TlsSetupError naming the option at fault."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    _set_versions(context, options.versions)
+    _load_files(context, options)
+    if options.verify == "verify_peer":
+        if not options.cacertfile:
+            context.load_default_certs()
+        context.check_hostname = options.server_name_indication != "disable"
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if options.ciphers:
+        _set_ciphers(context, options.ciphers, legacy="tlsv1" in options.versions
+                     or "tlsv1.1" in options.versions)
+    return context
+
+
 class _EncryptedKey(Exception):
     pass
 
@@ -171,7 +194,7 @@ def missing_files(options: SslOptions, psk: PskConfig | None = None) -> list[Tls
     return problems
 
 
-def _load_files(context: ssl.SSLContext, options: SslOptions) -> None:
+def _load_files(context: ssl.SSLContext, options: Any) -> None:
     keys = ("certfile", "keyfile", "cacertfile") if options.verify == "verify_peer" \
         else ("certfile", "keyfile")  # without verify_peer no CA file is used
     for key in keys:
@@ -180,6 +203,17 @@ def _load_files(context: ssl.SSLContext, options: SslOptions) -> None:
             raise TlsSetupError(key, f"{path!r}: no such file")
         if path and not os.access(path, os.R_OK):
             raise TlsSetupError(key, f"{path!r}: not readable")
+    if options.certfile:  # a client may have none
+        _load_cert_chain(context, options)
+    if options.cacertfile and options.verify == "verify_peer":
+        try:
+            context.load_verify_locations(cafile=options.cacertfile)
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsSetupError("cacertfile", f"cannot load {options.cacertfile!r}: "
+                                              f"{getattr(exc, 'reason', None) or exc}") from None
+
+
+def _load_cert_chain(context: ssl.SSLContext, options: Any) -> None:
     try:
         # Without a configured password, an encrypted key must fail, not make
         # OpenSSL ask for a pass phrase on the terminal.
@@ -200,12 +234,6 @@ def _load_files(context: ssl.SSLContext, options: SslOptions) -> None:
                                         f"{options.keyfile!r}: {exc.reason or exc}") from None
     except OSError as exc:
         raise TlsSetupError("certfile", f"cannot load {options.certfile!r}: {exc}") from None
-    if options.cacertfile and options.verify == "verify_peer":
-        try:
-            context.load_verify_locations(cafile=options.cacertfile)
-        except (ssl.SSLError, OSError) as exc:
-            raise TlsSetupError("cacertfile", f"cannot load {options.cacertfile!r}: "
-                                              f"{getattr(exc, 'reason', None) or exc}") from None
 
 
 def _set_ciphers(context: ssl.SSLContext, ciphers: tuple[str, ...], legacy: bool) -> None:

@@ -143,6 +143,8 @@ ENDPOINTS = (
     Endpoint("GET", "/listeners", "list_listeners", "Listeners, with their live TLS policy",
              "node"),
     Endpoint("GET", "/stats", "stats", "The node's figures", "node"),
+    Endpoint("GET", "/cluster", "cluster", "The nodes of the cluster and this node's "
+             "connection to NATS (docs/cluster.md)", "node"),
 )
 
 
@@ -521,6 +523,13 @@ class ManagementApi:
             "banned": len(self.broker.bans),
             "counters": figures,
         }
+
+    async def cluster(self, request: web.Request) -> dict[str, Any]:
+        bus = self.broker.bus
+        if bus is None:
+            return {"enabled": False}
+        return {"enabled": True, **bus.status()}
+
 
 
 # ---------------------------------------------------------------- views

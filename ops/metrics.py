@@ -109,6 +109,37 @@ class BrokerCollector(Collector):
         store = broker.store
         if store is not None:
             yield from self._store(store)
+        bus = getattr(broker, "bus", None)
+        if bus is not None:
+            yield from self._cluster(bus)
+
+    def _cluster(self, bus: Any) -> Iterator[Metric]:
+        stats = bus.stats
+        messages = CounterMetricFamily(
+            "bastionmq_cluster_messages", "Messages between this node and the others, by "
+            "direction: forwarded (published here, sent to NATS), received (from another "
+            "node, delivered here).", labels=["direction"])
+        messages.add_metric(["forwarded"], stats.forwarded)
+        messages.add_metric(["received"], stats.received)
+        yield messages
+        for name, value, text in (
+                ("dropped", stats.dropped, "Messages not forwarded: no connection to NATS, "
+                 "or its write buffer over its bound."),
+                ("copies", stats.copies, "Extra copies NATS delivered for overlapping "
+                 "filters, recognised and dropped."),
+                ("refused", stats.refused, "Messages from NATS that no node sends (bad "
+                 "subject or envelope), refused."),
+                ("taken_over", stats.taken_over, "Connections closed because their client id "
+                 "connected on another node."),
+                ("nats_connects", stats.connects, "Connections made to NATS."),
+                ("nats_disconnects", stats.disconnects, "Connections to NATS lost.")):
+            yield CounterMetricFamily(f"bastionmq_cluster_{name}", text, value=value)
+        yield GaugeMetricFamily("bastionmq_cluster_nats_connected",
+                                "1 while this node is connected to NATS.",
+                                value=1 if bus.connected else 0)
+        yield GaugeMetricFamily("bastionmq_cluster_nodes",
+                                "Nodes heard from within three heartbeats, this one included.",
+                                value=len(bus.nodes()))
 
     def _traffic(self, stats: Stats, listeners: Mapping[str, Any]) -> Iterator[Metric]:
         for name, by_qos, text in (

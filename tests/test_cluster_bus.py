@@ -7,17 +7,23 @@ application runs one), a real nats-server, real paho clients.
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import socket
+import urllib.request
 
 import paho.mqtt.client as paho
 import pytest
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bastionmq.app import Broker
+from bastionmq.cli import main
 from bastionmq.config import ConfigError, load_config
-from bastionmq.testkit import RunningBroker, embedded_config
+from bastionmq.hooks import Hooks
+from bastionmq.testkit import RunningBroker, embedded_config, new_pki
 from mosquitto_peer import free_port
 from nats_peer import NatsServer, poll
 
@@ -45,11 +51,12 @@ def nodes(nats, tmp_path):
     """Start nodes on ``nats``; every one is stopped at the end."""
     started: list[RunningBroker] = []
 
-    def start(name: str, extra: str = "") -> RunningBroker:
+    def start(name: str, extra: str = "", **options) -> RunningBroker:
         directory = tmp_path / name
         directory.mkdir()
         node = RunningBroker(embedded_config(
-            node_config(name, [f"127.0.0.1:{nats.port}"], extra), directory), name=name)
+            node_config(name, [f"127.0.0.1:{nats.port}"], extra), directory), name=name,
+            **options)
         started.append(node)
         return node
 
@@ -66,6 +73,16 @@ def synced(*nodes: RunningBroker) -> None:
 
 def bus(node: RunningBroker):
     return node.broker.bus
+
+
+def crosses(a: RunningBroker, b: RunningBroker, clients, topic: str) -> None:
+    """A QoS 1 message published on node a reaches a subscriber of node b."""
+    reader = clients(b.port, client_id="reader")
+    reader.subscribe(topic, 1)
+    synced(b)
+    clients(a.port, client_id="writer").publish(topic, b"crossed", 1)
+    [message] = reader.expect()
+    assert (message.topic, message.payload) == (topic, b"crossed")
 
 
 def reaches_nothing(a: RunningBroker, b: RunningBroker, clients, topic: str,
@@ -264,12 +281,7 @@ def test_all_in_one_starts_its_own_nats_server_and_a_second_node_shares_it(tmp_p
         try:
             assert second.broker.embedded_nats is not None
             assert second.broker.embedded_nats.process is None  # used the first one's
-            reader = clients(second.port, client_id="reader")
-            reader.subscribe("shared/+", 1)
-            synced(second)
-            clients(first.port, client_id="writer").publish("shared/x", b"via the embedded server", 1)
-            [message] = reader.expect()
-            assert message.payload == b"via the embedded server"
+            crosses(first, second, clients, "shared/x")
         finally:
             second.stop()
         process = server.process
@@ -372,3 +384,158 @@ def test_the_last_member_gone_ends_the_groups_queue(nodes, nats, clients):
     worker.unsubscribe("$share/g/q/#")
     synced(b)
     assert nats.monitor_json("/subsz")["num_subscriptions"] == before
+
+
+def test_a_client_id_connected_on_another_node_takes_the_connection_over(nodes, clients):
+    a, b = nodes("a"), nodes("b")
+    synced(a, b)
+    first = clients(a.port, client_id="device-1", version=paho.MQTTv5)
+    synced(a)
+    again = clients(b.port, client_id="device-1", version=paho.MQTTv5)
+    assert first.disconnects.get(timeout=TIMEOUT) == 0x8E  # session taken over
+    poll(lambda: bus(a).stats.taken_over == 1, "the takeover counted")
+    again.subscribe("still/here", 0)
+    again.expect_nothing_more("still/here")  # the new connection stays
+    assert bus(b).stats.taken_over == 0
+
+
+def test_another_identity_cannot_cut_a_client_off_from_another_node(nodes, clients):
+    anyone = Hooks(authenticate=lambda client: client.password == b"pw")
+    a, b = nodes("a", hooks=anyone), nodes("b", hooks=anyone)
+    synced(a, b)
+    owner = clients(a.port, client_id="device-1", version=paho.MQTTv5,
+                    username="alice", password="pw")
+    synced(a)
+    clients(b.port, client_id="device-1", version=paho.MQTTv5, username="mallory",
+            password="pw")
+    synced(a, b)
+    owner.subscribe("owner/check", 0)
+    owner.expect_nothing_more("owner/check")  # still connected
+    assert owner.disconnects.empty()
+
+
+def test_an_older_claim_leaves_the_newer_connection(nodes, nats, clients):
+    a = nodes("a")
+    client = clients(a.port, client_id="device-1")
+    synced(a)
+    with socket.create_connection(("127.0.0.1", nats.port), timeout=TIMEOUT) as raw:
+        raw.recv(4096)
+        claim = b'["device-1", null, 1, "00"]'
+        raw.sendall(b'CONNECT {"verbose":false}\r\nPUB bmq.claim %d\r\n%b\r\nPING\r\n'
+                    % (len(claim), claim))
+        assert b"PONG" in raw.recv(4096)
+    synced(a)
+    client.subscribe("still/here", 0)
+    client.expect_nothing_more("still/here")
+    assert client.disconnects.empty()
+
+
+def tls_server(directory, pki) -> NatsServer:
+    """A NATS server that speaks TLS only and wants a client certificate."""
+    cert = pki.default_server
+    return NatsServer(directory, extra=(
+        f'tls {{ cert_file: "{cert.cert}", key_file: "{cert.key}", '
+        f'ca_file: "{pki.ca}", verify: true }}'))
+
+
+def tls_block(ca, client) -> str:
+    keys = f'cacertfile = "{ca}"'
+    if client is not None:
+        keys += f', certfile = "{client.cert}", keyfile = "{client.key}"'
+    return f"cluster.nats.tls {{ enable = true, {keys} }}"
+
+
+def test_nodes_talk_to_nats_over_mutual_tls(tmp_path, clients):
+    pki = new_pki(tmp_path / "pki")
+    with tls_server(tmp_path / "nats", pki) as nats:
+        started = []
+        try:
+            for name in ("a", "b"):
+                node = RunningBroker(embedded_config(node_config(
+                    name, [f"127.0.0.1:{nats.port}"], tls_block(pki.ca, pki.client(f"node-{name}"))),
+                    tmp_path / name), name=name)
+                started.append(node)
+            a, b = started
+            crosses(a, b, clients, "secret/x")
+            connections = nats.monitor_json("/connz")["connections"]
+            assert sorted(c["name"] for c in connections) == ["a", "b"]
+            assert {c["tls_version"] for c in connections} == {"1.3"}
+        finally:
+            for node in started:
+                node.stop()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("another CA", "certificate verify failed"),
+    ("no client certificate", "does it accept this node's certificate"),
+    ("no TLS", "requires TLS"),
+])
+def test_a_node_that_cannot_make_the_tls_connection_does_not_start(tmp_path, case, expected):
+    pki = new_pki(tmp_path / "pki")
+    if case == "another CA":
+        other = new_pki(tmp_path / "other")
+        block = tls_block(other.ca, other.client("node"))
+    elif case == "no client certificate":
+        block = tls_block(pki.ca, None)
+    else:
+        block = ""
+    with tls_server(tmp_path / "nats", pki) as nats:
+        config = embedded_config(node_config("a", [f"127.0.0.1:{nats.port}"],
+                                             block + "\ncluster.nats.connect_timeout = 1s"),
+                                 tmp_path / "a")
+        with pytest.raises(ConfigError) as caught:
+            RunningBroker(config, name="a")
+    assert "cluster.nats.servers" in str(caught.value)
+    assert expected in str(caught.value), str(caught.value)
+
+
+def test_tls_files_that_cannot_be_loaded_name_their_key(tmp_path, nats):
+    config = embedded_config(node_config(
+        "a", [f"127.0.0.1:{nats.port}"],
+        f'cluster.nats.tls {{ enable = true, cacertfile = "{tmp_path}/missing.pem" }}'),
+        tmp_path / "a")
+    with pytest.raises(ConfigError) as caught:
+        RunningBroker(config, name="a")
+    assert "cluster.nats.tls.cacertfile" in str(caught.value)
+
+
+def test_cluster_status_lists_the_nodes_in_the_api_ctl_and_metrics(nodes, clients):
+    ops = ('http_api { enable = true, bind = "127.0.0.1:0", '
+           "allow_loopback_without_key = true }\ncluster.heartbeat = 100ms")
+    a, b = nodes("a", ops), nodes("b", ops)
+    clients(b.port, client_id="on-b")
+    host, port = a.run(lambda: a.broker.ops.address)
+    url = f"http://{host}:{port}"
+
+    def status() -> dict:
+        with urllib.request.urlopen(url + "/api/v1/cluster", timeout=TIMEOUT) as answer:
+            return json.loads(answer.read())
+
+    poll(lambda: [(n["node"], n["clients"]) for n in status()["nodes"]] == [("a", 0), ("b", 1)],
+         "both nodes listed, b with its client")
+    answer = status()
+    assert answer["enabled"] and answer["node"] == "a"
+    assert answer["nats"]["connected"] and answer["nats"]["tls"] is False
+    assert "forwarded" in answer["counters"]
+    result = CliRunner().invoke(main, ["ctl", "--url", url, "cluster", "status"],
+                                env={"BASTIONMQ_API_KEY": None})
+    assert result.exit_code == 0, result.output
+    assert "node a: connected to NATS" in result.output
+    rows = [line.split() for line in result.output.splitlines()[1:]]
+    assert rows[0][:3] == ["NODE", "THIS", "CLIENTS"]
+    assert [row[:3] for row in rows[1:]] == [["a", "yes", "0"], ["b", "no", "1"]]
+    reader = clients(a.port, client_id="reader")
+    reader.subscribe("count/#", 0)
+    synced(a)
+    clients(b.port, client_id="writer").publish("count/1", b"x", 1)
+    reader.expect()
+    with urllib.request.urlopen(url + "/metrics", timeout=TIMEOUT) as answer:
+        samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                   for family in text_string_to_metric_families(answer.read().decode())
+                   for sample in family.samples}
+    assert samples[("bastionmq_cluster_messages_total", (("direction", "received"),))] == 1
+    assert samples[("bastionmq_cluster_nats_connected", ())] == 1
+    assert samples[("bastionmq_cluster_nodes", ())] == 2
+    b.stop()  # gone: after three heartbeats it is no longer listed
+    poll(lambda: [n["node"] for n in status()["nodes"]] == ["a"], "b no longer listed")
+

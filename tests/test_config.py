@@ -10,7 +10,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from bastionmq.cluster.settings import ClusterConfig, NatsConfig
+from bastionmq.cluster.settings import ClusterConfig, NatsConfig, NatsTlsConfig
 from bastionmq.broker.settings import MqttSettings
 from bastionmq.auth.passwords import PasswordHash
 from bastionmq.config import (
@@ -152,7 +152,7 @@ def test_reference_documents_every_key() -> None:
                 SniCertificate, NodeConfig, AuthenticatorConfig, AuthorizationConfig,
                 AuthzCacheConfig, AclSourceConfig, PasswordHash, AuthnBanConfig,
                 WsListenerConfig, WebSocketOptions, WssListenerConfig, DurableSessionsConfig,
-                HttpApiConfig, ClusterConfig, NatsConfig):
+                HttpApiConfig, ClusterConfig, NatsConfig, NatsTlsConfig):
         for field in attrs.fields(cls):
             if field.metadata.get("internal"):  # never read from the file
                 continue

@@ -450,3 +450,10 @@ def test_ctl_publish_retained_banned_and_reload(api: Api):
     assert api.ctl("stats", key="viewer").exit_code == 0
     listeners = api.ctl("listeners", key="viewer")
     assert "ssl:default" in listeners.stdout and "verify_peer" in listeners.stdout
+
+
+def test_cluster_status_of_a_node_alone(api: Api):
+    assert api.request("GET", "/api/v1/cluster", key="viewer") == (200, {"enabled": False})
+    result = api.ctl("cluster", "status", key="viewer")
+    assert result.exit_code == 0, result.output
+    assert "enabled: no" in result.output
