@@ -36,6 +36,9 @@ from bastionmq.broker.store import RestoreReport, SqliteStore, StoreError
 from bastionmq.broker.sys_topics import SysTopics
 from bastionmq.cluster.bus import ClusterUnavailable, NatsBus
 from bastionmq.cluster.embedded import EmbeddedError, EmbeddedNats, embedded_directory
+from bastionmq.cluster.jetstream import JetStreamError
+from bastionmq.cluster.retained import load_retained
+from bastionmq.cluster.wills import Wills
 from bastionmq.hooks import (
     ConnectedClient, HookAuthenticator, Hooks, Observers, acl_sources, check_authorize_hook,
     hook_stats,
@@ -292,6 +295,8 @@ class Broker:
         #: The connection to the other nodes, when ``cluster.enable`` is set,
         #: and the nats-server of ``cluster.nats.embedded``, when started here.
         self.bus: NatsBus | None = None
+        #: The cluster's side of this node's wills (cluster.wills), with JetStream.
+        self.cluster_wills: Wills | None = None
         self.embedded_nats: EmbeddedNats | None = None
         #: The operator's bans (kept in the built-in database).
         self.bans = OperatorBans()
@@ -428,8 +433,11 @@ class Broker:
                     break
                 await asyncio.sleep(0)
             core.observer = None
+        if self.cluster_wills is not None:
+            await self.cluster_wills.stop()  # the clients closed above had their wills discarded
+            self.cluster_wills = None
         if self.bus is not None:
-            await self.bus.close()  # after the wills of the clients closed above
+            await self.bus.close()  # after what closing the clients published
             self.bus = None
             if core is not None:
                 core.cluster = None
@@ -486,6 +494,22 @@ class Broker:
         except ClusterUnavailable as exc:
             raise ConfigError([("cluster.nats.servers", str(exc))]) from None
         self.bus = core.cluster = bus
+        try:
+            loaded = await load_retained(bus, core, cluster.replicas)
+            wills = Wills(bus, core, cluster.name)
+            await wills.start(cluster.replicas)
+        except JetStreamError as exc:
+            if exc.code != 503:
+                raise ConfigError([("cluster.replicas", f"JetStream refused the cluster's "
+                                    f"streams: {exc}")]) from None
+            log.warning("retained messages set before this node started are not loaded, "
+                        "and the wills of its clients are lost if it dies: %s", exc)
+        except (ClusterUnavailable, asyncio.TimeoutError) as exc:
+            raise ConfigError([("cluster.nats.servers", "setting up the cluster's streams: "
+                                f"{exc or 'no answer in time'}")]) from None
+        else:
+            self.cluster_wills = wills
+            log.info("loaded %d retained messages from the cluster", loaded)
 
     async def _open_store(self, core: BrokerCore) -> None:
         """Open the durable store and restore what it holds into ``core``."""

@@ -622,11 +622,11 @@ class Connection:
         if core.access is not None:
             self.access_cache = core.access.new_cache()
         self.will = packet.will
-        if core.journal is not None and packet.will is not None:
+        if packet.will is not None:
             # Kept while the client is connected: a crash of the broker ends
-            # the connection too, and the will is published after a restart.
-            core.journal.will_saved(self.client_info, packet.will, None)
-            self.will_stored = True
+            # the connection too, and the will is published after a restart
+            # (or by another node of a cluster).
+            self.will_stored = core.keep_will(self.client_info, packet.will, None)
         self.keepalive = packet.keepalive
         self.state = CONNECTED
         self.connected_at = time.time()

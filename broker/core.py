@@ -215,8 +215,7 @@ class BrokerCore:
                 # 3.1.3.2.2: a reconnect within the will delay cancels the will.
                 session.will_handle.cancel()
                 session.will_handle = session.pending_will = session.will_due = None
-                if self.journal is not None:
-                    self.journal.will_deleted(client_id)
+                self.forget_will(client_id)
         if session.owner is None:
             # A new session, or one of an old store known by username only.
             session.owner = owner_of(client)
@@ -302,15 +301,12 @@ class BrokerCore:
                 session.will_due = now + delay
                 session.will_handle = self.loop.call_later(delay, self.publish_delayed_will,
                                                            session)
-                if journal is not None:
-                    journal.will_saved(connection.client_info, will, session.will_due)
+                self.keep_will(connection.client_info, will, session.will_due)
             else:
                 self.publish_will(will, session.client)
-                if journal is not None:
-                    journal.will_deleted(session.client_id)
+                self.forget_will(session.client_id)
         elif connection.will_stored:
-            assert journal is not None  # only a journal stores wills
-            journal.will_deleted(session.client_id)  # discarded: DISCONNECT, or a stop
+            self.forget_will(session.client_id)  # discarded: DISCONNECT, or a stop
         if session.expiry_interval == 0:
             self.end_session(session)
             return
@@ -320,6 +316,25 @@ class BrokerCore:
         if session.store_id:
             assert journal is not None  # a stored session implies a journal
             journal.session_saved(session)
+
+    def keep_will(self, client: ClientInfo, will: Will, due: float | None) -> bool:
+        """Keep a will where it outlives this process: the durable store
+        (published after a crash, at the restart) and the cluster's stream
+        (published by another node when this one dies). ``due``: when a will
+        held back after its connection ended is due; None while connected.
+        Whether anything keeps it."""
+        if self.journal is not None:
+            self.journal.will_saved(client, will, due)
+        if self.cluster is not None:
+            self.cluster.will_saved(client, will, due)
+        return self.journal is not None or self.cluster is not None
+
+    def forget_will(self, client_id: str) -> None:
+        """The will kept by keep_will was published or discarded."""
+        if self.journal is not None:
+            self.journal.will_deleted(client_id)
+        if self.cluster is not None:
+            self.cluster.will_deleted(client_id)
 
     def publish_will(self, will: Will, client: ClientInfo | None) -> None:
         access = self.access
@@ -354,8 +369,7 @@ class BrokerCore:
         will, session.pending_will, session.will_handle = session.pending_will, None, None
         session.will_due = None
         if will is not None:
-            if self.journal is not None:
-                self.journal.will_deleted(session.client_id)
+            self.forget_will(session.client_id)
             self.publish_will(will, session.client)
             self.outboxes.flush()
 

@@ -363,3 +363,12 @@ class ClusterBus(Protocol):
         """A client connected to this node as ``client_id``, the identity
         ``owner`` (broker.ownership): the other nodes close theirs."""
         ...
+
+    def will_saved(self, client: ClientInfo, will: Any, due: float | None) -> None:
+        """Keep ``will`` (broker.codec.Will) of ``client`` where another node
+        finds it should this one die; ``due`` as for the durable store."""
+        ...
+
+    def will_deleted(self, client_id: str) -> None:
+        """The will of ``client_id`` was published or discarded."""
+        ...

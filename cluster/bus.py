@@ -31,7 +31,7 @@ import logging
 import secrets
 import ssl
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import attrs
 
@@ -45,7 +45,10 @@ from .envelope import (
     ENVELOPE_VERSION, EnvelopeError, envelope_head, group_key, read_head, read_message,
 )
 from .envelope import pack_head as _pack_head
-from .wire import Err, Info, Msg, NatsParser, Ping, Pong, WireError, connect, pub, sub, unsub
+from .wire import (
+    NO_RESPONDERS, Err, Info, Msg, NatsParser, Ping, Pong, WireError, connect, hpub, parse_status,
+    pub, sub, unsub,
+)
 from .wire import PING, PONG
 
 log = logging.getLogger("bastionmq.cluster")
@@ -53,6 +56,10 @@ log = logging.getLogger("bastionmq.cluster")
 #: Subjects of the messages routed between nodes, and of retained messages.
 LIVE_PREFIX = "bmq.t"
 RETAINED_PREFIX = "bmq.ret"
+
+#: The JetStream stream that keeps the last message of each retained subject
+#: (cluster.retained).
+RETAINED_STREAM = "BMQ_RETAINED"
 
 #: Where a node says it has connected a client id (every node listens).
 CLAIM_SUBJECT = "bmq.claim"
@@ -78,6 +85,10 @@ RECONNECT_WAITS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 class ClusterUnavailable(Exception):
     """No NATS server of the list could be reached at start."""
+
+
+class NoResponders(Exception):
+    """A request to a subject nobody answers (NATS status 503)."""
 
 
 @attrs.define(slots=True)
@@ -173,7 +184,21 @@ class NatsBus(asyncio.Protocol):
         self._heartbeats: asyncio.Task[None] | None = None
         #: The other nodes heard from: name -> (their last heartbeat, when it came).
         self.peers: dict[str, tuple[dict[str, Any], float]] = {}
+        #: Told of each node found gone (cluster.wills), as (name, origin).
+        self.wills: Any = None
         self.started_at = time.time()
+        #: Requests (the JetStream API) waiting for their answer, by reply
+        #: subject, and the subscriptions made for deliveries to an inbox.
+        self._inbox = f"_INBOX.{self.origin.hex()}"
+        self._inbox_sid = 0
+        self._requests: dict[str, asyncio.Future[tuple[bytes, bytes | None, str | None]]] = {}
+        self._next_request = 0
+        self._deliveries: dict[int, Any] = {}
+        #: Topics whose retained message another node set or cleared while
+        #: the stream's copies load (cluster.retained), which those must not undo.
+        self.retained_live: set[str] | None = None
+        #: The retained stream exists: a clear also purges its subject there.
+        self.purge_cleared = False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -286,6 +311,11 @@ class NatsBus(asyncio.Protocol):
             return
         head = envelope_head(message, self.origin, 0, self.loop.time())
         self._write(line % (len(head) + len(message.payload)) + head + message.payload + b"\r\n")
+        if not message.payload and self.purge_cleared:
+            # Behind the clear on the same connection: the stream keeps nothing.
+            purge = json.dumps({"filter": line[4:line.index(b" ", 4)].decode()}).encode()
+            self._write(pub(f"$JS.API.STREAM.PURGE.{RETAINED_STREAM}", purge,
+                            self._inbox + ".purge"))
 
     def _served(self, topic: str) -> list[str]:
         return [group_key(group.name, group.filter)
@@ -359,6 +389,79 @@ class NatsBus(asyncio.Protocol):
         if self.core.taken_over_elsewhere(client_id, owner):
             self.stats.taken_over += 1
 
+    # ------------------------------------------------------------ requests
+
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 5.0,
+                      headers: Mapping[str, str] | None = None) -> bytes:
+        """Publish ``payload`` (with ``headers``) to ``subject`` and return
+        the answer (the JetStream API's JSON, say). NoResponders when no one
+        listens there, ClusterUnavailable when not connected, TimeoutError."""
+        if not self._sending:
+            raise ClusterUnavailable("not connected to NATS")
+        self._next_request += 1
+        reply = f"{self._inbox}.{self._next_request}"
+        waiter: asyncio.Future[tuple[bytes, bytes | None, str | None]] = self.loop.create_future()
+        self._requests[reply] = waiter
+        self._write(pub(subject, payload, reply) if headers is None
+                    else hpub(subject, headers, payload, reply))
+        try:
+            answer, answer_headers, _ = await asyncio.wait_for(waiter, timeout)
+        finally:
+            self._requests.pop(reply, None)
+        status = parse_status(answer_headers) if answer_headers is not None else None
+        if status is not None and status[0] == NO_RESPONDERS:
+            raise NoResponders(subject)
+        return answer
+
+    def new_origin(self) -> None:
+        """Be a new start of this node for the others from now on (see
+        cluster.wills): new (origin, sequence) pairs, a new heartbeat."""
+        self.origin = secrets.token_bytes(8)
+        self.sequence = 0
+
+    def publish(self, subject: str, payload: bytes) -> bool:
+        """Publish to a subject of the nodes' own (not a topic's); whether
+        it went (not while NATS is out of reach)."""
+        if not self._sending:
+            return False
+        self._write(pub(subject, payload))
+        return True
+
+    def deliver_to(self, handler: Any) -> tuple[str, int]:
+        """A new inbox subject and its subscription: each message delivered
+        there (a JetStream consumer's) is given to ``handler(subject,
+        payload, headers, reply)``, with the subject it was published on.
+        Returns (inbox subject, sid) for ``stop_delivery``."""
+        self._next_request += 1
+        subject = f"{self._inbox}.d{self._next_request}"
+        sid = self._next_sid
+        self._next_sid += 1
+        self._deliveries[sid] = handler
+        self._write(sub(subject, sid))
+        return subject, sid
+
+    def stop_delivery(self, sid: int) -> None:
+        if self._deliveries.pop(sid, None) is not None and self.transport is not None:
+            self._write(unsub(sid))
+
+    def _answer(self, sid: int, subject: str, payload: bytes, headers: bytes | None,
+                reply: str | None) -> None:
+        handler = self._deliveries.get(sid)
+        if handler is not None:
+            handler(subject, payload, headers, reply)
+            return
+        waiter = self._requests.get(subject)
+        if waiter is not None and not waiter.done():
+            waiter.set_result((payload, headers, reply))
+
+    def will_saved(self, client: Any, will: Any, due: float | None) -> None:
+        if self.wills is not None:
+            self.wills.saved(client, will, due)
+
+    def will_deleted(self, client_id: str) -> None:
+        if self.wills is not None:
+            self.wills.deleted(client_id)
+
     # ------------------------------------------------------------ the nodes
 
     def figures(self) -> dict[str, Any]:
@@ -374,6 +477,7 @@ class NatsBus(asyncio.Protocol):
         while True:
             if self._sending:
                 self._write(pub(HEARTBEAT_SUBJECT, json.dumps(self.figures()).encode()))
+                self.nodes()  # finds the nodes gone quiet
             await asyncio.sleep(self.heartbeat)
 
     def _heard(self, payload: bytes) -> None:
@@ -385,14 +489,22 @@ class NatsBus(asyncio.Protocol):
         except (ValueError, TypeError, KeyError) as exc:
             self._refuse(HEARTBEAT_SUBJECT, f"a heartbeat that is not one: {exc}")
             return
+        known = self.peers.get(name)
+        if known is not None and known[0].get("origin") != figures.get("origin"):
+            self._gone(known[0])  # restarted: its former self is gone
         self.peers[name] = (figures, self.loop.time())
+
+    def _gone(self, figures: dict[str, Any]) -> None:
+        log.info("node %s (%s) is gone", figures.get("node"), figures.get("origin"))
+        if self.wills is not None and isinstance(figures.get("origin"), str):
+            self.wills.gone(figures["node"], figures["origin"])
 
     def nodes(self) -> list[dict[str, Any]]:
         """This node and the others heard from within three heartbeats."""
         now = self.loop.time()
         for name in [name for name, (_, at) in self.peers.items()
                      if now - at > 3 * self.heartbeat]:
-            del self.peers[name]
+            self._gone(self.peers.pop(name)[0])
         this = dict(self.figures(), this=True)
         return [this] + [dict(figures, this=False) for figures, _ in
                          sorted(self.peers.values(), key=lambda peer: peer[0]["node"])]
@@ -470,8 +582,12 @@ class NatsBus(asyncio.Protocol):
             events = exc.events
             self.loop.call_soon(self._abort)
         for event in events:
-            if type(event) is Msg:  # with headers or a reply subject: no node sends one
-                self._refuse(event.subject, "a message with headers or a reply subject")
+            if type(event) is Msg:
+                if event.sid == self._inbox_sid or event.sid in self._deliveries:
+                    self._answer(event.sid, event.subject, event.payload, event.headers,
+                                 event.reply)
+                else:  # with headers or a reply subject: no node sends one
+                    self._refuse(event.subject, "a message with headers or a reply subject")
             elif type(event) is Ping:
                 self._write(PONG)
             elif type(event) is Pong:
@@ -499,10 +615,11 @@ class NatsBus(asyncio.Protocol):
         self._sids.clear()
         self._group_sids.clear()
         self._out.clear()
-        for waiter in self._pongs:
+        for waiter in [*self._pongs, *self._requests.values()]:
             if waiter is not None and not waiter.done():
                 waiter.set_exception(ClusterUnavailable("the connection to NATS was lost"))
         self._pongs.clear()
+        self._deliveries.clear()  # their subscriptions went with the connection
         if self._ready is not None and not self._ready.done():
             why = "the server closed the connection before it was ready"
             if self._secured:
@@ -580,10 +697,12 @@ class NatsBus(asyncio.Protocol):
         self._retained_sid = self._next_sid
         self._claim_sid = self._next_sid + 1
         self._heartbeat_sid = self._next_sid + 2
-        self._next_sid += 3
+        self._inbox_sid = self._next_sid + 3
+        self._next_sid += 4
         self._write(sub(RETAINED_PREFIX + ".>", self._retained_sid)
                     + sub(CLAIM_SUBJECT, self._claim_sid)
-                    + sub(HEARTBEAT_SUBJECT, self._heartbeat_sid) + PING)
+                    + sub(HEARTBEAT_SUBJECT, self._heartbeat_sid)
+                    + sub(self._inbox + ".*", self._inbox_sid) + PING)
         self._pongs.insert(0, None)  # the answer to this PING makes it ready
 
     def _pong(self) -> None:
@@ -594,6 +713,13 @@ class NatsBus(asyncio.Protocol):
             self.connected = True
             self._sending = not self._paused
             self.stats.connects += 1
+            if self.stats.connects > 1:
+                # Heard from or not while this node was away, every node
+                # gets three heartbeats from now before it counts as gone.
+                now = self.loop.time()
+                self.peers = {name: (figures, now) for name, (figures, _) in self.peers.items()}
+                if self.wills is not None:
+                    self.wills.reconnected()
             log.info("connected to NATS server %s as %s", self._where(), self.name)
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
@@ -608,9 +734,12 @@ class NatsBus(asyncio.Protocol):
         if sid == self._heartbeat_sid:
             self._heard(payload)
             return
+        if sid == self._inbox_sid or sid in self._deliveries:
+            self._answer(sid, subject, payload, None, None)
+            return
         topic = self._topics.get(subject)
         if topic is None:
-            topic = self._topic_of(subject)
+            topic = self.topic_of(subject)
             if topic is None:
                 return
         core = self.core
@@ -628,6 +757,8 @@ class NatsBus(asyncio.Protocol):
                 return
             if sid == self._retained_sid:
                 core.retain(read_message(topic, payload, flags, self.loop.time())[0], False)
+                if self.retained_live is not None:
+                    self.retained_live.add(topic)
                 return
             last = self._last_seen.get(origin)
             if last is not None and sequence <= last:
@@ -644,7 +775,7 @@ class NatsBus(asyncio.Protocol):
         core.route_remote(message)
         self._routed = True
 
-    def _topic_of(self, subject: str) -> str | None:
+    def topic_of(self, subject: str) -> str | None:
         """The topic of a received subject, checked as a client's would be."""
         prefix = RETAINED_PREFIX if subject.startswith(RETAINED_PREFIX + ".") else LIVE_PREFIX
         try:

@@ -108,6 +108,9 @@ class ClusterConfig:
     node_name: str | None = attrs.field(
         default=None, validator=v.optional(v.matches_re(r"[A-Za-z0-9_.@-]{1,64}")))
     nats: NatsConfig = attrs.field(factory=NatsConfig)
+    #: Copies JetStream keeps of what the cluster stores (the retained
+    #: messages): 1 on one machine, 3 (or 5) with a NATS cluster of as many servers.
+    replicas: int = attrs.field(default=1, validator=[v.ge(1), v.le(5)])
     #: How often each node tells the others it is there (with its figures,
     #: for ``bastionmq ctl cluster status``); a node not heard from for three
     #: intervals is gone.

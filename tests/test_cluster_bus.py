@@ -10,6 +10,7 @@ import asyncio
 import json
 import queue
 import socket
+import time
 import urllib.request
 
 import paho.mqtt.client as paho
@@ -21,19 +22,20 @@ from paho.mqtt.properties import Properties
 
 from bastionmq.app import Broker
 from bastionmq.cli import main
+from bastionmq.cluster.jetstream import api
 from bastionmq.config import ConfigError, load_config
 from bastionmq.hooks import Hooks
 from bastionmq.testkit import RunningBroker, embedded_config, new_pki
 from mosquitto_peer import free_port
-from nats_peer import NatsServer, poll
+from nats_peer import NatsServer, nats_cluster, poll
 
 TIMEOUT = 15.0
 
 
-def node_config(name: str, servers: list[str], extra: str = "") -> str:
+def node_config(name: str, servers: list[str], extra: str = "", port: int = 0) -> str:
     quoted = ", ".join(f'"{server}"' for server in servers)
     return f"""
-listeners.tcp.default {{ bind = "127.0.0.1:0" }}
+listeners.tcp.default {{ bind = "127.0.0.1:{port}" }}
 allow_anonymous = true
 cluster {{ enable = true, node_name = "{name}", nats.servers = [{quoted}] }}
 {extra}
@@ -42,7 +44,7 @@ cluster {{ enable = true, node_name = "{name}", nats.servers = [{quoted}] }}
 
 @pytest.fixture
 def nats(tmp_path):
-    with NatsServer(tmp_path / "nats") as server:
+    with NatsServer(tmp_path / "nats", jetstream=True) as server:
         yield server
 
 
@@ -83,6 +85,11 @@ def crosses(a: RunningBroker, b: RunningBroker, clients, topic: str) -> None:
     clients(a.port, client_id="writer").publish(topic, b"crossed", 1)
     [message] = reader.expect()
     assert (message.topic, message.payload) == (topic, b"crossed")
+
+
+def stream_messages(node: RunningBroker, stream: str) -> int:
+    info = node.call(api(node.broker.bus, f"STREAM.INFO.{stream}"))
+    return info["state"]["messages"]
 
 
 def reaches_nothing(a: RunningBroker, b: RunningBroker, clients, topic: str,
@@ -539,3 +546,105 @@ def test_cluster_status_lists_the_nodes_in_the_api_ctl_and_metrics(nodes, client
     b.stop()  # gone: after three heartbeats it is no longer listed
     poll(lambda: [n["node"] for n in status()["nodes"]] == ["a"], "b no longer listed")
 
+
+
+def test_a_node_started_later_has_the_retained_messages(nodes, nats, clients):
+    a = nodes("a")
+    writer = clients(a.port, client_id="writer", version=paho.MQTTv5)
+    writer.publish("status/pump", b"running", 1, retain=True)
+    writer.publish("status/valve", b"open", 1, retain=True)
+    writer.publish("status/valve", b"closed", 1, retain=True)  # the last one counts
+    writer.publish("status/old", b"x", 1, retain=True)
+    writer.publish("status/old", b"", 1, retain=True)  # cleared
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = 1
+    writer.publish("status/brief", b"soon gone", 1, retain=True, properties=props)
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = 3600
+    writer.publish("status/lasting", b"long", 1, retain=True, properties=props)
+    synced(a)
+    time.sleep(1.2)  # status/brief's second runs out before b starts
+    b = nodes("b")
+    late = clients(b.port, client_id="late", version=paho.MQTTv5)
+    late.subscribe("status/#", 1)
+    got = {m.topic: m for _, m in received(late)}
+    assert {topic: m.payload for topic, m in got.items()} == {
+        "status/pump": b"running", "status/valve": b"closed", "status/lasting": b"long"}
+    assert all(m.retain for m in got.values())
+    assert 3590 <= got["status/lasting"].properties.MessageExpiryInterval <= 3600
+    # The clear left nothing in the stream: one message per topic still retained.
+    poll(lambda: stream_messages(a, "BMQ_RETAINED") == 4, "status/old purged from the stream")
+
+
+def test_without_jetstream_a_node_starts_and_says_what_it_cannot_do(tmp_path, caplog):
+    with NatsServer(tmp_path / "plain") as plain:
+        node = RunningBroker(embedded_config(node_config("a", [f"127.0.0.1:{plain.port}"]),
+                                             tmp_path / "a"), name="a")
+        node.stop()
+    assert "retained messages set before this node started are not loaded" in caplog.text
+    assert "JetStream is not enabled" in caplog.text
+
+
+def test_three_nats_servers_keep_three_copies_and_survive_one_lost(tmp_path, clients):
+    with nats_cluster(tmp_path / "nats") as servers:
+        started = []
+        try:
+            for name, first in (("a", 0), ("b", 1)):
+                order = servers[first:] + servers[:first]
+                started.append(RunningBroker(embedded_config(node_config(
+                    name, [f"127.0.0.1:{server.port}" for server in order],
+                    "cluster.replicas = 3"), tmp_path / name), name=name))
+            a, b = started
+            clients(a.port, client_id="writer").publish("site/state", b"kept thrice", 1,
+                                                        retain=True)
+            synced(a)
+            poll(lambda: all(s.monitor_json("/jsz")["messages"] == 1 for s in servers),
+                 "the retained message on all three servers (the only message stored)")
+            crosses(a, b, clients, "site/live")
+            servers[0].kill()  # a's server: a moves to the next one of its list
+            poll(lambda: bus(a).connected and bus(a).server[1] != servers[0].port,
+                 "a connected to another server")
+            crosses(a, b, clients, "site/after")
+            # While JetStream elects new leaders (up to about 20 s with
+            # nats-server 2.9), the new node's start waits for it.
+            late = RunningBroker(embedded_config(node_config(
+                "c", [f"127.0.0.1:{servers[2].port}"], "cluster.replicas = 3"),
+                tmp_path / "c"), name="c", timeout=60)
+            started.append(late)
+            reader = clients(late.port, client_id="late-reader")
+            reader.subscribe("site/state", 1)
+            [message] = reader.expect()
+            assert message.payload == b"kept thrice"
+        finally:
+            for node in reversed(started):
+                node.stop()
+
+
+def test_more_replicas_than_servers_stop_start_up_with_the_key(nats, tmp_path):
+    config = embedded_config(node_config("a", [f"127.0.0.1:{nats.port}"],
+                                         "cluster.replicas = 3"), tmp_path / "a")
+    with pytest.raises(ConfigError) as caught:
+        RunningBroker(config, name="a")
+    assert "cluster.replicas" in str(caught.value)
+    assert "JetStream refused" in str(caught.value)
+
+
+def test_a_node_back_from_a_nats_outage_keeps_its_clients_wills(nodes, nats, clients):
+    a, b = nodes("a"), nodes("b")
+    watcher = clients(b.port, client_id="watcher")
+    watcher.subscribe("alerts/#", 1)
+    synced(b)
+    clients(a.port, client_id="sensor", will=("alerts/sensor", b"offline", 1, False))
+    poll(lambda: stream_messages(b, "BMQ_WILLS") == 1, "the will kept in the stream")
+    former = a.run(lambda: bus(a).origin.hex())
+    poll(lambda: b.run(lambda: bus(b).peers.get("a", ({},))[0].get("origin")) == former,
+         "b knows a")
+    nats.kill()
+    nats.start()
+    # a comes back as a new start of itself: its will moved to the new origin
+    # before the others heard of it, so that reaping the former finds nothing.
+    poll(lambda: bus(a).connected and bus(a).origin.hex() != former, "a's new origin")
+    poll(lambda: any(origin == former for _, origin in b.broker.cluster_wills.reaped),
+         "b took a's former self for gone")
+    poll(lambda: stream_messages(b, "BMQ_WILLS") == 1, "the will kept under the new origin")
+    watcher.expect_nothing_more("alerts/marker")  # and not published
