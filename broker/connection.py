@@ -15,6 +15,7 @@ import re
 import time
 
 import attrs
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .codec import (
@@ -743,6 +744,13 @@ class Connection:
             if allowed is not True:
                 if allowed is False:
                     return self._publish_denied(packet, topic)
+                if self.holders < 0:
+                    # Sent before the client went (its held packets are being
+                    # handled): routed once allowed, as it would have been.
+                    return allowed.then(partial(self._publish_after_close, packet, topic, props))
+                # Handled again once decided, and counted then.
+                stats.received_by_qos[qos] -= 1
+                stats.publish_bytes_received -= len(packet.payload)
                 return self._wait_for(allowed, packet)
         if qos == 2:
             self._awaiting_release(packet.packet_id)  # type: ignore[arg-type]
@@ -761,6 +769,16 @@ class Connection:
         elif qos:
             self.outbox.pubrec(packet.packet_id,  # type: ignore[arg-type]
                                0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
+
+    def _publish_after_close(self, packet: Publish, topic: str, props: Any,
+                             allowed: bool) -> None:
+        """A PUBLISH its client sent before it went, decided later: routed
+        if allowed (there is no one left to acknowledge it to)."""
+        if not allowed:
+            self.core.stats.publish_denied += 1
+            return
+        self.core.publish(topic, packet.payload, packet.qos, packet.retain, props,
+                          sender=self.session)
 
     def _too_many_user_properties(self, props) -> bool:
         return len(props.get("user_property", ())) > self.core.settings.max_user_properties

@@ -909,8 +909,10 @@ class BrokerCore:
     # ------------------------------------------------------- embedding API
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
-                properties: Mapping[str, Any] | None = None) -> int:
-        """Inject a message as if a client had published it; returns the match count."""
+                properties: Mapping[str, Any] | None = None,
+                sender: Session | None = None) -> int:
+        """Inject a message as if a client had published it (``sender``'s
+        session, if given: no-local applies); returns the match count."""
         try:
             validate_topic_name(topic, self.settings.max_topic_levels)
         except ValueError as exc:
@@ -919,7 +921,7 @@ class BrokerCore:
             raise ValueError(f"invalid QoS {qos}")
         message = Message(topic, bytes(payload), qos, retain, properties or NO_PROPERTIES)
         message.stamp_expiry(self.loop.time())
-        matched = self.route(message, None)
+        matched = self.route(message, sender)
         if self.cluster is not None:
             self.cluster.forward(message)
         if retain:

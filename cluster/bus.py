@@ -139,6 +139,8 @@ class NatsBus(asyncio.Protocol):
         #: The current connection is past its TLS handshake.
         self._secured = False
         self._upgrade: asyncio.Task[None] | None = None
+        #: Set by connection_lost once ``close`` has closed the connection.
+        self._lost: asyncio.Future[None] | None = None
         #: This start of the node: copies are recognised by (origin, sequence).
         self.origin = secrets.token_bytes(8)
         self.sequence = 0
@@ -249,7 +251,14 @@ class NatsBus(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             self._flush()
+            self._lost = self.loop.create_future()
             transport.close()
+            # A TLS connection closes in steps of its own (close_notify): the
+            # loop must not stop before they are done.
+            try:
+                await asyncio.wait_for(asyncio.shield(self._lost), 2.0)
+            except asyncio.TimeoutError:
+                transport.abort()
         for waiter in self._pongs:
             if waiter is not None and not waiter.done():
                 waiter.set_exception(ClusterUnavailable("the bus closed"))
@@ -609,6 +618,8 @@ class NatsBus(asyncio.Protocol):
         self._sending = self.connected
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         was_connected = self.connected
         self.transport = None
         self.connected = self._greeted = self._sending = False

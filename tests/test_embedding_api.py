@@ -19,6 +19,7 @@ from paho.mqtt.properties import Properties
 
 from bastionmq import Broker
 from bastionmq.broker.local import LocalMessage, SubscriptionClosed
+from bastionmq.broker.codec import Disconnect, Publish
 from bastionmq.broker.properties import Reason
 from bastionmq.hooks import ConnectedClient, Hooks
 
@@ -480,6 +481,39 @@ def test_a_publish_waiting_for_its_decision_holds_only_its_client(clients):
             assert [(await next_message(subscriber)).topic for _ in range(2)] == \
                 ["slow/a", "open/b"]
             await asyncio.to_thread(waiting.wait_for_publish, TIMEOUT)
+
+    uvloop.run(main())
+
+
+def test_what_a_client_published_before_it_went_is_routed_once_allowed(raw_clients):
+    """A QoS 0 publisher that disconnects at once (mosquitto_pub does):
+    its PUBLISH, waiting for the hook, is still routed when allowed, and
+    counted once; the one denied is not."""
+    asked: list = []
+    gate = asyncio.Event()
+
+    async def main():
+        async with Broker(ANONYMOUS, hooks=Hooks(authorize=async_rules(asked, gate))) as broker:
+            subscriber = broker.subscribe("#", qos=0, trusted=True)
+            raw = raw_clients(port_of(broker))
+            await asyncio.to_thread(raw.connect, "quick")
+            raw.send(Publish("slow/x", b"sent before going", 0))
+            raw.send(Publish("secret/y", b"denied", 0))
+            raw.send(Disconnect())
+            raw.close()
+            for _ in range(50):  # the broker sees the client go
+                if "quick" not in broker.clients:
+                    break
+                await asyncio.sleep(0.02)
+            assert "quick" not in broker.clients
+            gate.set()
+            message = await asyncio.wait_for(subscriber.get(), 10)
+            assert (message.topic, message.payload) == ("slow/x", b"sent before going")
+            await broker.publish("open/marker", b"")
+            marker = await asyncio.wait_for(subscriber.get(), 10)
+            assert marker.topic == "open/marker"  # nothing else came
+            stats = broker.core.stats
+            assert stats.received_by_qos[0] == 2 and stats.publish_denied == 1
 
     uvloop.run(main())
 
