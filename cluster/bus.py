@@ -14,7 +14,12 @@ the core's route, as a message published here would be, minus the
 forwarding.
 
 Retained messages (and the clearing of one) also go on a subject every node
-subscribes to, so every node alive keeps the same retained messages.
+subscribes to, so every node alive keeps the same retained messages. Shared
+groups take queue subscriptions (see ``_subscribe``). The same connection
+carries what the nodes say to each other: that a client id connected here
+(``claimed``), that this node is alive (heartbeats, ``nodes``), and requests
+with an inbox for the JetStream API (``request``, ``deliver_to``;
+cluster.jetstream, cluster.retained, cluster.wills).
 
 This is a sans-IO parser (cluster.wire) fed by an ``asyncio.Protocol``, as
 the listeners are: no task and no future per message. The connection is made
