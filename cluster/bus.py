@@ -43,6 +43,7 @@ import attrs
 from bastionmq.broker.message import Message
 from bastionmq.broker.shared import split_shared
 from bastionmq.broker.core import SYS_PREFIX
+from bastionmq.broker.logtext import shown
 from bastionmq.broker.topics import validate_topic_name
 
 from .codec import filter_to_subjects, subject_to_topic, topic_to_key, topic_to_subject
@@ -84,6 +85,16 @@ ORIGINS_KEPT = 1024
 #: Topics of received subjects kept decoded and checked.
 TOPICS_KEPT = 8192
 
+#: nats-server's max_payload unless its INFO says otherwise (1 MiB).
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+
+#: The longest PUB line sent: nats-server closes a connection whose control
+#: line is longer than its max_control_line (4 KiB by default).
+MAX_LINE = 4096 - 16
+
+#: The cached PUB line of a topic whose subject is too long to send.
+_TOO_LONG = b"PUB -"
+
 #: Waits between attempts to reach a server again, growing to the last.
 RECONNECT_WAITS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
@@ -112,6 +123,9 @@ class BusStats:
     dropped: int = 0
     #: Received messages refused: a subject or envelope no node makes.
     refused: int = 0
+    #: Messages not forwarded because NATS would refuse them (larger than
+    #: its max_payload, or a subject longer than a control line may be).
+    too_large: int = 0
     #: Connections of this node closed because their client id connected
     #: on another node later.
     taken_over: int = 0
@@ -184,6 +198,8 @@ class NatsBus(asyncio.Protocol):
         self._lines: dict[str, bytes] = {}
         #: Connected and the connection's write buffer under its high-water mark.
         self._sending = False
+        #: The largest message the server takes (its INFO says).
+        self.max_payload = DEFAULT_MAX_PAYLOAD
         self._reconnect: asyncio.Task[None] | None = None
         self._server_index = 0
         self.heartbeat = heartbeat
@@ -305,8 +321,11 @@ class NatsBus(asyncio.Protocol):
         else:
             head = envelope_head(message, self.origin, self.sequence, self.loop.time(), served)
         payload = message.payload
+        size = len(head) + len(payload)
+        if size > self.max_payload or line is _TOO_LONG:
+            return self._unsendable(topic, size)
         out = self._out
-        out += line % (len(head) + len(payload))
+        out += line % size
         out += head
         out += payload
         out += b"\r\n"
@@ -324,12 +343,27 @@ class NatsBus(asyncio.Protocol):
             self.stats.dropped += 1
             return
         head = envelope_head(message, self.origin, 0, self.loop.time())
-        self._write(line % (len(head) + len(message.payload)) + head + message.payload + b"\r\n")
+        size = len(head) + len(message.payload)
+        if size > self.max_payload or line is _TOO_LONG:
+            return self._unsendable(message.topic, size)
+        self._write(line % size + head + message.payload + b"\r\n")
         if not message.payload and self.purge_cleared:
             # Behind the clear on the same connection: the stream keeps nothing.
             purge = json.dumps({"filter": line[4:line.index(b" ", 4)].decode()}).encode()
             self._write(pub(f"$JS.API.STREAM.PURGE.{RETAINED_STREAM}", purge,
                             self._inbox + ".purge"))
+
+    def _unsendable(self, topic: str, size: int) -> None:
+        """A message NATS would refuse, closing the connection: its
+        subject longer than a control line may be, or itself larger than
+        the server's max_payload. The other nodes do not get it; this
+        node's subscribers did."""
+        if not self.stats.too_large:
+            log.warning("a message on %s is not sent to the other nodes: %s (logged once; "
+                        "raise nats-server's max_payload, or lower mqtt.max_packet_size)",
+                        shown(topic), f"{size} bytes, the NATS server takes {self.max_payload}"
+                        if size > self.max_payload else "its topic is too long for a subject")
+        self.stats.too_large += 1
 
     def _served(self, topic: str) -> list[str]:
         return [group_key(group.name, group.filter)
@@ -343,6 +377,8 @@ class NatsBus(asyncio.Protocol):
             line = b""
         else:
             line = b"PUB %b %%d\r\n" % topic_to_subject(prefix, topic).encode()
+            if len(line) > MAX_LINE:
+                line = _TOO_LONG
         if cache is not None:
             if len(cache) >= TOPICS_KEPT:
                 cache.clear()  # cheaper than evicting one by one, and rare
@@ -437,6 +473,9 @@ class NatsBus(asyncio.Protocol):
         """Publish to a subject of the nodes' own (not a topic's); whether
         it went (not while NATS is out of reach)."""
         if not self._sending:
+            return False
+        if len(subject) > MAX_LINE - 32 or len(payload) > self.max_payload:
+            self._unsendable(subject, len(payload))
             return False
         self._write(pub(subject, payload))
         return True
@@ -656,7 +695,7 @@ class NatsBus(asyncio.Protocol):
         self.server_info = info
         max_payload = info.get("max_payload")
         if isinstance(max_payload, int) and max_payload > 0:
-            self._parser.max_payload = max_payload
+            self._parser.max_payload = self.max_payload = max_payload
         if self._greeted or self.transport is None or self._upgrade is not None:
             return  # a later INFO: the cluster's servers changed
         if not self._secured and (self.tls is not None or info.get("tls_required")):

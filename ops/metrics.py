@@ -129,6 +129,8 @@ class BrokerCollector(Collector):
                  "filters, recognised and dropped."),
                 ("refused", stats.refused, "Messages from NATS that no node sends (bad "
                  "subject or envelope), refused."),
+                ("too_large", stats.too_large, "Messages not sent to the other nodes because "
+                 "NATS would refuse them (over its max_payload, or too long a subject)."),
                 ("taken_over", stats.taken_over, "Connections closed because their client id "
                  "connected on another node."),
                 ("nats_connects", stats.connects, "Connections made to NATS."),

@@ -648,3 +648,34 @@ def test_a_node_back_from_a_nats_outage_keeps_its_clients_wills(nodes, nats, cli
          "b took a's former self for gone")
     poll(lambda: stream_messages(b, "BMQ_WILLS") == 1, "the will kept under the new origin")
     watcher.expect_nothing_more("alerts/marker")  # and not published
+
+
+def test_what_nats_would_refuse_stays_local_and_disturbs_nothing(tmp_path, clients):
+    """A message larger than the server's max_payload, or a topic whose
+    subject is longer than a NATS control line, would make nats-server close
+    the node's connection: such a message reaches this node's subscribers
+    only, and is counted."""
+    with NatsServer(tmp_path / "nats", jetstream=True, extra="max_payload: 4096") as small:
+        started = [RunningBroker(embedded_config(node_config(
+            name, [f"127.0.0.1:{small.port}"]), tmp_path / name), name=name) for name in "ab"]
+        try:
+            a, b = started
+            local = clients(a.port, client_id="local")
+            remote = clients(b.port, client_id="remote")
+            long_topic = "t/" + "é" * 1400  # 8,400 characters as a subject
+            for client in (local, remote):
+                client.subscribe("t/#", 0)
+            synced(a, b)
+            writer = clients(a.port, client_id="writer", will=(long_topic, b"w", 0, False))
+            writer.publish("t/big", b"x" * 10_000)
+            writer.publish(long_topic, b"long")
+            writer.publish("t/small", b"fits")
+            assert [m.topic for m in local.expect(3)] == ["t/big", long_topic, "t/small"]
+            [message] = remote.expect()
+            assert message.topic == "t/small"
+            # The two messages, and the record of the will (its topic is long too).
+            assert bus(a).stats.too_large >= 2
+            assert bus(a).stats.disconnects == 0 and bus(a).connected
+        finally:
+            for node in reversed(started):
+                node.stop()
