@@ -57,7 +57,9 @@ class Message:
         """
         remaining = None
         if self.expires_at is not None and v5:
-            remaining = max(0, math.ceil(self.expires_at - now))
+            # Less a microsecond: (now + 600) - now is 600.0000000000001 for
+            # some floats, which would round up to a second more than given.
+            remaining = max(0, math.ceil(self.expires_at - now - 1e-6))
         if alias:
             return self._encode(v5, qos, retain, subscription_ids, remaining, alias, with_topic)
         if subscription_ids or remaining is not None:

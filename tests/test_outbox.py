@@ -149,6 +149,17 @@ def test_a_message_with_an_expiry_is_sent_with_the_time_it_has_left():
     assert packets(transport.writes[0])[0].properties["message_expiry_interval"] == 15
 
 
+def test_a_message_sent_at_once_never_gets_more_time_than_it_was_given():
+    """(now + 600) - now is 600.0000000000001 for some clock values (6% of
+    them, at this magnitude): rounded up, that would be 601 s."""
+    for step in range(2000):
+        now = 1000 + step * 0.0137
+        message = Message("t", b"x", 0, False, {"message_expiry_interval": 600})
+        message.stamp_expiry(now)
+        head, _ = message.wire_form(True, 0, False, (), now)
+        assert Decoder(5).feed(head)[0].properties["message_expiry_interval"] == 600, now
+
+
 # ------------------------------------------------------------------ held for the store
 
 def journal_for(outboxes: Outboxes) -> Journal:
