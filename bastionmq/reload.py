@@ -6,7 +6,7 @@ on), the authentication and authorization chains and their settings, a
 listener's TLS files and policy, its max_connections and its own chain.
 Restart: whatever opens or closes a socket or a file the process holds
 (binds, listeners added, removed, enabled or disabled, TCP and WebSocket
-options, node, durable_sessions, http_api), and the rest listed in
+options, node, durable_sessions, http_api, cluster), and the rest listed in
 RESTART_SECTIONS. A planned reload changes nothing by itself: it says what
 would apply (``effective``, the running config with the live changes) and
 what is left as it was.
@@ -22,7 +22,7 @@ from bastionmq.config import Config
 
 #: Top-level sections that need a restart as a whole.
 RESTART_SECTIONS = ("node", "durable_sessions", "http_api", "sys_topics",
-                    "psk_authentication", "crl_cache")
+                    "psk_authentication", "crl_cache", "cluster")
 #: Keys of a listener block that need a restart.
 RESTART_LISTENER_KEYS = ("enable", "bind", "tcp_options", "websocket", "proxy_protocol",
                          "proxy_protocol_timeout", "proxy_protocol_trusted")

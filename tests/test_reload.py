@@ -110,6 +110,7 @@ listeners.tcp.default { bind = "127.0.0.1:1883" }
 listeners.ws.default { bind = "127.0.0.1:8083" }
 node.data_dir = "/var/lib/a"
 log.level = info
+cluster { enable = true, heartbeat = 1s }
 """, env={})
     new = load_config(text="""
 listeners.tcp.default { bind = "127.0.0.1:1884", max_connections = 5 }
@@ -117,12 +118,15 @@ listeners.tcp.extra { bind = "127.0.0.1:1999" }
 node.data_dir = "/var/lib/b"
 log.level = debug
 mqtt.max_packet_size = 2KB
+cluster { enable = true, heartbeat = 2s, nats.servers = ["10.0.0.9:4222"] }
 """, env={})
     effective, report = plan_reload(running, new)
     assert report.applied == ["listeners.tcp.default.max_connections", "log.level",
                               "mqtt.max_packet_size"]
     assert "listeners.tcp.default.bind.port" in report.restart_required
     assert "node.data_dir" in report.restart_required
+    assert {"cluster.heartbeat", "cluster.nats.servers"} <= set(report.restart_required)
+    assert effective.cluster.heartbeat == 1.0
     assert any(key.startswith("listeners.tcp.extra.") for key in report.restart_required)
     assert any(key.startswith("listeners.ws.default.") for key in report.restart_required)
     assert effective.listeners.tcp["default"].bind.port == 1883
