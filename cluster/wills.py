@@ -133,19 +133,21 @@ class Wills:
         for session in list(self.core.sessions.values()):
             connection = session.connection
             if connection is not None and connection.will is not None:
-                self.core.cluster.will_saved(connection.client_info, connection.will, None)
+                self.saved(connection.client_info, connection.will, None)
             elif session.pending_will is not None and session.client is not None:
-                self.core.cluster.will_saved(session.client, session.pending_will,
-                                             session.will_due)
+                self.saved(session.client, session.pending_will, session.will_due)
 
     # ---------------------------------------------------------- reaping
 
     def gone(self, name: str, origin: str) -> None:
         """Node ``name`` with ``origin`` is gone: reap it, unless another does."""
-        key = (topic_to_key(name), origin)
+        self._gone(topic_to_key(name), origin)
+
+    def _gone(self, node: str, origin: str) -> None:
+        key = (node, origin)
         if key not in self.reaped and origin != self.bus.origin.hex():
             self.reaped.add(key)
-            self._spawn(self._reap(*key), f"reaping {name}")
+            self._spawn(self._reap(*key), f"reaping {key_to_topic(node)}")
 
     def _spawn(self, coroutine: Any, what: str) -> None:
         task = self.loop.create_task(coroutine, name=f"bastionmq cluster wills: {what}")
@@ -232,4 +234,4 @@ class Wills:
         alive = {(topic_to_key(figures["node"]), figures.get("origin"))
                  for figures in self.bus.nodes()}
         for node, origin in found - alive:
-            self.gone(key_to_topic(node), origin)
+            self._gone(node, origin)
