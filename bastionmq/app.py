@@ -206,7 +206,7 @@ def check_rule_files(config: Config) -> list[tuple[str, str]]:
     return problems
 
 
-def _make_dev_pki_on_first_start(config: Config) -> None:
+def make_dev_pki_on_first_start(config: Config) -> None:
     """When a TLS listener uses the development PKI's default paths (in
     node.data_dir/certs, where ``bastionmq certs`` works by default) and none
     of its files exists yet, make that PKI, so the shipped config starts."""
@@ -238,6 +238,27 @@ def describe_restore(report: RestoreReport, path: str, bodies: int) -> str:
                  "wills fell due (of clients cut off by a crash, or whose delay ran out) and "
                  "were published")
     return line
+
+
+async def start_embedded_nats(config: Config) -> EmbeddedNats:
+    """The nats-server of ``cluster.nats.embedded`` (or the one answering
+    at its address already); ConfigError with the key path when it cannot be."""
+    nats = config.cluster.nats
+    host, port = nats.addresses[0]
+    if nats.tls.enable:
+        raise ConfigError([("cluster.nats.tls.enable", "the embedded server listens "
+                            "on loopback without TLS: turn one of them off")])
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError([("cluster.nats.servers", f"the embedded server listens on "
+                            f"loopback: the first server must be 127.0.0.1:PORT, "
+                            f"not {host}:{port}")])
+    try:
+        embedded = EmbeddedNats(nats.embedded_binary, port,
+                                embedded_directory(config.node.directory), config.cluster.name)
+        await embedded.start()
+    except EmbeddedError as exc:
+        raise ConfigError([("cluster.nats.embedded", str(exc))]) from None
+    return embedded
 
 
 class Broker:
@@ -275,6 +296,9 @@ class Broker:
         #: does; an embedding application keeps its own), so that a reload
         #: applies ``log``.
         self.manages_logging = False
+        #: What this process makes of the configuration file when it reads it
+        #: again (a worker of node.workers: its own node name, store, ...).
+        self.adapt: Callable[[Config], Config] | None = None
         self.auth_methods = {method.name: method for method in auth_methods}
         #: The application's own methods, offered on every listener.
         self._embedded_methods = frozenset(self.auth_methods)
@@ -325,7 +349,7 @@ class Broker:
         # Which directory holds the data, and why: the one line that answers
         # "where did my sessions, users and certificates go".
         log.info("%s", config.node.data.describe())
-        _make_dev_pki_on_first_start(config)
+        make_dev_pki_on_first_start(config)
         if _uses_database(config):
             try:
                 self.database = await AuthDatabase.open(config.node.auth_database,
@@ -363,7 +387,8 @@ class Broker:
                 nodelay=block.tcp_options.nodelay,
                 high_watermark=block.tcp_options.high_watermark,
                 proxy=(ProxySettings.of(block.proxy_protocol_timeout, block.proxy_protocol_trusted)
-                       if block.proxy_protocol else None), **extra)
+                       if block.proxy_protocol else None),
+                reuse_port=config.node.workers > 1, **extra)
             await listener.start()
             self.listeners[listener.id] = listener
         if ops is not None:
@@ -463,22 +488,7 @@ class Broker:
         cluster = self.config.cluster
         nats = cluster.nats
         if nats.embedded:
-            host, port = nats.addresses[0]
-            if nats.tls.enable:
-                raise ConfigError([("cluster.nats.tls.enable", "the embedded server listens "
-                                    "on loopback without TLS: turn one of them off")])
-            if host not in ("127.0.0.1", "localhost", "::1"):
-                raise ConfigError([("cluster.nats.servers", f"the embedded server listens on "
-                                    f"loopback: the first server must be 127.0.0.1:PORT, "
-                                    f"not {host}:{port}")])
-            try:
-                embedded = EmbeddedNats(nats.embedded_binary, port,
-                                        embedded_directory(self.config.node.directory),
-                                        cluster.name)
-                await embedded.start()
-            except EmbeddedError as exc:
-                raise ConfigError([("cluster.nats.embedded", str(exc))]) from None
-            self.embedded_nats = embedded
+            self.embedded_nats = await start_embedded_nats(self.config)
         tls = None
         if nats.tls.enable:
             try:
@@ -561,6 +571,8 @@ class Broker:
         if self.config_file is not None:
             try:
                 new = load_config(self.config_file, env=None if self.env else {})
+                if self.adapt is not None:
+                    new = self.adapt(new)
                 effective, report = plan_reload(self.config, new)
                 self._apply(effective, why)
             except ConfigError as exc:

@@ -24,11 +24,14 @@ from bastionmq.auth import builtin_db
 from bastionmq.auth.passwords import NAMES as HASH_NAMES
 from bastionmq.auth.passwords import PasswordHash
 from bastionmq.auth.scram import DEFAULT_ITERATIONS
-from bastionmq.app import Broker
+from bastionmq.app import Broker, make_dev_pki_on_first_start
 from bastionmq.config import Config, ConfigError, load_config
 from bastionmq.ctl import ctl_group
 from bastionmq.ops.logs import configure_logging
 from bastionmq.version import __version__
+from bastionmq.workers import Supervisor, SupervisorError, for_worker, ready, watch_supervisor, with_workers
+from bastionmq.workers import problems as worker_problems
+from bastionmq.workers import worker_command
 
 DEFAULT_CONFIG = Path("etc/bastionmq.conf")
 #: The built-in default (package data), used when no file is given or found.
@@ -38,6 +41,7 @@ BUILTIN_CONFIG = "builtin.conf"
 SHIPPED_CONFIG = "bastionmq.conf"
 
 log = logging.getLogger("bastionmq")
+T = typing.TypeVar("T")
 
 
 BUILT_IN = "the built-in default configuration (loopback only)"
@@ -147,15 +151,21 @@ def _persistence_line(config: Config) -> str:
 
 @main.command()
 @config_option
-def start(config_file: str | None) -> None:
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Worker processes, each a node of a cluster on NATS, sharing the "
+                   "listeners' ports (node.workers; docs/cluster.md).")
+def start(config_file: str | None, workers: int | None) -> None:
     """Start the broker in the foreground; SIGTERM or SIGINT stop it."""
     config, source = _load(config_file, every_problem=True)
+    config = with_workers(config, workers)
     if not config.enabled_listeners():
         raise click.ClickException(f"{source}: no listener is enabled; nothing to serve")
     # Every file problem at once, before anything opens (the broker itself
     # would stop at the first).
     with _logging_off():  # what the rule files' loaders warn of, the broker warns of next
         found = checks.file_problems(config).errors
+    if config.node.workers > 1:
+        found = found + worker_problems(config)
     if found:
         _invalid(found)
     try:
@@ -163,10 +173,48 @@ def start(config_file: str | None) -> None:
     except OSError as exc:
         raise click.ClickException(f"log.file.path: {exc}") from None
     log.info("bastionmq %s starting with %s", __version__, source)
+    file = None if source == BUILT_IN else source
+    try:
+        if config.node.workers > 1:
+            # Made once, here, rather than by racing workers.
+            make_dev_pki_on_first_start(config)
+            supervisor = Supervisor(config, worker_command(file, config.node.workers))
+            try:
+                status = _run(supervisor.run())
+            except SupervisorError as exc:
+                raise click.ClickException(str(exc)) from None
+            if status:
+                raise click.ClickException("the workers did not start (their errors are above)")
+            return
+        broker = Broker(config, config_file=file, env=True)
+        broker.manages_logging = True
+        _run(_serve(broker))
+    except ConfigError as exc:
+        raise click.ClickException(f"invalid configuration:\n{exc}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot open a listener: {exc}") from None
+
+
+@main.command(hidden=True)
+@config_option
+@click.option("--workers", type=click.IntRange(1, 256), default=None)
+@click.option("--index", type=click.IntRange(1, 256), required=True)
+@click.option("--ready-fd", type=int, required=True)
+@click.option("--life-fd", type=int, required=True)
+def worker(config_file: str | None, workers: int | None, index: int, ready_fd: int,
+           life_fd: int) -> None:
+    """One worker of ``start --workers N``, run by its supervisor."""
+    config, source = _load(config_file)
+
+    def adapt(config: Config) -> Config:
+        return for_worker(config, index, workers)
+    config = adapt(config)
+    configure_logging(config.log)
     try:
         broker = Broker(config, config_file=None if source == BUILT_IN else source, env=True)
         broker.manages_logging = True
-        _run(_serve(broker))
+        broker.adapt = adapt
+        _run(_serve(broker, ready_fd, life_fd))
     except ConfigError as exc:
         raise click.ClickException(f"invalid configuration:\n{exc}") from None
     except OSError as exc:
@@ -182,18 +230,22 @@ def _logging_off() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
-def _run(coroutine) -> None:
+def _run(coroutine: typing.Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
     except ImportError:  # not on Linux: the standard loop serves
-        asyncio.run(coroutine)
-    else:
-        uvloop.run(coroutine)
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
-async def _serve(broker: Broker) -> None:
+async def _serve(broker: Broker, ready_fd: int | None = None,
+                 life_fd: int | None = None) -> None:
+    """Run ``broker`` until SIGTERM or SIGINT (a worker: or until its
+    supervisor is gone), reloading on SIGHUP."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
+    if life_fd is not None:
+        watch_supervisor(life_fd, stopping)
     # Before start-up, so that a SIGTERM while it runs stops cleanly after it.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
@@ -208,6 +260,8 @@ async def _serve(broker: Broker) -> None:
         task.add_done_callback(reloads.discard)
     loop.add_signal_handler(signal.SIGHUP, reload)
     await broker.start()
+    if ready_fd is not None:
+        ready(ready_fd)
     await stopping.wait()
     core = broker.core
     assert core is not None  # made by start(), dropped by stop()

@@ -230,6 +230,11 @@ class NodeConfig:
     #: database (auth.sqlite3) and the development PKI (certs/). Relative to
     #: the directory the broker runs in. None: chosen by bastionmq.data_dir.
     data_dir: str | None = None
+    #: Processes serving the listeners (``bastionmq start --workers N``): a
+    #: supervisor starts this many workers, each a node of a cluster on NATS
+    #: that binds every listener with SO_REUSEPORT (docs/cluster.md). 1: one
+    #: process, no cluster unless ``cluster`` says so.
+    workers: int = attrs.field(default=1, validator=[v.ge(1), v.le(256)])
     #: The choice made for this configuration (load_config makes it once,
     #: so that every user of the configuration sees the same directory).
     chosen: DataDir | None = attrs.field(default=None, metadata=INTERNAL)

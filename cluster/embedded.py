@@ -98,7 +98,10 @@ class EmbeddedNats:
         with open(self.log_path, "ab") as output:
             self.process = await asyncio.create_subprocess_exec(
                 self.binary, "-c", str(config), stdin=asyncio.subprocess.DEVNULL,
-                stdout=output, stderr=output)
+                stdout=output, stderr=output,
+                # Its own session: a Ctrl-C at the terminal stops the broker,
+                # which stops the server, instead of killing it under the broker.
+                start_new_session=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + START_TIMEOUT
         while not await answers_as_nats("127.0.0.1", self.port):

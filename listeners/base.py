@@ -30,7 +30,7 @@ class Listener:
     def __init__(self, name: str, host: str, port: int, core: BrokerCore, *,
                  max_connections: int | None = None, backlog: int = 1024,
                  nodelay: bool = True, high_watermark: int = 1024 * 1024,
-                 proxy: ProxySettings | None = None) -> None:
+                 proxy: ProxySettings | None = None, reuse_port: bool = False) -> None:
         self.name = name
         self.host = host
         self.port = port
@@ -39,6 +39,8 @@ class Listener:
         self.backlog = backlog
         self.nodelay = nodelay
         self.high_watermark = high_watermark
+        #: Bound with SO_REUSEPORT, beside the other workers of node.workers.
+        self.reuse_port = reuse_port
         self.connection_count = 0
         self.refused_over_limit = 0
         #: With proxy_protocol: every connection starts with a ProxyLayer.
@@ -72,7 +74,8 @@ class Listener:
         try:
             self._server = await loop.create_server(
                 factory, self.host or None, self.port,
-                backlog=self.backlog, reuse_address=True, **self.server_options())
+                backlog=self.backlog, reuse_address=True,
+                reuse_port=self.reuse_port or None, **self.server_options())
         except OSError as exc:
             raise OSError(exc.errno, f"listener {self.id} cannot bind {self.host}:{self.port}: "
                                      f"{exc.strerror}") from None

@@ -46,13 +46,36 @@ class LogConfig:
     format: str = attrs.field(default="text", validator=v.in_(("text", "json")))
     to_stderr: bool = True
     file: LogFileConfig = attrs.field(factory=LogFileConfig)
+    #: Set for a worker of node.workers: its node name, on every line, so
+    #: that the workers' lines can be told apart in the one log.
+    node: str | None = attrs.field(default=None, metadata={"internal": True})
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, with the node's name when it is a worker's; a line a
+    worker already formatted (relayed by the supervisor) passes as it is."""
+
+    def __init__(self, node: str | None = None) -> None:
+        super().__init__(TEXT_FORMAT if node is None else
+                         TEXT_FORMAT.replace("%(name)s", f"[{node}] %(name)s"))
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "relayed", False):
+            return record.getMessage()
+        return super().format(record)
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record: time, level, logger, message, and the
-    event's fields when it has them."""
+    event's fields when it has them (and the worker's node name)."""
+
+    def __init__(self, node: str | None = None) -> None:
+        super().__init__()
+        self.node = node
 
     def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "relayed", False):
+            return record.getMessage()
         entry: dict[str, Any] = {
             "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
             .isoformat(timespec="milliseconds"),
@@ -60,6 +83,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.node is not None:
+            entry["node"] = self.node
         for field in EVENT_FIELDS:
             value = getattr(record, field, None)
             if value is not None:
@@ -71,8 +96,8 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(settings: LogConfig) -> None:
     """Route the process's log as ``settings`` say (replacing what was set)."""
-    formatter: logging.Formatter = (JsonFormatter() if settings.format == "json"
-                                    else logging.Formatter(TEXT_FORMAT))
+    formatter: logging.Formatter = (JsonFormatter(settings.node) if settings.format == "json"
+                                    else TextFormatter(settings.node))
     handlers: list[logging.Handler] = []
     if settings.to_stderr:
         handlers.append(logging.StreamHandler(sys.stderr))
@@ -92,3 +117,12 @@ def configure_logging(settings: LogConfig) -> None:
     # aiosqlite logs every statement at debug: noise to an operator who
     # asks for the broker's debug lines.
     logging.getLogger("aiosqlite").setLevel(max(root.level, logging.INFO))
+
+
+def relay(line: str) -> None:
+    """Write a line another process logged (a worker's, already formatted)
+    through this process's handlers: one process writes and rotates the file."""
+    record = logging.LogRecord("bastionmq.worker", logging.INFO, "", 0, line, None, None)
+    record.relayed = True
+    for handler in logging.getLogger().handlers:
+        handler.handle(record)

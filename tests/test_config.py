@@ -837,7 +837,7 @@ durable_sessions { data_dir = "/srv/store" }
 
 
 def test_the_choice_is_not_a_key_of_the_file() -> None:
-    assert errors_of("node.chosen = x") == {"node.chosen": "unknown key (known keys: data_dir)"}
+    assert errors_of("node.chosen = x") == {"node.chosen": "unknown key (known keys: data_dir, workers)"}
 
 
 def test_an_invalid_file_still_gives_the_rest_for_checking_its_files() -> None:
