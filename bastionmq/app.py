@@ -38,6 +38,7 @@ from bastionmq.cluster.bus import ClusterUnavailable, NatsBus
 from bastionmq.cluster.embedded import EmbeddedError, EmbeddedNats, embedded_directory
 from bastionmq.cluster.jetstream import JetStreamError
 from bastionmq.cluster.retained import load_retained
+from bastionmq.cluster.sessions import SessionMover
 from bastionmq.cluster.wills import Wills
 from bastionmq.hooks import (
     ConnectedClient, HookAuthenticator, Hooks, Observers, acl_sources, check_authorize_hook,
@@ -504,6 +505,7 @@ class Broker:
         except ClusterUnavailable as exc:
             raise ConfigError([("cluster.nats.servers", str(exc))]) from None
         self.bus = core.cluster = bus
+        bus.sessions = SessionMover(bus, core, cluster.takeover_timeout)
         try:
             loaded = await load_retained(bus, core, cluster.replicas)
             wills = Wills(bus, core, cluster.name)

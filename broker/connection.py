@@ -559,17 +559,29 @@ class Connection:
             return
         self.finish_connect(result, packet, assigned)
 
-    async def _finish_connect_async(self, pending, packet: Connect, assigned: bool) -> None:
+    async def _finish_connect_async(self, pending, packet: Connect, assigned: bool,
+                                    fetching_for: AuthResult | None = None,
+                                    auth_props: dict[str, Any] | None = None) -> None:
+        """Finish CONNECT once ``pending`` is answered: an authentication
+        (its AuthResult), or (``fetching_for``: the client's AuthResult) the
+        cluster's search for its session (whether it is refused)."""
         try:
-            result = await pending
+            answer = await pending
         except Exception:
-            log.exception("authentication of %s failed", self.describe())
-            result = AuthResult(Reason.SERVER_UNAVAILABLE)
+            log.exception("%s of %s failed", "authentication" if fetching_for is None
+                          else "finding the session", self.describe())
+            answer = AuthResult(Reason.SERVER_UNAVAILABLE) if fetching_for is None else False
         if self.state == CLOSED:
             return
         self.state = NEW
         held, self._held = self._held, None
-        self.finish_connect(result, packet, assigned)
+        if fetching_for is None:
+            self.finish_connect(answer, packet, assigned)
+        elif answer:
+            self._refuse(Reason.NOT_AUTHORIZED,
+                         "client id in use by a session of another identity (on another node)")
+        else:
+            self.finish_connect(fetching_for, packet, assigned, auth_props, fetched=True)
         if self.state == CONNECTED:
             self.transport.resume_reading()
             self._handle_packets(held or ())
@@ -588,9 +600,10 @@ class Connection:
         self.close(reason, why, send_disconnect=False, publish_will=False)
 
     def finish_connect(self, result: AuthResult, packet: Connect, assigned: bool,
-                       auth_props: dict[str, Any] | None = None) -> None:
+                       auth_props: dict[str, Any] | None = None, fetched: bool = False) -> None:
         """Answer CONNECT once authentication has decided (``auth_props``:
-        the last step of an enhanced authentication, for the CONNACK)."""
+        the last step of an enhanced authentication, for the CONNACK;
+        ``fetched``: the cluster was asked for the session already)."""
         if self._idle_handle is not None:  # the time an exchange was given
             self._idle_handle.cancel()
             self._idle_handle = None
@@ -615,6 +628,17 @@ class Connection:
             expiry = 0 if packet.clean_start else int(settings.session_expiry_interval)
         self.client_info = ClientInfo(client_id=self.client_id, username=self.username,
                                       peer=self.peer, superuser=self.superuser)
+        if not (fetched or packet.clean_start or core.cluster is None
+                or self.client_id in core.sessions):
+            # A session to resume that is not here may be on another node.
+            pending = core.cluster.fetch_session(self.client_info)
+            if pending is not None:
+                self.state = AUTHENTICATING
+                self._held = []
+                self.transport.pause_reading()
+                core.spawn(self._finish_connect_async(pending, packet, assigned, result,
+                                                      auth_props))
+                return
         if core.session_refused(self.client_info):
             return self._refuse(Reason.NOT_AUTHORIZED,
                                 "client id in use by a session of another identity")

@@ -228,7 +228,7 @@ class BrokerCore:
         session.client = client
         session.offline_since = None
         if self.cluster is not None:
-            self.cluster.claimed(client_id, session.owner)
+            self.cluster.claimed(client_id, session.owner, clean_start)
         journal = self.journal
         if journal is not None:
             if expiry:
@@ -239,7 +239,8 @@ class BrokerCore:
             self.observer.connected(connection)
         return session, present
 
-    def taken_over_elsewhere(self, client_id: str, owner: str | None) -> bool:
+    def taken_over_elsewhere(self, client_id: str, owner: str | None,
+                             clean_start: bool = False) -> bool:
         """Another node of the cluster connected ``client_id`` after this
         one did: its connection here goes, as in a takeover on one node
         ([MQTT-3.1.4-3], 5.0: DISCONNECT 0x8E). Not for another identity's
@@ -247,17 +248,38 @@ class BrokerCore:
         a client id alone must not let anyone cut a client off. Whether
         the connection here was closed."""
         session = self.sessions.get(client_id)
-        if session is None or session.connection is None:
+        if session is None or (session.connection is None and not clean_start):
             return False
         if (owner != session.owner and session.owner is not None
                 and self.settings.session_takeover_by_other_identity != "clean"):
             log.warning("client id %s connected on another node by another identity: "
-                        "its connection here is kept", shown(client_id))
+                        "its session here is kept", shown(client_id))
             return False
-        log.info("client %s connected on another node: closing its connection here",
-                 shown(client_id))
-        session.connection.close(Reason.SESSION_TAKEN_OVER, "session taken over")
-        return True
+        closed = session.connection is not None
+        if closed:
+            log.info("client %s connected on another node: closing its connection here",
+                     shown(client_id))
+            session.connection.close(Reason.SESSION_TAKEN_OVER, "session taken over")
+        session = self.sessions.get(client_id)
+        if clean_start and session is not None:
+            # Clean Start discards the session, wherever it is (3.1.2.4).
+            self.end_session(session)
+        return closed
+
+    def give_up_session(self, session: Session) -> None:
+        """``session`` (offline) goes on on another node of the cluster,
+        which took it with its messages: it leaves here without a trace,
+        its held-back will dropped (its client connected again), its
+        messages not handed to other members of their shared groups."""
+        if session.will_handle is not None:
+            session.will_handle.cancel()
+            session.will_handle = session.pending_will = session.will_due = None
+            self.forget_will(session.client_id)
+        if session.store_id:
+            assert self.journal is not None  # a stored session implies a journal
+            self.journal.session_deleted(session)
+        session.inflight = session.queue = None
+        self.end_session(session)
 
     def resume_session(self, session: Session) -> None:
         """Resend what was in flight (DUP set, [MQTT-4.4.0-1]), then the queue."""

@@ -359,9 +359,17 @@ class ClusterBus(Protocol):
         its group's last member here left."""
         ...
 
-    def claimed(self, client_id: str, owner: str | None) -> None:
+    def claimed(self, client_id: str, owner: str | None, clean_start: bool) -> None:
         """A client connected to this node as ``client_id``, the identity
-        ``owner`` (broker.ownership): the other nodes close theirs."""
+        ``owner`` (broker.ownership): the other nodes close theirs (and,
+        with ``clean_start``, end their sessions of that id)."""
+        ...
+
+    def fetch_session(self, client: ClientInfo) -> Awaitable[bool] | None:
+        """Bring ``client``'s session here from the node holding it, for a
+        CONNECT that resumes one; None when there is no other node to ask,
+        else an awaitable of whether the client is refused (the session is
+        another identity's)."""
         ...
 
     def will_saved(self, client: ClientInfo, will: Any, due: float | None) -> None:

@@ -62,6 +62,34 @@ def restore(core: BrokerCore, snapshot: Snapshot) -> RestoreReport:
     return report
 
 
+def adopt(core: BrokerCore, stored: StoredSession, offline_for: float) -> Session:
+    """A session another node of the cluster handed over (cluster.sessions),
+    offline for ``offline_for`` seconds: rebuilt as a restored one, recorded
+    in this node's store when it has one, its expiry timer started."""
+    report = RestoreReport()
+    now = core.loop.time()
+    session = _rebuild_session(core, stored, now, time.time(), report)
+    journal = core.journal
+    if journal is not None and stored.expiry:
+        journal.session_saved(session)
+        for entry in session.subscriptions.values():
+            journal.subscription_saved(session, entry)
+        for packet_id, inflight in (session.inflight or {}).items():
+            journal.inflight_saved(session, packet_id, inflight, new=True)
+        if session.queue:
+            session.queue = deque(
+                (message, qos, retain, ids, group, journal.queued(
+                    session, message, qos, retain, ids,
+                    group.share_filter if group is not None else None))
+                for message, qos, retain, ids, group, _ in session.queue)
+        for packet_id in session.awaiting_rel or ():
+            journal.awaiting_saved(session, packet_id)
+    left = NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES else stored.expiry - offline_for
+    _resume_timers(core, session, left, now, report)
+    core.stats.clients_maximum = max(core.stats.clients_maximum, len(core.sessions))
+    return session
+
+
 def _restore_will(core: BrokerCore, stored: StoredWill, now: float, wall_now: float,
                   report: RestoreReport) -> None:
     """Hold a stored will back again, or publish it now: the will of a
@@ -102,8 +130,9 @@ def _rebuild_session(core: BrokerCore, stored: StoredSession, now: float, wall_n
     for packet_id, message, qos, retain, ids, share, released in stored.inflight:
         entry = Inflight(message, qos, retain, ids, _group_of(core, share), released)
         if message.expired(now) and not released:
-            assert core.journal is not None  # restoring is for a core with a journal
-            core.journal.inflight_deleted(session, packet_id, entry)
+            if session.store_id:
+                assert core.journal is not None  # a stored session implies a journal
+                core.journal.inflight_deleted(session, packet_id, entry)
             report.expired_messages += 1
             continue
         if session.inflight is None:

@@ -129,6 +129,10 @@ class BusStats:
     #: Connections of this node closed because their client id connected
     #: on another node later.
     taken_over: int = 0
+    #: Persistent sessions handed to another node, and taken from one
+    #: (cluster.sessions).
+    sessions_given: int = 0
+    sessions_taken: int = 0
     #: Connections made to NATS, and lost.
     connects: int = 0
     disconnects: int = 0
@@ -217,6 +221,11 @@ class NatsBus(asyncio.Protocol):
         self._requests: dict[str, asyncio.Future[tuple[bytes, bytes | None, str | None]]] = {}
         self._next_request = 0
         self._deliveries: dict[int, Any] = {}
+        #: Subjects this node answers requests on (``serve``): subscribed
+        #: again, as deliveries, on every connection.
+        self._services: dict[str, Any] = {}
+        #: The side of sessions that follow their clients (cluster.sessions).
+        self.sessions: Any = None
         #: Topics whose retained message another node set or cleared while
         #: the stream's copies load (cluster.retained), which those must not undo.
         self.retained_live: set[str] | None = None
@@ -405,7 +414,7 @@ class NatsBus(asyncio.Protocol):
         if sids:
             self._write(b"".join(unsub(sid) for sid in sids))
 
-    def claimed(self, client_id: str, owner: str | None) -> None:
+    def claimed(self, client_id: str, owner: str | None, clean_start: bool = False) -> None:
         """A client connected here as ``client_id``: tell the other nodes,
         which close a connection of theirs with that id (clean-session
         takeover by broadcast, as RabbitMQ's MQTT does: no round trip on the
@@ -419,16 +428,20 @@ class NatsBus(asyncio.Protocol):
             for old in [key for key, at in claims.items() if at < now - CLAIM_MEMORY_NS]:
                 del claims[old]
         if self._sending:
-            claim = json.dumps([client_id, owner, now, self.origin.hex()])
+            claim = json.dumps([client_id, owner, now, self.origin.hex(), clean_start])
             self._write(pub(CLAIM_SUBJECT, claim.encode()))
+
+    def fetch_session(self, client: Any) -> Any:
+        return self.sessions.fetch(client) if self.sessions is not None else None
 
     def _claim(self, payload: bytes) -> None:
         """Another node connected a client id."""
         try:
-            client_id, owner, at, origin = json.loads(payload)
+            client_id, owner, at, origin, clean_start = json.loads(payload)
             if not (isinstance(client_id, str) and isinstance(at, int)
-                    and isinstance(origin, str) and (owner is None or isinstance(owner, str))):
-                raise ValueError("not [client id, owner, time, origin]")
+                    and isinstance(origin, str) and (owner is None or isinstance(owner, str))
+                    and isinstance(clean_start, bool)):
+                raise ValueError("not [client id, owner, time, origin, clean start]")
         except ValueError as exc:
             self._refuse(CLAIM_SUBJECT, f"a claim that is not one: {exc}")
             return
@@ -436,7 +449,7 @@ class NatsBus(asyncio.Protocol):
         if mine is not None and (mine, self.origin.hex()) > (at, origin):
             return  # connected here later: the other node closes its connection
         self._claims.pop(client_id, None)
-        if self.core.taken_over_elsewhere(client_id, owner):
+        if self.core.taken_over_elsewhere(client_id, owner, clean_start):
             self.stats.taken_over += 1
 
     # ------------------------------------------------------------ requests
@@ -469,16 +482,29 @@ class NatsBus(asyncio.Protocol):
         self.origin = secrets.token_bytes(8)
         self.sequence = 0
 
-    def publish(self, subject: str, payload: bytes) -> bool:
-        """Publish to a subject of the nodes' own (not a topic's); whether
-        it went (not while NATS is out of reach)."""
+    def publish(self, subject: str, payload: bytes, reply: str | None = None) -> bool:
+        """Publish to a subject of the nodes' own (not a topic's), answers
+        to ``reply``; whether it went (not while NATS is out of reach)."""
         if not self._sending:
             return False
         if len(subject) > MAX_LINE - 32 or len(payload) > self.max_payload:
             self._unsendable(subject, len(payload))
             return False
-        self._write(pub(subject, payload))
+        self._write(pub(subject, payload, reply))
         return True
+
+    def serve(self, subject: str, handler: Any) -> None:
+        """Give each request published to ``subject`` to ``handler(subject,
+        payload, headers, reply)``, on this connection and the next ones."""
+        self._services[subject] = handler
+        if self._greeted:
+            self._serve(subject, handler)
+
+    def _serve(self, subject: str, handler: Any) -> None:
+        sid = self._next_sid
+        self._next_sid += 1
+        self._deliveries[sid] = handler
+        self._write(sub(subject, sid))
 
     def deliver_to(self, handler: Any) -> tuple[str, int]:
         """A new inbox subject and its subscription: each message delivered
@@ -529,9 +555,17 @@ class NatsBus(asyncio.Protocol):
     async def _beat(self) -> None:
         while True:
             if self._sending:
-                self._write(pub(HEARTBEAT_SUBJECT, json.dumps(self.figures()).encode()))
+                self._beat_now()
                 self.nodes()  # finds the nodes gone quiet
             await asyncio.sleep(self.heartbeat)
+
+    def _beat_now(self) -> None:
+        self._write(pub(HEARTBEAT_SUBJECT, json.dumps(self.figures()).encode()))
+
+    def others(self) -> set[str]:
+        """The names of the other nodes heard from within three heartbeats."""
+        since = self.loop.time() - 3 * self.heartbeat
+        return {name for name, (_, at) in self.peers.items() if at >= since}
 
     def _heard(self, payload: bytes) -> None:
         try:
@@ -546,6 +580,11 @@ class NatsBus(asyncio.Protocol):
         if known is not None and known[0].get("origin") != figures.get("origin"):
             self._gone(known[0])  # restarted: its former self is gone
         self.peers[name] = (figures, self.loop.time())
+        if (known is None or known[0].get("origin") != figures.get("origin")) \
+                and self._sending:
+            # A node new to us: it learns of this one now, not a heartbeat
+            # later (a CONNECT on it asks the nodes it knows for sessions).
+            self._beat_now()
 
     def _gone(self, figures: dict[str, Any]) -> None:
         log.info("node %s (%s) is gone", figures.get("node"), figures.get("origin"))
@@ -757,7 +796,10 @@ class NatsBus(asyncio.Protocol):
         self._write(sub(RETAINED_PREFIX + ".>", self._retained_sid)
                     + sub(CLAIM_SUBJECT, self._claim_sid)
                     + sub(HEARTBEAT_SUBJECT, self._heartbeat_sid)
-                    + sub(self._inbox + ".*", self._inbox_sid) + PING)
+                    + sub(self._inbox + ".*", self._inbox_sid))
+        for subject, handler in self._services.items():
+            self._serve(subject, handler)
+        self._write(PING)
         self._pongs.insert(0, None)  # the answer to this PING makes it ready
 
     def _pong(self) -> None:

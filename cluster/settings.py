@@ -117,6 +117,12 @@ class ClusterConfig:
     heartbeat: float = attrs.field(default=1.0, metadata={"unit": "duration"},
                                    validator=[v.ge(0.05), v.le(60)])
 
+    #: How long a CONNECT that resumes a session waits for the other nodes
+    #: to say whether one of them holds it (cluster.sessions); a node that
+    #: does not answer in time is taken to hold none.
+    takeover_timeout: float = attrs.field(default=1.0, metadata={"unit": "duration"},
+                                          validator=[v.ge(0.01), v.le(60)])
+
     @property
     def name(self) -> str:
         return self.node_name or f"{socket.gethostname()}-{os.getpid()}"

@@ -122,6 +122,13 @@ class BrokerCollector(Collector):
         messages.add_metric(["forwarded"], stats.forwarded)
         messages.add_metric(["received"], stats.received)
         yield messages
+        sessions = CounterMetricFamily(
+            "bastionmq_cluster_sessions_moved", "Persistent sessions that moved with their "
+            "client, by direction: given (to another node), taken (from another node).",
+            labels=["direction"])
+        sessions.add_metric(["given"], stats.sessions_given)
+        sessions.add_metric(["taken"], stats.sessions_taken)
+        yield sessions
         for name, value, text in (
                 ("dropped", stats.dropped, "Messages not forwarded: no connection to NATS, "
                  "or its write buffer over its bound."),

@@ -333,6 +333,41 @@ def test_port_zero_cannot_be_shared_by_workers(tmp_path):
     assert "listeners.tcp.default.bind: port 0 gives each worker a port" in result.stderr
 
 
+def test_a_persistent_session_follows_its_client_across_workers(supervised):
+    """Reconnecting lands on any worker: Session Present 1 every time, and
+    every message published meanwhile arrives once."""
+    running = supervised().start()
+    sender = paho_client(running.port, "sender")
+    received: list[bytes] = []
+    sent = []
+    for index in range(20):
+        client = RawClient(running.port, MQTT_5)
+        connack = client.connect("roaming", clean_start=False,
+                                 properties={"session_expiry_interval": 300})
+        assert connack.reason_code == 0 and connack.session_present == (index > 0), index
+        if index == 0:
+            client.send(Subscribe(1, [Subscription("roam/#", qos=1)]))
+            client.receive()  # SUBACK
+        # What was queued while it was away (on whichever worker), then
+        # one more message while it is connected here.
+        payload = f"{index}".encode()
+        sender.publish("roam/x", payload, qos=1).wait_for_publish(TIMEOUT)
+        sent.append(payload)
+        while len(received) < len(sent):
+            packet = client.receive()
+            if isinstance(packet, Publish):
+                received.append(packet.payload)
+                client.send(Puback(packet.packet_id))
+        client.send(Disconnect(0))
+        client.close()
+        sender.publish("roam/x", f"{index}-away".encode(), qos=1).wait_for_publish(TIMEOUT)
+        sent.append(f"{index}-away".encode())
+    assert sorted(received) == sorted(sent[:-1])
+    sender.disconnect()
+    sender.loop_stop()
+    assert running.terminate() == 0
+
+
 def test_takeover_storm_across_workers(supervised):
     """One client id connecting again and again, each time on whichever
     worker the kernel picks: each earlier connection is closed with 0x8E,

@@ -1,0 +1,234 @@
+"""Persistent sessions follow their client from node to node.
+
+A client that connects with Clean Start 0 (3.1.1: Clean Session 0) to a node
+that does not hold its session gets it from the node that does: the node
+asks every node heard from (one request on ``bmq.session.fetch``, the
+answers gathered until each has answered, one holds the session, or
+``cluster.takeover_timeout`` passes); the holder closes the client's
+connection there if it has one (5.0: DISCONNECT 0x8E, its will as for any
+takeover), takes the session out of its core and store, and answers with it:
+subscriptions, messages in flight and queued, inbound QoS 2 packet ids, the
+time it has been offline. The asking node rebuilds it as a restore would
+(broker.restore.adopt), records it in its own store, and the CONNACK says
+Session Present 1; what was in flight is sent again with DUP.
+
+A session of another identity is not handed over (the client is refused
+with 0x87, as on one node), unless ``mqtt.session_takeover_by_other_identity
+= clean``. A Clean Start 1 CONNECT needs no answer: the claim that every
+node hears (cluster.bus) ends their copies.
+
+What this does not do yet: the session lives in one node's memory and
+store, so a node that dies takes its offline sessions out of reach until it
+is started again (under the same name, its store restores them); messages
+that reach the old node while the session is on its way are not forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from typing import Any
+
+from bastionmq.broker.codec import Subscription
+from bastionmq.broker.logtext import shown
+from bastionmq.broker.message import Message
+from bastionmq.broker.ownership import client_from_record, client_record
+from bastionmq.broker.ports import ClientInfo
+from bastionmq.broker.properties import Reason
+from bastionmq.broker.restore import adopt
+from bastionmq.broker.sessions import Session
+from bastionmq.broker.store import StoredSession
+
+from .envelope import EnvelopeError, envelope_head, open_envelope
+
+log = logging.getLogger("bastionmq.cluster")
+
+FETCH_SUBJECT = "bmq.session.fetch"
+RECORD_VERSION = 1
+_NO_ORIGIN = bytes(8)
+
+
+def message_record(message: Message, now: float) -> list[str]:
+    """A message as a session record carries it: its topic and its
+    envelope (cluster.envelope), base64."""
+    data = envelope_head(message, _NO_ORIGIN, 0, now) + message.payload
+    return [message.topic, base64.b64encode(data).decode()]
+
+
+def message_from(record: list[str], now: float) -> Message:
+    topic, data = record
+    return open_envelope(topic, base64.b64decode(data), now)[2]
+
+
+def share_of(group: Any) -> str | None:
+    return group.share_filter if group is not None else None
+
+
+def session_record(session: Session, now: float) -> dict[str, Any]:
+    """Everything of an offline session another node needs to carry it on."""
+    client = session.client
+    assert session.offline_since is not None  # handed over offline only
+    return {
+        "v": RECORD_VERSION,
+        "client_id": session.client_id,
+        "expiry": session.expiry_interval,
+        "offline_for": max(0.0, now - session.offline_since),
+        "username": client.username if client is not None else None,
+        "client": client_record(client) if client is not None else None,
+        "subscriptions": [
+            [entry.options.filter, entry.options.qos, entry.options.no_local,
+             entry.options.retain_as_published, entry.options.retain_handling,
+             entry.identifier] for entry in session.subscriptions.values()],
+        "inflight": [
+            [packet_id, message_record(entry.message, now), entry.qos, entry.retain,
+             list(entry.subscription_ids), share_of(entry.group), entry.released]
+            for packet_id, entry in (session.inflight or {}).items()],
+        "queue": [
+            [message_record(message, now), qos, retain, list(ids), share_of(group)]
+            for message, qos, retain, ids, group, _ in (session.queue or ())],
+        "awaiting_rel": sorted(session.awaiting_rel or ()),
+    }
+
+
+def stored_session(record: dict[str, Any], now: float) -> tuple[StoredSession, float]:
+    """The session of a record, as the store would give it, and how long
+    it has been offline; ValueError (or KeyError, TypeError) for a record
+    that is not one."""
+    if record.get("v") != RECORD_VERSION:
+        raise ValueError(f"a session record of version {record.get('v')!r}")
+    stored = StoredSession(
+        sid=0, client_id=str(record["client_id"]), expiry=int(record["expiry"]),
+        disconnected_at=time.time() - float(record["offline_for"]),
+        username=record["username"], client=record["client"])
+    stored.subscriptions = [
+        (Subscription(topic_filter, qos, bool(no_local), bool(rap), retain_handling), identifier)
+        for topic_filter, qos, no_local, rap, retain_handling, identifier
+        in record["subscriptions"]]
+    stored.inflight = [
+        (packet_id, message_from(message, now), qos, bool(retain), tuple(ids), share,
+         bool(released))
+        for packet_id, message, qos, retain, ids, share, released in record["inflight"]]
+    stored.queue = [
+        (0, message_from(message, now), qos, bool(retain), tuple(ids), share)
+        for message, qos, retain, ids, share in record["queue"]]
+    stored.awaiting_rel = [int(packet_id) for packet_id in record["awaiting_rel"]]
+    return stored, float(record["offline_for"])
+
+
+class SessionMover:
+    """This node's side of sessions moving between nodes."""
+
+    def __init__(self, bus: Any, core: Any, timeout: float) -> None:
+        self.bus = bus
+        self.core = core
+        self.timeout = timeout
+        bus.serve(FETCH_SUBJECT, self._asked)
+
+    # ------------------------------------------------------------ asking
+
+    def fetch(self, client: ClientInfo) -> asyncio.Future[bool] | None:
+        """Ask the other nodes for ``client``'s session; None when there is
+        no one to ask, else a future of whether the client is refused (the
+        session belongs to another identity). A session that arrives is in
+        the core when the future is done."""
+        bus = self.bus
+        others = bus.others()
+        if not others or not bus.connected:
+            return None
+        done: asyncio.Future[bool] = bus.loop.create_future()
+        answered: set[str] = set()
+        now = self.core.loop.time
+
+        def answer(subject: str, payload: bytes, headers: Any, reply: Any) -> None:
+            if done.done():
+                return
+            try:
+                found = json.loads(payload)
+                answered.add(str(found["node"]))
+                if found.get("refused"):
+                    done.set_result(True)
+                elif found.get("session") is not None:
+                    self._adopt(found["session"], now())
+                    done.set_result(False)
+                elif answered >= others:
+                    done.set_result(False)
+            except (ValueError, KeyError, TypeError, EnvelopeError) as exc:
+                log.error("a session record for %s from another node is not one (%s): "
+                          "the client gets a new session", shown(client.client_id), exc)
+                done.set_result(False)
+            except Exception:  # never into the bus's reading
+                log.exception("taking the session of %s from another node",
+                              shown(client.client_id))
+                done.set_result(False)
+
+        inbox, sid = bus.deliver_to(answer)
+        request = {"client_id": client.client_id, "node": bus.name,
+                   "username": client.username, "client": client_record(client)}
+        bus.publish(FETCH_SUBJECT, json.dumps(request).encode(), reply=inbox)
+
+        async def gather() -> bool:
+            try:
+                return await asyncio.wait_for(asyncio.shield(done), self.timeout)
+            except asyncio.TimeoutError:
+                log.warning("client %s: %s of %d nodes did not answer within %g s whether "
+                            "they hold its session: it gets a new one here",
+                            shown(client.client_id), len(others - answered), len(others),
+                            self.timeout)
+                return False
+            finally:
+                bus.stop_delivery(sid)
+        return asyncio.ensure_future(gather())
+
+    def _adopt(self, record: dict[str, Any], now: float) -> None:
+        stored, offline_for = stored_session(record, now)
+        if stored.client_id in self.core.sessions:
+            return  # made here meanwhile (another connection): it stays
+        adopt(self.core, stored, offline_for)
+        self.bus.stats.sessions_taken += 1
+        log.info("client %s: its session came from another node (%d subscriptions, %d "
+                 "in flight, %d queued)", shown(stored.client_id), len(stored.subscriptions),
+                 len(stored.inflight), len(stored.queue))
+
+    # ------------------------------------------------------------ answering
+
+    def _asked(self, subject: str, payload: bytes, headers: Any, reply: str | None) -> None:
+        if reply is None:
+            return
+        try:
+            request = json.loads(payload)
+            client_id, node = str(request["client_id"]), str(request["node"])
+            client, _ = client_from_record(client_id, request["username"], request["client"],
+                                           self.core.certificate_parser)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("a session request that is not one: %s", exc)
+            return
+        answer: dict[str, Any] = {"node": self.bus.name}
+        if node != self.bus.name:
+            try:
+                answer.update(self._hand_over(client))
+            except Exception:  # a fault here must not leave the asking node waiting
+                log.exception("handing the session of %s over to %s", shown(client_id), node)
+        self.bus.publish(reply, json.dumps(answer).encode())
+        self.core.outboxes.flush()
+
+    def _hand_over(self, client: ClientInfo) -> dict[str, Any]:
+        core = self.core
+        if client.client_id not in core.sessions:
+            return {}
+        if core.session_refused(client):
+            return {"refused": True}
+        session = core.sessions.get(client.client_id)
+        if session is not None and session.connection is not None:
+            log.info("client %s connected on another node: its session goes there",
+                     shown(client.client_id))
+            session.connection.close(Reason.SESSION_TAKEN_OVER, "session taken over")
+            session = core.sessions.get(client.client_id)
+        if session is None:
+            return {}  # it ended with its connection (no expiry)
+        record = session_record(session, core.loop.time())
+        core.give_up_session(session)
+        self.bus.stats.sessions_given += 1
+        return {"session": record}

@@ -1,0 +1,159 @@
+"""Persistent sessions follow their client from node to node (cluster.sessions).
+
+Real nodes on a real nats-server, real clients: paho where a library's view
+is enough, the project's raw client where the exact packets matter (DUP).
+"""
+
+from __future__ import annotations
+
+import paho.mqtt.client as paho
+import pytest
+
+from bastionmq.broker.codec import (MQTT_3_1_1, MQTT_5, Puback, Publish, Subscribe,
+                                    Subscription)
+from bastionmq.hooks import Hooks
+from conftest import RawClient
+from nats_peer import poll
+import test_cluster_bus
+from test_cluster_bus import bus, synced
+
+# The fixtures: a nats-server, and nodes started on it.
+nats = test_cluster_bus.nats
+nodes = test_cluster_bus.nodes
+
+TIMEOUT = 15.0
+
+
+def knows(*running) -> None:
+    """Every node has heard from every other (a CONNECT asks the nodes it knows)."""
+    names = {node.broker.bus.name for node in running}
+    for node in running:
+        poll(lambda node=node: node.broker.bus.others() >= names - {node.broker.bus.name},
+             "the nodes know each other")
+
+
+@pytest.mark.parametrize("version", [paho.MQTTv311, paho.MQTTv5])
+def test_a_persistent_session_follows_its_client_to_another_node(nodes, clients, version):
+    a, b = nodes("a"), nodes("b")
+    knows(a, b)
+    persistent = {"clean": False} if version == paho.MQTTv311 else {
+        "clean": False, "session_expiry": 300}
+    device = clients(a.port, client_id="device-1", version=version, **persistent)
+    device.subscribe("cmd/#", 1)
+    device.disconnect()
+    sender = clients(a.port, client_id="sender")
+    for index in range(3):
+        sender.publish("cmd/go", f"queued {index}", 1)  # queued on a, offline
+    poll(lambda: len(a.broker.core.sessions["device-1"].queue or ()) == 3, "queued on a")
+    again = clients(b.port, client_id="device-1", version=version, **persistent)
+    assert again.session_present
+    assert [m.payload for m in again.expect(3)] == [b"queued 0", b"queued 1", b"queued 2"]
+    assert "device-1" not in a.broker.core.sessions
+    assert bus(a).stats.sessions_given == 1 and bus(b).stats.sessions_taken == 1
+    # Its subscription came too: what is published on a reaches it on b.
+    synced(b)
+    sender.publish("cmd/later", b"live", 1)
+    [message] = again.expect()
+    assert message.payload == b"live"
+    again.expect_nothing_more("cmd/marker")
+
+
+def test_a_connected_client_moves_with_its_messages_in_flight(nodes):
+    a, b = nodes("a"), nodes("b")
+    knows(a, b)
+    first = RawClient(a.port, MQTT_5)
+    assert first.connect("device-2", clean_start=False,
+                         properties={"session_expiry_interval": 300}).reason_code == 0
+    first.send(Subscribe(1, [Subscription("cmd/#", qos=1)]))
+    first.receive()  # SUBACK
+    a.publish("cmd/x", b"unacknowledged", qos=1)
+    sent = first.receive()
+    assert isinstance(sent, Publish) and not sent.dup  # and never acknowledged
+    second = RawClient(b.port, MQTT_5)
+    connack = second.connect("device-2", clean_start=False,
+                             properties={"session_expiry_interval": 300})
+    assert connack.reason_code == 0 and connack.session_present
+    again = second.receive()
+    assert isinstance(again, Publish)
+    assert (again.payload, again.dup, again.packet_id) == (b"unacknowledged", True,
+                                                           sent.packet_id)
+    second.send(Puback(again.packet_id))
+    assert first.closing_reasons() == [0x8E]  # taken over
+    first.close()
+    second.close()
+
+
+def test_a_3_1_1_client_resumes_on_another_node(nodes):
+    a, b = nodes("a"), nodes("b")
+    knows(a, b)
+    first = RawClient(a.port, MQTT_3_1_1)
+    first.connect("device-3", clean_start=False)
+    first.send(Subscribe(1, [Subscription("t", qos=1)]))
+    first.receive()
+    first.close()
+    poll(lambda: a.broker.core.sessions["device-3"].connection is None, "offline on a")
+    second = RawClient(b.port, MQTT_3_1_1)
+    assert second.connect("device-3", clean_start=False).session_present
+    second.close()
+
+
+def test_a_session_of_another_identity_stays_where_it_is(nodes, clients):
+    anyone = Hooks(authenticate=lambda client: client.password == b"pw")
+    a, b = nodes("a", hooks=anyone), nodes("b", hooks=anyone)
+    knows(a, b)
+    owner = clients(a.port, client_id="device-4", version=paho.MQTTv5, clean=False,
+                    session_expiry=300, username="alice", password="pw")
+    owner.subscribe("mine", 1)
+    intruder = RawClient(b.port, MQTT_5)
+    connack = intruder.connect("device-4", clean_start=False, username="mallory",
+                               password=b"pw", properties={"session_expiry_interval": 300})
+    assert connack.reason_code == 0x87
+    intruder.close()
+    owner.expect_nothing_more("mine")  # still connected, subscription and all
+    assert "device-4" in a.broker.core.sessions
+    assert "device-4" not in b.broker.core.sessions
+
+
+def test_clean_start_on_another_node_ends_the_session(nodes, clients):
+    a, b = nodes("a"), nodes("b")
+    knows(a, b)
+    device = clients(a.port, client_id="device-5", version=paho.MQTTv5, clean=False,
+                     session_expiry=300)
+    device.subscribe("cmd/#", 1)
+    device.disconnect()
+    fresh = clients(b.port, client_id="device-5", version=paho.MQTTv5, clean=True)
+    assert not fresh.session_present
+    poll(lambda: "device-5" not in a.broker.core.sessions, "the session on a ended")
+
+
+def test_a_new_session_when_no_node_has_one(nodes, clients):
+    a, b = nodes("a"), nodes("b")
+    knows(a, b)
+    device = clients(b.port, client_id="device-6", version=paho.MQTTv5, clean=False,
+                     session_expiry=300)
+    assert not device.session_present
+    assert bus(b).stats.sessions_taken == 0
+
+
+def test_the_session_is_stored_by_the_node_it_moved_to(nodes, clients, tmp_path):
+    a = nodes("a", "durable_sessions.enable = true")
+    b = nodes("b", "durable_sessions.enable = true")
+    knows(a, b)
+    device = clients(a.port, client_id="device-7", version=paho.MQTTv5, clean=False,
+                     session_expiry=300)
+    device.subscribe("cmd/#", 1)
+    device.disconnect()
+    clients(a.port, client_id="sender").publish("cmd/kept", b"stored", 1)
+    moved = clients(b.port, client_id="device-7", version=paho.MQTTv5, clean=False,
+                    session_expiry=300)
+    assert moved.session_present
+    [message] = moved.expect()
+    assert message.payload == b"stored"
+    moved.disconnect()
+    # b's store holds it now, a's no longer.
+    snapshot_b = poll(lambda: (lambda snapshot: snapshot if snapshot.sessions else None)(
+        b.call(b.broker.store.load(0.0))), "the session in b's store")
+    snapshot_a = a.call(a.broker.store.load(0.0))
+    assert [s.client_id for s in snapshot_b.sessions] == ["device-7"]
+    assert [s.subscriptions[0][0].filter for s in snapshot_b.sessions] == ["cmd/#"]
+    assert snapshot_a.sessions == []
