@@ -6,7 +6,10 @@ message set on one node is seen on another.
   whichever worker the kernel picks. For each: CONNECT -> CONNACK of the new
   connection, and CONNECT -> the old connection closed (DISCONNECT 0x8E),
   which is when the takeover is complete wherever the old one was. The same
-  against one process (``--workers 1``) for comparison.
+  against one process (``--workers 1``) for comparison. Each twice: with a
+  clean session (the takeover is the claim every node hears), and with a
+  persistent one (Clean Start 0: the session, with its subscription, moves
+  to the new connection's worker; Session Present 1 is checked).
 - ``dead-owner``: 300 clients connected to 3 workers, one worker killed
   with SIGKILL; the clients it held reconnect at once: CONNECT -> CONNACK,
   and the time from the kill until every one is connected again.
@@ -121,15 +124,25 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def live(port: int, rounds: int) -> dict:
+def live(port: int, rounds: int, persistent: bool = False) -> dict:
+    """``persistent``: Clean Start 0 with a Session Expiry Interval, so that
+    the session moves with each takeover (1 subscription, nothing queued)."""
     connack, complete = [], []
     previous = None
-    for _ in range(rounds):
+    options = ({"clean_start": False, "properties": {"session_expiry_interval": 300}}
+               if persistent else {})
+    client_id = "bench-persistent" if persistent else "bench-takeover"
+    for index in range(rounds):
         client = Raw(port)
         start = time.perf_counter()
-        client.send(Connect("bench-takeover", MQTT_5))
-        client.receive()
+        client.send(Connect(client_id, MQTT_5, **options))
+        answer = client.receive()
+        if persistent and index and not answer.session_present:
+            raise AssertionError("a takeover without the session")
         connack.append(time.perf_counter() - start)
+        if persistent and index == 0:
+            client.send(Subscribe(1, [Subscription("bench/persistent/#", qos=1)]))
+            client.receive()
         if previous is not None:
             previous.until_closed()
             complete.append(time.perf_counter() - start)
@@ -249,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.sched_setaffinity(0, {args.gen_cpu})
     results: dict[str, list] = {"live-1-process": [], "live-3-workers": [],
+                                "live-1-process-persistent": [],
+                                "live-3-workers-persistent": [],
                                 "dead-owner": [], "retained": []}
     for run in range(args.runs):
         workdir = Path(tempfile.mkdtemp(prefix="bmq-takeover-bench-"))
@@ -259,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     key = "live-1-process" if workers == 1 else "live-3-workers"
                     results[key].append(live(port, args.rounds))
+                    results[key + "-persistent"].append(live(port, args.rounds, True))
                     if workers == 3:
                         results["dead-owner"].append(dead_owner(process, port, args.clients))
                 finally:
@@ -277,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
         print(json.dumps({key: runs[-1] for key, runs in results.items()}), flush=True)
     summary = {}
-    for key in ("live-1-process", "live-3-workers"):
+    for key in ("live-1-process", "live-3-workers", "live-1-process-persistent",
+                "live-3-workers-persistent"):
         for what in ("connack", "old_closed"):
             for q in ("p50_ms", "p99_ms"):
                 summary[f"{key} {what} {q}"] = statistics.median(r[what][q] for r in results[key])

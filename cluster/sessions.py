@@ -138,31 +138,28 @@ class SessionMover:
         others = bus.others()
         if not others or not bus.connected:
             return None
-        done: asyncio.Future[bool] = bus.loop.create_future()
+        done: asyncio.Future[None] = bus.loop.create_future()
         answered: set[str] = set()
-        now = self.core.loop.time
+        refused = False
+        #: The sessions offered: two when a node that died came back with
+        #: the copy in its store while its client had a new one elsewhere.
+        offered: list[dict[str, Any]] = []
 
         def answer(subject: str, payload: bytes, headers: Any, reply: Any) -> None:
+            nonlocal refused
             if done.done():
                 return
             try:
                 found = json.loads(payload)
                 answered.add(str(found["node"]))
-                if found.get("refused"):
-                    done.set_result(True)
-                elif found.get("session") is not None:
-                    self._adopt(found["session"], now())
-                    done.set_result(False)
-                elif answered >= others:
-                    done.set_result(False)
-            except (ValueError, KeyError, TypeError, EnvelopeError) as exc:
-                log.error("a session record for %s from another node is not one (%s): "
-                          "the client gets a new session", shown(client.client_id), exc)
-                done.set_result(False)
-            except Exception:  # never into the bus's reading
-                log.exception("taking the session of %s from another node",
-                              shown(client.client_id))
-                done.set_result(False)
+                refused = refused or bool(found.get("refused"))
+                if found.get("session") is not None:
+                    offered.append(found["session"])
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("an answer about the session of %s from another node is not one "
+                          "(%s)", shown(client.client_id), exc)
+            if answered >= others:
+                done.set_result(None)
 
         inbox, sid = bus.deliver_to(answer)
         request = {"client_id": client.client_id, "node": bus.name,
@@ -171,15 +168,26 @@ class SessionMover:
 
         async def gather() -> bool:
             try:
-                return await asyncio.wait_for(asyncio.shield(done), self.timeout)
+                await asyncio.wait_for(asyncio.shield(done), self.timeout)
             except asyncio.TimeoutError:
                 log.warning("client %s: %s of %d nodes did not answer within %g s whether "
-                            "they hold its session: it gets a new one here",
-                            shown(client.client_id), len(others - answered), len(others),
-                            self.timeout)
-                return False
+                            "they hold its session", shown(client.client_id),
+                            len(others - answered), len(others), self.timeout)
             finally:
                 bus.stop_delivery(sid)
+            if offered and not refused:
+                # The one its client used last (connected, or offline the
+                # shortest time); the others were copies left behind.
+                newest = min(offered, key=lambda record: record.get("offline_for", 0.0))
+                try:
+                    self._adopt(newest, self.core.loop.time())
+                except (ValueError, KeyError, TypeError, EnvelopeError) as exc:
+                    log.error("a session record for %s from another node is not one (%s): "
+                              "the client gets a new session", shown(client.client_id), exc)
+                if len(offered) > 1:
+                    log.warning("client %s: %d nodes held a session; the newest is kept",
+                                shown(client.client_id), len(offered))
+            return refused
         return asyncio.ensure_future(gather())
 
     def _adopt(self, record: dict[str, Any], now: float) -> None:

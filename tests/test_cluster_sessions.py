@@ -6,6 +6,9 @@ is enough, the project's raw client where the exact packets matter (DUP).
 
 from __future__ import annotations
 
+import signal
+import time
+
 import paho.mqtt.client as paho
 import pytest
 
@@ -14,12 +17,19 @@ from bastionmq.broker.codec import (MQTT_3_1_1, MQTT_5, Puback, Publish, Subscri
 from bastionmq.hooks import Hooks
 from conftest import RawClient
 from nats_peer import poll
+import test_cli
 import test_cluster_bus
+import test_cluster_wills
 from test_cluster_bus import bus, synced
+from test_cluster_wills import FAST
 
 # The fixtures: a nats-server, and nodes started on it.
 nats = test_cluster_bus.nats
 nodes = test_cluster_bus.nodes
+# ...and a node in a process of its own, to kill (with what it needs).
+doomed = test_cluster_wills.doomed
+start_process = test_cli.start_process
+command = test_cli.command
 
 TIMEOUT = 15.0
 
@@ -157,3 +167,36 @@ def test_the_session_is_stored_by_the_node_it_moved_to(nodes, clients, tmp_path)
     assert [s.client_id for s in snapshot_b.sessions] == ["device-7"]
     assert [s.subscriptions[0][0].filter for s in snapshot_b.sessions] == ["cmd/#"]
     assert snapshot_a.sessions == []
+
+
+def test_of_two_copies_the_one_used_last_is_kept(doomed, nodes):
+    """A node killed while it held a session comes back with the copy in its
+    store, after its client made a new session elsewhere: the next resume
+    keeps the newer one."""
+    durable = f"durable_sessions.enable = true\ncluster.takeover_timeout = 300ms\n{FAST}"
+    process, port = doomed("a", durable)
+    b, c = nodes("b", durable), nodes("c", durable)
+    persistent = {"clean_start": False, "properties": {"session_expiry_interval": 300}}
+    first = RawClient(port, MQTT_5)
+    assert first.connect("device-8", **persistent).reason_code == 0
+    first.send(Subscribe(1, [Subscription("old/#", qos=1)]))
+    first.receive()  # SUBACK
+    first.close()
+    time.sleep(0.3)  # offline, and stored
+    process.process.send_signal(signal.SIGKILL)
+    process.process.wait()
+    second = RawClient(b.port, MQTT_5)
+    connack = second.connect("device-8", **persistent)
+    assert connack.reason_code == 0 and not connack.session_present  # a is gone
+    second.send(Subscribe(1, [Subscription("new/#", qos=1)]))
+    second.receive()
+    second.close()
+    poll(lambda: b.run(lambda: b.broker.core.sessions["device-8"].connection is None),
+         "offline on b")
+    process, port = doomed("a", durable)  # back, with its copy
+    poll(lambda: c.run(lambda: c.broker.bus.others()) >= {"a", "b"}, "c knows a again")
+    third = RawClient(c.port, MQTT_5)
+    assert third.connect("device-8", **persistent).session_present
+    kept = c.run(lambda: set(c.broker.core.sessions["device-8"].subscriptions))
+    assert kept == {"new/#"}
+    third.close()

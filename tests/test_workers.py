@@ -406,3 +406,40 @@ def test_takeover_storm_across_workers(supervised):
         watcher.sock.recv(1)
     watcher.close()
     assert running.terminate() == 0
+
+
+def test_persistent_takeover_storm_across_workers(supervised):
+    """The same storm with a persistent session and a delayed will: every
+    takeover resumes the session (Session Present 1, wherever it was), no
+    will goes out while the client keeps coming back, and when the last
+    connection drops the will is published once, after its delay."""
+    running = supervised().start()
+    watcher = RawClient(running.port, MQTT_5)
+    watcher.connect("will-watcher")
+    watcher.send(Subscribe(1, [Subscription("storm/will", qos=1)]))
+    watcher.receive()  # SUBACK
+    time.sleep(0.2)
+    rounds = 300
+    previous = None
+    for index in range(rounds):
+        client = RawClient(running.port, MQTT_5)
+        connack = client.connect(
+            "storm", clean_start=False, keepalive=0,
+            properties={"session_expiry_interval": 300},
+            will=Will("storm/will", b"gone", qos=1, properties={"will_delay_interval": 1}))
+        assert connack.reason_code == 0, index
+        assert connack.session_present == (index > 0), index
+        if previous is not None:
+            assert previous.closing_reasons() == [0x8E], index
+            previous.close()
+        previous = client
+    assert previous is not None
+    previous.close()  # dropped without DISCONNECT: the will, after its delay
+    packet = watcher.receive()
+    assert isinstance(packet, Publish) and packet.payload == b"gone"
+    watcher.send(Puback(packet.packet_id))
+    # Once: nothing else comes within a few will delays.
+    with pytest.raises(OSError):
+        watcher.receive(3.0)
+    watcher.close()
+    assert running.terminate() == 0
