@@ -1395,7 +1395,8 @@ async def idle(args):
     t0 = time.monotonic()
     conns = await open_all(
         args,
-        [lambda i=i: Client(connect(client_id("i", i), keepalive=0), CONNACK_OK) for i in range(args.connections)],
+        [lambda i=i: Client(connect(client_id("i", i), keepalive=args.keepalive), CONNACK_OK)
+         for i in range(args.connections)],
     )
     t1 = time.monotonic()
     await asyncio.sleep(args.settle)
@@ -1458,6 +1459,7 @@ def parser():
     p.add_argument("--publishers", type=int, default=8, help="publishers, one topic each (shared)")
     p.add_argument("--group", type=int, default=4, help="members of the shared subscription (shared)")
     p.add_argument("--connections", type=int, default=10000, help="connections (idle)")
+    p.add_argument("--keepalive", type=int, default=0, help="keep alive of each connection, seconds (idle; 0: none, as before; devices use 30-120)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds before reading memory (idle)")
     p.add_argument("--lowat", type=int, help="SO_RCVLOWAT of QoS 0 subscribers, bytes (16384; fanout 1024)")
     p.add_argument("--ahead", type=int, default=64, help="messages published but not yet seen (fanout)")

@@ -78,7 +78,7 @@ PACKETS_PER_TURN = 256
 class Connection:
     __slots__ = (
         "core", "transport", "peer", "decoder", "state", "client_id",
-        "username", "superuser", "session", "keepalive", "last_seen", "_keepalive_handle",
+        "username", "superuser", "session", "keepalive", "last_seen", "keepalive_bucket",
         "_idle_handle", "will", "outbox", "_held", "close_reason", "disconnect_cause",
         "connected_at", "topic_aliases",
         "problem_info", "auth", "client_info",
@@ -107,7 +107,8 @@ class Connection:
         self.session: Session = None  # type: ignore[assignment]
         self.keepalive = 0
         self.last_seen = core.loop.time()
-        self._keepalive_handle: asyncio.TimerHandle | None = None
+        #: Where the core's keep-alive wheel holds it (0: nowhere).
+        self.keepalive_bucket = 0
         self._idle_handle: asyncio.TimerHandle | None = core.loop.call_later(
             core.settings.idle_timeout, self._idle_expired)
         self.will: Will | None = None
@@ -692,8 +693,8 @@ class Connection:
         connacks = core.stats.connacks
         connacks[0] = connacks.get(0, 0) + 1
         if self.keepalive:
-            self._keepalive_handle = core.loop.call_later(
-                self.keepalive * settings.keepalive_multiplier, self._keepalive_check)
+            core.keepalives.add(self, core.loop.time() + self.keepalive
+                                * settings.keepalive_multiplier)
         log.info("%s connected (protocol %d, clean start %s, session present %s)",
                  self.describe(), self.version, packet.clean_start, present,
                  extra=self._event("connect"))
@@ -1065,11 +1066,10 @@ class Connection:
             self.last_seen = self.core.loop.time()  # the silence is the broker's doing
         silent = self.core.loop.time() - self.last_seen
         if silent >= limit:
-            self._keepalive_handle = None
             log.info("closing %s: keep alive timeout (%ss silent)", self.describe(), round(silent, 1))
             self.close(Reason.KEEP_ALIVE_TIMEOUT, "keep alive timeout")
         else:
-            self._keepalive_handle = self.core.loop.call_later(limit - silent, self._keepalive_check)
+            self.core.keepalives.add(self, self.last_seen + limit)
 
     # teardown --------------------------------------------------------------
 
@@ -1080,10 +1080,11 @@ class Connection:
         was_connected = self.state == CONNECTED
         self.state = CLOSED
         self.outbox.closed = True
-        for handle in (self._idle_handle, self._keepalive_handle):
-            if handle is not None:
-                handle.cancel()
-        self._idle_handle = self._keepalive_handle = None
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if self.keepalive_bucket:
+            self.core.keepalives.remove(self)
         core = self.core
         core.detach(self)
         if was_connected:

@@ -21,6 +21,7 @@ from typing import Any, Callable, Coroutine, Mapping
 from .codec import MQTT_5, Subscription, Will
 from .logtext import shown
 from .message import Message, retained_form
+from .keepalive import KeepAliveWheel
 from .outbox import Outbox, Outboxes
 from .access import AccessControl, Authorizer, Pending
 from .ports import (
@@ -108,6 +109,8 @@ class BrokerCore:
         self.shared_trie: SubscriptionTrie[SharedGroup] = SubscriptionTrie()
         #: The write side of every connection (see broker.outbox).
         self.outboxes = Outboxes(self.stats, loop.time)
+        #: Every client's keep-alive, on one timer.
+        self.keepalives = KeepAliveWheel(loop)
         self.apply_settings(settings)
         self._slow_logged_at = -SLOW_LOG_INTERVAL
         self._tasks: set[asyncio.Task] = set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from typing import Callable
 
 from .ports import CertificateFacts, ClientInfo, PeerCertificate, PeerInfo
@@ -36,7 +37,9 @@ def owner_of(client: ClientInfo) -> str:
         proof = "psk:" + peer.psk_identity
     else:
         proof = None
-    return json.dumps([client.username, proof])
+    # Interned: the sessions of one identity (every anonymous client, say)
+    # share one string.
+    return sys.intern(json.dumps([client.username, proof]))
 
 
 def same_owner(owner: str | None, username: str | None, client: ClientInfo) -> bool:

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import logging
 import socket
+import sys
 from typing import Any
 
 from bastionmq.broker.connection import Connection
@@ -32,6 +33,8 @@ class Listener:
                  nodelay: bool = True, high_watermark: int = 1024 * 1024,
                  proxy: ProxySettings | None = None, reuse_port: bool = False) -> None:
         self.name = name
+        #: "tcp:default": made once, since every connection's PeerInfo keeps it.
+        self.id = f"{self.kind}:{name}"
         self.host = host
         self.port = port
         self.core = core
@@ -49,10 +52,6 @@ class Listener:
         #: absence), by reason (listeners.proxied).
         self.proxy_refusals: collections.Counter[str] = collections.Counter()
         self._server: asyncio.base_events.Server | None = None
-
-    @property
-    def id(self) -> str:
-        return f"{self.kind}:{self.name}"
 
     @property
     def address(self) -> tuple[str, int]:
@@ -106,9 +105,13 @@ class Listener:
             transport.abort()
             return False
         self.connection_count += 1
-        sock = transport.get_extra_info("socket")
-        if sock is not None and self.nodelay and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.nodelay:
+            # asyncio and uvloop set TCP_NODELAY on every TCP connection
+            # themselves; asking for the socket object only to undo it keeps
+            # one wrapper object (72 bytes) per connection off the others.
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
         transport.set_write_buffer_limits(high=self.high_watermark)
         return True
 
@@ -125,7 +128,10 @@ class Listener:
                   proxy: ProxyHeader | None = None) -> PeerInfo:
         """The peer of ``transport``; as ``proxy`` (its PROXY protocol header) says."""
         peername = transport.get_extra_info("peername")
-        peer = PeerInfo(listener=self.id, address=tuple(peername[:2]) if peername else None)
+        # One string per client address, not per connection (many clients
+        # share an address behind a NAT or a load balancer).
+        address = (sys.intern(peername[0]), peername[1]) if peername else None
+        peer = PeerInfo(listener=self.id, address=address)
         return peer if proxy is None else proxied_peer(peer, proxy)
 
 

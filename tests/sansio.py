@@ -39,7 +39,7 @@ class Timer:
 
 class ManualClock:
     """The event loop as the core uses it (``time``, ``call_later``,
-    ``call_soon``), with time that passes only in ``advance``. Callbacks due
+    ``call_at``, ``call_soon``), with time that passes only in ``advance``. Callbacks due
     at the same time run in the order they were scheduled."""
 
     def __init__(self, start: float = 1000.0) -> None:
@@ -54,6 +54,9 @@ class ManualClock:
         timer = Timer(self.now + max(0.0, delay), callback, args)
         heapq.heappush(self._queue, (timer.when, next(self._order), timer))
         return timer
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any) -> Timer:
+        return self.call_later(when - self.now, callback, *args)
 
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> Timer:
         return self.call_later(0.0, callback, *args)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from bastionmq.broker.codec import (
-    MQTT_3_1_1, MQTT_5, Connect, Decoder, Disconnect, Puback, Publish, Subscribe, Subscription,
-    Will, encode,
+    MQTT_3_1_1, MQTT_5, Connect, Decoder, Disconnect, Pingreq, Puback, Publish, Subscribe,
+    Subscription, Will, encode,
 )
 from bastionmq.broker.connection import PACKETS_PER_TURN
 from bastionmq.broker.properties import Reason
@@ -286,6 +286,32 @@ def test_the_will_goes_when_the_session_ends_before_the_delay(broker):
     broker.connect("short", will=will, properties={"session_expiry_interval": 3}).lose()
     broker.clock.advance(3.1)
     assert [p.topic for p in watcher.received()] == ["wills/short"]
+
+
+def test_keep_alives_of_many_clients_share_one_timer(broker):
+    """Clients with different keep alives, one of them talking: each silent
+    one is closed at its own time, the talker never, and a client that
+    leaves is not held by the timer."""
+    quiet = {seconds: broker.connect(f"quiet-{seconds}", keepalive=seconds)
+             for seconds in (2, 4, 8)}
+    talker = broker.connect("talker", keepalive=2)
+    leaver = broker.connect("leaver", keepalive=2)
+    leaver.send(Disconnect())
+    assert len(broker.core.keepalives) == 4
+    closed_at = {}
+    start = broker.clock.now
+    for _ in range(140):  # 14 s in steps of 0.1 s
+        broker.clock.advance(0.1)
+        talker.send(Pingreq())
+        for seconds, client in quiet.items():
+            if client.transport.closed and seconds not in closed_at:
+                closed_at[seconds] = broker.clock.now
+    for seconds, at in closed_at.items():
+        # Closed 1.5 intervals after its last packet, within the timer's tenth.
+        assert 1.5 * seconds - 1e-6 <= at - start <= 1.5 * seconds + 0.21, seconds
+    assert sorted(closed_at) == [2, 4, 8]
+    assert not talker.transport.closed
+    assert len(broker.core.keepalives) == 1
 
 
 def test_keep_alive_closes_a_silent_client_after_one_and_a_half_intervals(broker):
