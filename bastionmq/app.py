@@ -466,7 +466,7 @@ class Broker:
             await self.bus.close()  # after what closing the clients published
             self.bus = None
             if core is not None:
-                core.cluster = None
+                core.cluster = core.outboxes.before = None
         if self.embedded_nats is not None:
             await self.embedded_nats.stop()
             self.embedded_nats = None
@@ -505,6 +505,7 @@ class Broker:
         except ClusterUnavailable as exc:
             raise ConfigError([("cluster.nats.servers", str(exc))]) from None
         self.bus = core.cluster = bus
+        core.outboxes.before = bus.before_acks
         bus.sessions = SessionMover(bus, core, cluster.takeover_timeout)
         try:
             loaded = await load_retained(bus, core, cluster.replicas)

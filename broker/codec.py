@@ -355,7 +355,9 @@ class Decoder:
     __slots__ = ("_buffer", "_needed", "version", "max_packet_size")
 
     def __init__(self, version: int | None = None, max_packet_size: int = 268_435_460) -> None:
-        self._buffer = bytearray()
+        #: The start of a packet whose rest has not come yet; None while
+        #: there is none (most of the time: an idle client holds no buffer).
+        self._buffer: bytearray | None = None
         #: Size of the packet held in the buffer, once its fixed header is known:
         #: until that many bytes are there, a read is only appended, never rescanned.
         self._needed = 0
@@ -365,16 +367,16 @@ class Decoder:
     @property
     def buffered(self) -> int:
         """Bytes held back waiting for the rest of a packet."""
-        return len(self._buffer)
+        return len(self._buffer) if self._buffer is not None else 0
 
     def feed(self, data: bytes) -> list[Packet]:
         buffer = self._buffer
-        if buffer:
+        if buffer is not None:
             buffer += data
             if len(buffer) < self._needed:
                 return []
             data = bytes(buffer)
-            buffer.clear()
+            self._buffer = None
         end = len(data)
         pos = 0
         packets: list[Packet] = []
@@ -385,7 +387,7 @@ class Decoder:
             exc.packets = packets
             raise
         if pos < end:
-            buffer += data[pos:] if pos else data
+            self._buffer = bytearray(data[pos:] if pos else data)
         return packets
 
     def _split(self, data: bytes, pos: int, end: int, packets: list) -> int:

@@ -32,7 +32,7 @@ class Outboxes:
     """What the outboxes of one broker share: the list of those with bytes
     waiting, the counters, the clock, and the durable store's journal."""
 
-    __slots__ = ("dirty", "stats", "clock", "journal")
+    __slots__ = ("dirty", "stats", "clock", "journal", "before")
 
     def __init__(self, stats: Stats, clock: Callable[[], float]) -> None:
         #: Outboxes with bytes waiting for the next flush.
@@ -41,11 +41,18 @@ class Outboxes:
         self.clock = clock
         #: The durable store's journal (store.Journal), or None: memory only.
         self.journal: Any = None
+        #: Called before the outboxes are written (a cluster's bus writes
+        #: what it has for NATS first when it holds a QoS 1 or 2 message,
+        #: so that the message is on its way before its PUBACK), or None.
+        self.before: Callable[[], None] | None = None
 
     def flush(self) -> None:
         dirty = self.dirty
         if not dirty:
             return
+        before = self.before
+        if before is not None:
+            before()
         for outbox in dirty:
             buffer = outbox.buffer
             if buffer:

@@ -42,6 +42,7 @@ from bastionmq.broker.restore import adopt
 from bastionmq.broker.sessions import Session
 from bastionmq.broker.store import StoredSession
 
+from .bus import ClusterUnavailable
 from .envelope import EnvelopeError, envelope_head, open_envelope
 
 log = logging.getLogger("bastionmq.cluster")
@@ -184,6 +185,15 @@ class SessionMover:
                 except (ValueError, KeyError, TypeError, EnvelopeError) as exc:
                     log.error("a session record for %s from another node is not one (%s): "
                               "the client gets a new session", shown(client.client_id), exc)
+                else:
+                    # Its subscriptions are at the NATS server before the
+                    # CONNACK: what is published once the client knows it is
+                    # back reaches it here (the node it left no longer
+                    # takes it in).
+                    try:
+                        await bus.synced(self.timeout)
+                    except (ClusterUnavailable, asyncio.TimeoutError):
+                        pass  # the subscriptions go when the connection is back
                 if len(offered) > 1:
                     log.warning("client %s: %d nodes held a session; the newest is kept",
                                 shown(client.client_id), len(offered))
