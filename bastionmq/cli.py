@@ -29,9 +29,9 @@ from bastionmq.config import Config, ConfigError, load_config
 from bastionmq.ctl import ctl_group
 from bastionmq.ops.logs import configure_logging
 from bastionmq.version import __version__
-from bastionmq.workers import Supervisor, SupervisorError, for_worker, ready, watch_supervisor, with_workers
+from bastionmq.workers import (Supervisor, SupervisorError, for_worker, ready, watch_supervisor,
+                               with_workers, worker_command)
 from bastionmq.workers import problems as worker_problems
-from bastionmq.workers import worker_command
 
 DEFAULT_CONFIG = Path("etc/bastionmq.conf")
 #: The built-in default (package data), used when no file is given or found.

@@ -22,6 +22,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -31,7 +32,7 @@ import attrs
 
 from bastionmq.app import start_embedded_nats
 from bastionmq.cluster.embedded import RESTART_WAITS, EmbeddedNats
-from bastionmq.config import Config, ConfigError
+from bastionmq.config import Config
 from bastionmq.ops.logs import relay
 
 log = logging.getLogger("bastionmq")
@@ -43,8 +44,10 @@ STOP_TIMEOUT = 30.0
 
 def base_name(config: Config) -> str:
     """What the workers' node names start with: cluster.node_name, or the
-    host name (stable across restarts, unlike a process id)."""
-    return config.cluster.node_name or socket.gethostname()
+    host name (stable across restarts, unlike a process id), in the
+    characters and length a node name allows with "-wN" after it."""
+    name = config.cluster.node_name or re.sub(r"[^A-Za-z0-9_.@-]", "-", socket.gethostname())
+    return name[:58]
 
 
 def worker_name(config: Config, index: int) -> str:
@@ -128,7 +131,6 @@ class Supervisor:
         self.workers = [Worker(index) for index in range(1, config.node.workers + 1)]
         self.embedded: EmbeddedNats | None = None
         self.stopping = asyncio.Event()
-        self.restarts = 0
 
     async def run(self) -> int:
         """Serve until SIGTERM or SIGINT; the exit status (0: stopped as asked)."""
@@ -227,7 +229,6 @@ class Supervisor:
                       worker.index, worker_name(self.config, worker.index), process.pid,
                       _describe(code))
             await asyncio.sleep(RESTART_WAITS[min(attempt, len(RESTART_WAITS) - 1)])
-            self.restarts += 1
             if await self._start(worker):
                 attempt = 0
                 log.info("worker %d started again (pid %s)", worker.index, self._pid(worker))
@@ -298,13 +299,6 @@ def watch_supervisor(fd: int, gone: asyncio.Event) -> None:
             loop.remove_reader(fd)
             gone.set()
     loop.add_reader(fd, readable)
-
-
-def check(config: Config) -> None:
-    """ConfigError for what cannot work with several workers."""
-    found = problems(config)
-    if found:
-        raise ConfigError(found)
 
 
 def worker_command(config_file: str | None, workers: int) -> list[str]:

@@ -83,10 +83,3 @@ class KeepAliveWheel:
             self._buckets.pop(heapq.heappop(order), None)
         if order:
             self._arm(order[0])
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        self._buckets.clear()
-        self._order.clear()

@@ -442,12 +442,15 @@ class NatsBus(asyncio.Protocol):
     def _claim(self, payload: bytes) -> None:
         """Another node connected a client id."""
         try:
-            client_id, owner, at, origin, clean_start = json.loads(payload)
+            fields = json.loads(payload)
+            # (A node of the version before sends no clean start flag.)
+            client_id, owner, at, origin = fields[:4]
+            clean_start = fields[4] if len(fields) > 4 else False
             if not (isinstance(client_id, str) and isinstance(at, int)
                     and isinstance(origin, str) and (owner is None or isinstance(owner, str))
                     and isinstance(clean_start, bool)):
                 raise ValueError("not [client id, owner, time, origin, clean start]")
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             self._refuse(CLAIM_SUBJECT, f"a claim that is not one: {exc}")
             return
         mine = self._claims.get(client_id)

@@ -3,14 +3,16 @@
 A client that connects with Clean Start 0 (3.1.1: Clean Session 0) to a node
 that does not hold its session gets it from the node that does: the node
 asks every node heard from (one request on ``bmq.session.fetch``, the
-answers gathered until each has answered, one holds the session, or
-``cluster.takeover_timeout`` passes); the holder closes the client's
-connection there if it has one (5.0: DISCONNECT 0x8E, its will as for any
-takeover), takes the session out of its core and store, and answers with it:
+answers gathered until each has answered or ``cluster.takeover_timeout``
+passes); the holder closes the client's connection there if it has one
+(5.0: DISCONNECT 0x8E, its will as for any takeover), takes the session out of its core and store, and answers with it:
 subscriptions, messages in flight and queued, inbound QoS 2 packet ids, the
 time it has been offline. The asking node rebuilds it as a restore would
-(broker.restore.adopt), records it in its own store, and the CONNACK says
-Session Present 1; what was in flight is sent again with DUP.
+(broker.restore.adopt), records it in its own store, waits until the NATS
+server has its subscriptions, and the CONNACK says Session Present 1; what
+was in flight is sent again with DUP. Should two nodes offer one (a node
+killed while it held it came back with the copy in its store), the one its
+client used last is kept.
 
 A session of another identity is not handed over (the client is refused
 with 0x87, as on one node), unless ``mqtt.session_takeover_by_other_identity
@@ -20,7 +22,8 @@ node hears (cluster.bus) ends their copies.
 What this does not do yet: the session lives in one node's memory and
 store, so a node that dies takes its offline sessions out of reach until it
 is started again (under the same name, its store restores them); messages
-that reach the old node while the session is on its way are not forwarded.
+that reach the old node while the session is on its way are not forwarded,
+and an answer later than the timeout is lost with the session it carries.
 """
 
 from __future__ import annotations
