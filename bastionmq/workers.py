@@ -302,5 +302,9 @@ def watch_supervisor(fd: int, gone: asyncio.Event) -> None:
 
 
 def worker_command(config_file: str | None, workers: int) -> list[str]:
-    command = [sys.executable, "-m", "bastionmq", "worker", "--workers", str(workers)]
+    # -P: the working directory is not put first on the module path, where
+    # a checkout's bastionmq/ folder (the application part alone: the
+    # installed package maps the other folders into it) would shadow the
+    # installed package.
+    command = [sys.executable, "-P", "-m", "bastionmq", "worker", "--workers", str(workers)]
     return command + (["-c", config_file] if config_file is not None else [])

@@ -85,12 +85,12 @@ class Supervised:
         self.process: subprocess.Popen | None = None
         self.nats_pid: int | None = None
 
-    def start(self, wait: bool = True) -> Supervised:
+    def start(self, wait: bool = True, cwd: Path | None = None) -> Supervised:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [*broker_command(), "start", "-c", str(self.config),
                  "--workers", str(self.workers)],
-                env=broker_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                env=broker_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=cwd)
         if wait:
             poll(lambda: "workers serving" in self.log or self.process.poll() is not None,
                  "the workers to start", timeout=4 * TIMEOUT)
@@ -199,6 +199,19 @@ def test_connections_spread_over_the_workers_and_messages_cross_them(supervised)
     for client in subscribers + publishers:
         client.disconnect()
         client.loop_stop()
+    assert running.terminate() == 0
+
+
+def test_workers_start_where_a_bastionmq_folder_would_shadow_the_package(supervised, tmp_path):
+    """Run from a directory holding a bastionmq/ folder (a checkout, with
+    the package installed from it): the workers import the installed
+    package, not the folder."""
+    here = tmp_path / "checkout"
+    (here / "bastionmq").mkdir(parents=True)
+    (here / "bastionmq" / "__init__.py").write_text('raise SystemExit("the folder was imported")\n')
+    running = supervised().start(cwd=here)
+    assert sorted(running.worker_pids()) == [1, 2, 3]
+    assert "the folder was imported" not in running.log
     assert running.terminate() == 0
 
 
