@@ -60,6 +60,18 @@ def wait_port(port: int, process: subprocess.Popen, what: str, timeout: float = 
     raise RuntimeError(f"{what} not listening on {port} after {timeout} s")
 
 
+def stop(process: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class Processes:
     """The broker-side processes of one setup, stopped (SIGTERM) at the end."""
 
@@ -100,13 +112,7 @@ class Processes:
 
     def stop(self) -> None:
         for process in reversed(self.started):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(20)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop(process)
 
 
 def run(args, setup: str, scenario: str, extra: list[str]) -> dict:

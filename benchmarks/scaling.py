@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cluster import free_port, wait_port  # noqa: E402
+from cluster import free_port, stop, wait_port  # noqa: E402
 
 SCENARIOS = ("fanout", "qos0-1to1", "tls-handshake-ec")
 
@@ -116,13 +115,7 @@ def run_once(args, workers: int, scenario: str) -> dict:
                 "per_generator": figures}
     finally:
         for process in reversed(started):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop(process)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -45,7 +45,7 @@ from bastionmq.broker.codec import (MQTT_5, Connect, Decoder, Publish, Subscribe
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cluster import Processes, free_port, wait_port  # noqa: E402
+from cluster import Processes, free_port, stop, wait_port  # noqa: E402
 
 
 class Raw:
@@ -113,15 +113,6 @@ def worker_pids(supervisor: int) -> dict[int, int]:
         if "worker" in words:
             found[int(words[words.index("--index") + 1])] = int(pid)
     return found
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def live(port: int, rounds: int, persistent: bool = False) -> dict:

@@ -381,16 +381,22 @@ def test_a_persistent_session_follows_its_client_across_workers(supervised):
     assert running.terminate() == 0
 
 
+def will_watcher(port: int) -> RawClient:
+    """A client subscribed to the storms' wills, its subscription at NATS."""
+    watcher = RawClient(port, MQTT_5)
+    watcher.connect("will-watcher")
+    watcher.send(Subscribe(1, [Subscription("storm/will", qos=1)]))
+    watcher.receive()  # SUBACK
+    time.sleep(0.2)
+    return watcher
+
+
 def test_takeover_storm_across_workers(supervised):
     """One client id connecting again and again, each time on whichever
     worker the kernel picks: each earlier connection is closed with 0x8E,
     its will published exactly once, and one connection is left."""
     running = supervised().start()
-    watcher = RawClient(running.port, MQTT_5)
-    watcher.connect("will-watcher")
-    watcher.send(Subscribe(1, [Subscription("storm/will", qos=1)]))
-    watcher.receive()  # SUBACK
-    time.sleep(0.2)
+    watcher = will_watcher(running.port)
     rounds = 1000
     previous = None
     for index in range(rounds):
@@ -427,11 +433,7 @@ def test_persistent_takeover_storm_across_workers(supervised):
     will goes out while the client keeps coming back, and when the last
     connection drops the will is published once, after its delay."""
     running = supervised().start()
-    watcher = RawClient(running.port, MQTT_5)
-    watcher.connect("will-watcher")
-    watcher.send(Subscribe(1, [Subscription("storm/will", qos=1)]))
-    watcher.receive()  # SUBACK
-    time.sleep(0.2)
+    watcher = will_watcher(running.port)
     rounds = 300
     previous = None
     for index in range(rounds):
