@@ -108,8 +108,6 @@ class Worker:
 
     index: int
     process: asyncio.subprocess.Process | None = None
-    #: The end of the pipe the worker writes to once its listeners are open.
-    ready_fd: int = -1
     #: The end of the pipe the worker watches: when the supervisor is gone
     #: (however it ended), the worker sees end of file and stops.
     life_fd: int = -1

@@ -391,6 +391,24 @@ def will_watcher(port: int) -> RawClient:
     return watcher
 
 
+def storm(port: int, rounds: int, options: Any) -> tuple[list[Any], RawClient]:
+    """Connect client id "storm" ``rounds`` times, with ``options(index)``,
+    each time on whichever worker the kernel picks: each connection before
+    the next must be closed as taken over (0x8E), wherever it was. The
+    CONNACKs, and the last connection (still open)."""
+    connacks = []
+    previous = None
+    for index in range(rounds):
+        client = RawClient(port, MQTT_5)
+        connacks.append(client.connect("storm", **options(index)))
+        if previous is not None:
+            assert previous.closing_reasons() == [0x8E], index
+            previous.close()
+        previous = client
+    assert previous is not None
+    return connacks, previous
+
+
 def test_takeover_storm_across_workers(supervised):
     """One client id connecting again and again, each time on whichever
     worker the kernel picks: each earlier connection is closed with 0x8E,
@@ -398,16 +416,9 @@ def test_takeover_storm_across_workers(supervised):
     running = supervised().start()
     watcher = will_watcher(running.port)
     rounds = 1000
-    previous = None
-    for index in range(rounds):
-        client = RawClient(running.port, MQTT_5)
-        connack = client.connect("storm", will=Will("storm/will", str(index).encode(), qos=1))
-        assert connack.reason_code == 0 and not connack.session_present
-        if previous is not None:
-            # The connection before is closed as taken over, wherever it was.
-            assert previous.closing_reasons() == [0x8E], index
-            previous.close()
-        previous = client
+    connacks, last = storm(running.port, rounds, lambda index: {
+        "will": Will("storm/will", str(index).encode(), qos=1)})
+    assert all(c.reason_code == 0 and not c.session_present for c in connacks)
     wills = []
     while len(wills) < rounds - 1:
         packet = watcher.receive()
@@ -416,7 +427,6 @@ def test_takeover_storm_across_workers(supervised):
             if packet.qos:
                 watcher.send(Puback(packet.packet_id))
     assert sorted(wills) == list(range(rounds - 1))
-    last = previous
     last.send(Disconnect(0))
     last.close()
     # No more wills: the normal DISCONNECT of the last discards its will.
@@ -434,22 +444,12 @@ def test_persistent_takeover_storm_across_workers(supervised):
     connection drops the will is published once, after its delay."""
     running = supervised().start()
     watcher = will_watcher(running.port)
-    rounds = 300
-    previous = None
-    for index in range(rounds):
-        client = RawClient(running.port, MQTT_5)
-        connack = client.connect(
-            "storm", clean_start=False, keepalive=0,
-            properties={"session_expiry_interval": 300},
-            will=Will("storm/will", b"gone", qos=1, properties={"will_delay_interval": 1}))
-        assert connack.reason_code == 0, index
-        assert connack.session_present == (index > 0), index
-        if previous is not None:
-            assert previous.closing_reasons() == [0x8E], index
-            previous.close()
-        previous = client
-    assert previous is not None
-    previous.close()  # dropped without DISCONNECT: the will, after its delay
+    connacks, last = storm(running.port, 300, lambda index: {
+        "clean_start": False, "keepalive": 0, "properties": {"session_expiry_interval": 300},
+        "will": Will("storm/will", b"gone", qos=1, properties={"will_delay_interval": 1})})
+    assert all(c.reason_code == 0 for c in connacks)
+    assert [c.session_present for c in connacks] == [False] + [True] * 299
+    last.close()  # dropped without DISCONNECT: the will, after its delay
     packet = watcher.receive()
     assert isinstance(packet, Publish) and packet.payload == b"gone"
     watcher.send(Puback(packet.packet_id))
