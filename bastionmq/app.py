@@ -39,6 +39,7 @@ from bastionmq.cluster.embedded import EmbeddedError, EmbeddedNats, embedded_dir
 from bastionmq.cluster.jetstream import JetStreamError
 from bastionmq.cluster.retained import load_retained
 from bastionmq.cluster.sessions import SessionMover
+from bastionmq.cluster.stream import POSITION, MessageStream
 from bastionmq.cluster.wills import Wills
 from bastionmq.hooks import (
     ConnectedClient, HookAuthenticator, Hooks, Observers, acl_sources, check_authorize_hook,
@@ -374,8 +375,17 @@ class Broker:
         self._observe()
         if config.cluster.enable:
             await self._join_cluster(core)  # before the restore: it subscribes
+        positions: dict[str, int] = {}
         if config.durable_sessions.enable:
-            await self._open_store(core)
+            positions = await self._open_store(core)
+        if self.bus is not None and self.bus.stream is not None:
+            # What the stream stored while this node was down reaches the
+            # sessions just restored, before any client connects.
+            try:
+                await self.bus.stream.start(positions.get(POSITION))
+            except (JetStreamError, ClusterUnavailable, asyncio.TimeoutError) as exc:
+                raise ConfigError([("cluster.nats.servers", "reading the stream of QoS 1/2 "
+                                    f"messages: {exc or 'no answer in time'}")]) from None
         if config.sys_topics.sys_interval > 0:
             self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
                                          f"bastionmq {__version__}")
@@ -466,7 +476,7 @@ class Broker:
             await self.bus.close()  # after what closing the clients published
             self.bus = None
             if core is not None:
-                core.cluster = core.outboxes.before = None
+                core.cluster = core.outboxes.before = core.outboxes.gate = None
         if self.embedded_nats is not None:
             await self.embedded_nats.stop()
             self.embedded_nats = None
@@ -500,14 +510,21 @@ class Broker:
                       connect_timeout=nats.connect_timeout, credentials=nats.credentials,
                       tls=tls, server_name=nats.tls.server_name_indication,
                       heartbeat=cluster.heartbeat)
+        if cluster.qos1_path == "stream":
+            bus.stream = MessageStream(bus, core, replicas=cluster.replicas,
+                                       retention=cluster.message_retention,
+                                       duplicate_window=cluster.duplicate_window)
         try:
             await bus.start()
         except ClusterUnavailable as exc:
             raise ConfigError([("cluster.nats.servers", str(exc))]) from None
         self.bus = core.cluster = bus
         core.outboxes.before = bus.before_acks
+        core.outboxes.gate = bus.stream
         bus.sessions = SessionMover(bus, core, cluster.takeover_timeout)
         try:
+            if bus.stream is not None:
+                await bus.stream.prepare()
             loaded = await load_retained(bus, core, cluster.replicas)
             wills = Wills(bus, core, cluster.name)
             await wills.start(cluster.replicas)
@@ -515,8 +532,12 @@ class Broker:
             if exc.code != 503:
                 raise ConfigError([("cluster.replicas", f"JetStream refused the cluster's "
                                     f"streams: {exc}")]) from None
-            log.warning("retained messages set before this node started are not loaded, "
-                        "and the wills of its clients are lost if it dies: %s", exc)
+            log.warning("QoS 1 and 2 messages between nodes are at most once, retained "
+                        "messages set before this node started are not loaded, and the "
+                        "wills of its clients are lost if it dies: %s", exc)
+            if bus.stream is not None:
+                bus.stream.close()
+                bus.stream = core.outboxes.gate = None
         except (ClusterUnavailable, asyncio.TimeoutError) as exc:
             raise ConfigError([("cluster.nats.servers", "setting up the cluster's streams: "
                                 f"{exc or 'no answer in time'}")]) from None
@@ -524,8 +545,9 @@ class Broker:
             self.cluster_wills = wills
             log.info("loaded %d retained messages from the cluster", loaded)
 
-    async def _open_store(self, core: BrokerCore) -> None:
-        """Open the durable store and restore what it holds into ``core``."""
+    async def _open_store(self, core: BrokerCore) -> dict[str, int]:
+        """Open the durable store and restore what it holds into ``core``;
+        the positions it kept (Journal.position_reached)."""
         durable = self.config.durable_sessions
         try:
             self.store = await SqliteStore.open(
@@ -537,6 +559,7 @@ class Broker:
         core.use_journal(self.store.start(core.loop, core.outboxes.release_acks))
         report = restore(core, snapshot)
         log.info("%s", describe_restore(report, durable.database, snapshot.messages))
+        return snapshot.positions
 
     async def __aenter__(self) -> Broker:
         await self.start()

@@ -783,17 +783,19 @@ class Connection:
         if props:
             message.stamp_expiry(core.loop.time())
         delivered = core.route(message, self.session)
+        stored = None
         if core.cluster is not None:
-            core.cluster.forward(message)
+            # A QoS 1/2 message's acknowledgement waits for the cluster's stream.
+            stored = core.cluster.forward(message)
             delivered = 1  # the other nodes' subscribers are not counted here
         if packet.retain:
             core.retain(message)
         if qos == 1:
             self.outbox.puback(packet.packet_id,  # type: ignore[arg-type]
-                               0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
+                               0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS, False, stored)
         elif qos:
             self.outbox.pubrec(packet.packet_id,  # type: ignore[arg-type]
-                               0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS)
+                               0 if delivered else Reason.NO_MATCHING_SUBSCRIBERS, False, stored)
 
     def _publish_after_close(self, packet: Publish, topic: str, props: Any,
                              allowed: bool) -> None:

@@ -32,7 +32,7 @@ class Outboxes:
     """What the outboxes of one broker share: the list of those with bytes
     waiting, the counters, the clock, and the durable store's journal."""
 
-    __slots__ = ("dirty", "stats", "clock", "journal", "before")
+    __slots__ = ("dirty", "stats", "clock", "journal", "before", "gate")
 
     def __init__(self, stats: Stats, clock: Callable[[], float]) -> None:
         #: Outboxes with bytes waiting for the next flush.
@@ -45,6 +45,9 @@ class Outboxes:
         #: what it has for NATS first when it holds a QoS 1 or 2 message,
         #: so that the message is on its way before its PUBACK), or None.
         self.before: Callable[[], None] | None = None
+        #: Where acknowledgements wait for a cluster's stream to store the
+        #: message they answer (cluster.stream.MessageStream), or None.
+        self.gate: Any = None
 
     def flush(self) -> None:
         dirty = self.dirty
@@ -134,7 +137,8 @@ class Outbox:
                 data = explained
         return data
 
-    def write_stored(self, data: bytes, after_commit: bool = False) -> None:
+    def write_stored(self, data: bytes, after_commit: bool = False,
+                     stored: Any = None) -> None:
         """Write an answer that tells the client something is kept.
 
         With a durable store it waits for the commit of what handling the
@@ -143,7 +147,15 @@ class Outbox:
         ahead of an earlier held answer ([MQTT-4.6.0-2]: acknowledgements
         keep the order of the packets they answer). What changed nothing
         durable (a QoS 1 message no persistent session takes) goes at once.
+
+        In a cluster, ``stored`` is what the stream is storing (the answered
+        message, sent to the other nodes): the answer waits for it, then for
+        the commit; while an answer waits there, later ones queue behind it.
         """
+        gate = self.outboxes.gate
+        if gate is not None and (stored is not None or (self.acks_held and gate.holds_for(self))):
+            gate.hold(self, data, stored)
+            return
         journal = self.outboxes.journal
         if journal is not None and (self.acks_held or journal.changes != self.mark
                                     or (after_commit and journal.unsettled())):
@@ -158,20 +170,23 @@ class Outbox:
         if not self.closed:
             self.write(data)
 
-    def _ack(self, first: int, packet_id: int, reason: int, after_commit: bool) -> None:
+    def _ack(self, first: int, packet_id: int, reason: int, after_commit: bool,
+             stored: Any = None) -> None:
         """The two-byte short form, or with its reason code for a 5.0 client
         (3.4.2.1); ``after_commit`` waits for anything not yet committed."""
         if reason and self.version == MQTT_5:
             data = bytes((first, 3)) + packet_id.to_bytes(2, "big") + bytes((reason,))
         else:
             data = bytes((first, 2)) + packet_id.to_bytes(2, "big")
-        self.write_stored(data, after_commit)
+        self.write_stored(data, after_commit, stored)
 
-    def puback(self, packet_id: int, reason: int = 0, after_commit: bool = False) -> None:
-        self._ack(PUBACK_BYTE, packet_id, reason, after_commit)
+    def puback(self, packet_id: int, reason: int = 0, after_commit: bool = False,
+               stored: Any = None) -> None:
+        self._ack(PUBACK_BYTE, packet_id, reason, after_commit, stored)
 
-    def pubrec(self, packet_id: int, reason: int = 0, after_commit: bool = False) -> None:
-        self._ack(PUBREC_BYTE, packet_id, reason, after_commit)
+    def pubrec(self, packet_id: int, reason: int = 0, after_commit: bool = False,
+               stored: Any = None) -> None:
+        self._ack(PUBREC_BYTE, packet_id, reason, after_commit, stored)
 
     def pubrel(self, packet_id: int, reason: int = 0, after_commit: bool = False) -> None:
         self._ack(PUBREL_BYTE, packet_id, reason, after_commit)

@@ -341,8 +341,10 @@ class ClusterBus(Protocol):
     """The other nodes of a cluster, as the core sees them (cluster.bus).
     Each call returns at once: the messages go out with the next write."""
 
-    def forward(self, message: Any) -> None:
-        """``message`` (broker.message.Message) was published on this node."""
+    def forward(self, message: Any) -> Any:
+        """``message`` (broker.message.Message) was published on this node.
+        Returns what its acknowledgement (PUBACK, PUBREC) must wait for, to
+        give as ``stored`` to the outbox, or None."""
         ...
 
     def retained(self, message: Any) -> None:

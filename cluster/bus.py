@@ -63,6 +63,12 @@ log = logging.getLogger("bastionmq.cluster")
 LIVE_PREFIX = "bmq.t"
 RETAINED_PREFIX = "bmq.ret"
 
+#: Where the nodes publish QoS 1 and 2 messages (the stream BMQ_MSGS's
+#: subjects), and where the stream republishes what it stored (cluster.stream).
+STORED_PREFIX = "bmq.d"
+REPUBLISHED_PREFIX = "bmq.r"
+SUBJECT_PREFIXES = frozenset((LIVE_PREFIX, RETAINED_PREFIX, STORED_PREFIX, REPUBLISHED_PREFIX))
+
 #: The JetStream stream that keeps the last message of each retained subject
 #: (cluster.retained).
 RETAINED_STREAM = "BMQ_RETAINED"
@@ -228,6 +234,9 @@ class NatsBus(asyncio.Protocol):
         self._services: dict[str, Any] = {}
         #: The side of sessions that follow their clients (cluster.sessions).
         self.sessions: Any = None
+        #: QoS 1 and 2 between nodes through JetStream (cluster.stream), or
+        #: None: on the QoS 0 subjects, at most once (cluster.qos1_path = core).
+        self.stream: Any = None
         #: Topics whose retained message another node set or cleared while
         #: the stream's copies load (cluster.retained), which those must not undo.
         self.retained_live: set[str] | None = None
@@ -280,6 +289,8 @@ class NatsBus(asyncio.Protocol):
             if task is not None:
                 task.cancel()
         self._reconnect = self._heartbeats = None
+        if self.stream is not None:
+            self.stream.close()
         transport = self.transport
         if transport is not None:
             self._flush()
@@ -308,8 +319,10 @@ class NatsBus(asyncio.Protocol):
 
     # ------------------------------------------------------------ the core's port
 
-    def forward(self, message: Message) -> None:
-        """Send a message published on this node to the nodes that want it."""
+    def forward(self, message: Message) -> Any:
+        """Send a message published on this node to the nodes that want it.
+        A QoS 1 or 2 message goes through the stream (cluster.stream) when
+        there is one: what its acknowledgement waits for is returned."""
         # The hot path of a cluster: one dictionary lookup for the PUB line
         # of the topic, one struct for the envelope of a message without
         # properties or expiry, four appends.
@@ -318,10 +331,11 @@ class NatsBus(asyncio.Protocol):
         if line is None:
             line = self._line_of(topic, LIVE_PREFIX, self._lines)
         if not line:
-            return  # $SYS is each node's own
-        if not self._sending:
+            return None  # $SYS is each node's own
+        stream = self.stream if message.qos else None
+        if stream is None and not self._sending:
             self.stats.dropped += 1
-            return
+            return None
         self.sequence += 1
         # This node's shared groups of the topic had the message already
         # (the core routes before it forwards): the others must not.
@@ -332,9 +346,13 @@ class NatsBus(asyncio.Protocol):
         else:
             head = envelope_head(message, self.origin, self.sequence, self.loop.time(), served)
         payload = message.payload
+        if stream is not None:
+            self.stats.forwarded += 1
+            return stream.send(topic, head, payload)
         size = len(head) + len(payload)
         if size > self.max_payload or line is _TOO_LONG:
-            return self._unsendable(topic, size)
+            self._unsendable(topic, size)
+            return None
         out = self._out
         out += line % size
         out += head
@@ -347,6 +365,7 @@ class NatsBus(asyncio.Protocol):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
+        return None
 
     def retained(self, message: Message) -> None:
         """Tell every node of a retained message set (or cleared) here."""
@@ -537,6 +556,8 @@ class NatsBus(asyncio.Protocol):
         if handler is not None:
             handler(subject, payload, headers, reply)
             return
+        if self.stream is not None and self.stream.answered(subject, payload, headers):
+            return
         waiter = self._requests.get(subject)
         if waiter is not None and not waiter.done():
             waiter.set_result((payload, headers, reply))
@@ -621,6 +642,7 @@ class NatsBus(asyncio.Protocol):
                      "filters": len(self._interest)},
             "nodes": self.nodes(),
             "counters": attrs.asdict(self.stats),
+            "stream": None if self.stream is None else self.stream.status(),
         }
 
     # ------------------------------------------------------------ writing
@@ -659,7 +681,10 @@ class NatsBus(asyncio.Protocol):
             topic_filter = shared[1]
         sids = []
         out = bytearray()
-        for subject in filter_to_subjects(LIVE_PREFIX, topic_filter):
+        subjects = filter_to_subjects(LIVE_PREFIX, topic_filter)
+        if self.stream is not None:
+            subjects += filter_to_subjects(REPUBLISHED_PREFIX, topic_filter)
+        for subject in subjects:
             sid = self._next_sid
             self._next_sid += 1
             sids.append(sid)
@@ -695,6 +720,9 @@ class NatsBus(asyncio.Protocol):
                 if event.sid == self._inbox_sid or event.sid in self._deliveries:
                     self._answer(event.sid, event.subject, event.payload, event.headers,
                                  event.reply)
+                elif event.headers is not None and self.stream is not None \
+                        and event.subject.startswith(REPUBLISHED_PREFIX + "."):
+                    self.stream.received(event.subject, event.sid, event.payload, event.headers)
                 else:  # with headers or a reply subject: no node sends one
                     self._refuse(event.subject, "a message with headers or a reply subject")
             elif type(event) is Ping:
@@ -816,6 +844,8 @@ class NatsBus(asyncio.Protocol):
                     + sub(self._inbox + ".*", self._inbox_sid))
         for subject, handler in self._services.items():
             self._serve(subject, handler)
+        if self.stream is not None:
+            self.stream.reconnecting()
         self._write(PING)
         self._pongs.insert(0, None)  # the answer to this PING makes it ready
 
@@ -835,6 +865,8 @@ class NatsBus(asyncio.Protocol):
                 if self.wills is not None:
                     self.wills.reconnected()
             log.info("connected to NATS server %s as %s", self._where(), self.name)
+            if self.stream is not None:
+                self.stream.reconnected()
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(None)
         if waiter is not None and not waiter.done():
@@ -856,7 +888,14 @@ class NatsBus(asyncio.Protocol):
             topic = self.topic_of(subject)
             if topic is None:
                 return
+        self.deliver_remote(topic, sid, payload, True)
+
+    def deliver_remote(self, topic: str, sid: int, payload: bytes, live: bool) -> None:
+        """Deliver a message of another node that came on subscription
+        ``sid``; ``live``: on the QoS 0 subjects, where copies are known by
+        their (origin, sequence) (the stream's copies by their sequence)."""
         core = self.core
+        last = None
         try:
             flags, origin, sequence = read_head(payload)
             group = self._group_sids.get(sid) if self._group_sids else None
@@ -874,24 +913,29 @@ class NatsBus(asyncio.Protocol):
                 if self.retained_live is not None:
                     self.retained_live.add(topic)
                 return
-            last = self._last_seen.get(origin)
-            if last is not None and sequence <= last:
-                self.stats.copies += 1
-                return
+            if live:
+                last = self._last_seen.get(origin)
+                if last is not None and sequence <= last:
+                    self.stats.copies += 1
+                    return
             message = read_message(topic, payload, flags, self.loop.time())[0]
         except EnvelopeError as exc:
-            self._refuse(subject, str(exc))
+            self._refuse(topic, str(exc))
             return
-        if last is None and len(self._last_seen) >= ORIGINS_KEPT:
-            del self._last_seen[next(iter(self._last_seen))]
-        self._last_seen[origin] = sequence
+        if live:
+            if last is None and len(self._last_seen) >= ORIGINS_KEPT:
+                del self._last_seen[next(iter(self._last_seen))]
+            self._last_seen[origin] = sequence
         self.stats.received += 1
         core.route_remote(message)
         self._routed = True
 
     def topic_of(self, subject: str) -> str | None:
         """The topic of a received subject, checked as a client's would be."""
-        prefix = RETAINED_PREFIX if subject.startswith(RETAINED_PREFIX + ".") else LIVE_PREFIX
+        prefix = subject[:subject.find(".", 4)]
+        if prefix not in SUBJECT_PREFIXES:
+            self._refuse(subject, "a subject no node publishes on")
+            return None
         try:
             topic = subject_to_topic(prefix, subject)
             validate_topic_name(topic)

@@ -79,19 +79,19 @@ async def ensure_stream(bus: NatsBus, config: dict[str, Any]) -> dict[str, Any]:
     return await patient_api(bus, f"STREAM.UPDATE.{name}", config)
 
 
-def ack_metadata(reply: str | None) -> tuple[int, int] | None:
-    """(stored at, Unix ns; messages still pending) from the reply subject of
-    a consumer's delivery: $JS.ACK.<stream>.<consumer>.<delivered>.<stream
-    seq>.<consumer seq>.<time>.<pending>, or the longer form with a domain
-    and an account hash in front (and a token after)."""
+def delivery_position(reply: str | None) -> tuple[int, int, int] | None:
+    """(stream sequence, stored at in Unix ns, messages still pending) from
+    the reply subject of a consumer's delivery: $JS.ACK.<stream>.<consumer>.
+    <delivered>.<stream seq>.<consumer seq>.<time>.<pending>, or the longer
+    form with a domain and an account hash in front (and a token after)."""
     if reply is None or not reply.startswith("$JS.ACK."):
         return None
     tokens = reply.split(".")
     try:
         if len(tokens) == 9:
-            return int(tokens[7]), int(tokens[8])
+            return int(tokens[5]), int(tokens[7]), int(tokens[8])
         if len(tokens) >= 11:
-            return int(tokens[9]), int(tokens[10])
+            return int(tokens[7]), int(tokens[9]), int(tokens[10])
     except ValueError:
         return None
     return None
@@ -110,10 +110,10 @@ async def read_last_per_subject(bus: NatsBus, stream: str, filter_subject: str,
 
     def delivered(subject: str, payload: bytes, headers: bytes | None, reply: str | None) -> None:
         nonlocal count
-        metadata = ack_metadata(reply)
-        if metadata is None:
+        position = delivery_position(reply)
+        if position is None:
             return  # a status message (idle heartbeat, flow control): none asked for
-        stored_at, pending = metadata
+        _, stored_at, pending = position
         count += 1
         take(subject, payload, stored_at)
         if pending == 0 and not finished.done():

@@ -123,6 +123,20 @@ class ClusterConfig:
     takeover_timeout: float = attrs.field(default=1.0, metadata={"unit": "duration"},
                                           validator=[v.ge(0.01), v.le(60)])
 
+    #: How QoS 1 and 2 messages cross between nodes. "stream": through the
+    #: JetStream stream BMQ_MSGS, acknowledged once stored there, read again
+    #: by a node that was away (cluster.stream). "core": like QoS 0, at most
+    #: once between nodes, without the stream's round trip.
+    qos1_path: str = attrs.field(default="stream", validator=v.in_(("stream", "core")))
+    #: How long the stream keeps a QoS 1/2 message: a node away for longer
+    #: (down, or cut off from NATS) misses what it held for its sessions.
+    message_retention: float = attrs.field(default=86400.0, metadata={"unit": "duration"},
+                                           validator=v.gt(0))
+    #: How long the stream remembers a message's id to drop a second copy
+    #: (a message sent again for want of an answer).
+    duplicate_window: float = attrs.field(default=120.0, metadata={"unit": "duration"},
+                                          validator=[v.ge(1), v.le(86400)])
+
     @property
     def name(self) -> str:
         return self.node_name or f"{socket.gethostname()}-{os.getpid()}"

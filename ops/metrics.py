@@ -143,6 +143,25 @@ class BrokerCollector(Collector):
                 ("nats_connects", stats.connects, "Connections made to NATS."),
                 ("nats_disconnects", stats.disconnects, "Connections to NATS lost.")):
             yield CounterMetricFamily(f"bastionmq_cluster_{name}", text, value=value)
+        stream = bus.stream
+        if stream is not None:
+            counts = stream.stats
+            stored = CounterMetricFamily(
+                "bastionmq_cluster_stream_messages", "QoS 1/2 messages and the stream "
+                "BMQ_MSGS, by outcome: stored (published here and stored; duplicates "
+                "included), duplicate (a copy sent again that the stream had already), "
+                "resent (sent again for want of an answer), refused (refused for good: "
+                "this node's subscribers only), caught_up (read from the stream after this "
+                "node was away, and delivered).", labels=["outcome"])
+            for outcome in ("stored", "duplicate", "resent", "refused", "caught_up"):
+                stored.add_metric([outcome], getattr(counts, outcome))
+            yield stored
+            yield GaugeMetricFamily(
+                "bastionmq_cluster_stream_waiting", "QoS 1/2 messages sent to the stream "
+                "and not yet stored (their acknowledgements wait).", value=len(stream.pending))
+            yield GaugeMetricFamily(
+                "bastionmq_cluster_stream_position", "The stream sequence of the last "
+                "message this node delivered.", value=stream.position or 0)
         yield GaugeMetricFamily("bastionmq_cluster_nats_connected",
                                 "1 while this node is connected to NATS.",
                                 value=1 if bus.connected else 0)

@@ -77,13 +77,19 @@ def bus(node: RunningBroker):
     return node.broker.bus
 
 
-def crosses(a: RunningBroker, b: RunningBroker, clients, topic: str) -> None:
-    """A QoS 1 message published on node a reaches a subscriber of node b."""
-    reader = clients(b.port, client_id="reader")
+def crosses(a: RunningBroker, b: RunningBroker, clients, topic: str,
+            timeout: float = TIMEOUT) -> None:
+    """A QoS 1 message published on node a reaches a subscriber of node b
+    (within ``timeout``: a QoS 1 message waits for the stream to store it)."""
+    # Ids of their own: a client of an earlier call, still connected, would
+    # take the id back (paho connects again) and the subscription with it.
+    reader = clients(b.port, client_id=f"reader-{topic}")
     reader.subscribe(topic, 1)
     synced(b)
-    clients(a.port, client_id="writer").publish(topic, b"crossed", 1)
-    [message] = reader.expect()
+    info = clients(a.port, client_id=f"writer-{topic}").paho.publish(topic, b"crossed", 1)
+    info.wait_for_publish(timeout)
+    assert info.is_published()
+    [message] = reader.expect(timeout=timeout)
     assert (message.topic, message.payload) == (topic, b"crossed")
 
 
@@ -204,10 +210,11 @@ def test_the_last_subscriber_gone_ends_the_nodes_interest(nodes, nats, clients):
     first.subscribe("room/+/light", 0)
     second.subscribe("room/+/light", 0)
     synced(b)
-    assert nats.monitor_json("/subsz")["num_subscriptions"] == before + 1  # one per filter
+    # One per filter: its subject for QoS 0, and the stream's copies' for QoS 1/2.
+    assert nats.monitor_json("/subsz")["num_subscriptions"] == before + 2
     first.unsubscribe("room/+/light")
     synced(b)
-    assert nats.monitor_json("/subsz")["num_subscriptions"] == before + 1
+    assert nats.monitor_json("/subsz")["num_subscriptions"] == before + 2
     second.disconnect()
     poll(lambda: nats.monitor_json("/subsz")["num_subscriptions"] == before,
          "the node's subscription gone from NATS")
@@ -387,7 +394,8 @@ def test_the_last_member_gone_ends_the_groups_queue(nodes, nats, clients):
     worker = clients(b.port, client_id="worker")
     worker.subscribe("$share/g/q/#", 0)
     synced(b)
-    assert nats.monitor_json("/subsz")["num_subscriptions"] == before + 2  # "q" and "q.>"
+    # "q" and "q.>", for QoS 0 and for the stream's copies.
+    assert nats.monitor_json("/subsz")["num_subscriptions"] == before + 4
     worker.unsubscribe("$share/g/q/#")
     synced(b)
     assert nats.monitor_json("/subsz")["num_subscriptions"] == before
@@ -544,6 +552,10 @@ def test_cluster_status_lists_the_nodes_in_the_api_ctl_and_metrics(nodes, client
     assert samples[("bastionmq_cluster_messages_total", (("direction", "received"),))] == 1
     assert samples[("bastionmq_cluster_nats_connected", ())] == 1
     assert samples[("bastionmq_cluster_nodes", ())] == 2
+    # b's QoS 1 message went through the stream, which a delivered from.
+    assert samples[("bastionmq_cluster_stream_position", ())] >= 1
+    assert samples[("bastionmq_cluster_stream_waiting", ())] == 0
+    assert samples[("bastionmq_cluster_stream_messages_total", (("outcome", "caught_up"),))] == 0
     b.stop()  # gone: after three heartbeats it is no longer listed
     poll(lambda: [n["node"] for n in status()["nodes"]] == ["a"], "b no longer listed")
 
@@ -599,13 +611,17 @@ def test_three_nats_servers_keep_three_copies_and_survive_one_lost(tmp_path, cli
             clients(a.port, client_id="writer").publish("site/state", b"kept thrice", 1,
                                                         retain=True)
             synced(a)
-            poll(lambda: all(s.monitor_json("/jsz")["messages"] == 1 for s in servers),
+            # In the retained stream, and in the stream of QoS 1/2 messages.
+            poll(lambda: all(s.monitor_json("/jsz")["messages"] == 2 for s in servers),
                  "the retained message on all three servers (the only message stored)")
             crosses(a, b, clients, "site/live")
             servers[0].kill()  # a's server: a moves to the next one of its list
             poll(lambda: bus(a).connected and bus(a).server[1] != servers[0].port,
                  "a connected to another server")
-            crosses(a, b, clients, "site/after")
+            # Acknowledged once stored: while JetStream elects a new leader
+            # for the stream (4 to 7 s measured here, up to about 20 s with
+            # nats-server 2.9), the message and its PUBACK wait.
+            crosses(a, b, clients, "site/after", timeout=60)
             # While JetStream elects new leaders (up to about 20 s with
             # nats-server 2.9), the new node's start waits for it.
             late = RunningBroker(embedded_config(node_config(

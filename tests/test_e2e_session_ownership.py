@@ -14,7 +14,7 @@ import pytest
 from bastionmq.broker.codec import MQTT_3_1_1, MQTT_5, Publish, Subscribe, Subscription
 from bastionmq.broker.ownership import client_from_record, client_record, owner_of
 from bastionmq.broker.ports import ClientInfo, PeerInfo
-from bastionmq.broker.store.sqlite import SCHEMA
+from bastionmq.broker.store.sqlite import SCHEMA, SCHEMA_VERSION
 from bastionmq.pki import init_pki, issue_client
 from conftest import RawClient
 from tls_helpers import ssl_listener, tls_socket
@@ -150,7 +150,8 @@ def test_a_store_of_the_first_layout_is_brought_up_to_date(start_broker, raw_cli
     # A store as the first layout wrote it: no client facts, the username alone.
     first_layout = SCHEMA.replace(", client TEXT);", ");").replace(
         ",\n    client TEXT) WITHOUT ROWID;", ") WITHOUT ROWID;")
-    assert "client TEXT" not in first_layout
+    first_layout = first_layout[:first_layout.index("CREATE TABLE positions")]
+    assert "client TEXT" not in first_layout and "positions" not in first_layout
     db = sqlite3.connect(tmp_path / "sessions.sqlite3")
     db.executescript(first_layout + "INSERT INTO schema_version VALUES (1);")
     with db:
@@ -170,7 +171,8 @@ def test_a_store_of_the_first_layout_is_brought_up_to_date(start_broker, raw_cli
     with pytest.raises(OSError):
         watcher.receive(timeout=1.5)  # past the will's due time: nothing
     db = sqlite3.connect(tmp_path / "sessions.sqlite3")
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+    assert db.execute("SELECT * FROM positions").fetchall() == []
     db.close()
 
 

@@ -70,7 +70,7 @@ class Batch:
 
     __slots__ = ("size", "messages", "retained", "sessions", "subscriptions", "queue",
                  "inflight", "awaiting", "wills", "fresh_inflight", "fresh_awaiting", "ended",
-                 "acks", "waiters")
+                 "acks", "waiters", "positions")
 
     def __init__(self) -> None:
         #: Changes recorded, folded or not: what triggers an early commit.
@@ -94,6 +94,10 @@ class Batch:
         self.acks: list[tuple[Any, bytes]] = []
         #: Futures to resolve once the batch has committed.
         self.waiters: list[Any] = []
+        #: Positions reached in what feeds the core (a cluster's stream:
+        #: the last message delivered), by name; written with the rows
+        #: those deliveries made, never alone.
+        self.positions: dict[str, int] = {}
 
     def __bool__(self) -> bool:
         """Whether there is anything to commit or to release."""
@@ -154,6 +158,13 @@ class Journal:
     def hold(self, outbox: Any, data: bytes) -> None:
         """Write ``data`` into ``outbox`` (broker.outbox) after the open batch commits."""
         self.batch.acks.append((outbox, data))
+
+    def position_reached(self, name: str, value: int) -> None:
+        """Everything up to ``value`` of ``name`` (cluster.stream) has been
+        delivered: what that changed is in this batch or an earlier one.
+        Commits with the batch's changes, and starts no commit itself: a
+        delivery that changed nothing durable needs none."""
+        self.batch.positions[name] = value
 
     # ------------------------------------------------------- message bodies
 

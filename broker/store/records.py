@@ -55,6 +55,8 @@ class Snapshot:
     wills: list[StoredWill] = attrs.field(factory=list)
     #: Distinct message bodies the sessions hold.
     messages: int = 0
+    #: Positions reached in what fed the core (Journal.position_reached).
+    positions: dict[str, int] = attrs.field(factory=dict)
 
 
 @attrs.define(slots=True)

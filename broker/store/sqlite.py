@@ -39,7 +39,7 @@ from .records import Snapshot, StoredSession, StoredWill
 log = logging.getLogger("bastionmq.store")
 
 #: The layout this code reads and writes; kept in the schema_version table.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -72,6 +72,7 @@ CREATE TABLE inflight (
 CREATE TABLE awaiting_rel (
     sid INTEGER NOT NULL, packet_id INTEGER NOT NULL,
     PRIMARY KEY (sid, packet_id)) WITHOUT ROWID;
+CREATE TABLE positions (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 #: Each layout's step from the one before: MIGRATIONS[n] takes version n to n + 1.
@@ -79,6 +80,8 @@ MIGRATIONS = {
     # The facts of the client a session or will belongs to (broker.ownership);
     # rows of version 1 have none, and are matched on their username alone.
     1: "ALTER TABLE sessions ADD COLUMN client TEXT; ALTER TABLE wills ADD COLUMN client TEXT;",
+    # Where the node got to in its cluster's stream (cluster.stream).
+    2: "CREATE TABLE positions (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;",
 }
 
 #: Tables whose rows belong to a session, by the name of their key's second part.
@@ -193,6 +196,8 @@ def batch_statements(batch: Batch) -> Iterator[tuple[str, list[tuple]]]:
             yield (f"INSERT OR REPLACE INTO {name} VALUES ({', '.join('?' * width)})", upserts)
         if deletes:
             yield f"DELETE FROM {name} WHERE {where}", deletes
+    if batch.positions:
+        yield "INSERT OR REPLACE INTO positions VALUES (?, ?)", list(batch.positions.items())
     if batch.sessions:
         yield "INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?, ?, ?)", \
             list(batch.sessions.values())
@@ -369,9 +374,11 @@ class SqliteStore:
         retained = [_message(topic, payload, qos, True, props, expires_at, to_loop)
                     for topic, payload, qos, props, expires_at in await db.execute_fetchall(
                         "SELECT * FROM retained")]
+        positions: dict[str, int] = {name: value for name, value in await db.execute_fetchall(
+            "SELECT name, value FROM positions")}
         (next_seq,), = await db.execute_fetchall("SELECT coalesce(max(seq), 0) + 1 FROM queue")
         self._next_ids = (max(messages, default=0) + 1, next_seq, max(sessions, default=0) + 1)
-        return Snapshot(list(sessions.values()), retained, wills, len(messages))
+        return Snapshot(list(sessions.values()), retained, wills, len(messages), positions)
 
     # ------------------------------------------------------- committing
 
