@@ -748,12 +748,12 @@ class Connection:
             awaiting = session.awaiting_rel
             if qos == 2:
                 if awaiting is None:
-                    awaiting = session.awaiting_rel = set()
+                    awaiting = session.awaiting_rel = {}
                 if packet.packet_id in awaiting:
                     # A resend of a message already accepted: acknowledge, don't
                     # route again; the acceptance may not have committed yet.
-                    self.outbox.pubrec(packet.packet_id, after_commit=True)
-                    return
+                    return self._accepted_again(packet, topic, props,
+                                                awaiting[packet.packet_id])
             if awaiting and len(awaiting) >= core.settings.max_awaiting_rel:
                 return self.violation(
                     Reason.RECEIVE_MAXIMUM_EXCEEDED, f"more than {core.settings.max_awaiting_rel} "
@@ -777,16 +777,23 @@ class Connection:
                 stats.received_by_qos[qos] -= 1
                 stats.publish_bytes_received -= len(packet.payload)
                 return self._wait_for(allowed, packet)
+        stream_id = None
         if qos == 2:
-            self._awaiting_release(packet.packet_id)  # type: ignore[arg-type]
+            if core.cluster is not None:
+                stream_id = core.cluster.new_stream_id()
+            self._awaiting_release(packet.packet_id, stream_id)  # type: ignore[arg-type]
         message = Message(topic, packet.payload, qos, packet.retain, props)
         if props:
             message.stamp_expiry(core.loop.time())
         delivered = core.route(message, self.session)
         stored = None
         if core.cluster is not None:
-            # A QoS 1/2 message's acknowledgement waits for the cluster's stream.
-            stored = core.cluster.forward(message)
+            # A QoS 1/2 message's acknowledgement waits for the cluster's
+            # stream. A QoS 2 message of a stored session goes there once its
+            # id is committed with the session: a resend after a crash then
+            # finds the id and is stored under it again, never twice.
+            stored = core.cluster.forward(message, stream_id,
+                                          stream_id is not None and bool(self.session.store_id))
             delivered = 1  # the other nodes' subscribers are not counted here
         if packet.retain:
             core.retain(message)
@@ -832,14 +839,31 @@ class Connection:
             self._awaiting_release(packet_id)  # so that PUBREL gets PUBCOMP
             self.outbox.pubrec(packet_id)
 
-    def _awaiting_release(self, packet_id: int) -> None:
+    def _awaiting_release(self, packet_id: int, stream_id: str | None = None) -> None:
         session = self.session
-        session.awaiting_rel.add(packet_id)  # type: ignore[union-attr]  # _on_publish made it
+        session.awaiting_rel[packet_id] = stream_id  # type: ignore[index]  # _on_publish made it
         if session.store_id:
             # Kept across a restart, so that a resend after it is known for
             # one and not delivered twice ([MQTT-4.3.3-9]).
             assert self.core.journal is not None  # a stored session implies a journal
-            self.core.journal.awaiting_saved(session, packet_id)
+            self.core.journal.awaiting_saved(session, packet_id, stream_id)
+
+    def _accepted_again(self, packet: Publish, topic: str, props: Any,
+                        stream_id: str | None) -> None:
+        """A QoS 2 PUBLISH resent with a packet id still awaiting PUBREL. In
+        a cluster the stream may not have the message yet (its node died
+        before it went, the session moved since): it is stored again under
+        the id it had, which the stream drops if it has it; its subscribers
+        here had it the first time."""
+        stored = None
+        core = self.core
+        if stream_id is not None and core.cluster is not None:
+            message = Message(topic, packet.payload, 2, packet.retain, props)
+            if props:
+                message.stamp_expiry(core.loop.time())
+            stored = core.cluster.store_again(message, stream_id)
+        self.outbox.pubrec(packet.packet_id, after_commit=True,  # type: ignore[arg-type]
+                           stored=stored)
 
     def _refuse_publish(self, packet: Publish) -> bool:
         """Close for a PUBLISH beyond the announced Maximum QoS or Retain Available."""
@@ -905,7 +929,7 @@ class Connection:
         session = self.session
         awaiting = session.awaiting_rel
         if awaiting and packet.packet_id in awaiting:
-            awaiting.discard(packet.packet_id)
+            del awaiting[packet.packet_id]
             if session.store_id:
                 # PUBCOMP goes once this is stored: the client may reuse the
                 # packet id then, and a restart must not take it for a resend.

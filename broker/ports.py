@@ -341,10 +341,24 @@ class ClusterBus(Protocol):
     """The other nodes of a cluster, as the core sees them (cluster.bus).
     Each call returns at once: the messages go out with the next write."""
 
-    def forward(self, message: Any) -> Any:
+    def forward(self, message: Any, stream_id: str | None = None,
+                after_commit: bool = False) -> Any:
         """``message`` (broker.message.Message) was published on this node.
         Returns what its acknowledgement (PUBACK, PUBREC) must wait for, to
-        give as ``stored`` to the outbox, or None."""
+        give as ``stored`` to the outbox, or None. ``stream_id``: the id to
+        store it under (``new_stream_id``), sent once the durable store has
+        committed what is recorded so far when ``after_commit``."""
+        ...
+
+    def new_stream_id(self) -> str | None:
+        """An id to store a QoS 2 message under (kept with its packet id),
+        or None when QoS 1/2 messages do not cross through a stream."""
+        ...
+
+    def store_again(self, message: Any, stream_id: str) -> Any:
+        """Send ``message`` to the stream again under ``stream_id`` (a copy
+        it has is dropped), not to this node's subscribers; what the
+        acknowledgement waits for, as ``forward``."""
         ...
 
     def retained(self, message: Any) -> None:

@@ -82,8 +82,8 @@ def adopt(core: BrokerCore, stored: StoredSession, offline_for: float) -> Sessio
                     session, message, qos, retain, ids,
                     group.share_filter if group is not None else None))
                 for message, qos, retain, ids, group, _ in session.queue)
-        for packet_id in session.awaiting_rel or ():
-            journal.awaiting_saved(session, packet_id)
+        for packet_id, stream_id in (session.awaiting_rel or {}).items():
+            journal.awaiting_saved(session, packet_id, stream_id)
     left = NEVER_EXPIRES if stored.expiry == NEVER_EXPIRES else stored.expiry - offline_for
     _resume_timers(core, session, left, now, report)
     core.stats.clients_maximum = max(core.stats.clients_maximum, len(core.sessions))
@@ -149,7 +149,7 @@ def _rebuild_session(core: BrokerCore, stored: StoredSession, now: float, wall_n
             session.queue = deque()
         session.queue.append(item)
     if stored.awaiting_rel:
-        session.awaiting_rel = set(stored.awaiting_rel)
+        session.awaiting_rel = dict(stored.awaiting_rel)
     return session
 
 

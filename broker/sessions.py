@@ -62,8 +62,10 @@ class Session:
     subscriptions: dict[str, SubscriptionEntry] = attrs.field(factory=dict)
     inflight: dict[int, Inflight] | None = None
     queue: deque[QueuedMessage] | None = None
-    #: Packet ids of inbound QoS 2 messages waiting for PUBREL.
-    awaiting_rel: set[int] | None = None
+    #: Packet ids of inbound QoS 2 messages waiting for PUBREL, each with
+    #: the id its message was stored under in a cluster's stream (None
+    #: without one): a resend after a crash is stored under it again.
+    awaiting_rel: dict[int, str | None] | None = None
     next_packet_id: int = 1
     #: How many of ``subscriptions`` are shared ($share/...).
     shared_count: int = 0

@@ -319,10 +319,12 @@ class NatsBus(asyncio.Protocol):
 
     # ------------------------------------------------------------ the core's port
 
-    def forward(self, message: Message) -> Any:
+    def forward(self, message: Message, stream_id: str | None = None,
+                after_commit: bool = False) -> Any:
         """Send a message published on this node to the nodes that want it.
         A QoS 1 or 2 message goes through the stream (cluster.stream) when
-        there is one: what its acknowledgement waits for is returned."""
+        there is one: what its acknowledgement waits for is returned (the
+        port's forward, broker.ports.ClusterBus)."""
         # The hot path of a cluster: one dictionary lookup for the PUB line
         # of the topic, one struct for the envelope of a message without
         # properties or expiry, four appends.
@@ -348,7 +350,7 @@ class NatsBus(asyncio.Protocol):
         payload = message.payload
         if stream is not None:
             self.stats.forwarded += 1
-            return stream.send(topic, head, payload)
+            return stream.send(topic, head, payload, stream_id, after_commit)
         size = len(head) + len(payload)
         if size > self.max_payload or line is _TOO_LONG:
             self._unsendable(topic, size)
@@ -366,6 +368,17 @@ class NatsBus(asyncio.Protocol):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
         return None
+
+    def new_stream_id(self) -> str | None:
+        return self.stream.new_id() if self.stream is not None else None
+
+    def store_again(self, message: Message, stream_id: str) -> Any:
+        if self.stream is None or self._line_of(message.topic, LIVE_PREFIX) == b"":
+            return None
+        self.sequence += 1
+        served = self._served(message.topic) if self.core.groups else ()
+        head = envelope_head(message, self.origin, self.sequence, self.loop.time(), served)
+        return self.stream.send(message.topic, head, message.payload, stream_id)
 
     def retained(self, message: Message) -> None:
         """Tell every node of a retained message set (or cleared) here."""

@@ -93,7 +93,8 @@ def session_record(session: Session, now: float) -> dict[str, Any]:
         "queue": [
             [message_record(message, now), qos, retain, list(ids), share_of(group)]
             for message, qos, retain, ids, group, _ in (session.queue or ())],
-        "awaiting_rel": sorted(session.awaiting_rel or ()),
+        "awaiting_rel": sorted([packet_id, stream_id] for packet_id, stream_id
+                               in (session.awaiting_rel or {}).items()),
     }
 
 
@@ -118,7 +119,10 @@ def stored_session(record: dict[str, Any], now: float) -> tuple[StoredSession, f
     stored.queue = [
         (0, message_from(message, now), qos, bool(retain), tuple(ids), share)
         for message, qos, retain, ids, share in record["queue"]]
-    stored.awaiting_rel = [int(packet_id) for packet_id in record["awaiting_rel"]]
+    # (A node of the version before sends packet ids alone.)
+    stored.awaiting_rel = [
+        (int(item), None) if isinstance(item, int) else (int(item[0]), item[1])
+        for item in record["awaiting_rel"]]
     return stored, float(record["offline_for"])
 
 

@@ -98,6 +98,8 @@ class Pending:
     #: Loop time it was last sent; 0.0: not yet (no connection at the time).
     sent_at: float
     stored: bool = False
+    #: Not to be sent before the durable store's next commit.
+    deferred: bool = False
     #: (outbox, acknowledgement) written once this and every message sent
     #: before it are stored.
     acks: list[tuple[Any, bytes]] | None = None
@@ -117,6 +119,19 @@ class StreamStats:
     caught_up: int = 0
 
 
+@attrs.define(slots=True, eq=False)
+class _SendAfterCommit:
+    """Held with the durable store's open batch as an acknowledgement is
+    (Journal.hold): sends a QoS 2 message to the stream once its id has
+    committed with its session."""
+
+    stream: MessageStream
+    entry: Pending
+
+    def release_held(self, data: bytes) -> None:
+        self.stream._send_deferred(self.entry)
+
+
 class MessageStream:
     """This node's side of BMQ_MSGS: sending, the ack gate, the position."""
 
@@ -131,6 +146,7 @@ class MessageStream:
         self._own = f"Nats-Msg-Id: {bus.name}:".encode()
         self._id_prefix = f"{bus.name}:{secrets.token_hex(6)}:"
         self._count = 0
+        self._replies = 0
         self._lines: dict[str, bytes] = {}
         #: Messages waiting for the stream's answer, by reply subject, and in
         #: the order they were sent (acknowledgements leave in that order).
@@ -174,7 +190,7 @@ class MessageStream:
         self.catching_up = True
         now = self.core.loop.time()
         for entry in self.order:
-            if not entry.stored:
+            if not entry.stored and not entry.deferred:
                 self.bus._write(entry.frame)
                 entry.sent_at = now
                 if entry.reply not in self.pending:
@@ -204,17 +220,26 @@ class MessageStream:
 
     # ------------------------------------------------------------ sending
 
-    def send(self, topic: str, head: bytes, payload: bytes) -> Pending | None:
-        """Send a QoS 1 or 2 message to the stream; the Pending its
-        acknowledgements wait for, or None when it cannot go (too large)."""
+    def new_id(self) -> str:
+        """A message id no other message of the cluster has."""
+        self._count += 1
+        return f"{self._id_prefix}{self._count}"
+
+    def send(self, topic: str, head: bytes, payload: bytes, stream_id: str | None = None,
+             after_commit: bool = False) -> Pending | None:
+        """Send a QoS 1 or 2 message to the stream, under ``stream_id`` (a
+        new id when None), after the durable store's next commit with
+        ``after_commit``; the Pending its acknowledgements wait for, or None
+        when it cannot go (too large)."""
         bus = self.bus
         line = self._lines.get(topic)
         if line is None:
             line = self._line_of(topic)
-        self._count += 1
-        reply = f"{bus._inbox}.s{self._count}"
-        headers = b"NATS/1.0\r\nNats-Msg-Id: %b%d\r\n\r\n" % (self._id_prefix.encode(),
-                                                             self._count)
+        if stream_id is None:
+            stream_id = self.new_id()
+        self._replies += 1
+        reply = f"{bus._inbox}.s{self._replies}"
+        headers = b"NATS/1.0\r\nNats-Msg-Id: %b\r\n\r\n" % stream_id.encode()
         size = len(headers) + len(head) + len(payload)
         if size > bus.max_payload or not line:
             bus._unsendable(topic, size)
@@ -224,10 +249,20 @@ class MessageStream:
         entry = Pending(reply, frame, 0.0)
         self.pending[reply] = entry
         self.order.append(entry)
-        if bus._sending:
+        journal = self.core.journal
+        if after_commit and journal is not None and journal.unsettled():
+            entry.deferred = True
+            journal.hold(_SendAfterCommit(self, entry), b"")
+        elif bus._sending:
             entry.sent_at = self.core.loop.time()
             bus._write(frame)
         return entry
+
+    def _send_deferred(self, entry: Pending) -> None:
+        entry.deferred = False
+        if self.bus._sending and not entry.stored:
+            entry.sent_at = self.core.loop.time()
+            self.bus._write(entry.frame)
 
     def _line_of(self, topic: str) -> bytes:
         subject = topic_to_subject(STORED_PREFIX, topic).encode()
@@ -323,7 +358,7 @@ class MessageStream:
             now = loop.time()
             waiting = 0
             for entry in self.order:
-                if entry.stored:
+                if entry.stored or entry.deferred:
                     continue
                 waiting += 1
                 if now - entry.sent_at >= RESEND_AFTER:

@@ -23,9 +23,10 @@ FAST = "cluster.heartbeat = 100ms"
 
 @pytest.fixture
 def doomed(start_process, nats, tmp_path):  # noqa: F811
-    """Start node ``name`` as a process of its own; (process, port)."""
-    def start(name: str = "doomed", extra: str = ""):
-        port = free_port()
+    """Start node ``name`` as a process of its own (on ``port``, or a free
+    one); (process, port)."""
+    def start(name: str = "doomed", extra: str = "", port: int | None = None):
+        port = port or free_port()
         directory = tmp_path / name
         directory.mkdir(exist_ok=True)
         config = directory / "bastionmq.conf"

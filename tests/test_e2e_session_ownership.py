@@ -150,8 +150,9 @@ def test_a_store_of_the_first_layout_is_brought_up_to_date(start_broker, raw_cli
     # A store as the first layout wrote it: no client facts, the username alone.
     first_layout = SCHEMA.replace(", client TEXT);", ");").replace(
         ",\n    client TEXT) WITHOUT ROWID;", ") WITHOUT ROWID;")
-    first_layout = first_layout[:first_layout.index("CREATE TABLE positions")]
-    assert "client TEXT" not in first_layout and "positions" not in first_layout
+    first_layout = first_layout[:first_layout.index("CREATE TABLE positions")].replace(
+        " stream_id TEXT,", "")
+    assert "client TEXT" not in first_layout and "stream_id" not in first_layout
     db = sqlite3.connect(tmp_path / "sessions.sqlite3")
     db.executescript(first_layout + "INSERT INTO schema_version VALUES (1);")
     with db:

@@ -129,6 +129,8 @@ def test_the_store_writes_a_batch_and_reads_it_back(tmp_path):
         j.queued(session, message, 2, True, (7, 9), "$share/g/a/+")
         j.inflight_saved(session, 3, Inflight(message, 1, False, (), None, True), True)
         j.awaiting_saved(session, 11)
+        j.awaiting_saved(session, 12, "node-a:5f3e:7")
+        j.position_reached("cluster.BMQ_MSGS", 42)
         j.hold("connection", b"ack")
         await store.committed()
         assert released == [("connection", b"ack")]
@@ -147,8 +149,9 @@ def test_the_store_writes_a_batch_and_reads_it_back(tmp_path):
             "a/b", b"\x00payload", {"user_property": [("k", "v")], "content_type": "text/x"})
         assert queued[2:] == (2, True, (7, 9), "$share/g/a/+")
         assert inflight[0] == 3 and inflight[2:] == (1, False, (), None, True)
-        assert stored.awaiting_rel == [11]
+        assert sorted(stored.awaiting_rel) == [(11, None), (12, "node-a:5f3e:7")]
         assert snapshot.messages == 1
+        assert snapshot.positions == {"cluster.BMQ_MSGS": 42}
 
     asyncio.run(scenario())
     db = sqlite3.connect(tmp_path / "s.sqlite3")

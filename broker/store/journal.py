@@ -282,13 +282,15 @@ class Journal:
         self._unref(batch, entry.message)
         self._changed(batch)
 
-    def awaiting_saved(self, session: Session, packet_id: int) -> None:
-        """An inbound QoS 2 message was accepted and awaits its PUBREL."""
+    def awaiting_saved(self, session: Session, packet_id: int,
+                       stream_id: str | None = None) -> None:
+        """An inbound QoS 2 message was accepted and awaits its PUBREL
+        (``stream_id``: Session.awaiting_rel)."""
         batch = self.batch
         key = (session.store_id, packet_id)
         if key not in batch.awaiting:
             batch.fresh_awaiting.add(key)
-        batch.awaiting[key] = key
+        batch.awaiting[key] = (*key, stream_id)
         self._changed(batch)
 
     def awaiting_deleted(self, session: Session, packet_id: int) -> None:

@@ -27,8 +27,9 @@ class StoredSession:
     #: (key, message, QoS, retain, subscription ids, $share filter or None), in order.
     queue: list[tuple[int, Message, int, bool, tuple[int, ...], str | None]] = \
         attrs.field(factory=list)
-    #: Packet ids of inbound QoS 2 messages awaiting PUBREL.
-    awaiting_rel: list[int] = attrs.field(factory=list)
+    #: Inbound QoS 2 messages awaiting PUBREL: (packet id, the id of its
+    #: message in a cluster's stream or None).
+    awaiting_rel: list[tuple[int, str | None]] = attrs.field(factory=list)
 
 
 @attrs.define(slots=True, eq=False)

@@ -70,7 +70,7 @@ CREATE TABLE inflight (
     qos INTEGER NOT NULL, retain INTEGER NOT NULL, subscription_ids TEXT, share TEXT,
     released INTEGER NOT NULL, PRIMARY KEY (sid, packet_id)) WITHOUT ROWID;
 CREATE TABLE awaiting_rel (
-    sid INTEGER NOT NULL, packet_id INTEGER NOT NULL,
+    sid INTEGER NOT NULL, packet_id INTEGER NOT NULL, stream_id TEXT,
     PRIMARY KEY (sid, packet_id)) WITHOUT ROWID;
 CREATE TABLE positions (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
@@ -80,8 +80,10 @@ MIGRATIONS = {
     # The facts of the client a session or will belongs to (broker.ownership);
     # rows of version 1 have none, and are matched on their username alone.
     1: "ALTER TABLE sessions ADD COLUMN client TEXT; ALTER TABLE wills ADD COLUMN client TEXT;",
-    # Where the node got to in its cluster's stream (cluster.stream).
-    2: "CREATE TABLE positions (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;",
+    # Where the node got to in its cluster's stream, and the id a QoS 2
+    # message awaiting release was stored under there (cluster.stream).
+    2: "CREATE TABLE positions (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID; "
+       "ALTER TABLE awaiting_rel ADD COLUMN stream_id TEXT;",
 }
 
 #: Tables whose rows belong to a session, by the name of their key's second part.
@@ -185,7 +187,7 @@ def batch_statements(batch: Batch) -> Iterator[tuple[str, list[tuple]]]:
         ("subscriptions", batch.subscriptions, 7, "sid = ? AND filter = ?"),
         ("queue", batch.queue, 7, "sid = ? AND seq = ?"),
         ("inflight", batch.inflight, 8, "sid = ? AND packet_id = ?"),
-        ("awaiting_rel", batch.awaiting, 2, "sid = ? AND packet_id = ?"),
+        ("awaiting_rel", batch.awaiting, 3, "sid = ? AND packet_id = ?"),
         ("wills", batch.wills, 9, "client_id = ?"),
     )
     for name, table, width, where in tables:
@@ -369,8 +371,9 @@ class SqliteStore:
             message.store_refs += 1
             sessions[sid].inflight.append((packet_id, message, qos, bool(retain),
                                            decode_ids(ids), share, bool(released)))
-        for sid, packet_id in await db.execute_fetchall("SELECT * FROM awaiting_rel"):
-            sessions[sid].awaiting_rel.append(packet_id)
+        for sid, packet_id, stream_id in await db.execute_fetchall(
+                "SELECT sid, packet_id, stream_id FROM awaiting_rel"):
+            sessions[sid].awaiting_rel.append((packet_id, stream_id))
         retained = [_message(topic, payload, qos, True, props, expires_at, to_loop)
                     for topic, payload, qos, props, expires_at in await db.execute_fetchall(
                         "SELECT * FROM retained")]
