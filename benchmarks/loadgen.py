@@ -998,7 +998,7 @@ async def qos1(args):
                 connect(client_id("p", i)), CONNACK_OK, r, s, args.window
             )
         )
-    subs = await open_all(args, subs)
+    subs = await open_all(args, subs, port=args.sub_port)
     pubs = await open_all(args, pubs)
 
     def delivered():
@@ -1213,6 +1213,7 @@ async def qos1_durable(args):
             )
             for i, t in enumerate(topics)
         ],
+        port=args.sub_port,
     )
     for s in setup:
         s.close()  # DISCONNECT, then close
@@ -1266,6 +1267,7 @@ async def qos1_durable(args):
                 )
                 for i in range(args.pairs)
             ],
+            port=args.sub_port,
         )
     except (ProtocolError, OSError, TimeoutError) as e:
         res["fetch_error"] = f"{type(e).__name__}: {e}"[:200]

@@ -313,7 +313,9 @@ class MessageStream:
                     self._release(outbox, data)
                 released = True
         if released:
-            self.core.outboxes.flush()
+            # Called for an answer read from NATS: the bus writes the
+            # outboxes once after the read, however many answers it held.
+            self.bus._routed = True
 
     # ------------------------------------------------------------ the ack gate
 
