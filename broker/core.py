@@ -645,15 +645,17 @@ class BrokerCore:
         if sent:
             self.stats.publish_bytes_sent += sent * len(message.payload)
 
-    def route_remote(self, message: Message) -> None:
+    def route_remote(self, message: Message, source: Any = None) -> None:
         """Deliver a message another node published to this node's
         subscribers. Not to its shared groups: each group takes its messages
-        from another node through its own queue subscription (deliver_to_group)."""
+        from another node through its own queue subscription (deliver_to_group).
+        ``source``: what it came through, as a sender whose ``connection``
+        can be held back like a publisher's (a cluster's stream), or None."""
         routes = self.trie.match(message.topic)
         if self.gated is not None:
             self._gate(message, None)
         if routes:
-            self._send(message, None, routes)
+            self._send(message, source, routes)
 
     def deliver_to_group(self, message: Message, share: str, topic_filter: str) -> bool:
         """Deliver a message another node published to one member of the

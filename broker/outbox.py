@@ -154,7 +154,7 @@ class Outbox:
         """
         gate = self.outboxes.gate
         if gate is not None and (stored is not None or (self.acks_held and gate.holds_for(self))):
-            gate.hold(self, data, stored)
+            gate.hold_ack(self, data, stored)
             return
         journal = self.outboxes.journal
         if journal is not None and (self.acks_held or journal.changes != self.mark

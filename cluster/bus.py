@@ -903,10 +903,12 @@ class NatsBus(asyncio.Protocol):
                 return
         self.deliver_remote(topic, sid, payload, True)
 
-    def deliver_remote(self, topic: str, sid: int, payload: bytes, live: bool) -> None:
+    def deliver_remote(self, topic: str, sid: int, payload: bytes, live: bool,
+                       source: Any = None) -> None:
         """Deliver a message of another node that came on subscription
         ``sid``; ``live``: on the QoS 0 subjects, where copies are known by
-        their (origin, sequence) (the stream's copies by their sequence)."""
+        their (origin, sequence) (the stream's copies by their sequence);
+        ``source``: as BrokerCore.route_remote's."""
         core = self.core
         last = None
         try:
@@ -940,7 +942,7 @@ class NatsBus(asyncio.Protocol):
                 del self._last_seen[next(iter(self._last_seen))]
             self._last_seen[origin] = sequence
         self.stats.received += 1
-        core.route_remote(message)
+        core.route_remote(message, source)
         self._routed = True
 
     def topic_of(self, subject: str) -> str | None:

@@ -23,6 +23,15 @@ stream from its position on through an ephemeral consumer before it takes
 the live copies again (those arriving meanwhile wait, and the ones it read
 already are dropped by their sequence): a message stored while the node was
 away reaches the sessions it restored, once.
+
+The same position holds the stream back when this node's subscribers fall
+behind: the stream is their publisher (``as_sender``), which the core holds
+back, as it holds back a client publishing to a subscriber over its
+high-water mark. While held, the live copies are let go, the position not
+moved past them; once released (the subscriber drained, or was taken for
+slow after ``mqtt.slow_subscriber_timeout``), the node reads them from the
+stream. JetStream is the queue between nodes: a subscriber that keeps up
+loses nothing, however fast another node's publishers are.
 """
 
 from __future__ import annotations
@@ -58,6 +67,14 @@ WARN_INTERVAL = 30.0
 #: How long a catch-up waits for the next message of the stream before it
 #: starts again from where it got to.
 CATCH_UP_STALL = 10.0
+
+#: Live copies kept waiting while the node catches up; those beyond are let
+#: go and read from the stream.
+EARLY_KEPT = 10_000
+#: Messages a catch-up consumer sends before it waits for this node's
+#: acknowledgement: while a subscriber holds the stream back the node stops
+#: acknowledging, and at most this many are sent for nothing.
+CATCH_UP_WINDOW = 512
 
 _SEQUENCE = b"Nats-Sequence: "
 
@@ -117,6 +134,10 @@ class StreamStats:
     refused: int = 0
     #: Messages read from the stream when catching up, and delivered.
     caught_up: int = 0
+    #: Times a subscriber of this node over its high-water mark held the
+    #: stream back, and the seconds it was held in all.
+    holds: int = 0
+    held_seconds: float = 0.0
 
 
 @attrs.define(slots=True, eq=False)
@@ -130,6 +151,14 @@ class _SendAfterCommit:
 
     def release_held(self, data: bytes) -> None:
         self.stream._send_deferred(self.entry)
+
+
+@attrs.define(slots=True, eq=False)
+class _FromStream:
+    """The sender of the stream's copies, for the core: what it holds back
+    is its ``connection``, the stream."""
+
+    connection: MessageStream
 
 
 class MessageStream:
@@ -160,9 +189,16 @@ class MessageStream:
         #: Live copies arriving while the node reads the stream wait here.
         self.catching_up = True
         self._early: list[tuple[str, int, bytes, bytes]] = []
+        self._overflow = False
         self._catch_up: asyncio.Task[None] | None = None
         self._checks: asyncio.Task[None] | None = None
         self._warned_at = 0.0
+        #: The stream as the core sees it when it delivers its copies: a
+        #: sender whose ``connection`` (this) it can hold back.
+        self.as_sender = _FromStream(self)
+        #: Subscribers over their high-water mark holding the stream back.
+        self.holders = 0
+        self._held_since = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -198,10 +234,38 @@ class MessageStream:
 
     def reconnected(self) -> None:
         """The connection is ready: read what was stored while it was down."""
-        if self.position is None or self._catch_up is not None:
+        if self.position is None:
             return  # start() catches up the first time
-        self._catch_up = self.core.loop.create_task(self._catch_up_later(),
-                                                    name="bastionmq cluster catch-up")
+        self._catch_up_soon()
+
+    def _catch_up_soon(self) -> None:
+        # Live copies wait from now on: one delivered before the catch-up
+        # would move the position past those it reads.
+        self.catching_up = True
+        if self._catch_up is None:
+            self._catch_up = self.core.loop.create_task(self._catch_up_later(),
+                                                        name="bastionmq cluster catch-up")
+
+    # ------------------------------------------------------------ held back
+
+    def hold(self) -> None:
+        """A subscriber of this node is over its high-water mark (the core's
+        hold_back): deliver nothing more from the stream until released."""
+        self.holders += 1
+        if self.holders == 1:
+            self.stats.holds += 1
+            self._held_since = self.core.loop.time()
+
+    def release(self) -> None:
+        """One subscriber no longer holds the stream back; with the last,
+        what was let go meanwhile is read from the stream."""
+        if self.holders <= 0:
+            return
+        self.holders -= 1
+        if self.holders == 0:
+            self.stats.held_seconds += self.core.loop.time() - self._held_since
+            if self.position is not None:
+                self._catch_up_soon()
 
     async def _catch_up_later(self) -> None:
         try:
@@ -322,7 +386,7 @@ class MessageStream:
     def holds_for(self, outbox: Any) -> bool:
         return outbox in self.holds
 
-    def hold(self, outbox: Any, data: bytes, entry: Pending | None) -> None:
+    def hold_ack(self, outbox: Any, data: bytes, entry: Pending | None) -> None:
         """Write ``data`` (an acknowledgement) to ``outbox`` once ``entry``
         is stored, or, for None, once what this outbox waits for already is."""
         if entry is None:
@@ -378,12 +442,17 @@ class MessageStream:
     def received(self, subject: str, sid: int, payload: bytes, headers: bytes) -> None:
         """A copy the stream republished, on one of this node's subscriptions."""
         if self.catching_up:
-            self._early.append((subject, sid, payload, headers))
+            if len(self._early) < EARLY_KEPT:
+                self._early.append((subject, sid, payload, headers))
+            else:
+                self._overflow = True  # read from the stream instead
             return
         bus = self.bus
         if sid not in bus._group_sids:
-            # A shared group's copy is a second copy of a message this node
-            # may take for its other subscribers too: not counted here.
+            # (A shared group's copy is a second copy of a message this node
+            # may take for its other subscribers too: not counted here.)
+            if self.holders:
+                return  # let go: read from the stream once released
             sequence = sequence_of(headers)
             position = self.position
             if position is not None and sequence <= position:
@@ -394,7 +463,7 @@ class MessageStream:
                 return
         topic = bus.topic_of(subject)
         if topic is not None:
-            bus.deliver_remote(topic, sid, payload, False)
+            bus.deliver_remote(topic, sid, payload, False, self.as_sender)
 
     def _advance(self, sequence: int) -> None:
         self.position = sequence
@@ -412,8 +481,16 @@ class MessageStream:
 
     async def catch_up(self) -> None:
         """Deliver what the stream stored after this node's position, then
-        the live copies that waited meanwhile."""
+        the live copies that waited meanwhile (when more came than are kept
+        waiting, the stream is read again up to its new end instead)."""
         self.catching_up = True
+        while await self._catch_up_to_end() and not self.holders:
+            self._early.clear()
+        self._take_early()
+
+    async def _catch_up_to_end(self) -> bool:
+        """One pass of ``catch_up``; whether live copies were let go meanwhile."""
+        self._overflow = False
         info = await patient_api(self.bus, f"STREAM.INFO.{STREAM}")
         state = info.get("state", {})
         first, last = state.get("first_seq", 0), state.get("last_seq", 0)
@@ -430,11 +507,11 @@ class MessageStream:
             if first > position + 1:
                 log.warning("%d messages of the stream %s aged out before this node read "
                             "them (cluster.message_retention)", first - position - 1, STREAM)
-            while self.position is not None and self.position < last:
+            while self.position is not None and self.position < last and not self.holders:
                 if not await self._read(self.position + 1, last):
                     log.warning("catching up from the stream %s stalled at %d of %d; "
                                 "starting again from there", STREAM, self.position, last)
-        self._take_early()
+        return self._overflow
 
     async def _read(self, start: int, last: int) -> bool:
         """Deliver the stream's messages from ``start`` to ``last``; False
@@ -443,6 +520,7 @@ class MessageStream:
         loop = self.core.loop
         done: asyncio.Future[None] = loop.create_future()
         progress = [loop.time()]
+        delivered_count = [0]
 
         def delivered(subject: str, payload: bytes, headers: bytes | None,
                       reply: str | None) -> None:
@@ -451,11 +529,21 @@ class MessageStream:
                 return  # a status message: none asked for
             sequence, stored_at, pending = where
             progress[0] = loop.time()
+            if self.holders:
+                # Held back: the rest is read again once released.
+                if not done.done():
+                    done.set_result(None)
+                return
             if sequence > (self.position or 0):
                 self._advance(sequence)
                 if headers is None or self._own not in headers:
                     self._deliver_stored(subject, payload, stored_at)
-            if (pending == 0 or sequence >= last) and not done.done():
+            finished = pending == 0 or sequence >= last
+            delivered_count[0] += 1
+            if delivered_count[0] % (CATCH_UP_WINDOW // 4) == 0 and not finished:
+                # Acknowledges this one and all before it: the next ones come.
+                bus.publish(reply, b"")
+            if finished and not done.done():
                 done.set_result(None)
 
         inbox, sid = bus.deliver_to(delivered)
@@ -464,7 +552,8 @@ class MessageStream:
             answer = await patient_api(bus, f"CONSUMER.CREATE.{STREAM}", {
                 "stream_name": STREAM, "config": {
                     "deliver_subject": inbox, "deliver_policy": "by_start_sequence",
-                    "opt_start_seq": start, "ack_policy": "none",
+                    "opt_start_seq": start, "ack_policy": "all",
+                    "max_ack_pending": CATCH_UP_WINDOW, "ack_wait": 30_000_000_000,
                     "filter_subject": STORED_PREFIX + ".>", "mem_storage": True,
                     "num_replicas": 1, "inactive_threshold": 5_000_000_000}})
             name = answer.get("name")
@@ -501,5 +590,5 @@ class MessageStream:
                 return
         self.stats.caught_up += 1
         bus.stats.received += 1
-        self.core.route_remote(message)
+        self.core.route_remote(message, self.as_sender)
         bus._routed = True

@@ -156,6 +156,13 @@ class BrokerCollector(Collector):
             for outcome in ("stored", "duplicate", "resent", "refused", "caught_up"):
                 stored.add_metric([outcome], getattr(counts, outcome))
             yield stored
+            yield CounterMetricFamily(
+                "bastionmq_cluster_stream_holds", "Times a subscriber of this node over its "
+                "high-water mark held the stream back (its messages then wait in JetStream).",
+                value=counts.holds)
+            yield CounterMetricFamily(
+                "bastionmq_cluster_stream_held_seconds", "Seconds the stream was held back "
+                "in all.", value=counts.held_seconds)
             yield GaugeMetricFamily(
                 "bastionmq_cluster_stream_waiting", "QoS 1/2 messages sent to the stream "
                 "and not yet stored (their acknowledgements wait).", value=len(stream.pending))

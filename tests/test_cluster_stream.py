@@ -14,7 +14,7 @@ import time
 import paho.mqtt.client as paho
 import pytest
 
-from bastionmq.broker.codec import MQTT_5, Puback, Publish
+from bastionmq.broker.codec import MQTT_5, Puback, Publish, Subscribe, Subscription
 from conftest import RawClient
 from nats_peer import poll
 import test_cli
@@ -245,3 +245,61 @@ def test_a_publishers_node_killed_mid_burst_duplicates_no_qos_2_message(
         if qos == 2:
             twice = sorted({index for index in got if got.count(index) > 1})
             assert not twice, f"QoS 2 messages delivered twice: {twice[:20]}"
+
+
+def test_a_subscriber_of_another_node_that_keeps_up_loses_nothing(nodes, clients):
+    """Publishers on node a far faster than a subscriber on node b reads:
+    b's queue for it passes its high-water mark, b holds the stream back
+    (the live copies wait in JetStream) and reads them from its position
+    once the subscriber has drained, instead of dropping the oldest past
+    max_mqueue_len. Every message arrives, in order."""
+    a = nodes("a")
+    b = nodes("b", "mqtt.max_mqueue_len = 100")  # high-water mark 50
+    reader = RawClient(b.port, MQTT_5)
+    assert reader.connect("reader", properties={"receive_maximum": 10}).reason_code == 0
+    reader.send(Subscribe(1, [Subscription("flood/#", qos=1)]))
+    reader.receive()  # SUBACK
+    synced(b)
+    count = 2000
+    writer = clients(a.port, client_id="writer")
+    infos = [writer.paho.publish(f"flood/{index % 7}", str(index), 1) for index in range(count)]
+    got = []
+    while len(got) < count:
+        packet = reader.receive()
+        assert isinstance(packet, Publish)
+        got.append(int(packet.payload))
+        reader.send(Puback(packet.packet_id))
+        if len(got) % 20 == 0:
+            time.sleep(0.002)  # reads on, slower than the publisher
+    assert got == list(range(count))
+    assert all(info.is_published() for info in infos)
+    stream = b.run(lambda: b.broker.bus.stream.stats)
+    assert stream.holds >= 1 and stream.caught_up > 0
+    assert b.run(lambda: b.broker.core.stats.dropped_queue_full) == 0
+    reader.close()
+
+
+def test_a_stalled_subscriber_holds_the_stream_back_for_its_timeout_only(nodes, clients):
+    """A subscriber of node b that stops reading holds the stream back for
+    mqtt.slow_subscriber_timeout, then is taken for slow: the others of b
+    get every message (late by at most the timeout), and it loses its own
+    oldest past max_mqueue_len, counted."""
+    a = nodes("a")
+    b = nodes("b", "mqtt.max_mqueue_len = 100\nmqtt.slow_subscriber_timeout = 300ms")
+    stalled = RawClient(b.port, MQTT_5)
+    assert stalled.connect("stalled", properties={"receive_maximum": 5}).reason_code == 0
+    stalled.send(Subscribe(1, [Subscription("flood/#", qos=1)]))
+    stalled.receive()  # SUBACK; nothing read after it
+    reader = clients(b.port, client_id="reader")
+    reader.subscribe("flood/#", 1)
+    synced(b)
+    count = 1000
+    writer = clients(a.port, client_id="writer")
+    for index in range(count):
+        writer.paho.publish("flood/x", str(index), 1)
+    got = [int(message.payload) for message in reader.expect(count, timeout=30)]
+    assert sorted(got) == list(range(count))
+    assert b.run(lambda: b.broker.bus.stream.stats.holds) >= 1
+    assert b.run(lambda: b.broker.core.stats.slow_subscribers) == 1
+    assert b.run(lambda: b.broker.core.stats.dropped_queue_full) > 0  # the stalled one's
+    stalled.close()
