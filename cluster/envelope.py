@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 from typing import Sequence
 
 from bastionmq.broker.codec import (
@@ -144,6 +145,17 @@ def read_message(topic: str, data: bytes, flags: int, now: float
     message = Message(topic, data[pos:], flags & 3, bool(flags & _RETAIN), props)
     message.expires_at = expires_at
     return message, served
+
+
+
+def read_stored(topic: str, data: bytes, stored_at: int, now: float) -> Message:
+    """The message of an envelope a JetStream stream kept since ``stored_at``
+    (Unix ns): its time left counted from then, not from its reading (the
+    envelope holds what it had left when it was published)."""
+    message = read_message(topic, data, read_head(data)[0], now)[0]
+    if message.expires_at is not None:
+        message.expires_at -= max(0.0, time.time() - stored_at / 1e9)
+    return message
 
 
 def _read_served(data: bytes, pos: int) -> tuple[tuple[str, ...], int]:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from .bus import RETAINED_PREFIX, RETAINED_STREAM, NatsBus
-from .envelope import EnvelopeError, read_head, read_message
+from .envelope import EnvelopeError, read_stored
 from .jetstream import ensure_stream, read_last_per_subject
 
 log = logging.getLogger("bastionmq.cluster")
@@ -57,14 +56,11 @@ async def load_retained(bus: NatsBus, core: Any, replicas: int,
         if topic is None or topic in live:
             return
         try:
-            message = read_message(topic, payload, read_head(payload)[0], loop.time())[0]
+            message = read_stored(topic, payload, stored_at, loop.time())
         except EnvelopeError as exc:
             log.warning("a retained message in %s that no node writes (%s): skipped",
                         STREAM, exc)
             return
-        if message.expires_at is not None:
-            # The envelope holds the time left when it was stored.
-            message.expires_at -= max(0.0, time.time() - stored_at / 1e9)
         core.retain(message, False)
         loaded += 1
 

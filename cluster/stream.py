@@ -40,14 +40,13 @@ import asyncio
 import collections
 import logging
 import secrets
-import time
 from typing import Any
 
 import attrs
 
 from .bus import REPUBLISHED_PREFIX, STORED_PREFIX, ClusterUnavailable
 from .codec import topic_to_subject
-from .envelope import EnvelopeError, read_head, read_message
+from .envelope import EnvelopeError, read_stored
 from .jetstream import JetStreamError, api, delivery_position, ensure_stream, patient_api
 
 log = logging.getLogger("bastionmq.cluster")
@@ -577,17 +576,14 @@ class MessageStream:
         topic = bus.topic_of(subject)
         if topic is None:
             return
+        now = self.core.loop.time()
         try:
-            message = read_message(topic, payload, read_head(payload)[0],
-                                   self.core.loop.time())[0]
+            message = read_stored(topic, payload, stored_at, now)
         except EnvelopeError as exc:
             bus._refuse(subject, str(exc))
             return
-        if message.expires_at is not None:
-            # The envelope holds the time it had left when it was published.
-            message.expires_at -= max(0.0, time.time() - stored_at / 1e9)
-            if message.expires_at <= self.core.loop.time():
-                return
+        if message.expired(now):
+            return
         self.stats.caught_up += 1
         bus.stats.received += 1
         self.core.route_remote(message, self.as_sender)
