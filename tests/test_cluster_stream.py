@@ -13,6 +13,8 @@ import time
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bastionmq.broker.codec import MQTT_5, Puback, Publish, Subscribe, Subscription
 from conftest import RawClient
@@ -303,3 +305,29 @@ def test_a_stalled_subscriber_holds_the_stream_back_for_its_timeout_only(nodes, 
     assert b.run(lambda: b.broker.core.stats.slow_subscribers) == 1
     assert b.run(lambda: b.broker.core.stats.dropped_queue_full) > 0  # the stalled one's
     stalled.close()
+
+
+def test_a_message_read_from_the_stream_keeps_the_time_it_had_left(doomed, nodes, clients):
+    """At catch-up a message's expiry counts from when the stream stored it:
+    one that ran out while its node was down is not delivered, one with
+    time left arrives with less of it."""
+    process, port = doomed("b", DURABLE)
+    a = nodes("a")
+    subscriber = clients(port, client_id="keeper", **PERSISTENT)
+    subscriber.subscribe("ttl/#", 1)
+    subscriber.disconnect()
+    time.sleep(0.2)
+    process.process.send_signal(signal.SIGKILL)
+    process.process.wait()
+    writer = clients(a.port, client_id="writer", version=paho.MQTTv5)
+    for topic, seconds in (("ttl/short", 1), ("ttl/long", 600)):
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.MessageExpiryInterval = seconds
+        writer.publish(topic, b"x", 1, properties=properties)
+    time.sleep(1.5)  # the short one runs out while b is down
+    process, port = doomed("b", DURABLE)
+    again = clients(port, client_id="keeper", **PERSISTENT)
+    [message] = again.expect()
+    assert message.topic == "ttl/long"
+    assert 590 <= message.properties.MessageExpiryInterval < 600
+    again.expect_nothing_more("ttl/marker")
