@@ -373,12 +373,9 @@ class NatsBus(asyncio.Protocol):
         return self.stream.new_id() if self.stream is not None else None
 
     def store_again(self, message: Message, stream_id: str) -> Any:
-        if self.stream is None or self._line_of(message.topic, LIVE_PREFIX) == b"":
-            return None
-        self.sequence += 1
-        served = self._served(message.topic) if self.core.groups else ()
-        head = envelope_head(message, self.origin, self.sequence, self.loop.time(), served)
-        return self.stream.send(message.topic, head, message.payload, stream_id)
+        # forward's stream path; never its live one (a node now without a
+        # stream must not send a copy its subscribers' nodes may have had).
+        return self.forward(message, stream_id) if self.stream is not None else None
 
     def retained(self, message: Message) -> None:
         """Tell every node of a retained message set (or cleared) here."""

@@ -223,13 +223,9 @@ class MessageStream:
         """A new connection to NATS is being greeted: send what waits for
         the stream again on it; live copies wait until the node caught up."""
         self.catching_up = True
-        now = self.core.loop.time()
         for entry in self.order:
             if not entry.stored and not entry.deferred:
-                self.bus._write(entry.frame)
-                entry.sent_at = now
-                if entry.reply not in self.pending:
-                    self.pending[entry.reply] = entry
+                self._transmit(entry)
 
     def reconnected(self) -> None:
         """The connection is ready: read what was stored while it was down."""
@@ -317,15 +313,19 @@ class MessageStream:
             entry.deferred = True
             journal.hold(_SendAfterCommit(self, entry), b"")
         elif bus._sending:
-            entry.sent_at = self.core.loop.time()
-            bus._write(frame)
+            self._transmit(entry)
         return entry
 
     def _send_deferred(self, entry: Pending) -> None:
         entry.deferred = False
         if self.bus._sending and not entry.stored:
-            entry.sent_at = self.core.loop.time()
-            self.bus._write(entry.frame)
+            self._transmit(entry)
+
+    def _transmit(self, entry: Pending) -> None:
+        """Write ``entry``'s HPUB (again: same id, same reply subject). An
+        entry not yet stored stays in ``pending`` until answered."""
+        entry.sent_at = self.core.loop.time()
+        self.bus._write(entry.frame)
 
     def _line_of(self, topic: str) -> bytes:
         subject = topic_to_subject(STORED_PREFIX, topic).encode()
@@ -427,10 +427,8 @@ class MessageStream:
                     continue
                 waiting += 1
                 if now - entry.sent_at >= RESEND_AFTER:
-                    self.bus._write(entry.frame)
-                    entry.sent_at = now
+                    self._transmit(entry)
                     self.stats.resent += 1
-                    self.pending[entry.reply] = entry
             if waiting and now - self._warned_at >= WARN_INTERVAL:
                 self._warned_at = now
                 log.warning("%d QoS 1/2 messages wait for the stream %s to store them "
