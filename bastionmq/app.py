@@ -38,6 +38,7 @@ from bastionmq.cluster.bus import ClusterUnavailable, NatsBus
 from bastionmq.cluster.embedded import EmbeddedError, EmbeddedNats, embedded_directory
 from bastionmq.cluster.jetstream import JetStreamError
 from bastionmq.cluster.retained import load_retained
+from bastionmq.cluster.replica import SessionReplica
 from bastionmq.cluster.sessions import SessionMover
 from bastionmq.cluster.stream import POSITION, MessageStream
 from bastionmq.cluster.wills import Wills
@@ -386,6 +387,14 @@ class Broker:
             except (JetStreamError, ClusterUnavailable, asyncio.TimeoutError) as exc:
                 raise ConfigError([("cluster.nats.servers", "reading the stream of QoS 1/2 "
                                     f"messages: {exc or 'no answer in time'}")]) from None
+        if self.bus is not None and self.bus.replica is not None:
+            # The sessions restored here that went on elsewhere meanwhile go.
+            try:
+                await self.bus.replica.start()
+            except (JetStreamError, ClusterUnavailable, asyncio.TimeoutError) as exc:
+                raise ConfigError([("cluster.nats.servers", "checking this node's sessions "
+                                    f"against the cluster's: {exc or 'no answer in time'}")]
+                                  ) from None
         if config.sys_topics.sys_interval > 0:
             self._sys_topics = SysTopics(core, config.sys_topics.sys_interval,
                                          f"bastionmq {__version__}")
@@ -469,6 +478,11 @@ class Broker:
                     break
                 await asyncio.sleep(0)
             core.observer = None
+        if self.bus is not None and self.bus.replica is not None:
+            # The sessions' copies say they are offline: another node may
+            # resume them while this one is stopped.
+            await self.bus.replica.stop()
+            self.bus.replica = None
         if self.cluster_wills is not None:
             await self.cluster_wills.stop()  # the clients closed above had their wills discarded
             self.cluster_wills = None
@@ -528,6 +542,9 @@ class Broker:
             loaded = await load_retained(bus, core, cluster.replicas)
             wills = Wills(bus, core, cluster.name)
             await wills.start(cluster.replicas)
+            replica = SessionReplica(bus, core, cluster.replicas)
+            await replica.prepare()
+            bus.replica = replica
         except JetStreamError as exc:
             if exc.code != 503:
                 raise ConfigError([("cluster.replicas", f"JetStream refused the cluster's "

@@ -571,16 +571,19 @@ class Connection:
         except Exception:
             log.exception("%s of %s failed", "authentication" if fetching_for is None
                           else "finding the session", self.describe())
-            answer = AuthResult(Reason.SERVER_UNAVAILABLE) if fetching_for is None else False
+            answer = (AuthResult(Reason.SERVER_UNAVAILABLE) if fetching_for is None
+                      else Reason.SERVER_UNAVAILABLE)
         if self.state == CLOSED:
             return
         self.state = NEW
         held, self._held = self._held, None
         if fetching_for is None:
             self.finish_connect(answer, packet, assigned)
-        elif answer:
+        elif answer == Reason.NOT_AUTHORIZED:
             self._refuse(Reason.NOT_AUTHORIZED,
                          "client id in use by a session of another identity (on another node)")
+        elif answer:
+            self._refuse(answer, "its session is on a node out of reach for the moment")
         else:
             self.finish_connect(fetching_for, packet, assigned, auth_props, fetched=True)
         if self.state == CONNECTED:

@@ -232,6 +232,7 @@ class BrokerCore:
         session.offline_since = None
         if self.cluster is not None:
             self.cluster.claimed(client_id, session.owner, clean_start)
+            self.cluster.session_changed(session, True)
         journal = self.journal
         if journal is not None:
             if expiry:
@@ -281,6 +282,8 @@ class BrokerCore:
         if session.store_id:
             assert self.journal is not None  # a stored session implies a journal
             self.journal.session_deleted(session)
+        if self.cluster is not None:
+            self.cluster.session_moved(session)
         session.inflight = session.queue = None
         self.end_session(session)
 
@@ -341,6 +344,8 @@ class BrokerCore:
         if session.store_id:
             assert journal is not None  # a stored session implies a journal
             journal.session_saved(session)
+        if self.cluster is not None:
+            self.cluster.session_changed(session, True)
 
     def keep_will(self, client: ClientInfo, will: Will, due: float | None) -> bool:
         """Keep a will where it outlives this process: the durable store
@@ -407,6 +412,8 @@ class BrokerCore:
             self.outboxes.flush()
 
     def end_session(self, session: Session) -> None:
+        if self.cluster is not None:
+            self.cluster.session_ended(session)
         if session.shared_count:
             self._redispatch_shared(session, ending=True)
         if session.store_id:
@@ -437,6 +444,8 @@ class BrokerCore:
         if session.store_id:
             assert self.journal is not None  # a stored session implies a journal
             self.journal.subscription_saved(session, entry)
+        if self.cluster is not None and session.expiry_interval:
+            self.cluster.session_changed(session, True)
         shared = split_shared(options.filter)
         if shared is None:
             if self.trie.add(options.filter, session, entry) and self.cluster is not None:
@@ -458,6 +467,8 @@ class BrokerCore:
         if session.store_id:
             assert self.journal is not None  # a stored session implies a journal
             self.journal.subscription_deleted(session, topic_filter)
+        if self.cluster is not None and session.expiry_interval:
+            self.cluster.session_changed(session, True)
         shared = split_shared(topic_filter)
         if shared is None:
             if self.trie.remove(topic_filter, session) and self.cluster is not None:
@@ -654,6 +665,20 @@ class BrokerCore:
         routes = self.trie.match(message.topic)
         if self.gated is not None:
             self._gate(message, None)
+        if routes:
+            self._send(message, source, routes)
+
+    def route_to(self, session: Session, message: Message, source: Any = None) -> None:
+        """Deliver a message of another node to ``session`` alone, as
+        route_remote would (a session that came from a node that died gets
+        what the stream stored for it meanwhile: cluster.replica)."""
+        routes = [route for route in self.trie.match(message.topic) if route[0] is session]
+        gated, self.gated = self.gated, None
+        if gated:
+            self.trie.forget_match(message.topic)
+            for pending, route in gated:
+                if route[0] is session:
+                    pending.then(partial(self._read_decided, route, message, source))
         if routes:
             self._send(message, source, routes)
 
@@ -930,6 +955,8 @@ class BrokerCore:
             # while a journal is in use.
             self.journal.inflight_deleted(  # type: ignore[union-attr]
                 session, packet_id, entry)
+        if session.expiry_interval and self.cluster is not None:
+            self.cluster.session_changed(session, False)
         if session.queue:
             self.drain(session)
 

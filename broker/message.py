@@ -33,6 +33,10 @@ class Message:
     #: entries point at it (see broker.store.journal); 0 when not stored.
     store_id: int = attrs.field(default=0, init=False)
     store_refs: int = attrs.field(default=0, init=False)
+    #: The id it went to a cluster's stream under (cluster.stream), when it
+    #: was published on this node: a session that moves to another node
+    #: knows by it which messages of the stream it holds already.
+    stream_id: str | None = attrs.field(default=None, init=False)
     _topic_bytes: bytes | None = attrs.field(default=None, init=False)
     _forms: dict | None = attrs.field(default=None, init=False)
 

@@ -381,11 +381,26 @@ class ClusterBus(Protocol):
         with ``clean_start``, end their sessions of that id)."""
         ...
 
-    def fetch_session(self, client: ClientInfo) -> Awaitable[bool] | None:
-        """Bring ``client``'s session here from the node holding it, for a
-        CONNECT that resumes one; None when there is no other node to ask,
-        else an awaitable of whether the client is refused (the session is
-        another identity's)."""
+    def fetch_session(self, client: ClientInfo) -> Awaitable[int] | None:
+        """Bring ``client``'s session here from the node holding it (or from
+        its copy in the cluster), for a CONNECT that resumes one; None when
+        there is nowhere to look, else an awaitable of the reason code the
+        client is refused with (0: not refused; NOT_AUTHORIZED: the session
+        is another identity's; SERVER_UNAVAILABLE: it could not be had)."""
+        ...
+
+    def session_changed(self, session: Any, urgent: bool) -> None:
+        """A session of this node changed (connected, subscribed, went
+        offline; acknowledged, not ``urgent``): its copy in the cluster is
+        brought up to date, at once or at the next checkpoint."""
+        ...
+
+    def session_ended(self, session: Any) -> None:
+        """A session of this node ended: its copy in the cluster goes."""
+        ...
+
+    def session_moved(self, session: Any) -> None:
+        """A session of this node went to another node, which keeps its copy."""
         ...
 
     def will_saved(self, client: ClientInfo, will: Any, due: float | None) -> None:

@@ -232,8 +232,10 @@ class NatsBus(asyncio.Protocol):
         #: Subjects this node answers requests on (``serve``): subscribed
         #: again, as deliveries, on every connection.
         self._services: dict[str, Any] = {}
-        #: The side of sessions that follow their clients (cluster.sessions).
+        #: The side of sessions that follow their clients (cluster.sessions),
+        #: and their copies in JetStream (cluster.replica), or None.
         self.sessions: Any = None
+        self.replica: Any = None
         #: QoS 1 and 2 between nodes through JetStream (cluster.stream), or
         #: None: on the QoS 0 subjects, at most once (cluster.qos1_path = core).
         self.stream: Any = None
@@ -350,6 +352,9 @@ class NatsBus(asyncio.Protocol):
         payload = message.payload
         if stream is not None:
             self.stats.forwarded += 1
+            if stream_id is None:
+                stream_id = stream.new_id()
+            message.stream_id = stream_id
             return stream.send(topic, head, payload, stream_id, after_commit)
         size = len(head) + len(payload)
         if size > self.max_payload or line is _TOO_LONG:
@@ -464,6 +469,18 @@ class NatsBus(asyncio.Protocol):
         if self._sending:
             claim = json.dumps([client_id, owner, now, self.origin.hex(), clean_start])
             self._write(pub(CLAIM_SUBJECT, claim.encode()))
+
+    def session_changed(self, session: Any, urgent: bool) -> None:
+        if self.replica is not None:
+            self.replica.changed(session, urgent)
+
+    def session_ended(self, session: Any) -> None:
+        if self.replica is not None:
+            self.replica.ended(session)
+
+    def session_moved(self, session: Any) -> None:
+        if self.replica is not None:
+            self.replica.moved(session)
 
     def fetch_session(self, client: Any) -> Any:
         return self.sessions.fetch(client) if self.sessions is not None else None
@@ -619,6 +636,8 @@ class NatsBus(asyncio.Protocol):
         if known is not None and known[0].get("origin") != figures.get("origin"):
             self._gone(known[0])  # restarted: its former self is gone
         self.peers[name] = (figures, self.loop.time())
+        if known is None and self.replica is not None:
+            self.replica.node_heard(name)
         if (known is None or known[0].get("origin") != figures.get("origin")) \
                 and self._sending:
             # A node new to us: it learns of this one now, not a heartbeat
@@ -629,6 +648,8 @@ class NatsBus(asyncio.Protocol):
         log.info("node %s (%s) is gone", figures.get("node"), figures.get("origin"))
         if self.wills is not None and isinstance(figures.get("origin"), str):
             self.wills.gone(figures["node"], figures["origin"])
+        if self.replica is not None and isinstance(figures.get("node"), str):
+            self.replica.node_gone(figures["node"])
 
     def nodes(self) -> list[dict[str, Any]]:
         """This node and the others heard from within three heartbeats."""
@@ -653,6 +674,7 @@ class NatsBus(asyncio.Protocol):
             "nodes": self.nodes(),
             "counters": attrs.asdict(self.stats),
             "stream": None if self.stream is None else self.stream.status(),
+            "sessions": None if self.replica is None else self.replica.status(),
         }
 
     # ------------------------------------------------------------ writing
@@ -874,6 +896,8 @@ class NatsBus(asyncio.Protocol):
                 self.peers = {name: (figures, now) for name, (figures, _) in self.peers.items()}
                 if self.wills is not None:
                     self.wills.reconnected()
+                if self.replica is not None:
+                    self.replica.reconnected()
             log.info("connected to NATS server %s as %s", self._where(), self.name)
             if self.stream is not None:
                 self.stream.reconnected()

@@ -136,3 +136,52 @@ async def read_last_per_subject(bus: NatsBus, stream: str, filter_subject: str,
     finally:
         bus.stop_delivery(sid)
     return count
+
+
+async def read_range(bus: NatsBus, stream: str, filter_subject: str, start: int, last: int,
+                     take: Callable[[str, bytes, bytes | None, int, int], None], *,
+                     stall: float = 10.0) -> None:
+    """Give ``take(subject, payload, headers, sequence, stored at in Unix
+    ns)`` each message of ``stream`` under ``filter_subject`` from sequence
+    ``start`` to ``last``, through an ephemeral consumer; TimeoutError when
+    none comes for ``stall`` seconds before the end."""
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
+    progress = [loop.time()]
+
+    def delivered(subject: str, payload: bytes, headers: bytes | None, reply: str | None) -> None:
+        position = delivery_position(reply)
+        if position is None or finished.done():
+            return  # a status message: none asked for
+        sequence, stored_at, pending = position
+        progress[0] = loop.time()
+        if sequence <= last:
+            take(subject, payload, headers, sequence, stored_at)
+        if pending == 0 or sequence >= last:
+            finished.set_result(None)
+
+    if start > last:
+        return
+    inbox, sid = bus.deliver_to(delivered)
+    name = None
+    try:
+        info = await patient_api(bus, f"CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": {
+            "deliver_subject": inbox, "deliver_policy": "by_start_sequence",
+            "opt_start_seq": start, "ack_policy": "none", "filter_subject": filter_subject,
+            "mem_storage": True, "num_replicas": 1, "inactive_threshold": 5_000_000_000}})
+        name = info.get("name")
+        if info.get("num_pending", 0) == 0 and not finished.done():
+            return
+        while not finished.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(finished), stall)
+            except asyncio.TimeoutError:
+                if loop.time() - progress[0] >= stall:
+                    raise
+    finally:
+        bus.stop_delivery(sid)
+        if name:
+            try:
+                await api(bus, f"CONSUMER.DELETE.{stream}.{name}")
+            except (JetStreamError, asyncio.TimeoutError):
+                pass  # it goes by itself when inactive

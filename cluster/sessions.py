@@ -19,11 +19,10 @@ with 0x87, as on one node), unless ``mqtt.session_takeover_by_other_identity
 = clean``. A Clean Start 1 CONNECT needs no answer: the claim that every
 node hears (cluster.bus) ends their copies.
 
-What this does not do yet: the session lives in one node's memory and
-store, so a node that dies takes its offline sessions out of reach until it
-is started again (under the same name, its store restores them); messages
-that reach the old node while the session is on its way are not forwarded,
-and an answer later than the timeout is lost with the session it carries.
+When the node holding the session does not answer (killed, stopped, cut
+off), the session comes from its copy in the cluster (cluster.replica).
+Messages that reach the old node while the session is on its way to a live
+node are not forwarded.
 """
 
 from __future__ import annotations
@@ -59,12 +58,18 @@ def message_record(message: Message, now: float) -> list[str]:
     """A message as a session record carries it: its topic and its
     envelope (cluster.envelope), base64."""
     data = envelope_head(message, _NO_ORIGIN, 0, now) + message.payload
-    return [message.topic, base64.b64encode(data).decode()]
+    record = [message.topic, base64.b64encode(data).decode()]
+    if message.stream_id is not None:
+        record.append(message.stream_id)
+    return record
 
 
 def message_from(record: list[str], now: float) -> Message:
-    topic, data = record
-    return open_envelope(topic, base64.b64decode(data), now)[2]
+    topic, data = record[:2]
+    message = open_envelope(topic, base64.b64decode(data), now)[2]
+    if len(record) > 2:
+        message.stream_id = str(record[2])
+    return message
 
 
 def share_of(group: Any) -> str | None:
@@ -72,14 +77,15 @@ def share_of(group: Any) -> str | None:
 
 
 def session_record(session: Session, now: float) -> dict[str, Any]:
-    """Everything of an offline session another node needs to carry it on."""
+    """Everything of a session another node needs to carry it on (online:
+    as if its client had just gone)."""
     client = session.client
-    assert session.offline_since is not None  # handed over offline only
+    offline_since = now if session.offline_since is None else session.offline_since
     return {
         "v": RECORD_VERSION,
         "client_id": session.client_id,
         "expiry": session.expiry_interval,
-        "offline_for": max(0.0, now - session.offline_since),
+        "offline_for": max(0.0, now - offline_since),
         "username": client.username if client is not None else None,
         "client": client_record(client) if client is not None else None,
         "subscriptions": [
@@ -95,7 +101,18 @@ def session_record(session: Session, now: float) -> dict[str, Any]:
             for message, qos, retain, ids, group, _ in (session.queue or ())],
         "awaiting_rel": sorted([packet_id, stream_id] for packet_id, stream_id
                                in (session.awaiting_rel or {}).items()),
+        # The stream ids of the messages it holds: the stream's copies of
+        # them are not delivered to it again (cluster.replica).
+        "ids": [message.stream_id for message in held_messages(session)
+                if message.stream_id is not None],
     }
+
+
+def held_messages(session: Session) -> list[Message]:
+    """The messages in flight to ``session`` and queued for it."""
+    held = [entry.message for entry in (session.inflight or {}).values()]
+    held.extend(item[0] for item in (session.queue or ()))
+    return held
 
 
 def stored_session(record: dict[str, Any], now: float) -> tuple[StoredSession, float]:
@@ -137,14 +154,16 @@ class SessionMover:
 
     # ------------------------------------------------------------ asking
 
-    def fetch(self, client: ClientInfo) -> asyncio.Future[bool] | None:
-        """Ask the other nodes for ``client``'s session; None when there is
-        no one to ask, else a future of whether the client is refused (the
-        session belongs to another identity). A session that arrives is in
-        the core when the future is done."""
+    def fetch(self, client: ClientInfo) -> asyncio.Future[int] | None:
+        """Ask the other nodes for ``client``'s session, then, if the node
+        holding it did not answer, take it from its copy (cluster.replica);
+        None when there is nowhere to look, else a future of the reason code
+        the client is refused with (ClusterBus.fetch_session). A session
+        that arrives is in the core when the future is done."""
         bus = self.bus
         others = bus.others()
-        if not others or not bus.connected:
+        replica = bus.replica
+        if not bus.connected or (not others and replica is None):
             return None
         done: asyncio.Future[None] = bus.loop.create_future()
         answered: set[str] = set()
@@ -170,11 +189,14 @@ class SessionMover:
                 done.set_result(None)
 
         inbox, sid = bus.deliver_to(answer)
-        request = {"client_id": client.client_id, "node": bus.name,
-                   "username": client.username, "client": client_record(client)}
-        bus.publish(FETCH_SUBJECT, json.dumps(request).encode(), reply=inbox)
+        if others:
+            request = {"client_id": client.client_id, "node": bus.name,
+                       "username": client.username, "client": client_record(client)}
+            bus.publish(FETCH_SUBJECT, json.dumps(request).encode(), reply=inbox)
+        else:
+            done.set_result(None)
 
-        async def gather() -> bool:
+        async def gather() -> int:
             try:
                 await asyncio.wait_for(asyncio.shield(done), self.timeout)
             except asyncio.TimeoutError:
@@ -204,7 +226,10 @@ class SessionMover:
                 if len(offered) > 1:
                     log.warning("client %s: %d nodes held a session; the newest is kept",
                                 shown(client.client_id), len(offered))
-            return refused
+            elif not refused and replica is not None:
+                # The node holding it did not answer: from its copy (cluster.replica).
+                return await replica.take_over(client, answered)
+            return Reason.NOT_AUTHORIZED if refused else 0
         return asyncio.ensure_future(gather())
 
     def _adopt(self, record: dict[str, Any], now: float) -> None:

@@ -143,19 +143,27 @@ class BrokerCollector(Collector):
                 ("nats_connects", stats.connects, "Connections made to NATS."),
                 ("nats_disconnects", stats.disconnects, "Connections to NATS lost.")):
             yield CounterMetricFamily(f"bastionmq_cluster_{name}", text, value=value)
+        replica = bus.replica
+        if replica is not None:
+            yield _by_outcome(
+                "bastionmq_cluster_session_copies", "Persistent sessions and their copies in "
+                "the stream BMQ_SESSIONS, by outcome: written, taken (a session resumed here "
+                "from the copy a node out of reach left), given_up (a session of this node "
+                "that went on elsewhere while it was out of reach: fenced), too_large (a copy "
+                "larger than NATS takes: the last that fit stays), failed (written again "
+                "at the next checkpoint).", replica.stats,
+                ("written", "taken", "given_up", "too_large", "failed"))
         stream = bus.stream
         if stream is not None:
             counts = stream.stats
-            stored = CounterMetricFamily(
+            yield _by_outcome(
                 "bastionmq_cluster_stream_messages", "QoS 1/2 messages and the stream "
                 "BMQ_MSGS, by outcome: stored (published here and stored; duplicates "
                 "included), duplicate (a copy sent again that the stream had already), "
                 "resent (sent again for want of an answer), refused (refused for good: "
                 "this node's subscribers only), caught_up (read from the stream after this "
-                "node was away, and delivered).", labels=["outcome"])
-            for outcome in ("stored", "duplicate", "resent", "refused", "caught_up"):
-                stored.add_metric([outcome], getattr(counts, outcome))
-            yield stored
+                "node was away, and delivered).", counts,
+                ("stored", "duplicate", "resent", "refused", "caught_up"))
             yield CounterMetricFamily(
                 "bastionmq_cluster_stream_holds", "Times a subscriber of this node over its "
                 "high-water mark held the stream back (its messages then wait in JetStream).",
@@ -329,3 +337,11 @@ class BrokerCollector(Collector):
         yield GaugeMetricFamily("bastionmq_inflight_messages",
                                 "QoS 1/2 messages sent and not yet acknowledged.",
                                 value=sum(len(s.inflight) for s in sessions if s.inflight))
+
+
+def _by_outcome(name: str, text: str, counters: Any, outcomes: tuple[str, ...]) -> Metric:
+    """A counter of ``counters``' attributes ``outcomes``, one label value each."""
+    family = CounterMetricFamily(name, text, labels=["outcome"])
+    for outcome in outcomes:
+        family.add_metric([outcome], getattr(counters, outcome))
+    return family

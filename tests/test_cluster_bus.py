@@ -556,6 +556,7 @@ def test_cluster_status_lists_the_nodes_in_the_api_ctl_and_metrics(nodes, client
     assert samples[("bastionmq_cluster_stream_position", ())] >= 1
     assert samples[("bastionmq_cluster_stream_waiting", ())] == 0
     assert samples[("bastionmq_cluster_stream_messages_total", (("outcome", "caught_up"),))] == 0
+    assert samples[("bastionmq_cluster_session_copies_total", (("outcome", "taken"),))] == 0
     b.stop()  # gone: after three heartbeats it is no longer listed
     poll(lambda: [n["node"] for n in status()["nodes"]] == ["a"], "b no longer listed")
 

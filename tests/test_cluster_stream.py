@@ -122,8 +122,11 @@ def test_a_node_back_from_sigkill_delivers_what_was_stored_while_it_was_down(
 def _burst(doomed, nodes, clients, nats, victim: str, seed: int) -> None:
     """QoS 1 and QoS 2 messages published on node a into persistent offline
     sessions on node b, with ``victim`` (b, the nats-server, or both) killed
-    with SIGKILL at a seeded random point and started again: every message
-    a acknowledged reaches its session, and no QoS 2 message twice."""
+    with SIGKILL at a seeded random point and started again (or b killed
+    for good, "node-gone": its sessions resume on a, from their copies in
+    the cluster): every message a acknowledged reaches its session, and no
+    QoS 2 message twice."""
+    killed = victim in ("node", "both", "node-gone")
     rng = random.Random(seed)
     count = 300
     kill_at = rng.randrange(20, count - 20)
@@ -142,11 +145,11 @@ def _burst(doomed, nodes, clients, nats, victim: str, seed: int) -> None:
             sent[qos].append(writer.paho.publish(f"burst/{qos}/{index}", str(index), qos))
         if index == kill_at:
             time.sleep(rng.random() * 0.05)
-            if victim in ("node", "both"):
+            if killed:
                 process.process.send_signal(signal.SIGKILL)
             if victim in ("nats", "both"):
                 nats.kill()
-            if victim in ("node", "both"):
+            if killed:
                 process.process.wait()
             if victim in ("nats", "both"):
                 nats.start()
@@ -159,6 +162,8 @@ def _burst(doomed, nodes, clients, nats, victim: str, seed: int) -> None:
     assert len(acked[1]) == len(acked[2]) == count  # a's publisher was never cut off
     if victim in ("node", "both"):
         process, port = doomed("b", DURABLE)
+    elif victim == "node-gone":
+        port = a.port
     for client_id, qos in (("q1", 1), ("q2", 2)):
         subscriber = clients(port, client_id=client_id, **PERSISTENT)
         assert subscriber.session_present
@@ -184,7 +189,7 @@ def _collect(subscriber, marker: str, qos: int) -> list[int]:
         got.append(int(message.payload))
 
 
-@pytest.mark.parametrize("victim", ["node", "nats", "both"])
+@pytest.mark.parametrize("victim", ["node", "nats", "both", "node-gone"])
 @pytest.mark.parametrize("seed", [1, 2])
 def test_nothing_acknowledged_is_lost_when_a_node_or_nats_is_killed(
         doomed, nodes, clients, nats, victim, seed):

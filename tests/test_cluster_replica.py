@@ -1,0 +1,161 @@
+"""Persistent sessions outlive their node (cluster.replica): a client resumes
+its session on another node while the node that held it is killed or
+stopped, with everything the stream stored for it; a stopped node that
+resumes is fenced out of the sessions that went on elsewhere.
+
+Real nodes on a real nats-server with JetStream, real clients; the node
+that is killed or stopped runs in a process of its own.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import time
+
+import paho.mqtt.client as paho
+
+from nats_peer import poll
+import test_cli
+import test_cluster_bus
+import test_cluster_wills
+from test_cluster_bus import synced
+from test_cluster_stream import DURABLE, PERSISTENT, knows
+
+nats = test_cluster_bus.nats
+nodes = test_cluster_bus.nodes
+doomed = test_cluster_wills.doomed
+start_process = test_cli.start_process
+command = test_cli.command
+FAST = test_cluster_wills.FAST
+
+SESSION_TAKEN_OVER = 0x8E
+
+
+def offline_subscribers(port: int, clients, prefix: str) -> None:
+    """Persistent sessions q1 (QoS 1) and q2 (QoS 2) on ``port``, offline."""
+    for client_id, qos in (("q1", 1), ("q2", 2)):
+        subscriber = clients(port, client_id=client_id, **PERSISTENT)
+        subscriber.subscribe(f"{prefix}/{qos}/#", qos)
+        subscriber.disconnect()
+
+
+def publish(writer, prefix: str, numbers: range) -> None:
+    for index in numbers:
+        writer.publish(f"{prefix}/1/{index}", str(index), 1)
+        writer.publish(f"{prefix}/2/{index}", str(index), 2)
+
+
+def numbers(subscriber, count: int) -> list[int]:
+    """The next ``count`` numbered messages (markers of other subscribers'
+    checks on the same topics left out)."""
+    got: list[int] = []
+    while len(got) < count:
+        got.extend(int(m.payload) for m in subscriber.expect() if m.payload != b"marker")
+    return got
+
+
+def resume_and_count(port: int, clients, prefix: str, count: int) -> None:
+    """q1 and q2 resume on ``port`` with Session Present 1 and get messages
+    0 .. count-1, in order, once each."""
+    for client_id, qos in (("q1", 1), ("q2", 2)):
+        subscriber = clients(port, client_id=client_id, **PERSISTENT)
+        assert subscriber.session_present
+        got = numbers(subscriber, count)
+        assert got == list(range(count))
+        subscriber.expect_nothing_more(f"{prefix}/{qos}/marker")
+        subscriber.disconnect()
+
+
+def test_a_session_resumes_on_another_node_while_its_node_is_dead(doomed, nodes, clients):
+    """Node a holds two offline sessions and dies for good (SIGKILL, not
+    started again): their clients resume them on node b with everything
+    acknowledged before and after the kill, once each, in order."""
+    process, port = doomed("a", f"{DURABLE}\n{FAST}")
+    b = nodes("b", FAST)
+    knows(b)
+    offline_subscribers(port, clients, "orders")
+    writer = clients(b.port, client_id="writer", version=paho.MQTTv5)
+    publish(writer, "orders", range(10))
+    time.sleep(0.3)  # a has them in its queues
+    process.process.send_signal(signal.SIGKILL)
+    process.process.wait()
+    publish(writer, "orders", range(10, 20))
+    resume_and_count(b.port, clients, "orders", 20)
+    counters = b.run(lambda: b.broker.bus.status()["sessions"]["counters"])
+    assert counters["taken"] == 2 and counters["given_up"] == 0 and counters["written"] >= 2
+    # b writes the copies from now on: a second resume finds the session.
+    publish(writer, "orders", range(20, 25))
+    for client_id in ("q1", "q2"):
+        subscriber = clients(b.port, client_id=client_id, **PERSISTENT)
+        assert subscriber.session_present
+        assert numbers(subscriber, 5) == list(range(20, 25))
+
+
+def test_a_clean_start_ends_the_copy_a_dead_node_left(doomed, nodes, clients):
+    """A client whose session's node died starts clean elsewhere: the copy
+    of its former session goes, and a later resume finds nothing."""
+    process, port = doomed("a", f"{DURABLE}\n{FAST}")
+    b = nodes("b", FAST)
+    knows(b)
+    offline_subscribers(port, clients, "old")
+    process.process.send_signal(signal.SIGKILL)
+    process.process.wait()
+    poll(lambda: b.run(lambda: "a" in b.broker.bus.replica.departed), "b knows a went")
+    clean = clients(b.port, client_id="q1", version=paho.MQTTv5)
+    assert not clean.session_present
+    poll(lambda: b.run(lambda: b.broker.bus.replica.stats.written) >= 1, "the copy ended")
+    clean.disconnect()
+    again = clients(b.port, client_id="q1", **PERSISTENT)
+    assert not again.session_present
+    # q2 did not start clean: its session is there.
+    assert clients(b.port, client_id="q2", **PERSISTENT).session_present
+
+
+def test_a_stopped_node_loses_its_sessions_and_is_fenced_when_it_resumes(
+        doomed, nodes, clients):
+    """Node a is stopped (SIGSTOP) while it holds an online session and two
+    offline ones: their clients resume them on node b with what was
+    acknowledged; when a resumes, it gives them up (the connection it still
+    had is closed with 0x8E) and writes nothing over b's copies."""
+    process, port = doomed("a", f"{DURABLE}\n{FAST}")
+    b = nodes("b", FAST)
+    knows(b)
+    offline_subscribers(port, clients, "plant")
+    online = clients(port, client_id="online", **PERSISTENT)
+    online.subscribe("plant/1/#", 1)
+    writer = clients(b.port, client_id="writer", version=paho.MQTTv5)
+    synced(b)
+    publish(writer, "plant", range(10))
+    got = numbers(online, 10)
+    assert got == list(range(10))
+    time.sleep(1.5)  # a checkpoint of the acknowledgements
+    process.process.send_signal(signal.SIGSTOP)
+    try:
+        publish(writer, "plant", range(10, 20))
+        resume_and_count(b.port, clients, "plant", 20)
+        moved = clients(b.port, client_id="online", **PERSISTENT)
+        assert moved.session_present
+        assert numbers(moved, 10) == list(range(10, 20))
+    finally:
+        process.process.send_signal(signal.SIGCONT)
+    # a finds it stood still, checks its sessions, and gives them up: its
+    # connection of "online" goes with 0x8E.
+    assert online.disconnects.get(timeout=10) == SESSION_TAKEN_OVER
+    poll(lambda: "the copy here goes" in process.stderr, "a gave its sessions up")
+    publish(writer, "plant", range(20, 23))
+    assert numbers(moved, 3) == [20, 21, 22]
+    moved.expect_nothing_more("plant/1/marker")
+    moved.disconnect()
+    # b still holds them: resumed on a, they come from b with what b kept.
+    publish(writer, "plant", range(23, 25))
+    for client_id, qos in (("q1", 1), ("q2", 2), ("online", 1)):
+        again = clients(port, client_id=client_id, **PERSISTENT)
+        assert again.session_present
+        expected = list(range(20, 25)) if client_id != "online" else [23, 24]
+        assert numbers(again, len(expected)) == expected
+        again.expect_nothing_more(f"plant/{qos}/marker")
+    try:
+        online.disconnects.get(timeout=0.2)
+    except queue.Empty:
+        pass
