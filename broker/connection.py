@@ -926,7 +926,15 @@ class Connection:
             # not be sent again as a PUBLISH the client already released.
             assert self.core.journal is not None  # a stored session implies a journal
             self.core.journal.inflight_saved(session, packet.packet_id, entry, False)
-        self.outbox.pubrel(packet.packet_id)
+        if self.core.cluster is not None and session.expiry_interval:
+            # Once the session's copy knows it: PUBREL, not PUBLISH, after a failover.
+            self.core.cluster.after_copy(session, partial(self._pubrel_held, packet.packet_id))
+        else:
+            self.outbox.pubrel(packet.packet_id)
+
+    def _pubrel_held(self, packet_id: int) -> None:
+        if not self.outbox.closed:
+            self.outbox.pubrel(packet_id, after_commit=True)
 
     def _on_pubrel(self, packet: Pubrel) -> None:
         session = self.session

@@ -656,13 +656,18 @@ class BrokerCore:
         if sent:
             self.stats.publish_bytes_sent += sent * len(message.payload)
 
-    def route_remote(self, message: Message, source: Any = None) -> None:
+    def route_remote(self, message: Message, source: Any = None,
+                     without: Session | None = None) -> None:
         """Deliver a message another node published to this node's
-        subscribers. Not to its shared groups: each group takes its messages
-        from another node through its own queue subscription (deliver_to_group).
-        ``source``: what it came through, as a sender whose ``connection``
-        can be held back like a publisher's (a cluster's stream), or None."""
+        subscribers (but ``without``). Not to its shared groups: each group
+        takes its messages from another node through its own queue
+        subscription (deliver_to_group). ``source``: what it came through,
+        as a sender whose ``connection`` can be held back like a publisher's
+        (a cluster's stream), or None."""
         routes = self.trie.match(message.topic)
+        if without is not None:
+            self._route_only(message, source, lambda session: session is not without, routes)
+            return
         if self.gated is not None:
             self._gate(message, None)
         if routes:
@@ -672,12 +677,17 @@ class BrokerCore:
         """Deliver a message of another node to ``session`` alone, as
         route_remote would (a session that came from a node that died gets
         what the stream stored for it meanwhile: cluster.replica)."""
-        routes = [route for route in self.trie.match(message.topic) if route[0] is session]
+        self._route_only(message, source, lambda other: other is session,
+                         self.trie.match(message.topic))
+
+    def _route_only(self, message: Message, source: Any, keep: Callable[[Session], bool],
+                    routes: list[Route]) -> None:
+        routes = [route for route in routes if keep(route[0])]
         gated, self.gated = self.gated, None
         if gated:
             self.trie.forget_match(message.topic)
             for pending, route in gated:
-                if route[0] is session:
+                if keep(route[0]):
                     pending.then(partial(self._read_decided, route, message, source))
         if routes:
             self._send(message, source, routes)
@@ -819,7 +829,18 @@ class BrokerCore:
         # allocate_packet_id has made the in-flight table, and store_id is set
         # only while a journal is in use.
         packet_id = session.allocate_packet_id()
-        if outbox.queue_publish(message, qos, retain, ids, packet_id):
+        if qos == 2 and self.cluster is not None and session.expiry_interval:
+            # In a cluster a QoS 2 PUBLISH leaves once the session's copy
+            # has it: after a failover it is sent again under its packet
+            # id, never as a new message the client could take twice.
+            entry = session.inflight[packet_id] = Inflight(  # type: ignore[index]
+                message, qos, retain, ids, group)
+            if session.store_id:
+                self.journal.inflight_saved(  # type: ignore[union-attr]
+                    session, packet_id, entry, True)
+            self.cluster.after_copy(session, partial(self._publish_held, session, outbox,
+                                                     packet_id, entry))
+        elif outbox.queue_publish(message, qos, retain, ids, packet_id):
             self.stats.publish_bytes_sent += len(message.payload)
             entry = session.inflight[packet_id] = Inflight(  # type: ignore[index]
                 message, qos, retain, ids, group)
@@ -830,6 +851,21 @@ class BrokerCore:
                     session, packet_id, entry, True)
         if store_key and session.store_id:
             self.journal.unqueued(session, store_key, message)  # type: ignore[union-attr]
+
+    def _publish_held(self, session: Session, outbox: Outbox, packet_id: int,
+                      entry: Inflight) -> None:
+        """Send a QoS 2 message held for the session's copy (``_send_inflight``)."""
+        if outbox.closed or session.outbox is not outbox or session.inflight is None \
+                or session.inflight.get(packet_id) is not entry:
+            return  # gone, or sent again with DUP by the resume of a new connection
+        message = entry.message
+        if outbox.queue_publish(message, 2, entry.retain, entry.subscription_ids, packet_id):
+            self.stats.publish_bytes_sent += len(message.payload)
+            return
+        del session.inflight[packet_id]  # more than the client takes: discarded
+        if session.store_id:
+            assert self.journal is not None  # a stored session implies a journal
+            self.journal.inflight_deleted(session, packet_id, entry)
 
     def _enqueue(self, session: Session, message: Message, qos: int, retain: bool,
                  ids: tuple[int, ...], group: SharedGroup | None,

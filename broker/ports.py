@@ -395,6 +395,12 @@ class ClusterBus(Protocol):
         brought up to date, at once or at the next checkpoint."""
         ...
 
+    def after_copy(self, session: Any, then: Callable[[], None]) -> None:
+        """Call ``then`` once the session's copy in the cluster has what
+        changed so far (at once where there are no copies); not at all if the
+        session leaves this node before."""
+        ...
+
     def session_ended(self, session: Any) -> None:
         """A session of this node ended: its copy in the cluster goes."""
         ...

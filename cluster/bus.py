@@ -474,6 +474,12 @@ class NatsBus(asyncio.Protocol):
         if self.replica is not None:
             self.replica.changed(session, urgent)
 
+    def after_copy(self, session: Any, then: Any) -> None:
+        if self.replica is not None:
+            self.replica.after_copy(session, then)
+        else:
+            then()
+
     def session_ended(self, session: Any) -> None:
         if self.replica is not None:
             self.replica.ended(session)

@@ -9,7 +9,10 @@ time it came there, in ns) and the node's position in BMQ_MSGS at the time
 of the copy. The copy is written when the session comes to the node, when
 its subscriptions change and when its client goes (at once), and after
 acknowledgements (at the next checkpoint, every second); never per message
-that reaches an offline session: the stream BMQ_MSGS holds those.
+that reaches an offline session: the stream BMQ_MSGS holds those. A QoS 2
+PUBLISH to the session and the PUBREL answering its PUBREC wait for a copy
+that has them (``after_copy``), so that a node taking the session over sends
+them again under their packet ids and never as new messages.
 
 A client that resumes its session on a node while the node holding it does
 not answer (killed, stopped, cut off) gets it from the copy: the node
@@ -119,6 +122,11 @@ class SessionReplica:
         self.known: dict[str, list[Any]] = {}
         #: Sessions to write (None: ended, its copy to go), urgent or not.
         self._dirty: dict[str, Session | None] = {}
+        #: Of those, the ones to write at once (after the write under way).
+        self._soon: set[str] = set()
+        #: What waits for a session's next copy: packets that must not leave
+        #: before the copy knows them (after_copy).
+        self._after: dict[str, list[Any]] = {}
         self._urgent = False
         self._writing: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -217,16 +225,29 @@ class SessionReplica:
             # the sessions restored get theirs from ``check``.)
             self.known[client_id] = [None, time.time_ns()]
         self._dirty[client_id] = session
-        if urgent and not self._urgent:
-            self._urgent = True
-            self.loop.call_soon(self._flush)
+        if urgent:
+            self._soon.add(client_id)
+            self._flush_soon()
 
     def ended(self, session: Session) -> None:
         if session.client_id in self.known:
             self._dirty[session.client_id] = None
-            if not self._urgent:
-                self._urgent = True
-                self.loop.call_soon(self._flush)
+            self._soon.add(session.client_id)
+            self._flush_soon()
+
+    def after_copy(self, session: Session, then: Any) -> None:
+        """Call ``then`` once a copy written from now on has succeeded."""
+        client_id = session.client_id
+        if self.known.get(client_id) is None or self._task is None:
+            then()  # no copy of it is kept (yet)
+            return
+        self._after.setdefault(client_id, []).append(then)
+        self.changed(session, True)
+
+    def _flush_soon(self) -> None:
+        if not self._urgent:
+            self._urgent = True
+            self.loop.call_soon(self._flush)
 
     def node_gone(self, name: str) -> None:
         self.departed[name] = self.loop.time()
@@ -248,6 +269,8 @@ class SessionReplica:
         """Handed over to another node, which writes its copy from now on."""
         self.known.pop(session.client_id, None)
         self._dirty.pop(session.client_id, None)
+        self._soon.discard(session.client_id)
+        self._after.pop(session.client_id, None)
 
     # ------------------------------------------------------------ writing
 
@@ -260,12 +283,13 @@ class SessionReplica:
             if client_id in self._writing:
                 self._dirty[client_id] = session  # after the write under way
                 continue
+            self._soon.discard(client_id)
             known = self.known.get(client_id)
             if known is None or (session is not None
                                  and self.core.sessions.get(client_id) is not session):
                 continue  # gone from here, or replaced: that change has its own entry
             self._writing.add(client_id)
-            self._spawn(self._write(client_id, session, known))
+            self._spawn(self._write(client_id, session, known, self._after.pop(client_id, None)))
 
     def _spawn(self, coroutine: Any) -> None:
         task = self.loop.create_task(coroutine)
@@ -277,12 +301,21 @@ class SessionReplica:
         record = session_record(session, self.loop.time())
         record.update(node=self.bus.name, epoch=epoch, at=time.time(),
                       position=stream.position if stream is not None else None)
+        if stream is not None:
+            # The messages published here so far reached the session here
+            # (those it matched) when they were published, whatever their
+            # place in the stream: not to be given to it again.
+            record["own"] = [stream._id_prefix, stream._count]
         return record
 
-    async def _write(self, client_id: str, session: Session | None, known: list[Any]) -> None:
+    async def _write(self, client_id: str, session: Session | None, known: list[Any],
+                     then: list[Any] | None = None) -> None:
+        """Write the copy of ``client_id``'s session (None: ended), then call
+        what waited for it (``then``: packets held for it, after_copy)."""
+        retry = False
         try:
             if self.known.get(client_id) is not known:
-                return  # it left this node before its turn came
+                return  # it left this node before its turn came: what waited goes too
             if session is None:
                 payload = {"v": RECORD_VERSION, "client_id": client_id, "ended": True,
                            "node": self.bus.name, "epoch": known[1]}
@@ -299,23 +332,40 @@ class SessionReplica:
                     log.warning("client %s: its session's copy (%d bytes) is larger than "
                                 "NATS takes (max_payload %d): the last one that fit stays",
                                 shown(client_id), len(data), self.bus.max_payload)
+                self._release(then)
                 return
             sequence = await self._put(client_id, data, known[0])
             if sequence is None:
+                retry = True  # written again once the conflict is settled
                 await self._conflict(client_id, known)
-            elif session is None:
+                return
+            self.stats.written += 1
+            if session is None:
                 if self.known.get(client_id) is known:
                     del self.known[client_id]
             else:
                 known[0] = sequence
-                self.stats.written += 1
+            self._release(then)
         except (ClusterUnavailable, asyncio.TimeoutError, JetStreamError) as exc:
             log.debug("the copy of session %s waits: %s", shown(client_id), exc)
             self.stats.failed += 1
             if self.known.get(client_id) is known:
                 self._dirty.setdefault(client_id, session)  # again at the next checkpoint
+                if then:
+                    self._after.setdefault(client_id, [])[:0] = then
         finally:
             self._writing.discard(client_id)
+            if retry and then and self.known.get(client_id) is known:
+                self._after.setdefault(client_id, [])[:0] = then
+                self._soon.add(client_id)
+            if client_id in self._soon:
+                self._flush_soon()
+
+    def _release(self, then: list[Any] | None) -> None:
+        if then:
+            for action in then:
+                action()
+            self.core.outboxes.flush()
 
     async def _put(self, client_id: str, record: dict[str, Any] | bytes,
                    expected: int | None) -> int | None:
@@ -385,6 +435,8 @@ class SessionReplica:
         from here, with its connection (5.0: DISCONNECT 0x8E)."""
         self.known.pop(client_id, None)
         self._dirty.pop(client_id, None)
+        self._soon.discard(client_id)
+        self._after.pop(client_id, None)
         core = self.core
         session = core.sessions.get(client_id)
         if session is None:
@@ -503,7 +555,8 @@ class SessionReplica:
         position = record.get("position")
         delivered = 0
         if stream is not None and isinstance(position, int):
-            delivered = await self._catch_up(session, position, set(record.get("ids") or ()))
+            delivered = await self._catch_up(session, position, set(record.get("ids") or ()),
+                                             record.get("own"))
         log.info("client %s: its session came from the copy node %s left (%d "
                  "subscriptions, %d in flight, %d queued, %d stored since)", shown(client_id),
                  node, len(session_stored.subscriptions), len(session_stored.inflight),
@@ -511,48 +564,63 @@ class SessionReplica:
         core.outboxes.flush()
         return 0
 
-    async def _catch_up(self, session: Session, position: int, held: set[str]) -> int:
+    async def _catch_up(self, session: Session, position: int, held: set[str],
+                        own_then: Any = None) -> int:
         """Give ``session`` (just taken, its client waiting for CONNACK) the
-        stream's messages stored after ``position`` that it has not had,
-        before the messages that reached it here meanwhile; how many."""
+        stream's messages stored after ``position`` (the copy's) that it
+        has not had, before the messages that reached it here meanwhile;
+        how many. What the stream stored after this node's own position is
+        delivered to this node's other sessions in the same pass, the node's
+        position moved past it: one order for all, and the session is not
+        given twice what it had on the node it came from."""
         stream = self.bus.stream
-        # What this node delivers from here on reaches the session by itself:
-        # the stream's copies after this position (held back meanwhile), and
-        # the messages its own clients publish from now on.
+        bus = self.bus
+        # The stream is held back: this node's position stays where it is
+        # until this pass moves it.
         here = stream.position or 0
         own = stream._id_prefix
         published = stream._count
         before = len(session.queue or ())
         stored: list[tuple[int, str | None, str, bytes, int]] = []
+        # Published on the node the copy came from before the copy was made:
+        # the session had them there.
+        then_prefix, then_count = ("", 0)
+        if isinstance(own_then, list) and len(own_then) == 2:
+            then_prefix, then_count = str(own_then[0]), int(own_then[1])
 
         def take(subject: str, payload: bytes, headers: bytes | None, seq: int,
                  stored_at: int) -> None:
-            msg_id = message_id(headers)
-            if msg_id is not None and msg_id in held:
-                return
-            if seq > here and not (msg_id is not None and msg_id.startswith(own)
-                                   and msg_id[len(own):].isdigit()
-                                   and int(msg_id[len(own):]) <= published):
-                return  # a copy this node delivers to every session once released
-            stored.append((seq, msg_id, subject, payload, stored_at))
+            stored.append((seq, message_id(headers), subject, payload, stored_at))
 
         try:
-            info = await patient_api(self.bus, f"STREAM.INFO.{MESSAGES_STREAM}")
+            info = await patient_api(bus, f"STREAM.INFO.{MESSAGES_STREAM}")
             last = max(info.get("state", {}).get("last_seq", 0), here)
-            await read_range(self.bus, MESSAGES_STREAM, STORED_PREFIX + ".>", position + 1,
-                             last, take)
+            await read_range(bus, MESSAGES_STREAM, STORED_PREFIX + ".>",
+                             min(position, here) + 1, last, take)
         except (JetStreamError, ClusterUnavailable, asyncio.TimeoutError) as exc:
             log.error("client %s: the messages stored for its session after its copy (from "
                       "%d) could not be read, and are missing from it: %s",
                       shown(session.client_id), position + 1, exc)
         if self.core.sessions.get(session.client_id) is not session:
-            return 0
+            stored = [item for item in stored if item[0] > here]  # the others' share only
         queue = session.queue
         arrived = [queue.pop() for _ in range(max(0, len(queue) - before))][::-1] if queue else []
         now = self.loop.time()
         delivered = 0
+        core = self.core
         for seq, msg_id, subject, payload, stored_at in stored:
-            topic = self.bus.topic_of(subject)
+            mine = msg_id is not None and msg_id.startswith(own)
+            # Published here: this node's sessions had it at once, the taken
+            # one only if it came after (those before are given here).
+            to_session = seq > position and not (msg_id is not None and (
+                msg_id in held or _counted(msg_id, then_prefix, then_count)
+                or (mine and not _counted(msg_id, own, published))))
+            to_others = seq > here and not mine
+            if seq > here:
+                stream._advance(seq)
+            if not (to_session or to_others):
+                continue
+            topic = bus.topic_of(subject)
             if topic is None:
                 continue
             try:
@@ -562,10 +630,23 @@ class SessionReplica:
             if message.expired(now):
                 continue
             message.stream_id = msg_id
-            self.core.route_to(session, message, stream.as_sender)
-            delivered += 1
+            if to_others:
+                bus.stats.received += 1
+                core.route_remote(message, stream.as_sender, without=session)
+            if to_session:
+                core.route_to(session, message, stream.as_sender)
+                delivered += 1
         if arrived:
             if session.queue is None:
                 session.queue = collections.deque()
             session.queue.extend(arrived)
         return delivered
+
+
+def _counted(msg_id: str, prefix: str, count: int) -> bool:
+    """Whether ``msg_id`` is one of the first ``count`` ids under ``prefix``
+    (a node's start: cluster.stream's ids are ``<prefix><n>``)."""
+    if not prefix or not msg_id.startswith(prefix):
+        return False
+    number = msg_id[len(prefix):]
+    return number.isdigit() and int(number) <= count

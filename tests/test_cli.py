@@ -388,6 +388,11 @@ listeners.ssl.default {{
 """)
     broker = start_process(config)
     broker.wait_listening(port)
+    # The ssl listener opens after the tcp one: a SIGHUP before it has nothing to reload.
+    deadline = time.monotonic() + TIMEOUT
+    while "listener ssl:default listening" not in broker.stderr:
+        assert time.monotonic() < deadline, broker.stderr
+        time.sleep(0.05)
     broker.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + TIMEOUT
     while "listener ssl:default: reloaded TLS material (SIGHUP)" not in broker.stderr:
