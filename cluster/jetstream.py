@@ -143,11 +143,27 @@ async def read_range(bus: NatsBus, stream: str, filter_subject: str, start: int,
                      stall: float = 10.0) -> None:
     """Give ``take(subject, payload, headers, sequence, stored at in Unix
     ns)`` each message of ``stream`` under ``filter_subject`` from sequence
-    ``start`` to ``last``, through an ephemeral consumer; TimeoutError when
+    ``start`` to ``last``, through ephemeral consumers; TimeoutError when
     none comes for ``stall`` seconds before the end."""
+    # A consumer may say nothing is pending before ``last`` (nats-server
+    # 2.9 counts so for a moment under load): read again from where it
+    # stopped, until ``last`` or a read that brings nothing (messages aged
+    # out or deleted).
+    while start <= last:
+        reached = await _read_once(bus, stream, filter_subject, start, last, take, stall)
+        if reached < start:
+            return
+        start = reached + 1
+
+
+async def _read_once(bus: NatsBus, stream: str, filter_subject: str, start: int, last: int,
+                     take: Callable[[str, bytes, bytes | None, int, int], None],
+                     stall: float) -> int:
+    """One consumer's pass of ``read_range``: the last sequence it gave."""
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
     progress = [loop.time()]
+    reached = [0]
 
     def delivered(subject: str, payload: bytes, headers: bytes | None, reply: str | None) -> None:
         position = delivery_position(reply)
@@ -156,12 +172,11 @@ async def read_range(bus: NatsBus, stream: str, filter_subject: str, start: int,
         sequence, stored_at, pending = position
         progress[0] = loop.time()
         if sequence <= last:
+            reached[0] = sequence
             take(subject, payload, headers, sequence, stored_at)
         if pending == 0 or sequence >= last:
             finished.set_result(None)
 
-    if start > last:
-        return
     inbox, sid = bus.deliver_to(delivered)
     name = None
     try:
@@ -171,13 +186,14 @@ async def read_range(bus: NatsBus, stream: str, filter_subject: str, start: int,
             "mem_storage": True, "num_replicas": 1, "inactive_threshold": 5_000_000_000}})
         name = info.get("name")
         if info.get("num_pending", 0) == 0 and not finished.done():
-            return
+            return reached[0]
         while not finished.done():
             try:
                 await asyncio.wait_for(asyncio.shield(finished), stall)
             except asyncio.TimeoutError:
                 if loop.time() - progress[0] >= stall:
                     raise
+        return reached[0]
     finally:
         bus.stop_delivery(sid)
         if name:

@@ -58,6 +58,7 @@ from .jetstream import (
 )
 from .sessions import RECORD_VERSION, session_record, stored_session
 from .stream import STREAM as MESSAGES_STREAM
+from .stream import is_mark
 
 log = logging.getLogger("bastionmq.cluster")
 
@@ -516,14 +517,7 @@ class SessionReplica:
             record.get("at", time.time()))
         if expiry != NEVER_EXPIRES and offline_for >= expiry:
             return 0
-        stream = self.bus.stream
-        if stream is not None:
-            stream.hold()  # its copies wait: the session gets the stream's order
-        try:
-            return await self._take(client_id, record, sequence, node)
-        finally:
-            if stream is not None:
-                stream.release()
+        return await self._take(client_id, record, sequence, node)
 
     async def _take(self, client_id: str, record: dict[str, Any], sequence: int,
                     node: Any) -> int:
@@ -551,18 +545,31 @@ class SessionReplica:
         self.known[client_id] = [taken, epoch]
         self.stats.taken += 1
         self.bus.stats.sessions_taken += 1
-        stream = self.bus.stream
-        position = record.get("position")
-        delivered = 0
-        if stream is not None and isinstance(position, int):
-            delivered = await self._catch_up(session, position, set(record.get("ids") or ()),
-                                             record.get("own"))
+        delivered = await self.catch_up(session, record)
         log.info("client %s: its session came from the copy node %s left (%d "
                  "subscriptions, %d in flight, %d queued, %d stored since)", shown(client_id),
                  node, len(session_stored.subscriptions), len(session_stored.inflight),
                  len(session_stored.queue), delivered)
         core.outboxes.flush()
         return 0
+
+    async def catch_up(self, session: Session, record: dict[str, Any]) -> int:
+        """Give ``session``, just adopted from ``record`` (a copy, or the
+        record a live node handed it over with), what the stream stored
+        after the record's position that it has not had: what reached the
+        node it left after the record was made, or while that node was out
+        of reach. How many. The stream is held back meanwhile: its copies
+        wait, and the session gets the stream's order."""
+        stream = self.bus.stream
+        position = record.get("position")
+        if stream is None or not isinstance(position, int) or stream.position is None:
+            return 0
+        stream.hold()
+        try:
+            return await self._catch_up(session, position, set(record.get("ids") or ()),
+                                        record.get("own"))
+        finally:
+            stream.release()
 
     async def _catch_up(self, session: Session, position: int, held: set[str],
                         own_then: Any = None) -> int:
@@ -618,7 +625,7 @@ class SessionReplica:
             to_others = seq > here and not mine
             if seq > here:
                 stream._advance(seq)
-            if not (to_session or to_others):
+            if not (to_session or to_others) or is_mark(subject):
                 continue
             topic = bus.topic_of(subject)
             if topic is None:

@@ -21,8 +21,11 @@ node hears (cluster.bus) ends their copies.
 
 When the node holding the session does not answer (killed, stopped, cut
 off), the session comes from its copy in the cluster (cluster.replica).
-Messages that reach the old node while the session is on its way to a live
-node are not forwarded.
+Either way the handed-over record carries the position in the stream of
+QoS 1/2 messages it was made at, and the new node gives the session what
+the stream stored after it that it has not had (SessionReplica.catch_up):
+what reached the old node too late goes with the session. QoS 0 messages
+in that moment do not.
 """
 
 from __future__ import annotations
@@ -210,11 +213,14 @@ class SessionMover:
                 # shortest time); the others were copies left behind.
                 newest = min(offered, key=lambda record: record.get("offline_for", 0.0))
                 try:
-                    self._adopt(newest, self.core.loop.time())
+                    session = self._adopt(newest, self.core.loop.time())
                 except (ValueError, KeyError, TypeError, EnvelopeError) as exc:
                     log.error("a session record for %s from another node is not one (%s): "
                               "the client gets a new session", shown(client.client_id), exc)
                 else:
+                    if session is not None and replica is not None:
+                        # What reached the node it left after it was handed over.
+                        await replica.catch_up(session, newest)
                     # Its subscriptions are at the NATS server before the
                     # CONNACK: what is published once the client knows it is
                     # back reaches it here (the node it left no longer
@@ -232,15 +238,16 @@ class SessionMover:
             return Reason.NOT_AUTHORIZED if refused else 0
         return asyncio.ensure_future(gather())
 
-    def _adopt(self, record: dict[str, Any], now: float) -> None:
+    def _adopt(self, record: dict[str, Any], now: float) -> Session | None:
         stored, offline_for = stored_session(record, now)
         if stored.client_id in self.core.sessions:
-            return  # made here meanwhile (another connection): it stays
-        adopt(self.core, stored, offline_for)
+            return None  # made here meanwhile (another connection): it stays
+        session = adopt(self.core, stored, offline_for)
         self.bus.stats.sessions_taken += 1
         log.info("client %s: its session came from another node (%d subscriptions, %d "
                  "in flight, %d queued)", shown(stored.client_id), len(stored.subscriptions),
                  len(stored.inflight), len(stored.queue))
+        return session
 
     # ------------------------------------------------------------ answering
 
@@ -278,7 +285,11 @@ class SessionMover:
             session = core.sessions.get(client.client_id)
         if session is None:
             return {}  # it ended with its connection (no expiry)
-        record = session_record(session, core.loop.time())
+        replica = self.bus.replica
+        # With the node's position: the new node reads from there what
+        # reached this one too late for the session.
+        record = (replica.record(session, 0) if replica is not None
+                  else session_record(session, core.loop.time()))
         core.give_up_session(session)
         self.bus.stats.sessions_given += 1
         return {"session": record}

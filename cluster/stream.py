@@ -45,9 +45,10 @@ from typing import Any
 import attrs
 
 from .bus import REPUBLISHED_PREFIX, STORED_PREFIX, ClusterUnavailable
-from .codec import topic_to_subject
+from .codec import topic_to_key, topic_to_subject
 from .envelope import EnvelopeError, read_stored
 from .jetstream import JetStreamError, api, delivery_position, ensure_stream, patient_api
+from .wire import pub, sub
 
 log = logging.getLogger("bastionmq.cluster")
 
@@ -76,6 +77,25 @@ EARLY_KEPT = 10_000
 CATCH_UP_WINDOW = 512
 
 _SEQUENCE = b"Nats-Sequence: "
+
+#: Each node stores a mark of its own in the stream now and then, on
+#: ``bmq.d.==.<node>`` (no topic maps to the token "=="), and takes it back
+#: on its own subscription: the copies come in the stream's order, so its
+#: mark coming back means that every copy before it that the node wants has
+#: come, and its position moves to the mark's sequence. Without it a node
+#: whose subscribers want little of the stream would keep an old position,
+#: and read (and give new subscriptions) all that came since at its next
+#: catch-up.
+MARK_TOKEN = "=="
+#: Seconds between marks while the stream takes other messages; doubled up
+#: to MARK_IDLE while nothing else comes between two marks.
+MARK_INTERVAL = 1.0
+MARK_IDLE = 60.0
+
+
+def is_mark(subject: str) -> bool:
+    """Whether ``subject`` (``bmq.d.`` or ``bmq.r.``) is a node's mark."""
+    return subject[6:9] == MARK_TOKEN + "."
 
 
 def stream_config(replicas: int, retention: float, duplicate_window: float) -> dict[str, Any]:
@@ -198,6 +218,12 @@ class MessageStream:
         #: Subscribers over their high-water mark holding the stream back.
         self.holders = 0
         self._held_since = 0.0
+        node = topic_to_key(bus.name)
+        self._mark = pub(f"{STORED_PREFIX}.{MARK_TOKEN}.{node}", b"")
+        self._mark_subject = f"{REPUBLISHED_PREFIX}.{MARK_TOKEN}.{node}"
+        self._marked_at = 0.0
+        self._mark_every = MARK_INTERVAL
+        self._last_mark = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -223,6 +249,10 @@ class MessageStream:
         """A new connection to NATS is being greeted: send what waits for
         the stream again on it; live copies wait until the node caught up."""
         self.catching_up = True
+        bus = self.bus
+        sid = bus._next_sid
+        bus._next_sid += 1
+        bus._write(sub(self._mark_subject, sid))  # its marks (a copy as any other)
         for entry in self.order:
             if not entry.stored and not entry.deferred:
                 self._transmit(entry)
@@ -418,9 +448,14 @@ class MessageStream:
         loop = self.core.loop
         while True:
             await asyncio.sleep(CHECK_INTERVAL)
+            now = loop.time()
+            if now - self._marked_at >= self._mark_every and self.bus._sending \
+                    and self.position is not None and not self.catching_up \
+                    and not self.holders:
+                self._marked_at = now
+                self.bus._write(self._mark)
             if not self.pending or not self.bus._sending:
                 continue
-            now = loop.time()
             waiting = 0
             for entry in self.order:
                 if entry.stored or entry.deferred:
@@ -458,6 +493,15 @@ class MessageStream:
             self._advance(sequence)
             if self._own in headers:
                 return
+        if is_mark(subject):
+            if subject == self._mark_subject:
+                # Back off while nothing but marks (one per node at most)
+                # is stored between two of this node's.
+                quiet = sequence - self._last_mark <= len(self.bus.peers) + 1
+                self._mark_every = min(self._mark_every * 2, MARK_IDLE) if quiet \
+                    else MARK_INTERVAL
+                self._last_mark = sequence
+            return
         topic = bus.topic_of(subject)
         if topic is not None:
             bus.deliver_remote(topic, sid, payload, False, self.as_sender)
@@ -571,6 +615,8 @@ class MessageStream:
 
     def _deliver_stored(self, subject: str, payload: bytes, stored_at: int) -> None:
         bus = self.bus
+        if is_mark(subject):
+            return
         topic = bus.topic_of(subject)
         if topic is None:
             return

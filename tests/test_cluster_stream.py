@@ -81,7 +81,7 @@ def test_qos_0_does_not_go_through_the_stream(nodes, clients):
     clients(a.port, client_id="writer").publish("fast/x", b"0", 0)
     [message] = reader.expect()
     assert message.payload == b"0"
-    assert stream_messages(a, "BMQ_MSGS") == 0
+    assert stream_messages(a, "BMQ_MSGS", "bmq.d.fast.>") == 0
 
 
 def test_the_core_path_keeps_qos_1_off_the_stream(nodes, clients):
@@ -336,3 +336,28 @@ def test_a_message_read_from_the_stream_keeps_the_time_it_had_left(doomed, nodes
     assert message.topic == "ttl/long"
     assert 590 <= message.properties.MessageExpiryInterval < 600
     again.expect_nothing_more("ttl/marker")
+
+
+def test_a_node_that_wants_little_of_the_stream_keeps_its_position_current(nodes, clients):
+    """Node b's subscribers want none of what node a publishes: b's marks
+    (cluster.stream) still move its position to the stream's end, so that a
+    catch-up (here after a hold) neither reads all of it again nor gives a
+    subscription made since the messages stored before it."""
+    a, b = nodes("a"), nodes("b")
+    knows(a, b)
+    elsewhere = clients(b.port, client_id="elsewhere")
+    elsewhere.subscribe("rare/#", 1)
+    writer = clients(a.port, client_id="writer")
+    for index in range(300):
+        writer.publish("busy/x", str(index), 1)
+    last = stream_messages(a, "BMQ_MSGS")  # (and marks: none deleted, the last sequence)
+    assert last >= 300
+    poll(lambda: b.run(lambda: b.broker.bus.stream.position) >= last, "b's position moves")
+    late = clients(b.port, client_id="late")
+    late.subscribe("busy/#", 1)
+    stream = b.broker.bus.stream
+    b.run(stream.hold)
+    b.run(stream.release)  # reads the stream from b's position on
+    poll(lambda: not b.run(lambda: stream.catching_up), "b caught up")
+    late.expect_nothing_more("busy/marker")
+    assert b.run(lambda: stream.stats.caught_up) == 0
