@@ -257,8 +257,8 @@ class SessionReplica:
         self.departed.pop(name, None)
 
     def _departed_nodes(self) -> bool:
-        """Whether a node that held sessions went and has not come back
-        (within the longest session expiry)."""
+        """Whether a node went and has not come back (within the longest
+        session expiry): copies it left may be waiting."""
         if not self.departed:
             return False
         since = self.loop.time() - self.departed_for
