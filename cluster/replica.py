@@ -58,7 +58,7 @@ from .jetstream import (
 )
 from .sessions import RECORD_VERSION, session_record, stored_session
 from .stream import STREAM as MESSAGES_STREAM
-from .stream import is_mark
+from .stream import header, is_mark
 
 log = logging.getLogger("bastionmq.cluster")
 
@@ -100,14 +100,15 @@ def subject_of(client_id: str) -> str:
 
 
 def message_id(headers: bytes | None) -> str | None:
-    if not headers:
-        return None
-    start = headers.find(_MSG_ID)
-    if start < 0:
-        return None
-    start += len(_MSG_ID)
-    end = headers.find(b"\r", start)
-    return headers[start:end if end >= 0 else None].decode("utf-8", "replace")
+    value = header(headers, _MSG_ID)
+    return value.decode("utf-8", "replace") if value is not None else None
+
+
+def offline_for(record: dict[str, Any]) -> float:
+    """How long the session of ``record`` has been offline by now (its
+    client, if connected when the record was made, went then)."""
+    return float(record.get("offline_for", 0.0)) + time.time() - float(
+        record.get("at", time.time()))
 
 
 class SessionReplica:
@@ -318,8 +319,7 @@ class SessionReplica:
             if self.known.get(client_id) is not known:
                 return  # it left this node before its turn came: what waited goes too
             if session is None:
-                payload = {"v": RECORD_VERSION, "client_id": client_id, "ended": True,
-                           "node": self.bus.name, "epoch": known[1]}
+                payload = self._ended(client_id, known[1])
             else:
                 payload = self.record(session, known[1])
             data = json.dumps(payload).encode()
@@ -367,6 +367,11 @@ class SessionReplica:
             for action in then:
                 action()
             self.core.outboxes.flush()
+
+    def _ended(self, client_id: str, epoch: int) -> dict[str, Any]:
+        """The copy of a session that ended (here, or a clean start here)."""
+        return {"v": RECORD_VERSION, "client_id": client_id, "ended": True,
+                "node": self.bus.name, "epoch": epoch}
 
     async def _put(self, client_id: str, record: dict[str, Any] | bytes,
                    expected: int | None) -> int | None:
@@ -421,9 +426,8 @@ class SessionReplica:
             if found is None or found[0].get("ended") or client_id in self.known:
                 return
             record, sequence = found
-            if await self._put(client_id, {"v": RECORD_VERSION, "client_id": client_id,
-                                           "ended": True, "node": self.bus.name,
-                                           "epoch": time.time_ns()}, sequence) is not None:
+            if await self._put(client_id, self._ended(client_id, time.time_ns()),
+                               sequence) is not None:
                 self.stats.written += 1
         except (ClusterUnavailable, asyncio.TimeoutError, JetStreamError, ValueError) as exc:
             log.debug("could not end the former session of %s in the cluster: %s",
@@ -513,9 +517,7 @@ class SessionReplica:
                 return Reason.NOT_AUTHORIZED
             return 0
         expiry = int(record.get("expiry", 0))
-        offline_for = float(record.get("offline_for", 0.0)) + time.time() - float(
-            record.get("at", time.time()))
-        if expiry != NEVER_EXPIRES and offline_for >= expiry:
+        if expiry != NEVER_EXPIRES and offline_for(record) >= expiry:
             return 0
         return await self._take(client_id, record, sequence, node)
 
@@ -539,9 +541,8 @@ class SessionReplica:
         if client_id in core.sessions:
             return 0  # made here meanwhile (another connection): it stays
         now = self.loop.time()
-        session_stored, offline_for = stored_session(record, now)
-        offline_for += time.time() - float(record.get("at", time.time()))
-        session = adopt(core, session_stored, offline_for)
+        session_stored, _ = stored_session(record, now)
+        session = adopt(core, session_stored, offline_for(record))
         self.known[client_id] = [taken, epoch]
         self.stats.taken += 1
         self.bus.stats.sessions_taken += 1

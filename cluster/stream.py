@@ -112,14 +112,24 @@ def stream_config(replicas: int, retention: float, duplicate_window: float) -> d
     }
 
 
+def header(headers: bytes | None, name: bytes) -> bytes | None:
+    """The value of header ``name`` (given as ``b"Name: "``) in a NATS
+    header block, or None."""
+    if not headers:
+        return None
+    start = headers.find(name)
+    if start < 0:
+        return None
+    start += len(name)
+    end = headers.find(b"\r", start)
+    return headers[start:end if end >= 0 else None]
+
+
 def sequence_of(headers: bytes) -> int:
     """The stream sequence in the headers of a republished copy (0: none)."""
-    start = headers.find(_SEQUENCE)
-    if start < 0:
-        return 0
-    start += len(_SEQUENCE)
+    value = header(headers, _SEQUENCE)
     try:
-        return int(headers[start:headers.index(b"\r", start)])
+        return int(value) if value is not None else 0
     except ValueError:
         return 0
 
