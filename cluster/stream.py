@@ -580,6 +580,11 @@ class MessageStream:
                 return  # a status message: none asked for
             sequence, stored_at, pending = where
             progress[0] = loop.time()
+            if done.done():
+                # What the consumer sent before it is deleted: taken, it
+                # would move the position past the ones let go while held
+                # (the stream may be released before this read ends).
+                return
             if self.holders:
                 # Held back: the rest is read again once released.
                 if not done.done():
