@@ -34,6 +34,7 @@ from bastionmq.broker.properties import Reason
 from bastionmq.broker.restore import restore
 from bastionmq.broker.store import RestoreReport, SqliteStore, StoreError
 from bastionmq.broker.sys_topics import SysTopics
+from bastionmq.cluster.admin import AdminRelay
 from bastionmq.cluster.bus import ClusterUnavailable, NatsBus
 from bastionmq.cluster.embedded import EmbeddedError, EmbeddedNats, embedded_directory
 from bastionmq.cluster.jetstream import JetStreamError
@@ -322,6 +323,8 @@ class Broker:
         #: The connection to the other nodes, when ``cluster.enable`` is set,
         #: and the nats-server of ``cluster.nats.embedded``, when started here.
         self.bus: NatsBus | None = None
+        #: Tells the other nodes of bans and rule changes made here.
+        self.admin: AdminRelay | None = None
         #: The cluster's side of this node's wills (cluster.wills), with JetStream.
         self.cluster_wills: Wills | None = None
         self.embedded_nats: EmbeddedNats | None = None
@@ -488,7 +491,7 @@ class Broker:
             self.cluster_wills = None
         if self.bus is not None:
             await self.bus.close()  # after what closing the clients published
-            self.bus = None
+            self.bus = self.admin = None
             if core is not None:
                 core.cluster = core.outboxes.before = core.outboxes.gate = None
         if self.embedded_nats is not None:
@@ -536,6 +539,7 @@ class Broker:
         core.outboxes.before = bus.before_acks
         core.outboxes.gate = bus.stream
         bus.sessions = SessionMover(bus, core, cluster.takeover_timeout)
+        self.admin = AdminRelay(bus, self)
         try:
             if bus.stream is not None:
                 await bus.stream.prepare()
@@ -851,15 +855,24 @@ class Broker:
         if self.database is None or self.core is None:
             raise RuntimeError("bans need the broker started with its built-in database")
         ban = await self.database.add_ban(ban)
-        self.bans.add(ban)
         log.info("banned %s %s%s (by %s)", ban.kind, shown(ban.value),
                  f": {ban.reason}" if ban.reason else "", ban.by or "?")
+        self.apply_ban(ban)
+        if self.admin is not None:
+            self.admin.banned(ban)  # the client may be connected to another node
+        return ban
+
+    def apply_ban(self, ban: Ban) -> None:
+        """Refuse from now on, and disconnect, the clients ``ban`` names
+        (made here, or on another node of the cluster)."""
+        self.bans.add(ban)
+        if self.core is None:
+            return
         for connection in list(self.core.connections):
             client = connection.client_info
             if client is not None and self.bans.ban_of(
                     client.client_id, client.username, client.peer.host) is ban:
                 connection.close(Reason.ADMINISTRATIVE_ACTION, f"{ban.kind} banned")
-        return ban
 
     async def unban(self, kind: str, value: str) -> None:
         if self.database is None:
@@ -867,6 +880,15 @@ class Broker:
         await self.database.delete_ban(kind, value)
         self.bans.remove(kind, value)
         log.info("lifted the ban of %s %s", kind, shown(value))
+        if self.admin is not None:
+            self.admin.unbanned(kind, value)
+
+    def rules_changed(self) -> bool:
+        """The built-in database's rules changed (the management API): load
+        them again here and on every other node (reload_authorization)."""
+        if self.admin is not None:
+            self.admin.rules_changed()
+        return self.reload_authorization()
 
     def reload(self, why: str = "SIGHUP") -> None:
         """TLS material, password files and authorization rules, again from

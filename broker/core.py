@@ -243,21 +243,48 @@ class BrokerCore:
             self.observer.connected(connection)
         return session, present
 
+    def held_against(self, client_id: str, owner: str | None) -> bool:
+        """Whether this node holds the session of ``client_id`` for another
+        identity than ``owner``, who connected with it on another node: the
+        session stays here, and that connection is refused
+        (``refused_elsewhere`` there), unless
+        ``mqtt.session_takeover_by_other_identity = clean``."""
+        session = self.sessions.get(client_id)
+        if (session is None or session.owner is None or owner == session.owner
+                or self.settings.session_takeover_by_other_identity == "clean"):
+            return False
+        log.warning("client id %s connected on another node by another identity: "
+                    "its session here is kept, and that connection refused", shown(client_id))
+        return True
+
+    def refused_elsewhere(self, client_id: str, node: str) -> bool:
+        """Another node holds the session of ``client_id`` for another
+        identity (``held_against`` there): the connection made here with
+        that id goes, as the CONNECT would have been refused on one node
+        (5.0: DISCONNECT 0x87, no will), and the session it began with it.
+        Whether there was one."""
+        session = self.sessions.get(client_id)
+        if session is None:
+            return False
+        if session.connection is not None:
+            session.connection.close(
+                Reason.NOT_AUTHORIZED,
+                f"client id in use by a session of another identity (on node {node})",
+                publish_will=False)
+        session = self.sessions.get(client_id)
+        if session is not None:
+            self.end_session(session)
+        return True
+
     def taken_over_elsewhere(self, client_id: str, owner: str | None,
                              clean_start: bool = False) -> bool:
         """Another node of the cluster connected ``client_id`` after this
-        one did: its connection here goes, as in a takeover on one node
-        ([MQTT-3.1.4-3], 5.0: DISCONNECT 0x8E). Not for another identity's
-        claim, unless ``mqtt.session_takeover_by_other_identity = clean``:
-        a client id alone must not let anyone cut a client off. Whether
-        the connection here was closed."""
+        one did, for the same identity (``held_against`` says otherwise):
+        its connection here goes, as in a takeover on one node
+        ([MQTT-3.1.4-3], 5.0: DISCONNECT 0x8E). Whether the connection here
+        was closed."""
         session = self.sessions.get(client_id)
         if session is None or (session.connection is None and not clean_start):
-            return False
-        if (owner != session.owner and session.owner is not None
-                and self.settings.session_takeover_by_other_identity != "clean"):
-            log.warning("client id %s connected on another node by another identity: "
-                        "its session here is kept", shown(client_id))
             return False
         closed = session.connection is not None
         if closed:

@@ -75,6 +75,9 @@ RETAINED_STREAM = "BMQ_RETAINED"
 
 #: Where a node says it has connected a client id (every node listens).
 CLAIM_SUBJECT = "bmq.claim"
+#: The last token of the inbox subject a node that holds the session of a
+#: client id for another identity answers a claim on.
+OBJECTION = "objection"
 
 #: Where each node says, every heartbeat, that it is there (every node listens).
 HEARTBEAT_SUBJECT = "bmq.node.heartbeat"
@@ -135,6 +138,9 @@ class BusStats:
     #: Connections of this node closed because their client id connected
     #: on another node later.
     taken_over: int = 0
+    #: Connections of this node closed after their CONNECT because another
+    #: node held the session of their client id for another identity.
+    identity_refused: int = 0
     #: Persistent sessions handed to another node, and taken from one
     #: (cluster.sessions).
     sessions_given: int = 0
@@ -225,6 +231,7 @@ class NatsBus(asyncio.Protocol):
         #: Requests (the JetStream API) waiting for their answer, by reply
         #: subject, and the subscriptions made for deliveries to an inbox.
         self._inbox = f"_INBOX.{self.origin.hex()}"
+        self._objections = f"{self._inbox}.{OBJECTION}"
         self._inbox_sid = 0
         self._requests: dict[str, asyncio.Future[tuple[bytes, bytes | None, str | None]]] = {}
         self._next_request = 0
@@ -508,6 +515,11 @@ class NatsBus(asyncio.Protocol):
         mine = self._claims.get(client_id)
         if mine is not None and (mine, self.origin.hex()) > (at, origin):
             return  # connected here later: the other node closes its connection
+        if self.core.held_against(client_id, owner):
+            # Another identity's: that node refuses its client (_objected).
+            objection = json.dumps([client_id, at, self.name]).encode()
+            self._write(pub(f"_INBOX.{origin}.{OBJECTION}", objection))
+            return
         self._claims.pop(client_id, None)
         if self.core.taken_over_elsewhere(client_id, owner, clean_start):
             self.stats.taken_over += 1
@@ -583,8 +595,27 @@ class NatsBus(asyncio.Protocol):
         if self._deliveries.pop(sid, None) is not None and self.transport is not None:
             self._write(unsub(sid))
 
+    def _objected(self, payload: bytes) -> None:
+        """Another node holds the session of a client id this node claimed,
+        for another identity: the client that made the claim is refused."""
+        try:
+            client_id, at, node = json.loads(payload)
+            if not (isinstance(client_id, str) and isinstance(at, int)
+                    and isinstance(node, str)):
+                raise ValueError("not [client id, time, node]")
+        except (ValueError, TypeError) as exc:
+            self._refuse(self._inbox, f"an objection that is not one: {exc}")
+            return
+        if self._claims.get(client_id) == at:  # still the connection that claimed it
+            del self._claims[client_id]
+            if self.core.refused_elsewhere(client_id, node):
+                self.stats.identity_refused += 1
+
     def _answer(self, sid: int, subject: str, payload: bytes, headers: bytes | None,
                 reply: str | None) -> None:
+        if subject == self._objections:
+            self._objected(payload)
+            return
         handler = self._deliveries.get(sid)
         if handler is not None:
             handler(subject, payload, headers, reply)

@@ -223,9 +223,11 @@ class SessionReplica:
                 self._spawn(self._discard_stale(client_id))
             return
         if client_id not in self.known and self._task is not None:
-            # New here: its epoch on this node starts now. (Before start,
-            # the sessions restored get theirs from ``check``.)
-            self.known[client_id] = [None, time.time_ns()]
+            # New here: its epoch on this node starts now, and its first
+            # write expects no copy (0): one another node left is looked
+            # at first (_conflict). (Before start, the sessions restored
+            # get theirs from ``check``.)
+            self.known[client_id] = [0, time.time_ns()]
         self._dirty[client_id] = session
         if urgent:
             self._soon.add(client_id)
@@ -266,6 +268,13 @@ class SessionReplica:
         for name in [name for name, at in self.departed.items() if at < since]:
             del self.departed[name]
         return bool(self.departed)
+
+    def arrived(self, client_id: str) -> None:
+        """A session handed over by another node (cluster.sessions) begins
+        here: a new epoch, whatever this node knew of the id before, and a
+        first write that expects no copy (it meets the old node's)."""
+        self._forget(client_id)
+        self.known[client_id] = [0, time.time_ns()]
 
     def moved(self, session: Session) -> None:
         """Handed over to another node, which writes its copy from now on."""
@@ -410,10 +419,16 @@ class SessionReplica:
         if self.known.get(client_id) is not known:
             return
         if found is not None and found[0].get("node") != self.bus.name \
+                and client_id not in self.core.sessions:
+            self._forget(client_id)  # ended here: another node's copy is not this one's to end
+            return
+        if found is not None and self._held_against(client_id, found[0]):
+            return
+        if found is not None and found[0].get("node") != self.bus.name \
                 and int(found[0].get("epoch", 0)) > known[1]:
             self._give_up(client_id, "its session went on on node %s" % found[0].get("node"))
             return
-        known[0] = found[1] if found is not None else None
+        known[0] = found[1] if found is not None else 0
         session = self.core.sessions.get(client_id)
         if session is not None:
             self.changed(session, True)
@@ -426,6 +441,8 @@ class SessionReplica:
             if found is None or found[0].get("ended") or client_id in self.known:
                 return
             record, sequence = found
+            if self._held_against(client_id, record):
+                return
             if await self._put(client_id, self._ended(client_id, time.time_ns()),
                                sequence) is not None:
                 self.stats.written += 1
@@ -435,13 +452,17 @@ class SessionReplica:
 
     # ------------------------------------------------------------ fencing
 
-    def _give_up(self, client_id: str, why: str) -> None:
-        """A session of this node went on elsewhere or ended there: it goes
-        from here, with its connection (5.0: DISCONNECT 0x8E)."""
+    def _forget(self, client_id: str) -> None:
+        """Nothing more is written for ``client_id`` from here."""
         self.known.pop(client_id, None)
         self._dirty.pop(client_id, None)
         self._soon.discard(client_id)
         self._after.pop(client_id, None)
+
+    def _give_up(self, client_id: str, why: str) -> None:
+        """A session of this node went on elsewhere or ended there: it goes
+        from here, with its connection (5.0: DISCONNECT 0x8E)."""
+        self._forget(client_id)
         core = self.core
         session = core.sessions.get(client_id)
         if session is None:
@@ -476,7 +497,7 @@ class SessionReplica:
             known = self.known.get(client_id)
             if record is None:
                 if known is None:
-                    self.known[client_id] = [None, time.time_ns()]
+                    self.known[client_id] = [0, time.time_ns()]
                 self.changed(session, True)
             elif record.get("ended") or record.get("node") != name:
                 if known is None or int(record.get("epoch", 0)) > known[1]:
@@ -506,11 +527,7 @@ class SessionReplica:
         node = record.get("node")
         if record.get("ended") or node in answered:
             return 0  # ended, or with a node that answered it has none
-        try:
-            owner = json.loads(record["client"])["owner"] if record.get("client") else None
-        except (ValueError, KeyError, TypeError):
-            owner = None
-        if not same_owner(owner, record.get("username"), client):
+        if not self._same_identity(record, client):
             if self.core.settings.session_takeover_by_other_identity != "clean":
                 log.warning("client id %s: the session node %s held is another identity's",
                             shown(client_id), node)
@@ -520,6 +537,33 @@ class SessionReplica:
         if expiry != NEVER_EXPIRES and offline_for(record) >= expiry:
             return 0
         return await self._take(client_id, record, sequence, node)
+
+    @staticmethod
+    def _same_identity(record: dict[str, Any], client: ClientInfo | None) -> bool:
+        """Whether the session of copy ``record`` is ``client``'s identity's."""
+        try:
+            owner = json.loads(record["client"])["owner"] if record.get("client") else None
+        except (ValueError, KeyError, TypeError):
+            owner = None
+        return client is not None and same_owner(owner, record.get("username"), client)
+
+    def _held_against(self, client_id: str, record: dict[str, Any]) -> bool:
+        """A copy another node left of a session of ``client_id`` that has not
+        ended and is another identity's than the session this node began
+        with the id: that session is refused (core.refused_elsewhere) and
+        the copy stays, as on one node the CONNECT would have been refused.
+        Whether it was."""
+        session = self.core.sessions.get(client_id)
+        if (record.get("ended") or record.get("node") == self.bus.name or session is None
+                or self._same_identity(record, session.client)
+                or self.core.settings.session_takeover_by_other_identity == "clean"):
+            return False
+        log.warning("client id %s: node %s left a session of another identity with it; "
+                    "the connection here is refused", shown(client_id), record.get("node"))
+        self._forget(client_id)
+        if self.core.refused_elsewhere(client_id, str(record.get("node"))):
+            self.bus.stats.identity_refused += 1
+        return True
 
     async def _take(self, client_id: str, record: dict[str, Any], sequence: int,
                     node: Any) -> int:

@@ -484,7 +484,7 @@ class ManagementApi:
             who_type, who, _typed(body, "permission", str), _typed(body, "action", str),
             _typed(body, "topic", str), qos=qos, retain=_typed(body, "retain", bool, None),
             position=_typed(body, "position", int, None))
-        self.broker.reload_authorization()
+        self.broker.rules_changed()
         return _rule_view(rule)
 
     async def delete_rule(self, request: web.Request) -> web.Response:
@@ -493,7 +493,7 @@ class ManagementApi:
         except ValueError:
             raise _bad_request("a rule id is a number") from None
         await self.database.delete_rule(rule_id)
-        self.broker.reload_authorization()
+        self.broker.rules_changed()
         return web.Response(status=204)
 
     # ------------------------------------------------------------ node

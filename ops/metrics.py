@@ -140,6 +140,9 @@ class BrokerCollector(Collector):
                  "NATS would refuse them (over its max_payload, or too long a subject)."),
                 ("taken_over", stats.taken_over, "Connections closed because their client id "
                  "connected on another node."),
+                ("identity_refused", stats.identity_refused, "Connections closed after their "
+                 "CONNECT because another node held the session of their client id for "
+                 "another identity (5.0: DISCONNECT 0x87)."),
                 ("nats_connects", stats.connects, "Connections made to NATS."),
                 ("nats_disconnects", stats.disconnects, "Connections to NATS lost.")):
             yield CounterMetricFamily(f"bastionmq_cluster_{name}", text, value=value)

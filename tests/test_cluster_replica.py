@@ -17,6 +17,8 @@ import time
 import paho.mqtt.client as paho
 import pytest
 
+from bastionmq.broker.codec import MQTT_5
+from conftest import RawClient
 from nats_peer import poll
 import test_cli
 import test_cluster_bus
@@ -133,6 +135,35 @@ def test_a_clean_start_ends_the_copy_a_dead_node_left(doomed, nodes, clients):
     assert not again.session_present
     # q2 did not start clean: its session is there.
     assert clients(b.port, client_id="q2", **PERSISTENT).session_present
+
+
+def test_another_identity_cannot_start_clean_over_the_session_a_dead_node_left(
+        doomed, nodes, clients):
+    """The node that held alice's session is dead: its copy still speaks
+    for her. Another identity that connects with her client id (Clean
+    Start, with or without an expiry) is closed with 0x87 right after its
+    CONNACK, and the copy stays: alice resumes her session from it."""
+    process, port = doomed("a", f"{DURABLE}\n{FAST}")
+    b = nodes("b", FAST)
+    knows(b)
+    alice = clients(port, client_id="device-7", username="alice", **PERSISTENT)
+    alice.subscribe("mine/#", 1)
+    heard_from(alice, b.port, clients, "mine/probe")
+    alice.disconnect()
+    process.process.send_signal(signal.SIGKILL)
+    process.process.wait()
+    poll(lambda: b.run(lambda: "a" in b.broker.bus.replica.departed), "b knows a went")
+    for expiry in (300, 0):
+        intruder = RawClient(b.port, MQTT_5)
+        connack = intruder.connect("device-7", username="mallory",
+                                   properties={"session_expiry_interval": expiry})
+        assert connack.reason_code == 0 and not connack.session_present
+        assert intruder.receive().reason_code == 0x87  # DISCONNECT
+        intruder.close()
+    assert b.run(lambda: b.broker.bus.stats.identity_refused) == 2
+    again = clients(b.port, client_id="device-7", username="alice", **PERSISTENT)
+    assert again.session_present
+    again.expect_nothing_more("mine/marker")
 
 
 def test_a_stopped_node_loses_its_sessions_and_is_fenced_when_it_resumes(

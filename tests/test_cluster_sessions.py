@@ -14,6 +14,7 @@ import pytest
 
 from bastionmq.broker.codec import (MQTT_3_1_1, MQTT_5, Puback, Publish, Subscribe,
                                     Subscription)
+from bastionmq.auth.builtin_db import Ban
 from bastionmq.hooks import Hooks
 from conftest import RawClient
 from nats_peer import poll
@@ -107,13 +108,20 @@ def test_a_3_1_1_client_resumes_on_another_node(nodes):
     second.close()
 
 
-def test_a_session_of_another_identity_stays_where_it_is(nodes, clients):
+def _alice_on_a(nodes, clients, client_id: str):
+    """Nodes a and b (any user whose password is "pw"), and alice's
+    persistent session on a, connected, subscribed to "mine"."""
     anyone = Hooks(authenticate=lambda client: client.password == b"pw")
     a, b = nodes("a", hooks=anyone), nodes("b", hooks=anyone)
     knows(a, b)
-    owner = clients(a.port, client_id="device-4", version=paho.MQTTv5, clean=False,
+    owner = clients(a.port, client_id=client_id, version=paho.MQTTv5, clean=False,
                     session_expiry=300, username="alice", password="pw")
     owner.subscribe("mine", 1)
+    return a, b, owner
+
+
+def test_a_session_of_another_identity_stays_where_it_is(nodes, clients):
+    a, b, owner = _alice_on_a(nodes, clients, "device-4")
     intruder = RawClient(b.port, MQTT_5)
     connack = intruder.connect("device-4", clean_start=False, username="mallory",
                                password=b"pw", properties={"session_expiry_interval": 300})
@@ -122,6 +130,35 @@ def test_a_session_of_another_identity_stays_where_it_is(nodes, clients):
     owner.expect_nothing_more("mine")  # still connected, subscription and all
     assert "device-4" in a.broker.core.sessions
     assert "device-4" not in b.broker.core.sessions
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_another_identity_with_clean_start_on_another_node_is_closed(nodes, clients, online):
+    """A Clean Start CONNECT is answered without asking the other nodes
+    (the claim is a broadcast): the node that holds the session for another
+    identity objects, and the intruder's connection is closed with 0x87
+    right after its CONNACK. The session and its connection stay."""
+    a, b, owner = _alice_on_a(nodes, clients, "device-6")
+    if not online:
+        owner.disconnect()
+        poll(lambda: a.run(lambda: a.broker.core.sessions["device-6"].connection) is None,
+             "alice's session offline on a")
+    intruder = RawClient(b.port, MQTT_5)
+    assert intruder.connect("device-6", username="mallory", password=b"pw",
+                            properties={"session_expiry_interval": 300}).reason_code == 0
+    assert intruder.receive().reason_code == 0x87  # DISCONNECT
+    intruder.close()
+    poll(lambda: b.run(lambda: "device-6" not in b.broker.core.sessions),
+         "mallory's session on b ended")
+    assert b.run(lambda: b.broker.bus.stats.identity_refused) == 1
+    if online:
+        owner.expect_nothing_more("mine")  # still connected, subscription and all
+    else:
+        again = clients(a.port, client_id="device-6", version=paho.MQTTv5, clean=False,
+                        session_expiry=300, username="alice", password="pw")
+        assert again.session_present
+        again.expect_nothing_more("mine")
+    assert a.run(lambda: a.broker.core.sessions["device-6"].connection) is not None
 
 
 def test_clean_start_on_another_node_ends_the_session(nodes, clients):
@@ -214,3 +251,49 @@ def test_a_node_back_with_a_copy_of_a_session_that_went_on_elsewhere_drops_it(
     kept = c.run(lambda: set(c.broker.core.sessions["device-8"].subscriptions))
     assert kept == {"old/#", "new/#"}
     third.close()
+
+
+BUILT_IN = "authentication = [ { mechanism = password_based, backend = built_in_database } ]"
+
+
+def test_a_ban_made_on_one_node_holds_on_every_node(nodes):
+    a, b = nodes("a", BUILT_IN), nodes("b", BUILT_IN)
+    knows(a, b)
+    rogue = RawClient(b.port, MQTT_5)
+    assert rogue.connect("rogue").reason_code == 0
+    a.call(a.broker.ban(Ban("clientid", "rogue", "tests")))
+    assert rogue.receive().reason_code == 0x98  # DISCONNECT: administrative action
+    rogue.close()
+    again = RawClient(b.port, MQTT_5)
+    assert again.connect("rogue").reason_code == 0x8A  # banned
+    again.close()
+    a.call(a.broker.unban("clientid", "rogue"))
+    poll(lambda: b.run(lambda: list(b.broker.bans)) == [], "the ban lifted on b")
+    back = RawClient(b.port, MQTT_5)
+    assert back.connect("rogue").reason_code == 0
+    back.close()
+
+
+def test_rules_changed_on_one_node_hold_on_every_node(nodes, tmp_path):
+    """Two workers of one machine read one built-in database: a rule the
+    management API adds through one applies at once to a client of the
+    other, whose earlier decision was cached."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    extra = (f'node.data_dir = "{shared}"\n{BUILT_IN}\n'
+             "authorization { no_match = allow, sources = [ { type = built_in_database } ] }")
+    a, b = nodes("a", extra), nodes("b", extra)
+    knows(a, b)
+    writer = RawClient(b.port, MQTT_5)
+    assert writer.connect("w", username="dev").reason_code == 0
+    packet_ids = iter(range(1, 1000))
+
+    def publish() -> int:
+        writer.send(Publish("secret/a", b"x", qos=1, packet_id=next(packet_ids)))
+        return writer.receive().reason_code
+
+    assert publish() in (0, 0x10)  # allowed (and the decision cached)
+    a.call(a.broker.database.add_rule("username", "dev", "deny", "publish", "secret/#"))
+    assert a.run(a.broker.rules_changed)
+    poll(lambda: publish() == 0x87, "the new rule holds on b")
+    writer.close()
