@@ -34,6 +34,7 @@ from bastionmq.testkit import RunningBroker
 sys.path.insert(0, str(Path(__file__).parent))
 import tls_helpers  # noqa: E402
 from mosquitto_peer import tool  # noqa: E402
+from cluster_switch import RunningCluster  # noqa: E402
 
 TIMEOUT = 10.0
 
@@ -66,16 +67,46 @@ def _close_test_sockets():
     tls_helpers.close_all()
 
 
-@pytest.fixture
-def start_broker():
-    """Start brokers from a HOCON text (default: anonymous tcp on an ephemeral port)."""
-    running: list[RunningBroker] = []
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cluster-workers", type=int, default=1, metavar="N",
+        help="run every broker of the start_broker and broker fixtures as N nodes of a "
+             "cluster on shared ports (tests/cluster_switch.py), and only the tests that "
+             "start one and are not marked one_node")
 
-    def start(extra: str = "", config: Any = None, **broker_options: Any) -> RunningBroker:
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "one_node(why): what the test holds is one node's by design; "
+                   "left out of a --cluster-workers run")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--cluster-workers") <= 1:
+        return
+    kept, left = [], []
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        starts_one = "start_broker" in fixtures or "broker" in fixtures
+        (kept if starts_one and item.get_closest_marker("one_node") is None else left).append(item)
+    if left:
+        config.hook.pytest_deselected(items=left)
+        items[:] = kept
+
+
+@pytest.fixture
+def start_broker(request):
+    """Start brokers from a HOCON text (default: anonymous tcp on an ephemeral
+    port); with --cluster-workers, each is a cluster of that many nodes."""
+    running: list[Any] = []
+    workers = request.config.getoption("--cluster-workers")
+
+    def start(extra: str = "", config: Any = None, **broker_options: Any) -> Any:
         """``extra`` HOCON is appended to the base config; ``config`` replaces it;
         ``broker_options`` go to Broker (auth_methods)."""
-        broker = RunningBroker(config if config is not None else BASE_CONFIG + extra,
-                               **broker_options)
+        text = config if config is not None else BASE_CONFIG + extra
+        broker = (RunningCluster(text, workers, **broker_options) if workers > 1
+                  else RunningBroker(text, **broker_options))
         running.append(broker)
         return broker
 

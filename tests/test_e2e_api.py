@@ -235,6 +235,8 @@ http_api {{ enable = true, bind = "127.0.0.1:0", metrics_public = false }}
 # ------------------------------------------------------------------ clients
 
 
+@pytest.mark.one_node(
+    "the management API is worker 1's: its clients, its kicks (docs/cluster.md, Not yet)")
 def test_clients_are_listed_filtered_and_shown_with_their_tls_facts(api: Api):
     device = tls_client(api, "sensor-7-device")
     device.subscribe("devices/sensor-7/#", qos=1)
@@ -265,6 +267,8 @@ def test_clients_are_listed_filtered_and_shown_with_their_tls_facts(api: Api):
     plain.disconnect()
 
 
+@pytest.mark.one_node(
+    "the management API is worker 1's: its clients, its kicks (docs/cluster.md, Not yet)")
 def test_a_kicked_client_is_disconnected_with_administrative_action(api: Api):
     kicked = Client(api.running.port, "to-kick", version=paho.MQTTv5, clean=False,
                     session_expiry=3600)
@@ -287,6 +291,7 @@ def test_a_kicked_client_is_disconnected_with_administrative_action(api: Api):
 # ------------------------------------------------------------------ messages
 
 
+@pytest.mark.one_node("the API's publish counts the subscribers of worker 1")
 def test_publish_reaches_subscribers_and_retained_can_be_read_and_deleted(api: Api):
     subscriber = Client(api.running.port, "listener-1")
     subscriber.subscribe("alerts/#", qos=1)
@@ -315,6 +320,8 @@ def test_publish_reaches_subscribers_and_retained_can_be_read_and_deleted(api: A
 # ------------------------------------------------------------------ bans
 
 
+@pytest.mark.one_node(
+    "the management API is worker 1's: its clients, its kicks (docs/cluster.md, Not yet)")
 def test_a_ban_disconnects_refuses_and_survives_a_restart(api: Api, start_broker):
     banned = Client(api.running.port, "rogue")
     status, ban = api.request("POST", "/api/v1/banned",
@@ -405,6 +412,8 @@ def test_docs_api_names_every_endpoint():
 # ------------------------------------------------------------------ ctl
 
 
+@pytest.mark.one_node(
+    "the management API is worker 1's: its clients, its kicks (docs/cluster.md, Not yet)")
 def test_ctl_lists_shows_and_kicks_as_tables_and_json(api: Api):
     device = tls_client(api, "sensor-7-device")
     listed = api.ctl("clients", "list", key="viewer")
@@ -452,6 +461,7 @@ def test_ctl_publish_retained_banned_and_reload(api: Api):
     assert "ssl:default" in listeners.stdout and "verify_peer" in listeners.stdout
 
 
+@pytest.mark.one_node("a node alone says the cluster is off")
 def test_cluster_status_of_a_node_alone(api: Api):
     assert api.request("GET", "/api/v1/cluster", key="viewer") == (200, {"enabled": False})
     result = api.ctl("cluster", "status", key="viewer")

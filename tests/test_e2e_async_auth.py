@@ -8,6 +8,7 @@ from bastionmq.broker.codec import (
     MQTT_5, Connect, Publish, Suback, Subscribe, Subscription, encode,
 )
 from bastionmq.broker.ports import ALLOW, AuthResult
+from cluster_switch import on_every_node
 
 
 class SlowAuthenticator:
@@ -23,7 +24,8 @@ class SlowAuthenticator:
 
 
 def test_pipelined_packets_wait_for_an_asynchronous_answer(broker, raw_clients):
-    broker.run(lambda: setattr(broker.core, "authenticator", SlowAuthenticator({"alice"})))
+    on_every_node(broker, lambda node: setattr(node.core, "authenticator",
+                                               SlowAuthenticator({"alice"})))
     client = raw_clients(broker.port, MQTT_5)
     # CONNECT, SUBSCRIBE and PUBLISH in one write, before any answer.
     client.send(encode(Connect("pipelined", MQTT_5, username="alice"), MQTT_5)
@@ -36,7 +38,8 @@ def test_pipelined_packets_wait_for_an_asynchronous_answer(broker, raw_clients):
 
 
 def test_asynchronous_refusal(broker, raw_clients):
-    broker.run(lambda: setattr(broker.core, "authenticator", SlowAuthenticator(set())))
+    on_every_node(broker, lambda node: setattr(node.core, "authenticator",
+                                               SlowAuthenticator(set())))
     client = raw_clients(broker.port, MQTT_5)
     client.send(encode(Connect("mallory", MQTT_5, username="mallory"), MQTT_5)
                 + encode(Subscribe(1, [Subscription("#", 0)]), MQTT_5))

@@ -11,6 +11,7 @@ import pytest
 
 from bastionmq.broker.codec import MQTT_3_1_1, MQTT_5
 from bastionmq.pki import init_pki, issue_client
+from cluster_switch import on_every_node
 from startup import startup_error
 from tls_helpers import ssl_listener
 from mosquitto_peer import tool
@@ -24,6 +25,7 @@ authentication = [ {{ mechanism = password_based, backend = password_file, path 
 """
 
 
+@pytest.mark.one_node("counts one node's authentications")
 @pytest.mark.parametrize("version, refusal", [(MQTT_5, 0x86), (MQTT_3_1_1, 4)])
 def test_a_mosquitto_password_file_works_unchanged(start_broker, raw_clients, passwd, version,
                                                    refusal):
@@ -144,6 +146,7 @@ def _alice_guesses_and_is_banned(raw_clients, port: int, failures: int) -> None:
     assert banned.connect("g9", username="alice", password=b"wonderland").reason_code == 0x8A
 
 
+@pytest.mark.one_node("automatic bans count one node's failures (docs/cluster.md, Not yet)")
 def test_repeated_failures_ban_the_username_for_a_while(start_broker, raw_clients, passwd):
     broker = start_broker(config=_password_chain(passwd) + """
 authn_ban { max_failures = 3, window = 1m, ban_time = 500ms }
@@ -164,11 +167,12 @@ def test_reload_reads_the_password_file_again(start_broker, raw_clients, passwd)
     refused = raw_clients(broker.port, MQTT_5)
     # Unknown until the reload (answered as a wrong password: hide_unknown_users).
     assert refused.connect("c1", username="carol", password=b"new").reason_code == 0x86
-    broker.run(broker.broker.reload)
+    on_every_node(broker, lambda node: node.reload())
     admitted = raw_clients(broker.port, MQTT_5)
     assert admitted.connect("c2", username="carol", password=b"new").reason_code == 0
 
 
+@pytest.mark.one_node("automatic bans count one node's failures (docs/cluster.md, Not yet)")
 def test_bans_are_per_listener(start_broker, raw_clients, passwd):
     broker = start_broker(config=_password_chain(passwd) + """
 listeners.tcp.other { bind = "127.0.0.1:0" }
@@ -179,6 +183,7 @@ authn_ban { max_failures = 2, window = 1m, ban_time = 1h }
     assert elsewhere.connect("a", username="alice", password=b"wonderland").reason_code == 0
 
 
+@pytest.mark.one_node("automatic bans count one node's failures (docs/cluster.md, Not yet)")
 def test_a_ban_never_locks_out_a_verified_certificate(start_broker, raw_clients, passwd, pki):
     # Failed logins with the device's client id (and username) ban them for
     # password clients; the device, proven by its certificate, still gets in.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from bastionmq.broker.codec import (
     MQTT_3_1_1, Connect, Decoder, Publish, Subscribe, Subscription, encode,
 )
@@ -24,6 +26,7 @@ def _stalled_subscriber(port: int) -> socket.socket:
     return sock
 
 
+@pytest.mark.one_node("looks at the sessions of one node")
 def test_stalled_subscriber_loses_qos0_queues_qos1_and_stays_bounded(start_broker, clients,
                                                                      raw_clients):
     # It holds the flooder back for 200 ms, then is a slow subscriber: from

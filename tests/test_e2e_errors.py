@@ -147,6 +147,7 @@ def _trickle_connect(sock: socket.socket) -> tuple[int, bool]:
     return index, closed
 
 
+@pytest.mark.one_node("a listener's max_connections is one node's")
 def test_max_connections(start_broker, raw_clients):
     broker = start_broker('listeners.tcp.default.max_connections = 2')
     first, second = raw_clients(broker.port), raw_clients(broker.port)

@@ -10,6 +10,9 @@ from bastionmq.broker.codec import (
 )
 
 
+@pytest.mark.one_node(
+    "0x10 (no matching subscribers) needs every node's subscriptions: across nodes the "
+    "answer is 0")
 @pytest.mark.parametrize("last_qos", [1, 2])
 def test_exceeding_the_brokers_receive_maximum_is_disconnected_with_0x93(
         start_broker, raw_clients, last_qos):

@@ -10,6 +10,7 @@ import pytest
 
 from bastionmq.broker.codec import MQTT_5, Publish, Subscribe, Subscription
 from bastionmq.broker.logtext import shown
+from cluster_switch import on_every_node
 
 DENY_ALL = "{deny, all}.\n"
 
@@ -63,7 +64,7 @@ def test_repeated_refusals_are_summed_up(start_broker, raw_clients, logged, tmp_
     lines = [line for line in _broker_lines(logged) if "denied" in line]
     assert len(lines) == 1 and "not authorized to publish" in lines[0]
     assert "(5002 characters)" in lines[0] and len(lines[0]) < 300
-    assert broker.run(lambda: broker.core.stats.publish_denied) == 1000
+    assert sum(on_every_node(broker, lambda node: node.core.stats.publish_denied)) == 1000
 
 
 def test_long_filters_and_client_ids_are_cut_in_the_log(start_broker, raw_clients, logged):

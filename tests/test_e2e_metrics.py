@@ -72,6 +72,8 @@ def scrape(broker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
+@pytest.mark.one_node(
+    "counts in one node's /metrics (the management API and /metrics are worker 1's)")
 def test_metrics_count_what_real_clients_did(start_broker, raw_clients):
     broker = start_broker(OPS)
     sub = raw_clients(broker.port, MQTT_5)
@@ -102,6 +104,8 @@ def test_metrics_count_what_real_clients_did(start_broker, raw_clients):
     assert ("process_resident_memory_bytes", ()) in metrics
 
 
+@pytest.mark.one_node(
+    "counts in one node's /metrics (the management API and /metrics are worker 1's)")
 def test_a_refused_connection_and_a_protocol_error_are_counted(start_broker, raw_clients):
     broker = start_broker(OPS + "\nallow_anonymous = false\n")
     refused = raw_clients(broker.port, MQTT_5)
@@ -138,6 +142,8 @@ def tls_connect(broker, pki, cert: str | None) -> None:
             assert tls.recv(1)  # TLS 1.3 reports a refused certificate here
 
 
+@pytest.mark.one_node(
+    "counts in one node's /metrics (the management API and /metrics are worker 1's)")
 def test_tls_handshakes_are_counted_by_result_reason_and_version(start_broker, pki):
     broker = tls_broker(start_broker, pki)
     tls_connect(broker, pki, "sensor-1")
@@ -224,6 +230,8 @@ def samples(metrics: dict, name: str) -> dict[tuple[tuple[str, str], ...], float
     return {labels: value for (sample, labels), value in metrics.items() if sample == name}
 
 
+@pytest.mark.one_node(
+    "counts in one node's /metrics (the management API and /metrics are worker 1's)")
 def test_messages_count_by_qos_and_bytes_by_listener(start_broker, clients):
     broker = start_broker(OPS + 'listeners.tcp.other { bind = "127.0.0.1:0" }')
     before = scrape(broker)
@@ -266,6 +274,8 @@ def _cli(config: Path, *args: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.one_node(
+    "counts in one node's /metrics (the management API and /metrics are worker 1's)")
 def test_authentication_is_counted_by_source_and_outcome(start_broker, clients, raw_clients,
                                                          tmp_path):
     config = tmp_path / "bastionmq.conf"
@@ -294,6 +304,8 @@ authentication = [
     }
 
 
+@pytest.mark.one_node(
+    "counts in one node's /metrics (the management API and /metrics are worker 1's)")
 def test_authorization_is_counted_by_action_result_and_source(start_broker, raw_clients,
                                                               tmp_path):
     acl = tmp_path / "acl.conf"
@@ -318,6 +330,8 @@ authorization {{ no_match = deny, sources = [ {{ type = file, path = "{acl}" }} 
     assert metrics[("bastionmq_authorization_denied_total", (("action", "publish"),))] == 2
 
 
+@pytest.mark.one_node(
+    "counts in one node's /metrics (the management API and /metrics are worker 1's)")
 def test_client_certificate_expiry_is_a_histogram_of_the_days_left(start_broker, pki):
     broker = tls_broker(start_broker, pki)
     tls_connect(broker, pki, "ten-days")
@@ -338,6 +352,8 @@ def test_client_certificate_expiry_is_a_histogram_of_the_days_left(start_broker,
     assert count == 2 and (10 + 824) * day < total <= (10 + 825) * day
 
 
+@pytest.mark.one_node(
+    "counts in one node's /metrics (the management API and /metrics are worker 1's)")
 def test_durable_store_commits_are_histograms(start_broker, clients, tmp_path):
     broker = start_broker(OPS + f"""
 durable_sessions {{ enable = true, data_dir = "{tmp_path / 'data'}" }}

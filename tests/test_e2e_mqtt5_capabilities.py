@@ -131,6 +131,8 @@ def test_server_keep_alive_overrides_the_clients(start_broker, raw_clients):
     assert client.closing_reasons() == [0x8D]
 
 
+@pytest.mark.one_node(
+    "orders messages of different QoS levels, which take different paths between nodes")
 def test_outbound_topic_aliases_when_the_client_accepts_them(broker, raw_clients):
     sub = raw_clients(broker.port, MQTT_5)
     sub.connect("aliased", properties={"topic_alias_maximum": 2})

@@ -3,6 +3,8 @@ client's Receive Maximum, with raw 5.0 packets."""
 
 from __future__ import annotations
 
+import pytest
+
 from bastionmq.broker.codec import (
     MQTT_5, Puback, Publish, Subscribe, Subscription, Unsubscribe, Will,
 )
@@ -72,6 +74,7 @@ def test_will_delay_sends_the_will_after_the_delay(broker, raw_clients):
     assert "will_delay_interval" not in will.properties
 
 
+@pytest.mark.one_node("looks at the sessions of one node")
 def test_clients_receive_maximum_limits_unacknowledged_messages(broker, raw_clients):
     sub = _client(raw_clients, broker.port, "small-window", properties={"receive_maximum": 2})
     sub.send(Subscribe(1, [Subscription("rm", 1)]))

@@ -128,6 +128,8 @@ def test_max_keepalive_for_a_3_1_1_client(start_broker, raw_clients, refuse, cod
     assert raw_clients(broker.port, MQTT_3_1_1).connect("ok", keepalive=60).reason_code == 0
 
 
+@pytest.mark.one_node(
+    "the PUBRECs wait for the stream, and a connection closed meanwhile gets none")
 def test_a_client_still_writing_reads_the_reason_it_is_closed_for(start_broker, raw_clients):
     # A 5.0 client pipelines 101 QoS 2 PUBLISH past a Receive Maximum of 100,
     # then answers the PUBRECs with PUBRELs. Closed at once, the broker's

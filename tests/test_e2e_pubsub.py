@@ -47,6 +47,7 @@ def test_wildcards(broker, clients):
     sub.expect_nothing_more("marker")
 
 
+@pytest.mark.one_node("$SYS figures are one node's")
 def test_dollar_topics_are_not_matched_by_leading_wildcards(broker, clients):
     everything = clients(broker.port, client_id="all")
     dollar = clients(broker.port, client_id="dollar")
@@ -146,6 +147,7 @@ def test_mixed_versions_exchange_messages(broker, clients):
     assert forwarded.ContentType == "text/plain"
 
 
+@pytest.mark.one_node("the embedding API's publish counts the subscribers of its own node")
 def test_embedding_publish_reaches_subscribers(broker, clients):
     sub = clients(broker.port, client_id="sub")
     sub.subscribe("from/app", qos=1)

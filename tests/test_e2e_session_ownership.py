@@ -16,6 +16,7 @@ from bastionmq.broker.ownership import client_from_record, client_record, owner_
 from bastionmq.broker.ports import ClientInfo, PeerInfo
 from bastionmq.broker.store.sqlite import SCHEMA, SCHEMA_VERSION
 from bastionmq.pki import init_pki, issue_client
+from cluster_switch import gathered
 from conftest import RawClient
 from tls_helpers import ssl_listener, tls_socket
 
@@ -42,6 +43,9 @@ def _alice_leaves_a_message(broker, raw_clients, version: int) -> None:
     sender.receive()
 
 
+@pytest.mark.one_node(
+    "across nodes another identity's Clean Start gets DISCONNECT 0x87 right after its "
+    "CONNACK (tests/test_cluster_sessions.py)")
 @pytest.mark.parametrize("version, refusal", [(MQTT_5, 0x87), (MQTT_3_1_1, 5)])
 @pytest.mark.parametrize("clean", [False, True])
 def test_another_user_cannot_resume_or_wipe_a_session(start_broker, raw_clients, passwd,
@@ -61,6 +65,9 @@ def test_another_user_cannot_resume_or_wipe_a_session(start_broker, raw_clients,
     assert alice.receive().payload == b"open"
 
 
+@pytest.mark.one_node(
+    "across nodes another identity's Clean Start gets DISCONNECT 0x87 right after its "
+    "CONNACK (tests/test_cluster_sessions.py)")
 def test_another_user_cannot_take_over_a_live_connection(start_broker, raw_clients, passwd):
     broker = start_broker(config=_config(passwd))
     alice = raw_clients(broker.port, MQTT_5)
@@ -119,7 +126,7 @@ def test_use_username_as_clientid(start_broker, raw_clients, passwd):
     broker = start_broker(config=_config(passwd, "mqtt.use_username_as_clientid = true"))
     client = raw_clients(broker.port, MQTT_5)
     assert client.connect("whatever", username="alice", password=b"wonderland").reason_code == 0
-    assert broker.run(lambda: sorted(broker.core.sessions)) == ["alice"]
+    assert gathered(broker, lambda node: list(node.core.sessions)) == ["alice"]
 
 
 def _only_alice_resumes(broker, raw_clients):
@@ -145,6 +152,7 @@ def test_a_durable_session_keeps_its_owner_across_a_restart(start_broker, raw_cl
     assert alice.receive().payload == b"open"
 
 
+@pytest.mark.one_node("starts a broker again on one node's store")
 def test_a_store_of_the_first_layout_is_brought_up_to_date(start_broker, raw_clients, passwd,
                                                           tmp_path):
     # A store as the first layout wrote it: no client facts, the username alone.

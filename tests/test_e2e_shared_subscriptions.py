@@ -46,6 +46,8 @@ def _received(members, total, timeout=10.0):
     return {index: payloads for index, payloads in got.items() if payloads}
 
 
+@pytest.mark.one_node(
+    "a shared group's strategy picks among the members of one node; NATS picks the node")
 @pytest.mark.parametrize("versions", [(paho.MQTTv5,), (paho.MQTTv311,),
                                       (paho.MQTTv5, paho.MQTTv311)],
                          ids=["5.0", "3.1.1", "mixed"])
@@ -80,6 +82,8 @@ def test_each_group_gets_every_message_once(broker, clients):
             sorted(str(n).encode() for n in range(6))
 
 
+@pytest.mark.one_node(
+    "a shared group's strategy picks among the members of one node; NATS picks the node")
 @pytest.mark.parametrize("strategy", ["random", "hash_clientid", "hash_topic", "sticky"])
 def test_strategies(start_broker, clients, strategy):
     broker = start_broker(f"mqtt.shared_subscription_strategy = {strategy}")
@@ -123,6 +127,9 @@ def _raw_member(raw_clients, port, client_id, topic_filter="$share/g/t", qos=1,
     return member
 
 
+@pytest.mark.one_node(
+    "a departing member's messages move to members of its own node only (docs/cluster.md, "
+    "Not yet)")
 @pytest.mark.parametrize("qos", [1, 2])
 def test_unacknowledged_message_moves_to_another_member_when_its_member_leaves(
         broker, raw_clients, clients, qos):
@@ -143,6 +150,9 @@ def test_unacknowledged_message_moves_to_another_member_when_its_member_leaves(
     assert (moved.topic, moved.payload, moved.qos) == ("t", kept.payload, qos)
 
 
+@pytest.mark.one_node(
+    "a departing member's messages move to members of its own node only (docs/cluster.md, "
+    "Not yet)")
 def test_queued_messages_move_too_and_a_received_qos2_message_does_not(
         broker, raw_clients, clients):
     leaver = _raw_member(raw_clients, broker.port, "leaver", qos=2,
@@ -162,6 +172,9 @@ def test_queued_messages_move_too_and_a_received_qos2_message_does_not(
     assert stayer.receive().payload == b"marker"
 
 
+@pytest.mark.one_node(
+    "a departing member's messages move to members of its own node only (docs/cluster.md, "
+    "Not yet)")
 def test_messages_wait_for_offline_members_and_move_when_a_session_ends(
         broker, raw_clients, clients):
     persistent = _raw_member(raw_clients, broker.port, "persistent", clean_start=False,
@@ -233,12 +246,16 @@ def test_subscription_identifier_and_unsubscribe(broker, raw_clients, clients):
     assert member.receive().payload == b"m"
 
 
+@pytest.mark.one_node("$SYS figures are one node's")
 def test_sys_subscription_count_includes_shared_members(broker, raw_clients):
     _raw_member(raw_clients, broker.port, "one")
     _raw_member(raw_clients, broker.port, "two")
     assert broker.run(broker.core.subscription_count) == 2
 
 
+@pytest.mark.one_node(
+    "a departing member's messages move to members of its own node only (docs/cluster.md, "
+    "Not yet)")
 def test_messages_of_an_expiring_offline_member_move_to_another(broker, raw_clients, clients):
     for client_id, expiry in (("brief", 1), ("lasting", 600)):
         member = _raw_member(raw_clients, broker.port, client_id, clean_start=False,

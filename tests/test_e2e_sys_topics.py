@@ -11,6 +11,7 @@ import pytest
 from bastionmq import __version__
 from bastionmq.broker.codec import MQTT_3_1_1, MQTT_5, Publish
 
+from cluster_switch import on_every_node
 from mosquitto_peer import running_mosquitto
 
 TIMEOUT = 10.0
@@ -20,6 +21,7 @@ def _figures(client, count):
     return {m.topic.removeprefix("$SYS/broker/"): m.payload.decode() for m in client.expect(count)}
 
 
+@pytest.mark.one_node("$SYS figures are one node's")
 def test_sys_topics_are_retained_and_reflect_the_broker(start_broker, clients):
     broker = start_broker("sys_topics.sys_interval = 100ms")
     pub = clients(broker.port, client_id="pub")
@@ -78,7 +80,7 @@ def test_clients_cannot_write_sys_topics(start_broker, raw_clients, clients, ver
     seen = _figures(monitor, 2)
     assert seen["version"] == f"bastionmq {__version__}"
     assert seen["uptime"] != "forever"
-    assert broker.run(lambda: broker.core.stats.publish_denied) == 2
+    assert sum(on_every_node(broker, lambda node: node.core.stats.publish_denied)) == 2
 
 
 def _sys_tree(monitor, done: Callable[[dict[str, str]], bool] = lambda seen: True
@@ -135,6 +137,7 @@ def _until(monitor, wanted: Callable[[dict[str, str]], bool], seen: dict[str, st
     pytest.fail(f"the figures never got there: {seen}")
 
 
+@pytest.mark.one_node("$SYS figures are one node's")
 def test_clients_maximum_stays_at_the_most_clients_held(start_broker, clients):
     broker = start_broker("sys_topics.sys_interval = 100ms")
     monitor = clients(broker.port, client_id="monitor")
@@ -150,6 +153,7 @@ def test_clients_maximum_stays_at_the_most_clients_held(start_broker, clients):
     _until(monitor, lambda seen: seen == expected, seen)
 
 
+@pytest.mark.one_node("$SYS figures are one node's")
 def test_publish_bytes_received_grow_by_the_payloads(start_broker, clients):
     broker = start_broker("sys_topics.sys_interval = 100ms")
     monitor = clients(broker.port, client_id="monitor")
@@ -164,6 +168,7 @@ def test_publish_bytes_received_grow_by_the_payloads(start_broker, clients):
     _until(monitor, lambda seen: seen["publish/bytes/received"] == "3210", seen)
 
 
+@pytest.mark.one_node("$SYS figures are one node's")
 def test_load_averages_rise_with_traffic(start_broker, clients):
     broker = start_broker("sys_topics.sys_interval = 100ms")
     monitor = clients(broker.port, client_id="monitor")
@@ -202,6 +207,7 @@ def test_heap_and_store_figures(start_broker, clients):
     assert seen["store/messages/count"] == seen["messages/stored"]
 
 
+@pytest.mark.one_node("$SYS figures are one node's")
 def test_publish_bytes_sent_count_every_delivery_on_every_path(start_broker, clients):
     """Routed live at QoS 0 and 1, retained on subscribe, queued then drained."""
     broker = start_broker("sys_topics.sys_interval = 0s")

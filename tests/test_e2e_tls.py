@@ -16,6 +16,7 @@ import pytest
 from bastionmq import Broker
 from bastionmq.broker.codec import MQTT_3_1_1, Connect, Decoder, encode
 from bastionmq.pki import init_pki, issue_client
+from cluster_switch import counted, gathered, on_every_node
 from startup import startup_error
 from tls_helpers import plain_socket, ssl_listener, tls_socket
 from mosquitto_peer import tool
@@ -81,12 +82,11 @@ def _refused(port: int, context: ssl.SSLContext) -> None:
 
 
 def _failures(broker) -> dict[str, int]:
-    listener = broker.broker.listeners["ssl:default"]
-    return broker.run(lambda: dict(listener.handshake_failures))
+    return counted(broker, lambda node: node.listeners["ssl:default"].handshake_failures)
 
 
 def _peer_certificates(broker) -> list:
-    return broker.run(lambda: [c.peer.certificate for c in broker.core.connections])
+    return gathered(broker, lambda node: [c.peer.certificate for c in node.core.connections])
 
 
 def _wait_for_failure(broker, reason: str) -> None:
@@ -138,7 +138,7 @@ def test_verify_peer_with_fail_if_no_peer_cert(start_broker, pki):
     assert certificate.sha256 == __import__("hashlib").sha256(
         tls.getpeercert(binary_form=False) and ssl.PEM_cert_to_DER_cert(
             (pki / "dev-1.pem").read_text())).hexdigest()
-    (peer,) = broker.run(lambda: [c.peer for c in broker.core.connections])
+    (peer,) = gathered(broker, lambda node: [c.peer for c in node.core.connections])
     assert peer.tls and peer.tls_version == "TLSv1.3" and peer.cipher
 
 
@@ -264,7 +264,7 @@ def test_mosquitto_clients_over_mutual_tls(start_broker, pki):
          "-W", "10", "-q", "1", *tls], stdout=subprocess.PIPE)
     try:
         deadline = time.monotonic() + TIMEOUT
-        while broker.run(lambda: len(broker.core.trie)) == 0:
+        while not any(on_every_node(broker, lambda node: len(node.core.trie))):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         subprocess.run([tool("mosquitto_pub"), "-h", "127.0.0.1", "-p", port, "-t", "greetings",
@@ -293,6 +293,7 @@ def test_a_verified_certificate_authenticates_where_anonymous_access_is_off(star
     assert Decoder(MQTT_3_1_1).feed(sock.recv(1024))[0].reason_code == 5
 
 
+@pytest.mark.one_node("TLS session tickets are one node's: a resumed session reaches another node")
 @pytest.mark.parametrize("reuse", [True, False])
 def test_reuse_sessions(start_broker, pki, reuse):
     broker = start_broker(config=_ssl_config(pki, reuse_sessions=str(reuse).lower()))

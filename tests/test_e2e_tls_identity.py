@@ -13,6 +13,7 @@ import pytest
 
 from bastionmq.broker.codec import MQTT_5, Connect, Decoder, encode
 from bastionmq.pki import init_pki, issue_client
+from cluster_switch import gathered
 from tls_helpers import tls_socket
 
 
@@ -55,8 +56,8 @@ def _connect(broker, pki: Path, cert: str | None, client_id: str = "sent-id",
 
 
 def _identities(broker) -> list[tuple[str, str | None]]:
-    return broker.run(lambda: sorted((c.client_id, c.username)
-                                     for c in broker.core.connections if c.client_id))
+    return sorted(gathered(broker, lambda node: [(c.client_id, c.username)
+                                                 for c in node.core.connections if c.client_id]))
 
 
 def test_a_device_is_held_to_its_certificate_whatever_username_it_claims(start_broker, pki,

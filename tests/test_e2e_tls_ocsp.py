@@ -188,6 +188,7 @@ def test_good_connects_revoked_is_refused_and_counted(start_broker, pki, respond
     _wait(lambda: _failures(broker).get("client certificate revoked") == 1, _failures(broker))
 
 
+@pytest.mark.one_node("each node fetches and caches for itself")
 def test_answers_are_cached_until_next_update(start_broker, pki, responder):
     ocsp = responder()
     issue_client(pki, "good", ocsp_url=ocsp.url)

@@ -19,6 +19,7 @@ from sslpsk3 import SSLPSKContext
 
 from bastionmq.broker.codec import MQTT_3_1_1, Connect, Decoder, encode
 from bastionmq.pki import init_pki, issue_client, issue_server
+from cluster_switch import counted, gathered
 from startup import startup_error
 from tls_helpers import ssl_listener, tls_socket
 from mosquitto_peer import tool
@@ -79,12 +80,16 @@ def test_psk_without_the_extra_stops_start_up_naming_it(pki, tmp_path, monkeypat
     assert "pip install 'bastionmq[psk]'" in what
 
 
+def _failures(broker) -> dict[str, int]:
+    return counted(broker, lambda node: node.listeners["ssl:default"].handshake_failures)
+
+
 def test_a_psk_client_connects_and_is_known_by_its_identity(psk_broker):
     sock = tls_socket(psk_broker.port_of("ssl:default"), _psk_context("sensor-9", PSK_KEY))
     assert sock.cipher()[0].startswith("PSK-")
     assert _connack(sock) == 0
-    peers = psk_broker.run(lambda: [(c.peer.psk_identity, c.username)
-                                    for c in psk_broker.core.connections])
+    peers = gathered(psk_broker, lambda node: [(c.peer.psk_identity, c.username)
+                                               for c in node.core.connections])
     assert peers == [("sensor-9", "sensor-9")]
 
 
@@ -93,12 +98,11 @@ def test_a_psk_client_connects_and_is_known_by_its_identity(psk_broker):
 def test_a_wrong_psk_fails_the_handshake(psk_broker, identity, key):
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         _connack(tls_socket(psk_broker.port_of("ssl:default"), _psk_context(identity, key)))
-    listener = psk_broker.broker.listeners["ssl:default"]
     reason = ("unknown PSK identity" if identity == "nobody"
               else "wrong key (PSK) or corrupted handshake")
     deadline = time.monotonic() + TIMEOUT
-    while psk_broker.run(lambda: dict(listener.handshake_failures)) != {reason: 1}:
-        assert time.monotonic() < deadline, psk_broker.run(lambda: dict(listener.handshake_failures))
+    while _failures(psk_broker) != {reason: 1}:
+        assert time.monotonic() < deadline, _failures(psk_broker)
         time.sleep(0.02)
 
 
@@ -134,7 +138,7 @@ def test_the_certificate_follows_the_name_the_client_asks_for(start_broker, pki)
     assert _connack(named, "named") == 0
     default = tls_socket(port, context)  # asks for 127.0.0.1: the default certificate
     assert dict(x[0] for x in default.getpeercert()["subject"])["commonName"] == "localhost"
-    snis = broker.run(lambda: sorted(str(c.peer.sni) for c in broker.core.connections))
+    snis = sorted(gathered(broker, lambda node: [str(c.peer.sni) for c in node.core.connections]))
     assert snis == ["None", "other.example"]
 
 
@@ -201,8 +205,7 @@ def test_depth_limits_the_intermediates(start_broker, pki, tmp_path):
     none = start_broker(config=ssl_listener(pki, "allow_anonymous = true", depth="0", **options))
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         _connack(tls_socket(none.port_of("ssl:default"), _client(pki, deep)))
-    listener = none.broker.listeners["ssl:default"]
-    assert none.run(lambda: dict(listener.handshake_failures)) == {
+    assert _failures(none) == {
         "client certificate chain too long (depth)": 1}
 
 
@@ -214,6 +217,5 @@ def test_a_required_extended_key_usage(start_broker, pki):
     assert _connack(tls_socket(port, _client(pki, pki / "client"))) == 0
     with pytest.raises((ssl.SSLError, ConnectionError, OSError, IndexError)):
         _connack(tls_socket(port, _client(pki, pki / "no-eku")))
-    listener = broker.broker.listeners["ssl:default"]
-    assert broker.run(lambda: dict(listener.handshake_failures)) == {
+    assert _failures(broker) == {
         "client certificate lacks the extended key usage clientAuth": 1}

@@ -20,6 +20,7 @@ import pytest
 from bastionmq.broker.codec import MQTT_5, Connect, Decoder, encode
 from bastionmq.listeners.crl import MAX_CRL_SIZE
 from bastionmq.pki import init_pki, issue_client, issue_server, revoke
+from cluster_switch import counted
 from startup import startup_error
 from tls_helpers import ssl_listener, tls_socket
 
@@ -72,8 +73,7 @@ def _refused(port: int, pki: Path, cert: str, cert_dir: Path | None = None) -> N
 
 
 def _failures(broker) -> dict[str, int]:
-    listener = broker.broker.listeners["ssl:default"]
-    return broker.run(lambda: dict(listener.handshake_failures))
+    return counted(broker, lambda node: node.listeners["ssl:default"].handshake_failures)
 
 
 def _wait(condition, what: str) -> None:
@@ -201,6 +201,7 @@ def crl_server(pki):
     server.close()
 
 
+@pytest.mark.one_node("each node fetches and caches for itself")
 def test_the_crl_of_a_distribution_point_is_fetched_and_cached(start_broker, pki, crl_server):
     issue_client(pki, "dp-good", crl_url=crl_server.url)
     issue_client(pki, "dp-bad", crl_url=crl_server.url)
@@ -248,6 +249,7 @@ def test_a_crl_larger_than_the_bound_is_not_taken(start_broker, pki, crl_server,
     assert f"the {MAX_CRL_SIZE} " in caplog.text and "allowed for a CRL" in caplog.text
 
 
+@pytest.mark.one_node("looks at one node's listener")
 def test_the_listener_closes_its_http_session_when_the_broker_stops(
         start_broker, pki, crl_server):
     issue_client(pki, "dp-once", crl_url=crl_server.url)
@@ -287,6 +289,7 @@ def test_a_fetch_in_progress_does_not_hold_up_a_client_a_cached_crl_answers(
 # reload and live revocation ----------------------------------------------------------
 
 
+@pytest.mark.one_node("each node reads the CRL again at its own watch_interval")
 def test_a_crl_update_disconnects_a_connected_client_it_revokes(start_broker, pki):
     broker = start_broker(config=_config(pki, crlfile=f'"{pki / "crl.pem"}"',
                                          watch_interval="100ms"))
@@ -310,7 +313,7 @@ def test_new_certificates_are_used_for_new_handshakes_and_old_connections_stay(
     replacement = issue_server(pki, "replacement", ["127.0.0.1"])
     shutil.copy(replacement.cert, pki / "server.pem")
     shutil.copy(replacement.key, pki / "server.key")
-    assert broker.run(lambda: broker.broker.reload_tls("test")) == {"ssl:default": True}
+    assert broker.reload_tls() == {"ssl:default": True}
     after = MqttOverTls(port, pki, "good", "after")
     assert after.sock.getpeercert()["serialNumber"] != first_serial
     assert before.ping()
@@ -328,7 +331,7 @@ def test_a_broken_new_file_is_refused_and_the_old_material_keeps_serving(
     assert "ssl_options.certfile" in caplog.text and "server.key" in caplog.text
     assert MqttOverTls(port, pki, "good", "new").connack.reason_code == 0
     assert connected.ping()
-    assert broker.run(lambda: broker.broker.reload_tls("test")) == {"ssl:default": False}
+    assert broker.reload_tls() == {"ssl:default": False}
 
 
 # certificate lifetime ----------------------------------------------------------------
@@ -362,6 +365,7 @@ def test_a_refreshed_distribution_point_crl_disconnects_whom_it_revokes(
     assert crl_server.requests >= 2
 
 
+@pytest.mark.one_node("TLS session tickets are one node's: a resumed session reaches another node")
 def test_an_expired_certificate_is_refused_on_a_resumed_tls_session(start_broker, pki):
     # OpenSSL checks a certificate's dates in a full handshake only; a client
     # resuming its TLS session after the certificate expired must be refused

@@ -25,6 +25,7 @@ from bastionmq.broker.codec import (
     Subscription, Will, encode,
 )
 from bastionmq.listeners.ws import BoundedDeflate
+from cluster_switch import counted, gathered, on_every_node
 
 TIMEOUT = 10.0
 
@@ -164,16 +165,17 @@ def ws_clients():
 
 def connections_counted(broker, listener: str = "ws:default") -> int:
     """The listener's count of open connections, once the closes under way are done."""
-    counted = broker.broker.listeners[listener]
     deadline = time.monotonic() + TIMEOUT
-    while (value := broker.run(lambda: counted.connection_count)) and time.monotonic() < deadline:
+    while (value := sum(on_every_node(broker, lambda node: node.listeners[listener].connection_count))) \
+            and time.monotonic() < deadline:
         time.sleep(0.01)
     return value
 
 
 def peer_addresses(broker, client_id: str) -> list:
-    return broker.run(lambda: [connection.peer.address for connection in broker.core.connections
-                               if connection.client_id == client_id])
+    return gathered(broker, lambda node: [connection.peer.address
+                                          for connection in node.core.connections
+                                          if connection.client_id == client_id])
 
 
 # --------------------------------------------------------------------------
@@ -232,7 +234,7 @@ def test_paho_with_a_custom_path(start_broker, clients):
     web = clients(ws_port(broker), client_id="web", transport="websockets",
                   ws_path="/broker/mqtt")
     assert web.reason_code == 0
-    assert broker.run(lambda: [c.peer.listener for c in broker.core.connections]) == \
+    assert gathered(broker, lambda node: [c.peer.listener for c in node.core.connections]) == \
         ["ws:default"]
 
 
@@ -384,7 +386,7 @@ def test_a_wrong_path_gets_404(start_broker, ws_clients):
     client = ws_clients(ws_port(broker), path="/ws")
     assert client.status == 404
     assert b"/mqtt" in client.body
-    assert broker.run(lambda: dict(broker.broker.listeners["ws:default"].refused_upgrades)) \
+    assert counted(broker, lambda node: node.listeners["ws:default"].refused_upgrades) \
         == {404: 1}
     assert client.closed_by_broker()
     assert connections_counted(broker) == 0
@@ -530,7 +532,7 @@ def test_a_connection_without_an_upgrade_is_closed_after_the_idle_timeout(start_
     broker = start_broker(WS + "mqtt.idle_timeout = 200ms")
     with socket.create_connection(("127.0.0.1", ws_port(broker)), timeout=TIMEOUT) as sock:
         assert sock.recv(65536) == b""
-    assert broker.run(lambda: dict(broker.broker.listeners["ws:default"].refused_upgrades)) \
+    assert counted(broker, lambda node: node.listeners["ws:default"].refused_upgrades) \
         == {None: 1}
 
 
@@ -541,6 +543,7 @@ def test_mqtt_5_over_raw_websocket(start_broker, ws_clients):
     assert isinstance(connack, Connack) and connack.reason_code == 0
 
 
+@pytest.mark.one_node("a listener's max_connections is one node's")
 def test_max_connections_applies(start_broker, ws_clients):
     broker = start_broker('listeners.ws.default { bind = "127.0.0.1:0", max_connections = 1 }')
     first = ws_clients(ws_port(broker))
@@ -575,6 +578,7 @@ def test_plain_mqtt_on_the_websocket_port_gets_400(start_broker):
     assert connections_counted(broker) == 0
 
 
+@pytest.mark.one_node("looks at the sessions of one node")
 def test_a_stalled_websocket_subscriber_gets_backpressure(start_broker, ws_clients, clients,
                                                            raw_clients):
     # The stalled subscriber holds the publisher back for 200 ms, then is

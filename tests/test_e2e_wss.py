@@ -18,6 +18,7 @@ from bastionmq import Broker, tls_policy
 from bastionmq.broker.codec import MQTT_5, Connack, Disconnect
 from bastionmq.config import load_config
 from bastionmq.pki import init_pki, issue_client, revoke
+from cluster_switch import counted, gathered, on_every_node
 from startup import startup_error
 from test_e2e_ws import WsClient, exchange_qos_0_1_2
 from tls_helpers import plain_socket, tls_socket
@@ -72,8 +73,7 @@ def _wss_client(broker, pki: Path, cert: str | None = "dev-1", **kwargs) -> WsCl
 
 
 def _failures(broker) -> dict[str, int]:
-    listener = broker.broker.listeners[LISTENER]
-    return broker.run(lambda: dict(listener.handshake_failures))
+    return counted(broker, lambda node: node.listeners[LISTENER].handshake_failures)
 
 
 def _wait_for_failure(broker, reason: str) -> None:
@@ -85,10 +85,10 @@ def _wait_for_failure(broker, reason: str) -> None:
 
 def _peers(broker) -> list[tuple[str, str, str | None, str | None]]:
     """(client id, listener, certificate CN, username) of each connection."""
-    return broker.run(lambda: sorted(
+    return sorted(gathered(broker, lambda node: [
         (c.client_id, c.peer.listener,
          c.peer.certificate.common_name if c.peer.certificate else None, c.username)
-        for c in broker.core.connections if c.client_id))
+        for c in node.core.connections if c.client_id]))
 
 
 # --------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_a_crl_reload_disconnects_a_connected_wss_client_it_revokes(start_broker
     client = _wss_client(broker, pki, version=MQTT_5)
     assert client.connect("dev-1").reason_code == 0
     revoke(pki, pki / "dev-1.pem")
-    assert broker.run(lambda: broker.broker.reload_tls("test")) == {LISTENER: True}
+    assert broker.reload_tls() == {LISTENER: True}
     disconnect = client.receive()
     assert isinstance(disconnect, Disconnect)
     assert disconnect.reason_code == 0x98
@@ -197,8 +197,7 @@ def test_plain_websocket_to_the_wss_port_costs_only_that_connection(start_broker
     after = clients(port, client_id="after", transport="websockets", tls=_paho_tls(pki))
     after.publish("still/here", b"yes", qos=1)
     assert good.expect()[0].payload == b"yes"
-    listener = broker.broker.listeners[LISTENER]
-    assert broker.run(lambda: listener.connection_count) == 2
+    assert sum(on_every_node(broker, lambda node: node.listeners[LISTENER].connection_count)) == 2
 
 
 # --------------------------------------------------------------------------
