@@ -278,10 +278,7 @@ class SessionReplica:
 
     def moved(self, session: Session) -> None:
         """Handed over to another node, which writes its copy from now on."""
-        self.known.pop(session.client_id, None)
-        self._dirty.pop(session.client_id, None)
-        self._soon.discard(session.client_id)
-        self._after.pop(session.client_id, None)
+        self._forget(session.client_id)
 
     # ------------------------------------------------------------ writing
 
