@@ -517,8 +517,8 @@ class NatsBus(asyncio.Protocol):
             return  # connected here later: the other node closes its connection
         if self.core.held_against(client_id, owner):
             # Another identity's: that node refuses its client (_objected).
-            objection = json.dumps([client_id, at, self.name]).encode()
-            self._write(pub(f"_INBOX.{origin}.{OBJECTION}", objection))
+            self.publish(f"_INBOX.{origin}.{OBJECTION}",
+                         json.dumps([client_id, at, self.name]).encode())
             return
         self._claims.pop(client_id, None)
         if self.core.taken_over_elsewhere(client_id, owner, clean_start):
