@@ -309,10 +309,11 @@ class BrokerCore:
         if session.store_id:
             assert self.journal is not None  # a stored session implies a journal
             self.journal.session_deleted(session)
-        if self.cluster is not None:
-            self.cluster.session_moved(session)
         session.inflight = session.queue = None
         self.end_session(session)
+        if self.cluster is not None:
+            # After the ending: its copy is the other node's to write now.
+            self.cluster.session_moved(session)
 
     def resume_session(self, session: Session) -> None:
         """Resend what was in flight (DUP set, [MQTT-4.4.0-1]), then the queue."""
@@ -439,8 +440,6 @@ class BrokerCore:
             self.outboxes.flush()
 
     def end_session(self, session: Session) -> None:
-        if self.cluster is not None:
-            self.cluster.session_ended(session)
         if session.shared_count:
             self._redispatch_shared(session, ending=True)
         if session.store_id:
@@ -448,6 +447,10 @@ class BrokerCore:
             self.journal.session_deleted(session)
         for topic_filter in list(session.subscriptions):
             self.unsubscribe(session, topic_filter)
+        if self.cluster is not None:
+            # After the unsubscribes, each a change of the session: the last
+            # word on its copy in the cluster is that it ended.
+            self.cluster.session_ended(session)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
         if session.expiry_handle is not None:

@@ -163,7 +163,10 @@ def test_another_identity_cannot_start_clean_over_the_session_a_dead_node_left(
     assert b.run(lambda: b.broker.bus.stats.identity_refused) == 2
     again = clients(b.port, client_id="device-7", username="alice", **PERSISTENT)
     assert again.session_present
-    again.expect_nothing_more("mine/marker")
+    again.publish("mine/marker", b"marker", qos=1)
+    # Her subscription is there; before the marker, at most late probes of heard_from.
+    while (message := again.expect()[0]).topic != "mine/marker":
+        assert message.topic == "mine/probe"
 
 
 def test_a_stopped_node_loses_its_sessions_and_is_fenced_when_it_resumes(
@@ -305,3 +308,24 @@ def test_messages_that_reach_the_old_node_too_late_follow_the_session(nodes, cli
     assert numbers(moved, 6) == list(range(6))
     a.run(stream.release)
     moved.expect_nothing_more("moving/marker")
+
+
+def test_a_session_that_ends_with_subscriptions_leaves_its_copy_ended(nodes, clients):
+    """Ending a session unsubscribes its filters: that must not write it
+    back as a live copy over the copy that says it ended (which another
+    node would take for a session to resume)."""
+    a = nodes("a", FAST)
+    knows(a)
+    brief = clients(a.port, client_id="brief", version=paho.MQTTv5, clean=False,
+                    session_expiry=1)
+    brief.subscribe("x/#", 1)
+    brief.subscribe("y/#", 1)
+    brief.disconnect()
+    poll(lambda: a.run(lambda: "brief" not in a.broker.core.sessions), "the session expired")
+
+    def ended() -> bool:
+        found = a.call(a.broker.bus.replica.read("brief"))
+        return found is not None and bool(found[0].get("ended"))
+
+    poll(ended, "its copy says it ended")
+    assert a.run(lambda: "brief" not in a.broker.bus.replica.known)
