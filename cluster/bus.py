@@ -762,6 +762,9 @@ class NatsBus(asyncio.Protocol):
             out += sub(subject, sid, queue)
         self._sids[given] = tuple(sids)
         self._write(bytes(out))
+        # Before the SUBACK (before_acks): a client told its subscription is
+        # there publishes at once, and NATS should have the interest first.
+        self._acked = True
 
     # ------------------------------------------------------------ asyncio.Protocol
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 import attrs
+import pytest
 
 from bastionmq.config import Bind
 from bastionmq.testkit import RunningBroker, embedded_config
@@ -48,10 +49,10 @@ class RunningCluster:
     def __init__(self, config: Any, workers: int, **broker_options: Any) -> None:
         self._directory = tempfile.TemporaryDirectory(prefix="bastionmq-cluster-")
         directory = Path(self._directory.name)
-        self.nats = NatsServer(directory / "nats", jetstream=True)
-        self.nats.start()
         self.nodes: list[RunningBroker] = []
+        self.nats: NatsServer | None = None
         try:
+            self.nats = _nats_server(directory)
             base = embedded_config(config, directory / "data")
             cluster = base.cluster
             base = attrs.evolve(base, cluster=attrs.evolve(
@@ -111,11 +112,26 @@ class RunningCluster:
         for node in reversed(self.nodes):
             node.stop()
         self.nodes.clear()
-        self.nats.stop()
+        if self.nats is not None:
+            self.nats.stop()
         self._directory.cleanup()
 
     def __repr__(self) -> str:
         return f"<RunningCluster of {len(self.nodes)} nodes on {self.nodes[0]!r}>"
+
+
+def _nats_server(directory: Path, attempts: int = 3) -> NatsServer:
+    """A nats-server with JetStream, started. Its ports are found free
+    before it binds them, and some other socket may take one meanwhile
+    (hundreds of servers start in a run): then again on others."""
+    for attempt in range(1, attempts + 1):
+        server = NatsServer(directory / f"nats-{attempt}", jetstream=True)
+        try:
+            return server.start()
+        except pytest.fail.Exception:
+            if attempt == attempts or "address already in use" not in server.log():
+                raise
+    raise AssertionError("unreachable")
 
 
 def on_every_node(broker: Any, function: Callable[[Any], T]) -> list[T]:

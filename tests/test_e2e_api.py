@@ -378,6 +378,7 @@ def test_users_and_rules_of_the_built_in_database(api: Api):
 # ------------------------------------------------------------------ node
 
 
+@pytest.mark.one_node("the management API's /stats are worker 1's (docs/cluster.md, Not yet)")
 def test_listeners_show_their_live_tls_policy_and_stats_count(api: Api):
     _, listeners = api.request("GET", "/api/v1/listeners", key="viewer")
     ssl_listener = next(item for item in listeners if item["id"] == "ssl:default")
