@@ -269,13 +269,6 @@ class SessionReplica:
             del self.departed[name]
         return bool(self.departed)
 
-    def arrived(self, client_id: str) -> None:
-        """A session handed over by another node (cluster.sessions) begins
-        here: a new epoch, whatever this node knew of the id before, and a
-        first write that expects no copy (it meets the old node's)."""
-        self._forget(client_id)
-        self.known[client_id] = [0, time.time_ns()]
-
     def moved(self, session: Session) -> None:
         """Handed over to another node, which writes its copy from now on."""
         self._forget(session.client_id)

@@ -242,8 +242,6 @@ class SessionMover:
         stored, offline_for = stored_session(record, now)
         if stored.client_id in self.core.sessions:
             return None  # made here meanwhile (another connection): it stays
-        if self.bus.replica is not None:
-            self.bus.replica.arrived(stored.client_id)
         session = adopt(self.core, stored, offline_for)
         self.bus.stats.sessions_taken += 1
         log.info("client %s: its session came from another node (%d subscriptions, %d "
